@@ -1,0 +1,228 @@
+"""Command line: seqgen train | pipeline | phase-config | synth | bench | evaluate | compare | demo.
+
+Options of train, pipeline and phase-config are generated from PhaseSettings, so their names are
+the original scripts' flags (--hidden_size, --start_lr, ...) and their defaults live only in
+experiments/phases.toml and the dataclass.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import types
+import typing
+
+import click
+
+from seqgen import config
+
+SELECTORS = ("strategy", "phase", "preset")
+
+
+def _clean_errors(fn):
+    """Known bad input -> `error: <one line>` on stderr, exit 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from mlflow.exceptions import MlflowException
+
+        from seqgen.data import DataError
+        from seqgen.tracking import TrackingError
+        from seqgen.train import TrainingError
+
+        try:
+            return fn(*args, **kwargs)
+        except (
+            config.ConfigError,
+            DataError,
+            TrackingError,
+            TrainingError,
+            ValueError,
+            FileNotFoundError,
+            MlflowException,
+        ) as e:
+            message = " ".join(str(e).split()) or type(e).__name__
+            click.echo(f"error: {message}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: checkpoints are kept; continue with --resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _click_type(name: str):
+    hint = typing.get_type_hints(config.PhaseSettings)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    kind = args[0] if isinstance(hint, types.UnionType) else hint
+    return {int: int, float: float, str: str, bool: bool}[kind]
+
+
+def setting_options(fn):
+    """One option per setting, default None (= keep the table's value)."""
+    for name, field in reversed(list(config.FIELDS.items())):
+        if name in SELECTORS or name in config.TABLE_ONLY_KEYS:
+            continue
+        kind = _click_type(name)
+        help_text = field.metadata["help"]
+        if kind is bool:
+            option = click.option(f"--{name}/--no_{name}", default=None, help=help_text)
+        else:
+            option = click.option(f"--{name}", type=kind, default=None, help=help_text)
+        fn = option(fn)
+    return fn
+
+
+def _overrides(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k in config.FIELDS and v is not None}
+
+
+strategy_option = click.option(
+    "--strategy", required=True, help=f"one of {', '.join(config.STRATEGIES)}"
+)
+preset_option = click.option(
+    "--preset", default="full", show_default=True, help=f"one of {', '.join(config.PRESETS)}"
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main():
+    """seqgen: an autoregressive LSTM surrogate for PCA-compressed simulations (MLflow-tracked)."""
+
+
+@main.command("phase-config")
+@strategy_option
+@click.option("--phase", type=int, required=True, help="1..5")
+@preset_option
+@setting_options
+@_clean_errors
+def phase_config(strategy, phase, preset, **kwargs):
+    """Print the resolved settings of one phase as JSON."""
+    settings = config.resolve(strategy, phase, preset, **_overrides(kwargs))
+    click.echo(json.dumps(settings.to_dict(), indent=2))
+
+
+@main.command()
+@strategy_option
+@click.option("--phase", type=int, required=True, help="1..5")
+@preset_option
+@click.option("--resume", is_flag=True, help="continue this phase from its last checkpoint")
+@click.option(
+    "--stop_at_epoch",
+    type=int,
+    default=None,
+    help="pause after this global epoch (continue later with --resume)",
+)
+@setting_options
+@_clean_errors
+def train(strategy, phase, preset, resume, stop_at_epoch, **kwargs):
+    """Train one phase of one strategy (phase N >= 2 continues from phase N-1's model)."""
+    from seqgen.train import train_phase
+
+    overrides = _overrides(kwargs)
+    settings = config.resolve(strategy, phase, preset, **overrides)
+    if overrides:
+        click.echo(f"overrides: {json.dumps(overrides)}", err=True)
+    train_phase(settings, resume=resume, stop_at_epoch=stop_at_epoch)
+
+
+@main.command()
+@strategy_option
+@click.option("--phases", default="1-5", show_default=True, help="a range such as 1-5 or 3-5")
+@click.option("--seeds", default="0", show_default=True, help="comma-separated seeds")
+@preset_option
+@setting_options
+@_clean_errors
+def pipeline(strategy, phases, seeds, preset, **kwargs):
+    """Train consecutive phases of one strategy as child runs of one parent run, per seed."""
+    from seqgen.pipeline import parse_phases, parse_seeds, run_pipeline
+
+    overrides = _overrides(kwargs)
+    overrides.pop("seed", None)
+    strategies = config.STRATEGIES if strategy == "all" else (strategy,)
+    for name in strategies:
+        run_pipeline(name, parse_phases(phases), parse_seeds(seeds), preset, overrides)
+
+
+@main.command()
+@click.option("--out", "out_dir", default="data", show_default=True, help="folder to write")
+@click.option("--n-samples", type=int, default=5500, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="replace an existing folder")
+@_clean_errors
+def synth(out_dir, n_samples, seed, overwrite):
+    """Make the embedded dataset: viscous Burgers runs compressed to 5 PCA components."""
+    from seqgen.synth import synthesize
+
+    summary = synthesize(out_dir, n_samples=n_samples, seed=seed, overwrite=overwrite)
+    click.echo(json.dumps(summary, default=str))
+
+
+@main.command()
+@preset_option
+@click.option("--batches", type=int, default=5, show_default=True, help="timed batches")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--baseline", is_flag=True, help="also time a plain nn.LSTMCell loop")
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's)")
+@click.option("--mixed_precision/--no_mixed_precision", default=True)
+@_clean_errors
+def bench(preset, batches, as_json, baseline, threads, mixed_precision):
+    """Training and generation throughput (sequences/s) through the trainer's own step."""
+    from seqgen.bench import run_bench
+
+    result = run_bench(preset, batches, baseline, threads, mixed_precision)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            click.echo(f"{key:>36}: {value}")
+
+
+@main.command()
+@click.option("--model", "model_uri", required=True, help="models:/..., runs:/... or a .pth")
+@click.option("--data", "data_dir", default=None, help="data folder (default: the model's)")
+@click.option(
+    "--split",
+    "split_name",
+    default="test",
+    show_default=True,
+    type=click.Choice(["train", "val", "test"]),
+)
+@click.option("--max-lag", type=int, default=20, show_default=True, help="ACF lags 1..L")
+@_clean_errors
+def evaluate(model_uri, data_dir, split_name, max_lag):
+    """Generate a split free-running and measure it in original units; log an evaluation run."""
+    from seqgen.evaluate import evaluate_model
+
+    summary = evaluate_model(model_uri, data_dir, split_name, max_lag)
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
+@main.command()
+@click.option("--experiment", default=None, help="experiment name (default: seqgen)")
+@click.option("--strategy", multiple=True, help="keep only these strategies (repeatable)")
+@click.option("--phase", multiple=True, type=int, help="keep only these phases (repeatable)")
+@click.option("--preset", default=None, help="keep only runs of this preset")
+@click.option("--seed", multiple=True, type=int, help="keep only these seeds (repeatable)")
+@click.option("--tag", multiple=True, help="KEY=VALUE run tag filter (repeatable)")
+@click.option("--out", "out_dir", default="reports", show_default=True, help="report folder")
+@_clean_errors
+def compare(experiment, strategy, phase, preset, seed, tag, out_dir):
+    """Pull runs from MLflow and write comparison figures, a summary table and report.md."""
+    from analysis.report import build_report
+
+    path = build_report(
+        out_dir,
+        experiment=experiment,
+        strategies=strategy,
+        phases=phase,
+        preset=preset,
+        seeds=seed,
+        tags=tag,
+    )
+    click.echo(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main()

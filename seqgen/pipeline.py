@@ -1,0 +1,67 @@
+"""The batch-file chain as one command: phases of one strategy as child runs of one parent run."""
+
+from __future__ import annotations
+
+from seqgen import tracking
+from seqgen.config import N_PHASES, ConfigError, resolve
+from seqgen.train import train_phase
+
+
+def parse_phases(text: str) -> list[int]:
+    """'1-5', '3-5', '2' or '1,2,3' -> phase numbers (consecutive, within 1..5)."""
+    try:
+        if "-" in text:
+            first, last = (int(x) for x in text.split("-"))
+            phases = list(range(first, last + 1))
+        else:
+            phases = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--phases must look like 1-5, 3-5 or 2, got {text!r}") from None
+    if (
+        not phases
+        or any(not 1 <= p <= N_PHASES for p in phases)
+        or phases != list(range(phases[0], phases[0] + len(phases)))
+    ):
+        raise ConfigError(f"--phases must be consecutive phases within 1..{N_PHASES}, got {text!r}")
+    return phases
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(x) for x in str(text).split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from None
+
+
+def run_pipeline(
+    strategy: str, phases: list[int], seeds: list[int], preset: str, overrides: dict, log=print
+) -> list[dict]:
+    """Each phase continues from the exact model version the previous phase registered, so two
+    pipelines running at once never pick up each other's models through the alias."""
+    for phase in phases:  # every phase's settings are checked before the first run starts
+        resolve(strategy, phase, preset, **overrides)
+    tracking.check_tracking_store()
+    results = []
+    for seed in seeds:
+        tags = {
+            "kind": "pipeline",
+            "strategy": strategy,
+            "seed": str(seed),
+            "preset": preset,
+            "phases": f"{phases[0]}-{phases[-1]}",
+            "pipeline": "true",
+        }
+        with tracking.pipeline_run(f"{strategy}-pipeline-s{seed}", tags):
+            previous = overrides.get("existing_model")
+            for phase in phases:
+                settings = resolve(
+                    strategy,
+                    phase,
+                    preset,
+                    **(overrides | {"seed": seed, "existing_model": previous}),
+                )
+                log(f"== {strategy} phase {phase}/{phases[-1]} (seed {seed}) ==")
+                result = train_phase(settings, log=log)
+                previous = result["model_uri"]
+                results.append(result | {"strategy": strategy, "phase": phase, "seed": seed})
+    return results

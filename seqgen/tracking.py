@@ -1,0 +1,220 @@
+"""Everything seqgen says to MLflow: runs, params, metrics, artifacts, the model and the registry.
+
+The logged model is a pyfunc whose only artifact is seqgen's own bundle (a .pth of tensors and
+plain values: state dict, model config, normaliser, data names, split). That avoids both pickled
+modules and the pt2 format (which since MLflow 3.14 reloads as a fixed-length, non-trainable
+GraphModule): `load_bundle` rebuilds a trainable StreamlinedSequenceGenerator from any model URI,
+and the pyfunc generates sequences in original units.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
+
+BUNDLE_FORMAT = "seqgen-bundle-1"
+DEFAULT_EXPERIMENT = "seqgen"
+MODEL_NAME_IN_RUN = "model"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+
+
+class TrackingError(RuntimeError):
+    """A tracking store or model that cannot be reached or found; the message says what to do."""
+
+
+def check_tracking_store() -> str:
+    """Fail fast, before any training, when a configured tracking server does not answer."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+                response.read()
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({reason}): start it or fix "
+                "MLFLOW_TRACKING_URI"
+            ) from None
+    return uri
+
+
+# ---- runs -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def phase_run(run_name: str, tags: dict[str, str], run_id: str | None = None):
+    """One MLflow run for one phase: a child when a pipeline run is active, else top level.
+
+    Under `mlflow run`, MLFLOW_RUN_ID names the run the project launcher made; start_run resumes
+    it. `run_id` resumes an interrupted phase's run. The run ends FAILED on an exception and
+    KILLED on Ctrl-C, so no half-made run is left RUNNING.
+    """
+    nested = mlflow.active_run() is not None
+    if not nested and run_id is None and not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    run = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested)
+    mlflow.set_tags({"mlflow.runName": run_name, **tags})
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+@contextmanager
+def pipeline_run(run_name: str, tags: dict[str, str]):
+    """Parent run of a chain of phases."""
+    with phase_run(run_name, tags) as run:
+        yield run
+
+
+def _same(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-12)
+    except ValueError:
+        return a in ("", "None", "''") and b in ("", "None", "''")
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log the resolved settings; keys `mlflow run` already logged must agree, not be re-logged."""
+    run_id = mlflow.active_run().info.run_id
+    existing = MlflowClient().get_run(run_id).data.params
+    new = {}
+    for key, value in params.items():
+        text = "None" if value is None else str(value)
+        if key in existing:
+            if not _same(existing[key], text):
+                raise TrackingError(
+                    f"param {key} was logged as {existing[key]!r} but resolves to {text!r}"
+                )
+            continue
+        new[key] = text
+    if new:
+        mlflow.log_params(new)
+
+
+def log_metrics(metrics: dict[str, float], step: int) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def active_run_id() -> str:
+    return mlflow.active_run().info.run_id
+
+
+# ---- the model --------------------------------------------------------------------------------
+
+
+def _requirements() -> list[str]:
+    # Written out so log_model skips its seconds-long requirement inference.
+    return [f"{p}=={version(p)}" for p in ("torch", "mlflow", "numpy", "pandas")] + [
+        f"seqgen=={version('seqgen')}"
+    ]
+
+
+def log_and_register_model(
+    bundle_path: Path, registered_name: str, alias: str, version_tags: dict[str, Any]
+) -> str:
+    """Log the best bundle once as a pyfunc, register it, point `alias` at it; return version."""
+    bundle = read_bundle(bundle_path)
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("double", name) for name in bundle["data"]["param_names"]]),
+        outputs=Schema(
+            [ColSpec("long", "sample"), ColSpec("double", bundle["data"]["step_name"])]
+            + [ColSpec("double", n) for n in bundle["data"]["component_names"]]
+        ),
+    )
+    info = mlflow.pyfunc.log_model(
+        name=MODEL_NAME_IN_RUN,
+        python_model=str(PYFUNC_CODE),
+        artifacts={"bundle": str(bundle_path)},
+        signature=signature,
+        pip_requirements=_requirements(),
+        registered_model_name=registered_name,
+    )
+    model_version = str(info.registered_model_version)
+    client = MlflowClient()
+    client.set_registered_model_alias(registered_name, alias, model_version)
+    for key, value in version_tags.items():
+        client.set_model_version_tag(registered_name, model_version, key, str(value))
+    return model_version
+
+
+def read_bundle(path: Path) -> dict:
+    bundle = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        raise TrackingError(f"{path} is not a seqgen model bundle")
+    return bundle
+
+
+def build_model(bundle: dict):
+    from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
+
+    model = StreamlinedSequenceGenerator(ModelConfig(**bundle["model_config"]))
+    model.load_state_dict(bundle["state_dict"])
+    return model.eval()
+
+
+def load_bundle(uri: str, first_phase_hint: str | None = None) -> dict:
+    """A seqgen bundle from a `models:/` or `runs:/` URI or a local .pth; clear error if missing."""
+    hint = f": {first_phase_hint}" if first_phase_hint else ""
+    if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
+        path = Path(uri)
+        if not path.is_file():
+            raise TrackingError(f"model file {uri} does not exist{hint}")
+        return read_bundle(path)
+    tmp = Path(tempfile.mkdtemp(prefix="seqgen-model-"))
+    try:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
+        except (MlflowException, OSError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrackingError(f"no model at {uri} ({first_line[:200]}){hint}") from None
+        if local.is_file():
+            return read_bundle(local)
+        candidates = sorted(local.rglob("*.pth"))
+        if not candidates:
+            raise TrackingError(f"{uri} holds no seqgen bundle (.pth){hint}")
+        return read_bundle(candidates[0])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def model_version_of(uri: str) -> str | None:
+    """The registry version a models:/name@alias or models:/name/N URI points at, if any."""
+    if not uri.startswith("models:/"):
+        return None
+    ref = uri[len("models:/") :]
+    client = MlflowClient()
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return f"{name}/{client.get_model_version_by_alias(name, alias).version}"
+    return ref

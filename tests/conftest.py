@@ -1,0 +1,62 @@
+"""Shared fixtures: a small embedded dataset and real MLflow sqlite stores in temporary folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE_SAMPLES = 40
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory) -> Path:
+    """40 Burgers samples (151 steps x 5 components, nu and amplitude) made by the real pipeline."""
+    from seqgen.synth import synthesize
+
+    out = tmp_path_factory.mktemp("smoke") / "data"
+    synthesize(out, n_samples=SMOKE_SAMPLES, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory) -> Path:
+    """A sqlite store migrated once (about 3 s); each test gets a copy."""
+    folder = tmp_path_factory.mktemp("template")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mlflow.MlflowClient(tracking_uri=uri).search_experiments()
+    return folder / "mlflow.db"
+
+
+def use_store(folder: Path, migrated_db: Path, monkeypatch) -> str:
+    """Point MLflow at a fresh copy of the migrated store inside `folder`; cd there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(migrated_db, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+@pytest.fixture
+def store(tmp_path, migrated_db, monkeypatch) -> str:
+    """A real, empty MLflow sqlite store for one test; the working folder is tmp_path."""
+    uri = use_store(tmp_path, migrated_db, monkeypatch)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def subprocess_env(uri: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = uri
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

@@ -1,0 +1,209 @@
+"""Training phases at smoke scale against a real sqlite store: run contents, hand-off, resume."""
+
+import csv
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from seqgen import tracking
+from seqgen.config import resolve
+from seqgen.generate import generate_original
+from seqgen.train import CSV_COLUMNS, train_phase
+
+PER_EPOCH = [
+    "train_loss",
+    "train_mae",
+    "train_autocorr",
+    "val_loss",
+    "val_mae",
+    "val_autocorr",
+    "test_loss",
+    "test_mae",
+    "test_autocorr",
+    "val_loss_teacher_forced",
+    "lr",
+    "teacher_forcing_ratio",
+    "grad_norm",
+    "epoch_seconds",
+]
+quiet = lambda *a: None  # noqa: E731
+
+
+def settings(strategy, phase, data, **kw):
+    return resolve(strategy, phase, "smoke", data_dir=str(data), **kw)
+
+
+def test_phase_one_then_two_hand_off_through_the_registry(store, smoke_data, tmp_path):
+    first = train_phase(settings("combined", 1, smoke_data), log=quiet)
+    second = train_phase(settings("combined", 2, smoke_data), log=quiet)
+    client = MlflowClient()
+
+    run = client.get_run(second["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "combined-p2-s0"
+    assert {k: run.data.tags[k] for k in ("kind", "strategy", "phase", "seed", "preset")} == {
+        "kind": "phase",
+        "strategy": "combined",
+        "phase": "2",
+        "seed": "0",
+        "preset": "smoke",
+    }
+    assert len(run.data.tags["dataset_fingerprint"]) >= 16
+    p = run.data.params
+    assert (p["epochs"], p["start_lr"], p["max_lag"], p["alpha"]) == ("2", "0.0005", "15", "0.5")
+    assert p["existing_model"] == "models:/seqgen-combined-smoke@phase-1"
+    for key in PER_EPOCH:  # global epochs: phase 2 of a 2-epoch preset is 3..4
+        assert [m.step for m in client.get_metric_history(second["run_id"], key)] == [3, 4], key
+    lrs = [m.value for m in client.get_metric_history(second["run_id"], "lr")]
+    assert lrs == pytest.approx([0.0005, 0.0001])  # linear decay over the phase
+
+    artifacts = {a.path for a in client.list_artifacts(second["run_id"])}
+    assert {
+        "training_metrics.csv",
+        "args.json",
+        "split.json",
+        "normalizer.json",
+        "best_model.pth",
+        "final_model.pth",
+        "best_model_combined.pth",
+        "checkpoints",
+    } <= artifacts
+    checkpoints = {a.path for a in client.list_artifacts(second["run_id"], "checkpoints")}
+    assert checkpoints == {
+        "checkpoints/checkpoint_epoch_3.pth",
+        "checkpoints/checkpoint_epoch_4.pth",
+    }
+
+    # the registry hand-off: phase 2 continued from the exact version phase 1 registered
+    v1 = client.get_model_version_by_alias("seqgen-combined-smoke", "phase-1")
+    v2 = client.get_model_version_by_alias("seqgen-combined-smoke", "phase-2")
+    assert (str(v1.version), str(v2.version)) == (first["version"], second["version"]) == ("1", "2")
+    assert v2.tags["continued_from"] == "seqgen-combined-smoke/1"
+    assert v2.tags["run_id"] == second["run_id"] and v2.tags["phase"] == "2"
+    assert float(v2.tags["val_loss"]) == pytest.approx(second["best_val"])
+
+    out = tmp_path / "outputs" / "smoke-s0" / "50mae_50auto_3_4"
+    assert {f.name for f in out.iterdir()} >= {
+        "best_model.pth",
+        "final_model.pth",
+        "best_model_combined.pth",
+        "checkpoint_epoch_3.pth",
+        "checkpoint_epoch_4.pth",
+        "training_metrics.csv",
+        "args.json",
+    }
+    with open(out / "training_metrics.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == CSV_COLUMNS["combined"] and len(rows[0]) == 11
+    assert [r[0] for r in rows[1:]] == ["3", "4"]
+
+
+def test_single_loss_csv_has_the_original_columns(store, smoke_data, tmp_path):
+    train_phase(settings("mae", 1, smoke_data, epochs=1), log=quiet)
+    path = tmp_path / "outputs" / "smoke-s0" / "100mae_1_1" / "training_metrics.csv"
+    header = path.read_text().splitlines()[0]
+    assert header == "Epoch,Train Loss,Validation Loss,Test Loss,Learning Rate"
+
+
+def test_logged_model_is_a_pyfunc_in_original_units_and_a_trainable_module(store, smoke_data):
+    result = train_phase(settings("autocorr", 1, smoke_data), log=quiet)
+    uri = "models:/seqgen-autocorr-smoke@phase-1"
+    frame = pd.DataFrame({"nu": [0.01, 0.1, 0.3], "amplitude": [0.6, 1.0, 1.4]})
+    out = mlflow.pyfunc.load_model(uri).predict(frame)
+    assert list(out.columns) == ["sample", "step", "pc1", "pc2", "pc3", "pc4", "pc5"]
+    assert len(out) == 3 * 151
+    assert out["step"].tolist()[:3] == [0, 1, 2] and out["sample"].unique().tolist() == [0, 1, 2]
+
+    bundle = tracking.load_bundle(uri)
+    model = tracking.build_model(bundle)
+    expected = generate_original(model, bundle, frame.to_numpy(np.float32))
+    np.testing.assert_allclose(out.iloc[:, 2:].to_numpy().reshape(3, 151, 5), expected, rtol=1e-5)
+    # original units: the generated values are the standardised outputs mapped back
+    mean = np.array(bundle["normalizer"]["component_mean"])
+    std = np.array(bundle["normalizer"]["component_std"])
+    params_n = (frame.to_numpy(np.float32) - bundle["normalizer"]["param_mean"]) / np.array(
+        bundle["normalizer"]["param_std"]
+    )
+    raw = model.generate(torch.as_tensor(params_n, dtype=torch.float32), 151).numpy()
+    np.testing.assert_allclose(expected, raw * std + mean, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(expected, raw, atol=1e-3)
+
+    model.train()  # reloads as a trainable torch module
+    loss = model(torch.zeros(2, 2), torch.zeros(2, 151, 5), 0.5).abs().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert (
+        result["run_id"]
+        == MlflowClient().get_model_version("seqgen-autocorr-smoke", "1").tags["run_id"]
+    )
+
+
+def test_resume_equals_uninterrupted(store, smoke_data, tmp_path):
+    full = train_phase(settings("mae", 1, smoke_data, epochs=6, outputs_root="a"), log=quiet)
+    paused = train_phase(
+        settings("mae", 1, smoke_data, epochs=6, outputs_root="b"), stop_at_epoch=3, log=quiet
+    )
+    assert paused["paused_at"] == 3
+    resumed = train_phase(
+        settings("mae", 1, smoke_data, epochs=6, outputs_root="b"), resume=True, log=quiet
+    )
+    assert resumed["run_id"] == paused["run_id"]  # continued into the same run
+    client = MlflowClient()
+    for key in ("train_loss", "val_loss", "test_loss", "lr", "grad_norm"):
+        a = [(m.step, m.value) for m in client.get_metric_history(full["run_id"], key)]
+        b = [(m.step, m.value) for m in client.get_metric_history(resumed["run_id"], key)]
+        assert [s for s, _ in b] == [1, 2, 3, 4, 5, 6], key
+        assert b == a, key
+    csv_a = (tmp_path / "a/smoke-s0/100mae_1_6/training_metrics.csv").read_text()
+    csv_b = (tmp_path / "b/smoke-s0/100mae_1_6/training_metrics.csv").read_text()
+    assert csv_a == csv_b
+    assert resumed["best_val"] == full["best_val"]
+
+
+def test_early_stopping_on_plateau_is_logged(store, smoke_data):
+    s = settings(
+        "mae",
+        1,
+        smoke_data,
+        epochs=8,
+        start_lr=1e-12,
+        min_lr=1e-12,
+        dropout=0.0,
+        noise_level=0.0,
+        early_stopping_patience=2,
+    )
+    result = train_phase(s, log=quiet)
+    assert result["stop_reason"] == "validation_plateau"
+    run = MlflowClient().get_run(result["run_id"])
+    assert run.data.tags["stop_reason"] == "validation_plateau"
+    assert [m.step for m in MlflowClient().get_metric_history(result["run_id"], "val_loss")] == [
+        1,
+        2,
+        3,
+    ]
+
+
+def test_non_finite_loss_skips_the_step():
+    from seqgen.losses import LossResult
+    from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
+    from seqgen.train import choose_precision, optimizer_step
+
+    model = StreamlinedSequenceGenerator(ModelConfig(2, 2, 4, 1, 0.0))
+    before = [p.detach().clone() for p in model.parameters()]
+    nan = lambda pred, y: LossResult(*(pred.sum() * float("nan"),) * 3)  # noqa: E731
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    r = optimizer_step(
+        model,
+        nan,
+        [(torch.zeros(2, 2), torch.zeros(2, 5, 2))],
+        opt,
+        choose_precision(torch.device("cpu"), False),
+        0.5,
+        0.0,
+        1.0,
+    )
+    assert not r.finite
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
