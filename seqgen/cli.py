@@ -146,6 +146,19 @@ def pipeline(strategy, phases, seeds, preset, **kwargs):
 
 
 @main.command()
+@click.option("--data_dir", default="data", show_default=True, help="made here if missing")
+@click.option("--preset", default="demo", show_default=True, help="demo, smoke or full")
+@click.option("--seeds", default="0", show_default=True, help="comma-separated seeds")
+@click.option("--out", "report_dir", default="reports", show_default=True, help="report folder")
+@_clean_errors
+def demo(data_dir, preset, seeds, report_dir):
+    """The main job: Burgers data if missing, 3 strategies x 5 phases, evaluation and report."""
+    from seqgen.pipeline import parse_seeds, run_demo
+
+    run_demo(data_dir, preset, parse_seeds(seeds), report_dir)
+
+
+@main.command()
 @click.option("--out", "out_dir", default="data", show_default=True, help="folder to write")
 @click.option("--n-samples", type=int, default=5500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

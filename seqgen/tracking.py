@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import subprocess
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
@@ -126,6 +128,25 @@ def set_tags(tags: dict[str, Any]) -> None:
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
+def code_version() -> str:
+    """The git commit of the code that ran (+dirty for uncommitted changes), or 'unknown'."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except OSError:
+        return "unknown"
+    return commit.stdout.strip() if commit.returncode == 0 else "unknown"
+
+
+def experiment_name(experiment_id: str) -> str:
+    return mlflow.get_experiment(experiment_id).name
+
+
 def active_run_id() -> str:
     return mlflow.active_run().info.run_id
 
@@ -152,14 +173,16 @@ def log_and_register_model(
             + [ColSpec("double", n) for n in bundle["data"]["component_names"]]
         ),
     )
-    info = mlflow.pyfunc.log_model(
-        name=MODEL_NAME_IN_RUN,
-        python_model=str(PYFUNC_CODE),
-        artifacts={"bundle": str(bundle_path)},
-        signature=signature,
-        pip_requirements=_requirements(),
-        registered_model_name=registered_name,
-    )
+    with warnings.catch_warnings():  # the signature is given; MLflow still asks for an example
+        warnings.filterwarnings("ignore", message=".*input example.*")
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME_IN_RUN,
+            python_model=str(PYFUNC_CODE),
+            artifacts={"bundle": str(bundle_path)},
+            signature=signature,
+            pip_requirements=_requirements(),
+            registered_model_name=registered_name,
+        )
     model_version = str(info.registered_model_version)
     client = MlflowClient()
     client.set_registered_model_alias(registered_name, alias, model_version)

@@ -329,6 +329,7 @@ def train_phase(
         "preset": s.preset,
         "dataset_fingerprint": data.fingerprint,
         "continued_from": parent_uri or "",
+        "code_version": tracking.code_version(),
     }
     with tracking.phase_run(s.run_name, tags, run_id=checkpoint["run_id"] if checkpoint else None):
         run_id = tracking.active_run_id()

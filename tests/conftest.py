@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import mlflow
@@ -59,4 +60,6 @@ def subprocess_env(uri: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_TRACKING_URI"] = uri
     env["PYTHONUNBUFFERED"] = "1"
+    # as in an activated virtualenv: `mlflow run` finds the `seqgen` command next to python
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env

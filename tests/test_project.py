@@ -1,0 +1,125 @@
+"""The real entry points: `mlflow run` on the MLproject, and the whole flow against `mlflow server`."""
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from conftest import REPO, subprocess_env
+from mlflow.tracking import MlflowClient
+
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+
+
+def mlflow_run(uri, entry, *params, cwd=REPO):
+    args = [MLFLOW, "run", str(REPO), "-e", entry, "--env-manager", "local"]
+    for p in params:
+        args += ["-P", p]
+    proc = subprocess.run(args, capture_output=True, text=True, env=subprocess_env(uri),
+                          cwd=cwd, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_mlflow_run_phase_one_then_two(store, smoke_data, tmp_path):
+    common = [f"data_dir={smoke_data}", "preset=smoke", f"outputs_root={tmp_path / 'outputs'}"]
+    mlflow_run(store, "combined", "phase=1", *common)
+    second = mlflow_run(store, "combined", "phase=2", *common, "epochs=3")
+    assert "Next phase: mlflow run . -e combined -P phase=3" in second.stdout + second.stderr
+
+    client = MlflowClient()
+    runs = mlflow.search_runs(search_all_experiments=True, order_by=["start_time ASC"],
+                              output_format="list")
+    assert [r.info.run_name for r in runs] == ["combined-p1-s0", "combined-p2-s0"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    p2 = runs[1]
+    # -P parameters as `mlflow run` logged them, and the resolved settings beside them
+    assert p2.data.params["phase"] == "2" and p2.data.params["epochs"] == "3"
+    assert p2.data.params["start_lr"] == "0.0005" and p2.data.params["max_lag"] == "15"
+    assert p2.data.tags["mlflow.project.entryPoint"] == "combined"
+    assert [m.step for m in client.get_metric_history(p2.info.run_id, "val_loss")] == [3, 4, 5]
+    v1 = client.get_model_version_by_alias("seqgen-combined-smoke", "phase-1")
+    v2 = client.get_model_version_by_alias("seqgen-combined-smoke", "phase-2")
+    assert v1.run_id == runs[0].info.run_id and v2.run_id == p2.info.run_id
+    assert v2.tags["continued_from"] == f"seqgen-combined-smoke/{v1.version}"
+    assert (tmp_path / "outputs/smoke-s0/50mae_50auto_3_5/best_model.pth").is_file()
+
+
+def test_mlflow_run_bad_phase_fails_cleanly(store):
+    args = [MLFLOW, "run", str(REPO), "-e", "mae", "-P", "phase=9", "--env-manager", "local"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=subprocess_env(store),
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "error: phase must be 1..5, got 9" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("error: phase")[0]
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.status for r in runs] == ["FAILED"]  # the launcher's run, not left RUNNING
+
+
+@pytest.fixture
+def server(tmp_path, migrated_db, monkeypatch):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend and proxied artifacts."""
+    shutil.copy(migrated_db, tmp_path / "server.db")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(
+        [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(""), cwd=tmp_path)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail("mlflow server did not come up: "
+                            + (tmp_path / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def test_whole_flow_against_a_real_server(server, smoke_data, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "seqgen.cli", "pipeline", "--strategy", "mae", "--phases", "1-2",
+         "--preset", "smoke", "--data_dir", str(smoke_data)],
+        capture_output=True, text=True, env=subprocess_env(server), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    client = MlflowClient()
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {"mae-pipeline-s0", "mae-p1-s0", "mae-p2-s0"}
+    parent = by_name["mae-pipeline-s0"].info.run_id
+    for name in ("mae-p1-s0", "mae-p2-s0"):
+        assert by_name[name].data.tags["mlflow.parentRunId"] == parent
+        assert by_name[name].info.status == "FINISHED"
+    p2 = by_name["mae-p2-s0"].info.run_id
+    assert [m.step for m in client.get_metric_history(p2, "train_loss")] == [3, 4]
+    # artifacts went through the server (proxied), not to a local path
+    assert (tmp_path / "artifacts").is_dir()
+    assert "training_metrics.csv" in {a.path for a in client.list_artifacts(p2)}
+    v2 = client.get_model_version_by_alias("seqgen-mae-smoke", "phase-2")
+    assert v2.tags["continued_from"] == "seqgen-mae-smoke/1"
+    model = mlflow.pyfunc.load_model("models:/seqgen-mae-smoke@phase-2")
+    out = model.predict(pd.DataFrame({"nu": [0.05], "amplitude": [1.0]}))
+    assert out.shape == (151, 7)
