@@ -213,7 +213,12 @@ def evaluate(model_uri, data_dir, split_name, max_lag):
 
 
 @main.command()
-@click.option("--experiment", default=None, help="experiment name (default: seqgen)")
+@click.option(
+    "--experiment",
+    default=None,
+    help="experiment name (default: the one `mlflow run` chose, else "
+    "MLFLOW_EXPERIMENT_NAME, else seqgen)",
+)
 @click.option("--strategy", multiple=True, help="keep only these strategies (repeatable)")
 @click.option("--phase", multiple=True, type=int, help="keep only these phases (repeatable)")
 @click.option("--preset", default=None, help="keep only runs of this preset")

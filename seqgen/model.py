@@ -107,8 +107,14 @@ class StreamlinedSequenceGenerator(nn.Module):
         layer_w = [self.w_hh[0]]
         for layer in range(1, L):
             layer_w += [self.w_ih[layer - 1], self.w_hh[layer], self.b_ih[layer - 1]]
+        # Under autocast the recurrence's big GEMMs run in the autocast dtype; it manages its own
+        # precision (states and gradients in float32), so autocast itself is off inside.
+        mm_dtype = (
+            torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
+        )
         with torch.autocast(dev.type, enabled=False):
             y = AutoregressiveLSTM.apply(
+                mm_dtype,
                 pre0.float(),
                 y_teacher,
                 use_truth,

@@ -51,7 +51,7 @@ def run_pipeline(
             "phases": f"{phases[0]}-{phases[-1]}",
             "pipeline": "true",
         }
-        with tracking.pipeline_run(f"{strategy}-pipeline-s{seed}", tags):
+        with tracking.tracked_run(f"{strategy}-pipeline-s{seed}", tags):
             previous = overrides.get("existing_model")
             for phase in phases:
                 settings = resolve(
@@ -80,7 +80,7 @@ def run_demo(data_dir: str, preset: str, seeds: list[int], report_dir: str, log=
         log(f"== making the embedded Burgers dataset in {data_dir} ==")
         synthesize(data_dir)
     tracking.check_tracking_store()
-    with tracking.pipeline_run(f"demo-{preset}", {"kind": "demo", "preset": preset}) as run:
+    with tracking.tracked_run(f"demo-{preset}", {"kind": "demo", "preset": preset}) as run:
         results = []
         for strategy in STRATEGIES:
             results += run_pipeline(

@@ -47,8 +47,12 @@ class AutoregressiveLSTM(torch.autograd.Function):
     """yhat (T,B,K) of a stacked LSTM whose layer-0 input at step t is yhat_{t-1} or the truth."""
 
     @staticmethod
-    def forward(ctx, pre0, y_teacher, use_truth, h0, c0, drop, w_y, w_out, b_out, *layer_w):
+    def forward(
+        ctx, mm_dtype, pre0, y_teacher, use_truth, h0, c0, drop, w_y, w_out, b_out, *layer_w
+    ):
         """
+        mm_dtype: dtype of the H-wide GEMM operands (torch.bfloat16 / float16 under mixed
+            precision, else None); states, gate math and gradients accumulate in float32.
         pre0 (T,B,4H): layer-0 gate input from everything but the previous value (bias, step
             position, parameters, input noise), computed outside so autograd handles it.
         y_teacher (T,B,K): the true previous value for each step (the start value at t = 0).
@@ -59,11 +63,17 @@ class AutoregressiveLSTM(torch.autograd.Function):
         """
         T, B, _ = pre0.shape
         L, _, H = h0.shape
+        low = mm_dtype or pre0.dtype
         w_ih, w_hh, bias = _unpack(layer_w)
+        w_ih_mm = [None] + [w.to(low) for w in w_ih[1:]]
+        w_hh_mm = [w.to(low) for w in w_hh]
         new = pre0.new_empty
         S = new(L, T, B, 3 * H)
         G, C, TC, Hs = (new(L, T, B, H) for _ in range(4))
-        X = new(L, T, B, H) if L > 1 else None  # inputs of layers >= 1 (after dropout)
+        # GEMM copies of the hidden states (h_{-1} = h0 first) and of the inputs of layers >= 1
+        H_mm = Hs if low == pre0.dtype else new(L, T, B, H, dtype=low)
+        h0_mm = h0.to(low)
+        X = new(L, T, B, H, dtype=low) if L > 1 else None
         Y_in, Y_hat = new(T, B, y_teacher.shape[2]), new(T, B, y_teacher.shape[2])
         gates = new(B, 4 * H)
         for t in range(T):
@@ -72,35 +82,42 @@ class AutoregressiveLSTM(torch.autograd.Function):
             else:  # yhat + m * (truth - yhat): the truth where m = 1, the model's own where m = 0
                 torch.lerp(Y_hat[t - 1], y_teacher[t], use_truth[t], out=Y_in[t])
             for layer in range(L):
-                h_prev = h0[layer] if t == 0 else Hs[layer, t - 1]
+                h_prev = h0_mm[layer] if t == 0 else H_mm[layer, t - 1]
                 c_prev = c0[layer] if t == 0 else C[layer, t - 1]
                 if layer == 0:
-                    torch.addmm(pre0[t], Y_in[t], w_y, out=gates)
+                    torch.addmm(pre0[t], Y_in[t], w_y, out=gates)  # K is tiny: float32
                 else:
-                    x = Hs[layer - 1, t]
                     if drop is not None:
-                        x = torch.mul(x, drop[layer - 1, t], out=X[layer, t])
+                        torch.mul(Hs[layer - 1, t], drop[layer - 1, t], out=X[layer, t])
                     else:
-                        X[layer, t] = x
-                    torch.addmm(bias[layer], x, w_ih[layer], out=gates)
-                gates.addmm_(h_prev, w_hh[layer])
+                        X[layer, t].copy_(Hs[layer - 1, t])
+                    torch.add(bias[layer], torch.mm(X[layer, t], w_ih_mm[layer]), out=gates)
+                gates.add_(torch.mm(h_prev, w_hh_mm[layer]))
                 _cell(
                     gates, c_prev, S[layer, t], G[layer, t], C[layer, t], TC[layer, t], Hs[layer, t]
                 )
+                if H_mm is not Hs:
+                    H_mm[layer, t].copy_(Hs[layer, t])
             torch.addmm(b_out, Hs[L - 1, t], w_out, out=Y_hat[t])
+        ctx.mm_dtype = low
         ctx.save_for_backward(
-            use_truth, h0, c0, drop, w_y, w_out, S, G, C, TC, Hs, X, Y_in, *layer_w
+            use_truth, h0_mm, c0, drop, w_y, w_out, S, G, C, TC, Hs, H_mm, X, Y_in, *layer_w
         )
         return Y_hat
 
     @staticmethod
     def backward(ctx, d_yhat):
-        use_truth, h0, c0, drop, w_y, w_out, S, G, C, TC, Hs, X, Y_in, *layer_w = ctx.saved_tensors
+        (use_truth, h0_mm, c0, drop, w_y, w_out, S, G, C, TC, Hs, H_mm, X, Y_in, *layer_w) = (
+            ctx.saved_tensors
+        )
         L, T, B, H = G.shape
+        low, acc = ctx.mm_dtype, d_yhat.dtype
         w_ih, w_hh, _ = _unpack(layer_w)
-        w_hh_t = [w.t() for w in w_hh]
-        w_ih_t = [None] + [w.t() for w in w_ih[1:]]
+        # contiguous transposes: GEMMs on transposed low-precision views take a slow path
+        w_hh_t = [w.t().to(low).contiguous() for w in w_hh]
+        w_ih_t = [None] + [w.t().to(low).contiguous() for w in w_ih[1:]]
         dG = d_yhat.new_empty(L, T, B, 4 * H)
+        dG_mm = dG if low == dG.dtype else d_yhat.new_empty(L, T, B, 4 * H, dtype=low)
         d_out = d_yhat.new_empty(d_yhat.shape)  # total gradient at each yhat_t
         dh_rec = [d_yhat.new_zeros(B, H) for _ in range(L)]
         dc_rec = [d_yhat.new_zeros(B, H) for _ in range(L)]
@@ -110,7 +127,7 @@ class AutoregressiveLSTM(torch.autograd.Function):
             dh = torch.addmm(dh_rec[L - 1], d_out[t], w_out.t())
             for layer in range(L - 1, -1, -1):
                 if layer < L - 1:  # gradient from the layer above, through its input dropout
-                    dx = torch.mm(dG[layer + 1, t], w_ih_t[layer + 1])
+                    dx = torch.mm(dG_mm[layer + 1, t], w_ih_t[layer + 1])
                     dh = (
                         dh_rec[layer].addcmul_(dx, drop[layer, t])
                         if drop is not None
@@ -128,25 +145,27 @@ class AutoregressiveLSTM(torch.autograd.Function):
                 dgl[:, : 3 * H].mul_(s - s * s)  # through the sigmoids
                 dgl[:, 3 * H :].mul_(1 - g * g)  # through the tanh
                 dc_rec[layer] = dc.mul_(f)
-                dh_rec[layer] = torch.mm(dgl, w_hh_t[layer])
+                if dG_mm is not dG:
+                    dG_mm[layer, t].copy_(dgl)
+                dh_rec[layer] = torch.mm(dG_mm[layer, t], w_hh_t[layer]).to(acc)
             if t > 0:  # the input at t was yhat_{t-1} where use_truth is 0
                 dy_feedback = torch.mm(dG[0, t], w_y.t()).mul_(1 - use_truth[t])
 
         # Weight gradients: one GEMM over all T*B rows instead of T small ones.
         rows = T * B
-        dG_flat = dG.reshape(L, rows, 4 * H)
+        dG_flat, dG_mm_flat = dG.reshape(L, rows, 4 * H), dG_mm.reshape(L, rows, 4 * H)
         h_prev = [
-            torch.cat([h0[layer, None], Hs[layer, :-1]]).reshape(rows, H) for layer in range(L)
+            torch.cat([h0_mm[layer, None], H_mm[layer, :-1]]).reshape(rows, H) for layer in range(L)
         ]
         d_w_y = Y_in.reshape(rows, -1).t() @ dG_flat[0]
         d_w_out = Hs[L - 1].reshape(rows, H).t() @ d_out.reshape(rows, -1)
         d_b_out = d_out.sum(dim=(0, 1))
-        d_layer = [h_prev[0].t() @ dG_flat[0]]
+        d_layer = [(h_prev[0].t() @ dG_mm_flat[0]).to(acc)]
         for layer in range(1, L):
             d_layer += [
-                X[layer].reshape(rows, H).t() @ dG_flat[layer],
-                h_prev[layer].t() @ dG_flat[layer],
+                (X[layer].reshape(rows, H).t() @ dG_mm_flat[layer]).to(acc),
+                (h_prev[layer].t() @ dG_mm_flat[layer]).to(acc),
                 dG_flat[layer].sum(dim=0),
             ]
         d_h0, d_c0 = torch.stack(dh_rec), torch.stack(dc_rec)
-        return (dG[0], None, None, d_h0, d_c0, None, d_w_y, d_w_out, d_b_out, *d_layer)
+        return (None, dG[0], None, None, d_h0, d_c0, None, d_w_y, d_w_out, d_b_out, *d_layer)

@@ -58,19 +58,33 @@ def check_tracking_store() -> str:
 # ---- runs -----------------------------------------------------------------------------------
 
 
+def default_experiment() -> str:
+    """Where runs go and where `seqgen compare` looks: the experiment `mlflow run` chose
+    (MLFLOW_EXPERIMENT_ID), else MLFLOW_EXPERIMENT_NAME, else `seqgen`."""
+    if experiment_id := os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return mlflow.get_experiment(experiment_id).name
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
 @contextmanager
-def phase_run(run_name: str, tags: dict[str, str], run_id: str | None = None):
-    """One MLflow run for one phase: a child when a pipeline run is active, else top level.
+def tracked_run(
+    run_name: str, tags: dict[str, Any], run_id: str | None = None, experiment_id: str | None = None
+):
+    """One MLflow run: a child when a run is active (pipeline, demo), else top level.
 
     Under `mlflow run`, MLFLOW_RUN_ID names the run the project launcher made; start_run resumes
-    it. `run_id` resumes an interrupted phase's run. The run ends FAILED on an exception and
-    KILLED on Ctrl-C, so no half-made run is left RUNNING.
+    it. `run_id` resumes an interrupted phase's run; `experiment_id` puts an evaluation beside
+    the run it evaluates. The run ends FAILED on an exception and KILLED on Ctrl-C, so no
+    half-made run is left RUNNING.
     """
     nested = mlflow.active_run() is not None
     if not nested and run_id is None and not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+        if experiment_id:
+            mlflow.set_experiment(experiment_id=experiment_id)
+        else:
+            mlflow.set_experiment(default_experiment())
     run = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested)
-    mlflow.set_tags({"mlflow.runName": run_name, **tags})
+    mlflow.set_tags({"mlflow.runName": run_name, **{k: str(v) for k, v in tags.items()}})
     try:
         yield run
     except KeyboardInterrupt:
@@ -80,13 +94,6 @@ def phase_run(run_name: str, tags: dict[str, str], run_id: str | None = None):
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
-
-
-@contextmanager
-def pipeline_run(run_name: str, tags: dict[str, str]):
-    """Parent run of a chain of phases."""
-    with phase_run(run_name, tags) as run:
-        yield run
 
 
 def _same(a: str, b: str) -> bool:
@@ -231,13 +238,43 @@ def load_bundle(uri: str, first_phase_hint: str | None = None) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def model_version_of(uri: str) -> str | None:
-    """The registry version a models:/name@alias or models:/name/N URI points at, if any."""
-    if not uri.startswith("models:/"):
-        return None
-    ref = uri[len("models:/") :]
+def exact_model_uri(uri: str) -> str:
+    """models:/name@alias -> models:/name/<the version it points at now>; others unchanged.
+
+    A phase records and loads the exact version, so an alias moved by a run started meanwhile
+    cannot change what it continued from."""
+    if not (uri.startswith("models:/") and "@" in uri):
+        return uri
+    name, alias = uri[len("models:/") :].split("@", 1)
+    try:
+        version = MlflowClient().get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        return uri  # load_bundle reports the missing model with a hint
+    return f"models:/{name}/{version}"
+
+
+def model_source(uri: str) -> dict[str, str]:
+    """Registry name/version, run and experiment a model URI comes from (empty for a .pth)."""
     client = MlflowClient()
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return f"{name}/{client.get_model_version_by_alias(name, alias).version}"
-    return ref
+    out: dict[str, str] = {}
+    if uri.startswith("models:/"):
+        ref = uri[len("models:/") :].strip("/")
+        if ref.startswith("m-") and "/" not in ref and "@" not in ref:  # a LoggedModel id
+            out["evaluated_run_id"] = mlflow.get_logged_model(ref).source_run_id or ""
+        else:
+            if "@" in ref:
+                name, alias = ref.split("@", 1)
+                mv = client.get_model_version_by_alias(name, alias)
+            else:
+                name, number = ref.split("/", 1)
+                mv = client.get_model_version(name, number)
+            out |= {
+                "model_name": name,
+                "model_version": str(mv.version),
+                "evaluated_run_id": mv.run_id or "",
+            }
+    elif uri.startswith("runs:/"):
+        out["evaluated_run_id"] = uri[len("runs:/") :].split("/", 1)[0]
+    if out.get("evaluated_run_id"):
+        out["experiment_id"] = client.get_run(out["evaluated_run_id"]).info.experiment_id
+    return out

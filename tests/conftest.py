@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -33,10 +34,20 @@ def migrated_db(tmp_path_factory) -> Path:
     return folder / "mlflow.db"
 
 
+def point_default_experiment(db: Path, artifacts: Path) -> None:
+    """The Default experiment stores artifacts where the template was migrated; move them."""
+    with sqlite3.connect(db) as con:
+        con.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+            (str(artifacts),),
+        )
+
+
 def use_store(folder: Path, migrated_db: Path, monkeypatch) -> str:
     """Point MLflow at a fresh copy of the migrated store inside `folder`; cd there."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(migrated_db, folder / "mlflow.db")
+    point_default_experiment(folder / "mlflow.db", folder / "mlruns" / "0")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     monkeypatch.chdir(folder)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

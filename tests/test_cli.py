@@ -79,7 +79,8 @@ def test_model_uri_that_does_not_exist(store, smoke_data):
                          "--phase 2 --preset smoke)")
     code, out = run_cli("train", "--strategy", "mae", "--phase", "2", "--preset", "smoke",
                         "--data_dir", str(smoke_data), "--existing_model", "nope/best_model.pth")
-    assert (code, out.splitlines()[-1]) == (2, "error: model file nope/best_model.pth does not exist")
+    assert code == 2
+    assert out.splitlines()[-1] == "error: model file nope/best_model.pth does not exist"
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
@@ -91,7 +92,8 @@ def test_data_that_fails_the_contract_in_a_real_process(store, broken_data):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "sample_00007.csv row 5" in last and "not a number" in last
+    assert last.startswith("error: ") and "sample_00007.csv row 5" in last
+    assert "not a number" in last
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 

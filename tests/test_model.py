@@ -63,7 +63,7 @@ def test_hand_written_backward_matches_autograd(layers, dropout):
         args[i].requires_grad_(True)
     weights = torch.randn(7, 3, 2, dtype=torch.float64)
 
-    ours = AutoregressiveLSTM.apply(*args)
+    ours = AutoregressiveLSTM.apply(None, *args)
     (ours * weights).sum().backward()
     ours_grads = [args[i].grad.clone() for i in grad_idx]
     for i in grad_idx:
@@ -80,7 +80,7 @@ def test_gradcheck_small():
     args = random_inputs(T=4, B=2, K=2, H=3, L=2)
     for i in [0, 3, 4, 6, 7, 8, 9, 10, 11, 12]:
         args[i].requires_grad_(True)
-    assert torch.autograd.gradcheck(AutoregressiveLSTM.apply, args)
+    assert torch.autograd.gradcheck(lambda *a: AutoregressiveLSTM.apply(None, *a), args)
 
 
 def small_model(**kw):
@@ -156,3 +156,29 @@ def test_model_trains_on_a_toy_task():
         opt.step()
         first = first or loss.item()
     assert loss.item() < 0.3 * first
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_mixed_precision_recurrence_tracks_float32(dtype):
+    """GEMM operands in low precision, states and gradients in float32: close to float32."""
+    cfg = ModelConfig(n_components=5, n_params=2, hidden_size=64, num_layers=2, dropout=0.0)
+    torch.manual_seed(0)
+    model = StreamlinedSequenceGenerator(cfg).train()
+    params, targets = torch.randn(16, 2), torch.randn(16, 40, 5).cumsum(1) * 0.1
+
+    def run(autocast: bool):
+        model.zero_grad()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            out = model(params, targets, 0.5)
+        (out - targets).abs().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    full, full_grads = run(False)
+    low, low_grads = run(True)
+    assert low.dtype == torch.float32
+    assert (low - full).abs().max() < 0.05 * full.abs().max()
+    for a, b in zip(full_grads, low_grads, strict=True):
+        cosine = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+        assert cosine > 0.99
+    assert not torch.equal(low, full)  # the low-precision path really ran

@@ -1,4 +1,4 @@
-"""The real entry points: `mlflow run` on the MLproject, and the whole flow against `mlflow server`."""
+"""The real entry points: `mlflow run` on the MLproject; the whole flow against `mlflow server`."""
 
 import shutil
 import socket
@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import REPO, subprocess_env
+from conftest import REPO, point_default_experiment, subprocess_env
 from mlflow.tracking import MlflowClient
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -21,8 +21,9 @@ def mlflow_run(uri, entry, *params, cwd=REPO):
     args = [MLFLOW, "run", str(REPO), "-e", entry, "--env-manager", "local"]
     for p in params:
         args += ["-P", p]
-    proc = subprocess.run(args, capture_output=True, text=True, env=subprocess_env(uri),
-                          cwd=cwd, timeout=300)
+    proc = subprocess.run(
+        args, capture_output=True, text=True, env=subprocess_env(uri), cwd=cwd, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
@@ -34,8 +35,9 @@ def test_mlflow_run_phase_one_then_two(store, smoke_data, tmp_path):
     assert "Next phase: mlflow run . -e combined -P phase=3" in second.stdout + second.stderr
 
     client = MlflowClient()
-    runs = mlflow.search_runs(search_all_experiments=True, order_by=["start_time ASC"],
-                              output_format="list")
+    runs = mlflow.search_runs(
+        search_all_experiments=True, order_by=["start_time ASC"], output_format="list"
+    )
     assert [r.info.run_name for r in runs] == ["combined-p1-s0", "combined-p2-s0"]
     assert all(r.info.status == "FINISHED" for r in runs)
     p2 = runs[1]
@@ -50,11 +52,24 @@ def test_mlflow_run_phase_one_then_two(store, smoke_data, tmp_path):
     assert v2.tags["continued_from"] == f"seqgen-combined-smoke/{v1.version}"
     assert (tmp_path / "outputs/smoke-s0/50mae_50auto_3_5/best_model.pth").is_file()
 
+    # the comparison entry point, on the runs `mlflow run` just made (same experiment)
+    mlflow_run(store, "compare", f"out={tmp_path / 'reports'}", "preset=smoke")
+    report = (tmp_path / "reports" / "report.md").read_text()
+    assert "combined" in report and (tmp_path / "reports" / "val_loss.png").is_file()
+    analysis = [
+        r
+        for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+        if r.data.tags.get("kind") == "analysis"
+    ]
+    assert len(analysis) == 1 and analysis[0].info.status == "FINISHED"
+    assert "report.md" in {a.path for a in client.list_artifacts(analysis[0].info.run_id)}
+
 
 def test_mlflow_run_bad_phase_fails_cleanly(store):
     args = [MLFLOW, "run", str(REPO), "-e", "mae", "-P", "phase=9", "--env-manager", "local"]
-    proc = subprocess.run(args, capture_output=True, text=True, env=subprocess_env(store),
-                          timeout=300)
+    proc = subprocess.run(
+        args, capture_output=True, text=True, env=subprocess_env(store), timeout=300
+    )
     assert proc.returncode != 0
     assert "error: phase must be 1..5, got 9" in proc.stderr
     assert "Traceback" not in proc.stderr.split("error: phase")[0]
@@ -66,15 +81,31 @@ def test_mlflow_run_bad_phase_fails_cleanly(store):
 def server(tmp_path, migrated_db, monkeypatch):
     """A real `mlflow server` on 127.0.0.1 with a sqlite backend and proxied artifacts."""
     shutil.copy(migrated_db, tmp_path / "server.db")
+    point_default_experiment(tmp_path / "server.db", tmp_path / "artifacts" / "0")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
-        [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(""), cwd=tmp_path)
+        [
+            MLFLOW,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=subprocess_env(""),
+        cwd=tmp_path,
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while True:
@@ -84,8 +115,10 @@ def server(tmp_path, migrated_db, monkeypatch):
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                pytest.fail("mlflow server did not come up: "
-                            + (tmp_path / "server.log").read_text()[-2000:])
+                pytest.fail(
+                    "mlflow server did not come up: "
+                    + (tmp_path / "server.log").read_text()[-2000:]
+                )
             time.sleep(0.5)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -101,9 +134,26 @@ def server(tmp_path, migrated_db, monkeypatch):
 
 def test_whole_flow_against_a_real_server(server, smoke_data, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "seqgen.cli", "pipeline", "--strategy", "mae", "--phases", "1-2",
-         "--preset", "smoke", "--data_dir", str(smoke_data)],
-        capture_output=True, text=True, env=subprocess_env(server), cwd=tmp_path, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "seqgen.cli",
+            "pipeline",
+            "--strategy",
+            "mae",
+            "--phases",
+            "1-2",
+            "--preset",
+            "smoke",
+            "--data_dir",
+            str(smoke_data),
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(server),
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     client = MlflowClient()
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")

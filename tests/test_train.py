@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from seqgen import tracking
 from seqgen.config import resolve
 from seqgen.generate import generate_original
-from seqgen.train import CSV_COLUMNS, train_phase
+from seqgen.train import COMBINED_COLUMNS, train_phase
 
 PER_EPOCH = [
     "train_loss",
@@ -55,6 +55,7 @@ def test_phase_one_then_two_hand_off_through_the_registry(store, smoke_data, tmp
     p = run.data.params
     assert (p["epochs"], p["start_lr"], p["max_lag"], p["alpha"]) == ("2", "0.0005", "15", "0.5")
     assert p["existing_model"] == "models:/seqgen-combined-smoke@phase-1"
+    assert run.data.tags["continued_from"] == "models:/seqgen-combined-smoke/1"  # the exact one
     for key in PER_EPOCH:  # global epochs: phase 2 of a 2-epoch preset is 3..4
         assert [m.step for m in client.get_metric_history(second["run_id"], key)] == [3, 4], key
     lrs = [m.value for m in client.get_metric_history(second["run_id"], "lr")]
@@ -97,7 +98,7 @@ def test_phase_one_then_two_hand_off_through_the_registry(store, smoke_data, tmp
     }
     with open(out / "training_metrics.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == CSV_COLUMNS["combined"] and len(rows[0]) == 11
+    assert rows[0] == COMBINED_COLUMNS and len(rows[0]) == 11
     assert [r[0] for r in rows[1:]] == ["3", "4"]
 
 

@@ -1,0 +1,301 @@
+"""Analysis: a smoke-scale store (3 strategies x phases 1-2 x seeds 0, 1, evaluations of phase 2)
+compared through the CLI, then filters, bad selections, and the pure pieces on small frames."""
+
+import shutil
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from matplotlib.figure import Figure
+
+from analysis import plots, query, tables
+from analysis.answer import conclusions
+from analysis.report import build_report
+from seqgen.cli import main
+
+STRATEGIES = ("mae", "autocorr", "combined")
+FIGURES = (
+    "val_loss",
+    "components",
+    "schedules",
+    "sequences",
+    "acf",
+    "fields",
+    "param_error",
+    "sweep_nu",
+    "sweep_amplitude",
+    "error_by_step",
+    "paired",
+)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, smoke_data, migrated_db):
+    """The store, and `seqgen compare --out report` run on it; yields (folder, CLI result)."""
+    from seqgen.evaluate import evaluate_model
+    from seqgen.pipeline import run_pipeline
+
+    folder = tmp_path_factory.mktemp("analysis-store")
+    shutil.copy(migrated_db, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(name, raising=False)
+        mlflow.set_tracking_uri(uri)
+        for strategy in STRATEGIES:
+            results = run_pipeline(
+                strategy,
+                [1, 2],
+                [0, 1],
+                "smoke",
+                {"data_dir": str(smoke_data)},
+                log=lambda *a: None,
+            )
+            for r in results:
+                if r["phase"] == 2:
+                    evaluate_model(r["model_uri"])
+        client = mlflow.MlflowClient()
+        exp = client.get_experiment_by_name("seqgen")
+        tags = {"kind": "phase", "strategy": "mae", "phase": "2", "seed": "2", "preset": "smoke"}
+        failed = client.create_run(exp.experiment_id, run_name="mae-p2-s2", tags=tags)
+        client.set_terminated(failed.info.run_id, "FAILED")
+        client.create_run(
+            exp.experiment_id,
+            run_name="combined-p1-s3",
+            tags=tags | {"strategy": "combined", "phase": "1", "seed": "3"},
+        )
+        client.create_experiment("empty")
+        result = CliRunner().invoke(main, ["compare", "--out", "report"])
+        yield folder, result
+
+
+@pytest.fixture
+def in_store(compared, monkeypatch):
+    folder, _ = compared
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return folder
+
+
+def test_compare_writes_report_tables_and_figures(compared):
+    folder, result = compared
+    assert result.exit_code == 0, result.output
+    assert "report: report/report.md" in result.output
+    out = folder / "report"
+    for name in (
+        "report.md",
+        "report.html",
+        "summary.csv",
+        "per_run.csv",
+        "paired.csv",
+        "per_sample.csv",
+        "excluded.csv",
+        *(f"{f}.png" for f in FIGURES),
+    ):
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_summary_table_rows(compared):
+    summary = pd.read_csv(compared[0] / "report" / "summary.csv")
+    assert list(zip(summary["strategy"], summary["phase"], strict=True)) == [
+        (s, p) for s in STRATEGIES for p in (1, 2)
+    ]
+    assert (summary["n_seeds"] == 2).all()
+    assert summary["n_evaluated"].tolist() == [0, 2] * 3
+    assert summary.loc[summary["phase"] == 2, "test_mae_mean"].notna().all()
+    assert summary.loc[summary["phase"] == 1, "test_mae_mean"].isna().all()
+    assert (summary["best_val_loss_mean"] > 0).all()
+    assert len(pd.read_csv(compared[0] / "report" / "per_run.csv")) == 12
+
+
+def test_paired_comparison_on_the_same_samples(compared):
+    paired = pd.read_csv(compared[0] / "report" / "paired.csv")
+    assert len(paired) == 3 * 4  # 3 pairs x (mae, acf_error, spectral_error, field_rel_l2)
+    assert set(paired["metric"]) == {"mae", "acf_error", "spectral_error", "field_rel_l2"}
+    assert (paired["n"] == 2 * 4).all()  # 2 seeds x 4 test samples, paired by (seed, file)
+    assert (paired["ci_low"] <= paired["ci_high"]).all()
+    assert not paired["real"].any()  # 8 pairs is below MIN_PAIRS: never called real
+
+
+def test_report_states_setup_answer_and_left_out_runs(compared):
+    md = (compared[0] / "report" / "report.md").read_text()
+    for text in (
+        "## Answer",
+        "**pointwise accuracy (MAE)**",
+        "preset smoke",
+        "seeds 0, 1",
+        "phases 1, 2",
+        "seqgen 0.1.0",
+        "fingerprint",
+        "12 phase runs",
+        "6 test evaluations",
+        "![",
+        "val_loss.png",
+        "Caution: 2 seed(s)",
+    ):
+        assert text in md, text
+    assert "mae-p2-s2 | phase | FAILED" in md
+    assert "combined-p1-s3 | phase | RUNNING" in md
+    excluded = pd.read_csv(compared[0] / "report" / "excluded.csv")
+    assert sorted(excluded["run_name"]) == ["combined-p1-s3", "mae-p2-s2"]
+    html = (compared[0] / "report" / "report.html").read_text()
+    assert '<img src="val_loss.png"' in html and "<table" in html
+
+
+def test_analysis_run_holds_the_report(in_store):
+    [run] = mlflow.search_runs(
+        experiment_names=["seqgen"], filter_string="tags.kind = 'analysis'", output_format="list"
+    )
+    assert run.info.run_name == "compare"
+    files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"report.md", "report.html", "summary.csv", "val_loss.png"} <= files
+
+
+def test_filters_and_a_report_without_evaluations(in_store):
+    sel = query.select_runs(
+        strategies=("mae",), phases=(2,), seeds=(1,), tags=("stop_reason=completed",)
+    )
+    assert sel.phases["run_name"].tolist() == ["mae-p2-s1"]
+    assert sel.evaluations["run_name"].tolist() == ["eval-mae-p2-s1"]
+    assert sel.excluded.empty  # the failed mae-p2-s2 has seed 2: filtered out, not listed
+    path = build_report(
+        in_store / "filtered", strategies=("mae", "combined"), phases=(1,), seeds=(0,)
+    )
+    summary = pd.read_csv(path.parent / "summary.csv")
+    assert list(zip(summary["strategy"], summary["phase"], strict=True)) == [
+        ("mae", 1),
+        ("combined", 1),
+    ]
+    assert "No evaluation runs" in path.read_text()
+    assert {p.name for p in path.parent.glob("*.png")} == {
+        "val_loss.png",
+        "components.png",
+        "schedules.png",
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--experiment", "nope"], "error: experiment 'nope' does not exist in sqlite:///"),
+        (["--experiment", "empty"], "error: experiment 'empty' has no runs"),
+        (
+            ["--strategy", "mae", "--phase", "4"],
+            "error: no phase runs in experiment 'seqgen' match strategy=mae, phase=4; the "
+            "experiment has strategy autocorr, combined, mae; phase 1, 2; seed 0, 1, 2, 3",
+        ),
+        (["--tag", "owner=me"], "error: no phase runs in experiment 'seqgen' match owner=me"),
+        (["--tag", "owner"], "error: --tag must look like KEY=VALUE, got 'owner'"),
+    ],
+)
+def test_bad_selection_is_one_clear_line(in_store, args, message):
+    result = CliRunner().invoke(main, ["compare", *args, "--out", "bad"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+
+
+# ---- pure pieces on small frames ---------------------------------------------------------------
+
+
+def _per_sample(shift: dict[str, float], seeds=(0, 1), n=10, seed_sign=None) -> pd.DataFrame:
+    """Per-sample errors: base + shift[strategy] (times seed_sign[seed] if given)."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(1, 2, (len(seeds), n))
+    rows = []
+    for strategy, d in shift.items():
+        for i, seed in enumerate(seeds):
+            sign = 1 if seed_sign is None else seed_sign[seed]
+            for j in range(n):
+                rows.append(
+                    {
+                        "strategy": strategy,
+                        "seed": seed,
+                        "file": f"f{j}",
+                        "mae": base[i, j] + sign * d + 0.001 * rng.standard_normal(),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_paired_verdicts():
+    clear = tables.paired_comparison(_per_sample({"mae": 0.5, "combined": 0.0}))
+    [row] = clear.to_dict("records")
+    assert (row["a"], row["b"], row["n"], row["n_seeds"]) == ("mae", "combined", 20, 2)
+    assert row["mean_diff"] == pytest.approx(0.5, abs=0.01) and row["real"]
+    # seeds disagree on the sign: the pooled CI may exclude 0, but it is not called real
+    mixed = tables.paired_comparison(
+        _per_sample({"mae": 0.5, "combined": 0.0}, seed_sign={0: 1, 1: -0.5})
+    )
+    assert not mixed["seeds_agree"].iloc[0] and not mixed["real"].iloc[0]
+    few = tables.paired_comparison(_per_sample({"mae": 0.5, "combined": 0.0}, n=4))
+    assert few["n"].iloc[0] == 8 and not few["real"].iloc[0]
+
+
+def test_conclusions_name_the_winner_and_the_difference():
+    per_sample = _per_sample({"mae": 0.3, "autocorr": 0.31, "combined": 0.0})
+    paired = tables.paired_comparison(per_sample)
+    chosen = pd.DataFrame(
+        {
+            "strategy": list(STRATEGIES) * 2,
+            "phase": 5,
+            "seed": [0] * 3 + [1] * 3,
+            "test_tf_gap": [0.1, 0.2, 0.05] * 2,
+        }
+    )
+    per_run = chosen.assign(phase_seconds=60.0)
+    text = conclusions(per_sample, paired, chosen, per_run)
+    assert text[0].startswith("**pointwise accuracy (MAE)**: **combined** is lowest (")
+    assert "over 2 seed(s), phase 5); lower than mae's by 0.3" in text[0]
+    assert "a real difference" in text[0]
+    assert "**Overall**: use **combined**" in text[1]
+    assert "autocorr leans on it most" in text[2]
+    assert text[-1].startswith("Caution: 2 seed(s)")
+
+
+def test_plot_functions_return_labelled_figures():
+    curves = pd.DataFrame(
+        {
+            "strategy": ["mae"] * 4 + ["combined"] * 4,
+            "seed": [0, 0, 1, 1] * 2,
+            "key": "val_loss",
+            "step": [1, 2] * 4,
+            "value": [1.0, 0.5, 1.2, 0.6, 0.9, 0.4, 1.0, 0.5],
+        }
+    )
+    fig = plots.val_loss_figure(curves, [1.5])
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.get_xlabel() and "2 seeds" in ax.get_title()
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {
+        "mae",
+        "combined",
+        "phase boundary",
+    }
+    true = np.zeros((2, 5, 3))
+    figs = [
+        plots.sequences_figure(
+            true, {"mae": true + 1}, np.arange(5), ["a", "b", "c"], ["s0", "s1"]
+        ),
+        plots.acf_figure(np.arange(1, 3), np.ones((2, 3)), {"mae": np.ones((2, 3))}, list("abc")),
+        plots.fields_figure(
+            np.zeros((1, 5, 4)), {"mae": np.ones((1, 5, 4))}, np.arange(4.0), np.arange(5.0), ["s0"]
+        ),
+        plots.sweep_figure(
+            np.array([0.01, 1.0]), {"mae": np.zeros((2, 5, 3))}, np.arange(5), list("abc"), "nu"
+        ),
+        plots.param_error_figure(
+            pd.DataFrame(
+                {"strategy": "mae", "nu": [0.01, 1.0], "amp": [1.0, 2.0], "mae": [0.1, 0.2]}
+            ),
+            ["nu", "amp"],
+        ),
+    ]
+    for f in figs:
+        assert isinstance(f, Figure) and f.get_suptitle()
