@@ -119,6 +119,11 @@ class PhaseSettings:
         d["first_epoch"], d["last_epoch"] = self.first_epoch, self.last_epoch
         return d
 
+    def overrides(self) -> dict[str, Any]:
+        """Settings that differ from the table and preset (what the command line changed)."""
+        table = dataclasses.asdict(resolve(self.strategy, self.phase, self.preset))
+        return {k: v for k, v in dataclasses.asdict(self).items() if table[k] != v}
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(PhaseSettings)}
 TABLE_ONLY_KEYS = {"output_prefix"}

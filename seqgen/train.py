@@ -25,6 +25,11 @@ from seqgen.schedules import learning_rate, teacher_forcing_ratio
 from seqgen.split import Split, make_split
 
 EVAL_BATCH = 512
+PER_EPOCH_METRICS = (  # logged at step = global epoch, for every strategy
+    "train_loss", "train_mae", "train_autocorr", "val_loss", "val_mae", "val_autocorr",
+    "test_loss", "test_mae", "test_autocorr", "val_loss_teacher_forced", "lr",
+    "teacher_forcing_ratio", "grad_norm", "epoch_seconds", "nonfinite_steps",
+)  # fmt: skip
 # The original scripts' training_metrics.csv, column for column.
 SINGLE_COLUMNS = ["Epoch", "Train Loss", "Validation Loss", "Test Loss", "Learning Rate"]
 COMBINED_COLUMNS = ["Epoch", "Train Loss", "Train MAE Loss", "Train Autocorr Loss",
@@ -265,6 +270,7 @@ def train_phase(s: PhaseSettings, resume: bool = False, stop_at_epoch: int | Non
         "dataset_fingerprint": data.fingerprint,
         "continued_from": start.parent_uri or "",
         "code_version": tracking.code_version(),
+        "overrides": json.dumps(s.overrides()),
     }
     run_id = start.checkpoint["run_id"] if start.checkpoint else None
     with tracking.tracked_run(s.run_name, tags, run_id=run_id) as run:

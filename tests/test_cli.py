@@ -47,13 +47,20 @@ def test_help_lists_the_commands():
         assert command in out
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--strategy", "l1", "--phase", "1"], "error: unknown strategy 'l1': choose one of mae, "
-                                           "autocorr, combined"),
-    (["--strategy", "mae", "--phase", "6"], "error: phase must be 1..5, got 6"),
-    (["--strategy", "mae", "--phase", "1", "--max_lag", "3"],
-     "error: --max_lag does not apply to strategy mae (pure MAE has no lag)"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--strategy", "l1", "--phase", "1"],
+            "error: unknown strategy 'l1': choose one of mae, autocorr, combined",
+        ),
+        (["--strategy", "mae", "--phase", "6"], "error: phase must be 1..5, got 6"),
+        (
+            ["--strategy", "mae", "--phase", "1", "--max_lag", "3"],
+            "error: --max_lag does not apply to strategy mae (pure MAE has no lag)",
+        ),
+    ],
+)
 def test_bad_options(store, args, message):
     code, out = run_cli("train", *args, "--preset", "smoke")
     assert (code, out.splitlines()[-1]) == (2, message.replace("\n", ""))
@@ -61,24 +68,57 @@ def test_bad_options(store, args, message):
 
 
 def test_max_lag_not_below_sequence_length(store, smoke_data):
-    code, out = run_cli("train", "--strategy", "autocorr", "--phase", "1", "--preset", "smoke",
-                        "--data_dir", str(smoke_data), "--max_lag", "151")
+    code, out = run_cli(
+        "train",
+        "--strategy",
+        "autocorr",
+        "--phase",
+        "1",
+        "--preset",
+        "smoke",
+        "--data_dir",
+        str(smoke_data),
+        "--max_lag",
+        "151",
+    )
     assert code == 2
-    assert out.splitlines()[-1] == (f"error: --max_lag 151 must be below the sequence length 151 "
-                                    f"of {smoke_data}")
+    assert out.splitlines()[-1] == (
+        f"error: --max_lag 151 must be below the sequence length 151 of {smoke_data}"
+    )
     assert no_running_runs() == []
 
 
 def test_model_uri_that_does_not_exist(store, smoke_data):
-    code, out = run_cli("train", "--strategy", "combined", "--phase", "3", "--preset", "smoke",
-                        "--data_dir", str(smoke_data))
+    code, out = run_cli(
+        "train",
+        "--strategy",
+        "combined",
+        "--phase",
+        "3",
+        "--preset",
+        "smoke",
+        "--data_dir",
+        str(smoke_data),
+    )
     assert code == 2
     last = out.splitlines()[-1]
     assert last.startswith("error: no model at models:/seqgen-combined-smoke@phase-2")
-    assert last.endswith("run phase 2 of combined first (seqgen train --strategy combined "
-                         "--phase 2 --preset smoke)")
-    code, out = run_cli("train", "--strategy", "mae", "--phase", "2", "--preset", "smoke",
-                        "--data_dir", str(smoke_data), "--existing_model", "nope/best_model.pth")
+    assert last.endswith(
+        "run phase 2 of combined first (seqgen train --strategy combined --phase 2 --preset smoke)"
+    )
+    code, out = run_cli(
+        "train",
+        "--strategy",
+        "mae",
+        "--phase",
+        "2",
+        "--preset",
+        "smoke",
+        "--data_dir",
+        str(smoke_data),
+        "--existing_model",
+        "nope/best_model.pth",
+    )
     assert code == 2
     assert out.splitlines()[-1] == "error: model file nope/best_model.pth does not exist"
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
@@ -86,9 +126,25 @@ def test_model_uri_that_does_not_exist(store, smoke_data):
 
 def test_data_that_fails_the_contract_in_a_real_process(store, broken_data):
     proc = subprocess.run(
-        [sys.executable, "-m", "seqgen.cli", "train", "--strategy", "mae", "--phase", "1",
-         "--preset", "smoke", "--data_dir", str(broken_data)],
-        capture_output=True, text=True, env=subprocess_env(store), timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "seqgen.cli",
+            "train",
+            "--strategy",
+            "mae",
+            "--phase",
+            "1",
+            "--preset",
+            "smoke",
+            "--data_dir",
+            str(broken_data),
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(store),
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -101,25 +157,57 @@ def test_unreachable_tracking_server(store, smoke_data, monkeypatch):
     uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
-    code, out = run_cli("train", "--strategy", "mae", "--phase", "1", "--preset", "smoke",
-                        "--data_dir", str(smoke_data))
+    code, out = run_cli(
+        "train",
+        "--strategy",
+        "mae",
+        "--phase",
+        "1",
+        "--preset",
+        "smoke",
+        "--data_dir",
+        str(smoke_data),
+    )
     assert code == 2
     assert out.splitlines()[-1].startswith(f"error: MLflow tracking server {uri} is unreachable")
 
 
 def test_output_folder_that_cannot_be_written(store, smoke_data, tmp_path):
     (tmp_path / "taken").write_text("a file, not a folder")
-    code, out = run_cli("train", "--strategy", "mae", "--phase", "1", "--preset", "smoke",
-                        "--data_dir", str(smoke_data), "--outputs_root", str(tmp_path / "taken"))
+    code, out = run_cli(
+        "train",
+        "--strategy",
+        "mae",
+        "--phase",
+        "1",
+        "--preset",
+        "smoke",
+        "--data_dir",
+        str(smoke_data),
+        "--outputs_root",
+        str(tmp_path / "taken"),
+    )
     assert code == 2
     assert out.splitlines()[-1].startswith(
-        f"error: output folder {tmp_path / 'taken'}/smoke-s0/100mae_1_2 cannot be written")
+        f"error: output folder {tmp_path / 'taken'}/smoke-s0/100mae_1_2 cannot be written"
+    )
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
 def test_finished_phase_is_not_overwritten(store, smoke_data):
-    args = ["train", "--strategy", "mae", "--phase", "1", "--preset", "smoke", "--epochs", "1",
-            "--data_dir", str(smoke_data)]
+    args = [
+        "train",
+        "--strategy",
+        "mae",
+        "--phase",
+        "1",
+        "--preset",
+        "smoke",
+        "--epochs",
+        "1",
+        "--data_dir",
+        str(smoke_data),
+    ]
     assert run_cli(*args)[0] == 0
     code, out = run_cli(*args)
     assert code == 2 and "already holds a trained phase: pass --resume" in out.splitlines()[-1]

@@ -72,6 +72,8 @@ def test_presets_shrink_and_overrides_win():
     s = resolve("combined", 2, "smoke", epochs=3, alpha=0.3, hidden_size=8)
     assert (s.epochs, s.alpha, s.hidden_size) == (3, 0.3, 8)
     assert s.resolved_output_dir().name.startswith("30mae_70auto_")
+    assert s.overrides() == {"epochs": 3, "alpha": 0.3, "hidden_size": 8}
+    assert resolve("combined", 2, "smoke").overrides() == {}
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """Training phases at smoke scale against a real sqlite store: run contents, hand-off, resume."""
 
 import csv
+import json
 
 import mlflow
 import numpy as np
@@ -12,24 +13,8 @@ from mlflow.tracking import MlflowClient
 from seqgen import tracking
 from seqgen.config import resolve
 from seqgen.generate import generate_original
-from seqgen.train import COMBINED_COLUMNS, train_phase
+from seqgen.train import COMBINED_COLUMNS, PER_EPOCH_METRICS, train_phase
 
-PER_EPOCH = [
-    "train_loss",
-    "train_mae",
-    "train_autocorr",
-    "val_loss",
-    "val_mae",
-    "val_autocorr",
-    "test_loss",
-    "test_mae",
-    "test_autocorr",
-    "val_loss_teacher_forced",
-    "lr",
-    "teacher_forcing_ratio",
-    "grad_norm",
-    "epoch_seconds",
-]
 quiet = lambda *a: None  # noqa: E731
 
 
@@ -52,11 +37,14 @@ def test_phase_one_then_two_hand_off_through_the_registry(store, smoke_data, tmp
         "preset": "smoke",
     }
     assert len(run.data.tags["dataset_fingerprint"]) >= 16
+    assert json.loads(run.data.tags["overrides"]) == {"data_dir": str(smoke_data)}
     p = run.data.params
     assert (p["epochs"], p["start_lr"], p["max_lag"], p["alpha"]) == ("2", "0.0005", "15", "0.5")
     assert p["existing_model"] == "models:/seqgen-combined-smoke@phase-1"
     assert run.data.tags["continued_from"] == "models:/seqgen-combined-smoke/1"  # the exact one
-    for key in PER_EPOCH:  # global epochs: phase 2 of a 2-epoch preset is 3..4
+    logged = {k for k in client.get_run(second["run_id"]).data.metrics}
+    assert set(PER_EPOCH_METRICS) <= logged
+    for key in PER_EPOCH_METRICS:  # global epochs: phase 2 of a 2-epoch preset is 3..4
         assert [m.step for m in client.get_metric_history(second["run_id"], key)] == [3, 4], key
     lrs = [m.value for m in client.get_metric_history(second["run_id"], "lr")]
     assert lrs == pytest.approx([0.0005, 0.0001])  # linear decay over the phase
