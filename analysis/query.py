@@ -92,7 +92,10 @@ def _frame(runs: pd.DataFrame) -> pd.DataFrame:
             "seed": pd.to_numeric(_tag(runs, "seed"), errors="coerce"),
             "preset": _tag(runs, "preset"),
             "start_time": runs["start_time"],
-            "git_commit": _tag(runs, "mlflow.source.git.commit"),
+            # seqgen's own tag; runs logged by other means may only have MLflow's git tag
+            "git_commit": _tag(runs, "code_version").mask(
+                lambda c: c == "", _tag(runs, "mlflow.source.git.commit")
+            ),
             "dataset_fingerprint": _tag(runs, "dataset_fingerprint"),
         }
     )

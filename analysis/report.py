@@ -4,7 +4,6 @@ and log everything as an analysis run."""
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -16,7 +15,7 @@ import pandas as pd
 from analysis import plots, query, tables
 from analysis.answer import conclusions, fmt, pm
 from analysis.document import Doc
-from seqgen import metrics
+from seqgen import metrics, tracking
 
 N_SAMPLE_PLOTS = 3  # fixed test samples drawn as sequences
 N_FIELD_PLOTS = 2  # of which drawn as x-t fields
@@ -25,23 +24,7 @@ DPI = 110
 
 def code_version() -> str:
     """seqgen's version and the git commit of this checkout (+dirty), where git can tell."""
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=repo,
-            text=True,
-            capture_output=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=repo, text=True, capture_output=True, timeout=10
-        ).stdout.strip()
-        commit += "+dirty" if dirty else ""
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown commit (not a git checkout with commits)"
-    return f"seqgen {version('seqgen')}, {commit}"
+    return f"seqgen {version('seqgen')}, {tracking.code_version()}"
 
 
 # ---- the report --------------------------------------------------------------------------------
