@@ -4,6 +4,8 @@ and log everything as an analysis run."""
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 import time
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -122,7 +124,8 @@ def _sample_figures(chosen: pd.DataFrame, files: dict, per_sample: pd.DataFrame)
             )
         )
 
-    max_lag = int(chosen["max_lag"].min()) if chosen["max_lag"].notna().any() else 20
+    max_lag = (int(chosen["max_lag"].min()) if chosen["max_lag"].notna().any()
+               else metrics.ACF_MAX_LAG)  # fmt: skip
     true_acf = metrics.pooled_acf(first["true"], max_lag)  # (L, K)
     pred_acf = {s: metrics.pooled_acf(arr[s]["pred"], max_lag) for s in names}
     fig = plots.acf_figure(np.arange(1, max_lag + 1), true_acf, pred_acf, comps)
@@ -206,11 +209,30 @@ def build_report(
     """Select runs, write figures, tables, report.md and report.html to out_dir, log them as an
     analysis run; returns the path of report.md."""
     started = time.perf_counter()
-    out = Path(out_dir)
+    tracking.check_tracking_store()
+    final = Path(out_dir)
+    if final.is_dir() and any(final.iterdir()) and not (final / "report.md").is_file():
+        raise ValueError(f"report folder {final} holds other files: choose another --out")
+    # Written beside the target and swapped in at the end: a failure leaves the old report whole.
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        out = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     except OSError as e:
-        raise ValueError(f"report folder {out} cannot be created: {e.strerror or e}") from None
+        raise ValueError(f"report folder {final} cannot be created: {e.strerror or e}") from None
+    try:
+        _write_report(out, experiment, strategies, phases, preset, seeds, tags, started)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    out.rename(final)
+    return final / "report.md"
+
+
+def _write_report(out: Path, experiment, strategies, phases, preset, seeds, tags,
+                  started: float) -> None:  # fmt: skip
+    """Everything build_report writes, into `out`; logged as an analysis run at the end."""
     sel = query.select_runs(
         experiment, tuple(strategies), tuple(phases), preset, tuple(seeds), tuple(tags)
     )
@@ -292,7 +314,12 @@ def build_report(
         {"experiment": sel.experiment, **{k: str(v) for k, v in sel.filters.items()}},
         {"compared_runs": len(sel.phases), "evaluation_runs": len(sel.evaluations)},
     )
-    return out / "report.md"
+
+
+def _example_model(phases: pd.DataFrame) -> str:
+    """The registry name of the combined strategy at the compared preset."""
+    preset = str(phases["preset"].iloc[0]) if len(phases) else "full"
+    return "seqgen-combined" + ("" if preset == "full" else f"-{preset}")
 
 
 def _document(sel, summary, per_run, chosen, per_sample, paired, figs, note, seconds: float) -> Doc:
@@ -308,7 +335,7 @@ def _document(sel, summary, per_run, chosen, per_sample, paired, figs, note, sec
         doc.p(
             "No evaluation runs for the selected phase runs, so no test-set answer yet: "
             "evaluate the last phase of each strategy, e.g. `seqgen evaluate --model "
-            "models:/seqgen-combined@phase-5`, then compare again. Training curves follow."
+            f"models:/{_example_model(ph)}@phase-5`, then compare again. Training curves follow."
         )
     else:
         doc.ul(conclusions(per_sample, paired, chosen, per_run))

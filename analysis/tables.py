@@ -166,4 +166,6 @@ def paired_comparison(per_sample: pd.DataFrame, n_boot: int = 2000) -> pd.DataFr
                     "dropped_nonfinite": int((~ok).sum()),
                 }
             )
-    return pd.DataFrame(rows)
+    columns = ["metric", "a", "b", "mean_diff", "ci_low", "ci_high", "n", "p_a_better", "n_seeds",
+               "seed_diffs", "seeds_agree", "real", "dropped_nonfinite"]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)

@@ -117,7 +117,10 @@ def main() -> None:
     data, pca = load_sequences(root / "data"), load_pca(root / "data")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("seqgen")
+    experiment = mlflow.MlflowClient().create_experiment(
+        "seqgen", artifact_location=str(root / "artifacts")
+    )  # not ./mlruns of the caller
+    mlflow.set_experiment(experiment_id=experiment)
     client, rng = mlflow.MlflowClient(), np.random.default_rng(0)
     started = time.perf_counter()
     for strategy in SCALE:
@@ -133,7 +136,7 @@ def main() -> None:
         [sys.executable, "-m", "seqgen.cli", "compare", "--out", str(root / "report")],
         check=True,
         cwd=root,
-        env=os.environ | {"MLFLOW_TRACKING_URI": uri},
+        env=os.environ | {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "seqgen"},
     )
     print(f"seqgen compare on 45 runs: {time.perf_counter() - started:.1f} s wall")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from seqgen.config import resolve
 from seqgen.data import CACHE_NAME, load_sequences
 from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
 from seqgen.synth import synthesize
@@ -39,7 +40,9 @@ def main() -> None:
     cached_s = time.perf_counter() - started
 
     torch.manual_seed(0)
-    model = StreamlinedSequenceGenerator(ModelConfig(hidden_size=256, num_layers=2)).eval()
+    full = resolve("combined", 1)  # the full preset's model
+    config = ModelConfig(5, 2, full.hidden_size, full.num_layers, full.dropout)
+    model = StreamlinedSequenceGenerator(config).eval()
     params = torch.randn(550, 2)
     model.generate(params[:8], data.seq_len)  # warm-up
     started = time.perf_counter()

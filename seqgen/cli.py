@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 import types
 import typing
@@ -39,7 +40,7 @@ def _clean_errors(fn):
             TrackingError,
             TrainingError,
             ValueError,
-            FileNotFoundError,
+            OSError,
             MlflowException,
         ) as e:
             message = " ".join(str(e).split()) or type(e).__name__
@@ -60,14 +61,20 @@ def _click_type(name: str):
 
 
 def setting_options(fn):
-    """One option per setting, default None (= keep the table's value)."""
+    """One option per setting, default None (= keep the table's value).
+
+    A boolean setting takes `--name` / `--no_name` as in the original scripts, and also
+    `--name false`, which is what `mlflow run -P name=false` passes on."""
     for name, field in reversed(list(config.FIELDS.items())):
         if name in SELECTORS or name in config.TABLE_ONLY_KEYS:
             continue
         kind = _click_type(name)
         help_text = field.metadata["help"]
         if kind is bool:
-            option = click.option(f"--{name}/--no_{name}", default=None, help=help_text)
+            fn = click.option(f"--no_{name}", f"no_{name}", is_flag=True, default=False,
+                              help=f"same as --{name} false")(fn)  # fmt: skip
+            option = click.option(f"--{name}", type=click.BOOL, is_flag=False, flag_value=True,
+                                  default=None, help=f"{help_text} (true/false)")  # fmt: skip
         else:
             option = click.option(f"--{name}", type=kind, default=None, help=help_text)
         fn = option(fn)
@@ -75,7 +82,11 @@ def setting_options(fn):
 
 
 def _overrides(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if k in config.FIELDS and v is not None}
+    overrides = {k: v for k, v in kwargs.items() if k in config.FIELDS and v is not None}
+    for name in config.FIELDS:
+        if kwargs.get(f"no_{name}"):
+            overrides[name] = False
+    return overrides
 
 
 strategy_option = click.option(
@@ -128,7 +139,7 @@ def train(strategy, phase, preset, resume, stop_at_epoch, **kwargs):
 
 
 @main.command()
-@strategy_option
+@click.option("--strategy", required=True, help=f"one of {', '.join(config.STRATEGIES)}, or all")
 @click.option("--phases", default="1-5", show_default=True, help="a range such as 1-5 or 3-5")
 @click.option("--seeds", default="0", show_default=True, help="comma-separated seeds")
 @preset_option
@@ -139,7 +150,8 @@ def pipeline(strategy, phases, seeds, preset, **kwargs):
     from seqgen.pipeline import parse_phases, parse_seeds, run_pipeline
 
     overrides = _overrides(kwargs)
-    overrides.pop("seed", None)
+    if "seed" in overrides:
+        raise config.ConfigError("pipeline takes --seeds (comma-separated), not --seed")
     strategies = config.STRATEGIES if strategy == "all" else (strategy,)
     for name in strategies:
         run_pipeline(name, parse_phases(phases), parse_seeds(seeds), preset, overrides)
@@ -160,15 +172,16 @@ def demo(data_dir, preset, seeds, report_dir):
 
 @main.command()
 @click.option("--out", "out_dir", default="data", show_default=True, help="folder to write")
-@click.option("--n-samples", type=int, default=5500, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n-samples", type=int, default=None, help="samples to simulate [default: 5500]")
+@click.option("--seed", type=int, default=None, help="seed of the parameters [default: 0]")
 @click.option("--overwrite", is_flag=True, help="replace an existing folder")
 @_clean_errors
 def synth(out_dir, n_samples, seed, overwrite):
     """Make the embedded dataset: viscous Burgers runs compressed to 5 PCA components."""
     from seqgen.synth import synthesize
 
-    summary = synthesize(out_dir, n_samples=n_samples, seed=seed, overwrite=overwrite)
+    given = {k: v for k, v in {"n_samples": n_samples, "seed": seed}.items() if v is not None}
+    summary = synthesize(out_dir, overwrite=overwrite, **given)  # defaults live in synthesize
     click.echo(json.dumps(summary, default=str))
 
 
@@ -202,13 +215,14 @@ def bench(preset, batches, as_json, baseline, threads, mixed_precision):
     show_default=True,
     type=click.Choice(["train", "val", "test"]),
 )
-@click.option("--max-lag", type=int, default=20, show_default=True, help="ACF lags 1..L")
+@click.option("--max-lag", type=int, default=None, help="ACF lags 1..L [default: 20]")
 @_clean_errors
 def evaluate(model_uri, data_dir, split_name, max_lag):
     """Generate a split free-running and measure it in original units; log an evaluation run."""
     from seqgen.evaluate import evaluate_model
 
-    summary = evaluate_model(model_uri, data_dir, split_name, max_lag)
+    summary = evaluate_model(model_uri, data_dir, split_name,
+                             **({"max_lag": max_lag} if max_lag is not None else {}))  # fmt: skip
     click.echo(json.dumps(summary, indent=2, default=str))
 
 
@@ -242,5 +256,23 @@ def compare(experiment, strategy, phase, preset, seed, tag, out_dir):
     click.echo(f"report: {path}")
 
 
+def run() -> None:
+    """Entry point: click usage errors as one line too, and SIGTERM handled like Ctrl-C so a
+    killed job still ends its MLflow run (KILLED) instead of leaving it RUNNING."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as e:  # bare `seqgen`: the help, as usual
+        e.show()
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        context = f"{e.ctx.command_path}: " if getattr(e, "ctx", None) else ""
+        click.echo(f"error: {context}{' '.join(e.format_message().split())}", err=True)
+        sys.exit(e.exit_code)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -55,10 +55,10 @@ class PhaseSettings:
     noise_level: float = _doc("std of Gaussian noise on the model inputs")
     # loss
     max_lag: int | None = _doc("autocorrelation lags 1..max_lag (autocorr, combined)", default=None)
-    alpha: float | None = _doc("combined = alpha * MAE + (1 - alpha) * autocorr", default=None)
+    alpha: float = _doc("loss = alpha * MAE + (1 - alpha) * autocorr (combined only)")
     # machinery
     mixed_precision: bool = _doc("fp16+GradScaler on CUDA, bf16 on capable CPUs", default=True)
-    num_workers: int = _doc("DataLoader workers (batches come from memory: 0 is fine)", default=0)
+    num_workers: int = _doc("kept from the original; unused: batches come from memory", default=0)
     device: str = _doc("auto, cpu or cuda", default="auto")
     save_every: int = _doc("write checkpoint_epoch_N.pth every N epochs")
     output_prefix: str | None = _doc("output folder prefix (combined: from alpha)", default=None)
@@ -99,6 +99,18 @@ class PhaseSettings:
         return f"models:/{self.registered_model}@phase-{self.phase - 1}"
 
     @property
+    def reported_max_lag(self) -> int:
+        """Lags of the autocorrelation component every strategy reports: the trained ones, and for
+        pure MAE (which trains on none) the lags the other strategies use in this phase."""
+        if self.max_lag is not None:
+            return self.max_lag
+        return resolve_table_value("max_lag", self.strategy, self.phase, self.preset)
+
+    def seed_alias_uri(self, phase: int) -> str:
+        """This seed's own model of a phase (the phase-N alias follows the latest of any seed)."""
+        return f"models:/{self.registered_model}@phase-{phase}-s{self.seed}"
+
+    @property
     def registered_model(self) -> str:
         """Registry name; presets other than full get their own: demos never move real aliases."""
         return f"seqgen-{self.strategy}" + ("" if self.preset == "full" else f"-{self.preset}")
@@ -107,7 +119,7 @@ class PhaseSettings:
         if self.output_dir:
             return Path(self.output_dir)
         prefix = self.output_prefix
-        if self.alpha is not None:  # 50mae_50auto for alpha 0.5, 30mae_70auto for 0.3
+        if prefix is None:  # combined: 50mae_50auto for alpha 0.5, 30mae_70auto for 0.3
             prefix = f"{round(100 * self.alpha)}mae_{100 - round(100 * self.alpha)}auto"
         name = f"{prefix}_{self.first_epoch}_{self.last_epoch}"
         return Path(self.outputs_root) / f"{self.preset}-s{self.seed}" / name
@@ -216,6 +228,8 @@ def resolve(strategy: str, phase: int, preset: str = "full", **overrides: Any) -
             continue
         value = resolve_table_value(name, strategy, phase, preset)
         values[name] = coerce(name, value, f"{PHASES_FILE.name}")
+    if values["alpha"] == 1.0:  # pure MAE trains no autocorrelation term: it has no lag
+        values["max_lag"] = None
     for name, value in overrides.items():
         if name in ("strategy", "phase", "preset") or name in TABLE_ONLY_KEYS:
             raise ConfigError(f"{name} cannot be overridden")
@@ -229,11 +243,11 @@ def validate(s: PhaseSettings, overridden: set[str] = frozenset()) -> None:
     """Cross-field checks; messages name the option."""
     if s.strategy == "mae" and "max_lag" in overridden and s.max_lag is not None:
         raise ConfigError("--max_lag does not apply to strategy mae (pure MAE has no lag)")
-    if s.strategy != "combined" and "alpha" in overridden and s.alpha is not None:
+    if s.strategy != "combined" and "alpha" in overridden:
         raise ConfigError(f"--alpha applies only to strategy combined, not {s.strategy}")
-    if s.strategy in ("autocorr", "combined") and (s.max_lag is None or s.max_lag < 1):
+    if s.alpha < 1.0 and (s.max_lag is None or s.max_lag < 1):
         raise ConfigError(f"--max_lag must be a positive integer for {s.strategy}")
-    if s.alpha is not None and not 0.0 <= s.alpha <= 1.0:
+    if not 0.0 <= s.alpha <= 1.0:
         raise ConfigError(f"--alpha must be within 0..1, got {s.alpha}")
     positive = [
         "epochs",

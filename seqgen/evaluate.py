@@ -142,7 +142,10 @@ def _data_folder(data_dir: str | None, bundle: dict) -> Path:
 
 
 def evaluate_model(
-    model_uri: str, data_dir: str | None = None, split_name: str = "test", max_lag: int = 20
+    model_uri: str,
+    data_dir: str | None = None,
+    split_name: str = "test",
+    max_lag: int = metrics.ACF_MAX_LAG,
 ) -> dict:
     """Generate `split_name` free-running, measure it, log an evaluation run; return a summary."""
     tracking.check_tracking_store()
@@ -185,7 +188,7 @@ def evaluate_model(
     sweeps = sweep_params(data.params)  # (P, S, P)
     sweep_pred = generate_original(model, bundle, sweeps.reshape(-1, sweeps.shape[-1]))
 
-    source = tracking.model_source(model_uri)
+    source = tracking.model_source(model_uri, bundle.get("run_id"))
     run_name = f"eval-{bundle['strategy']}-p{bundle['phase']}-s{bundle['seed']}"
     tags = {
         "kind": "evaluation",

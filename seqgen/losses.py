@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-DEFAULT_MAX_LAG = 10  # used to report the autocorrelation component when a strategy has no lag
+DEFAULT_MAX_LAG = 10  # the original scripts' default
 VARIANCE_FLOOR = 1e-6  # keeps r_k and its gradient finite for (near-)constant sequences
 
 
@@ -59,24 +59,28 @@ class CombinedMAEAutocorrLoss(nn.Module):
 
 
 class Strategy(nn.Module):
-    """One strategy's loss: backpropagate `total`; `mae` and `autocorr` are always reported."""
+    """A loss strategy: alpha * MAE + (1 - alpha) * autocorrelation. The strategies themselves
+    are data, side by side in experiments/phases.toml (mae: alpha 1, autocorr: 0, combined: 0.5),
+    so the trainer never branches on a strategy's name. Every strategy reports both components;
+    pure MAE computes the autocorrelation term without a gradient, only to report it."""
 
-    def __init__(self, alpha: float, max_lag: int | None):
+    def __init__(self, alpha: float, max_lag: int):
         super().__init__()
-        self.combined = CombinedMAEAutocorrLoss(alpha, max_lag or DEFAULT_MAX_LAG)
+        self.alpha = alpha
+        self.combined = CombinedMAEAutocorrLoss(alpha, max_lag)
 
     def forward(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> LossResult:
-        return LossResult(*self.combined(y_pred, y_true))
+        if self.alpha < 1.0:
+            return LossResult(*self.combined(y_pred, y_true))
+        mae = self.combined.mae_loss(y_pred.float(), y_true.float())
+        with torch.no_grad():  # reported, not trained: short sequences report what lags they have
+            lag = min(self.combined.autocorr_loss.max_lag, y_true.shape[1] - 1)
+            autocorr = AutocorrelationLoss(lag)(y_pred.detach(), y_true)
+        return LossResult(mae, mae, autocorr)
 
 
-# alpha is the weight of MAE: pure MAE is alpha 1, pure autocorrelation alpha 0.
-STRATEGY_ALPHA = {"mae": 1.0, "autocorr": 0.0, "combined": 0.5}
-
-
-def make_loss(strategy: str, alpha: float | None = None, max_lag: int | None = None) -> Strategy:
-    """The registry: every strategy is the combined loss at its own alpha."""
-    if strategy not in STRATEGY_ALPHA:
-        raise ValueError(
-            f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGY_ALPHA)}"
-        )
-    return Strategy(STRATEGY_ALPHA[strategy] if alpha is None else alpha, max_lag)
+def make_loss(alpha: float, max_lag: int) -> Strategy:
+    """The loss of a strategy with MAE weight `alpha` and autocorrelation lags 1..max_lag."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be within 0..1, got {alpha}")
+    return Strategy(alpha, max_lag)

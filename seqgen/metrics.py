@@ -10,6 +10,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+ACF_MAX_LAG = 20  # lags of the evaluation's autocorrelation error, for every strategy
+
 # A sequence/component whose standard deviation is at most this fraction of its largest |value|
 # counts as constant: its autocorrelation is 0/0, and below this level x - mean is float64
 # round-off (about 1e-16 of the values), not signal.
@@ -122,13 +124,15 @@ def pooled_acf(x: np.ndarray, max_lag: int) -> np.ndarray:
     return _ratio(num.sum(axis=0), den.sum(axis=0), floor.sum(axis=0))
 
 
-def acf_error_per_sequence(pred: np.ndarray, true: np.ndarray, max_lag: int = 20) -> np.ndarray:
+def acf_error_per_sequence(
+    pred: np.ndarray, true: np.ndarray, max_lag: int = ACF_MAX_LAG
+) -> np.ndarray:
     """Mean over lags and components of |ACF(pred) - ACF(true)|, (N, T, K) -> (N,)."""
     pred, true = _as_pair(pred, true)
     return np.abs(acf(pred, max_lag) - acf(true, max_lag)).mean(axis=(1, 2))
 
 
-def pooled_acf_error(pred: np.ndarray, true: np.ndarray, max_lag: int = 20) -> float:
+def pooled_acf_error(pred: np.ndarray, true: np.ndarray, max_lag: int = ACF_MAX_LAG) -> float:
     """Mean over lags and components of |pooled_acf(pred) - pooled_acf(true)|."""
     pred, true = _as_pair(pred, true)
     return float(np.abs(pooled_acf(pred, max_lag) - pooled_acf(true, max_lag)).mean())

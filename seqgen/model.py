@@ -13,11 +13,13 @@ from seqgen.recurrence import AutoregressiveLSTM
 
 @dataclass(frozen=True)
 class ModelConfig:
-    n_components: int = 5  # K: values generated per step
-    n_params: int = 2  # P: simulation parameters that condition the sequence
-    hidden_size: int = 256  # H
-    num_layers: int = 2  # L
-    dropout: float = 0.3  # between stacked layers, as nn.LSTM(dropout=...)
+    """The generator's shape; values come from the phase settings (experiments/phases.toml)."""
+
+    n_components: int  # K: values generated per step
+    n_params: int  # P: simulation parameters that condition the sequence
+    hidden_size: int  # H
+    num_layers: int  # L
+    dropout: float  # between stacked layers, as nn.LSTM(dropout=...)
     encoder_size: int = 64  # width of the parameter encoder that sets the initial state
 
     def to_dict(self) -> dict:

@@ -61,7 +61,7 @@ def run_pipeline(
                     **(overrides | {"seed": seed, "existing_model": previous}),
                 )
                 log(f"== {strategy} phase {phase}/{phases[-1]} (seed {seed}) ==")
-                result = train_phase(settings, log=log)
+                result = train_phase(settings, log=log, hint_next=False)
                 previous = result["model_uri"]
                 results.append(result | {"strategy": strategy, "phase": phase, "seed": seed})
     return results

@@ -59,10 +59,6 @@ class Split:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
-    @classmethod
-    def load(cls, path: str | Path) -> Split:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
 
 def make_split(
     files: list[str] | tuple[str, ...], seed: int, n_train: int = N_TRAIN, n_val: int = N_VAL

@@ -290,7 +290,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out} is not empty: pass overwrite=True to replace it")
+        raise ValueError(f"{out} is not empty: pass --overwrite (overwrite=True) to replace it")
 
 
 def _log(progress: bool, message: str) -> None:

@@ -9,7 +9,6 @@ and the pyfunc generates sequences in original units.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import subprocess
@@ -30,7 +29,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
 BUNDLE_FORMAT = "seqgen-bundle-1"
-DEFAULT_EXPERIMENT = "seqgen"
+DEFAULT_EXPERIMENT = "Default"  # MLflow's own, where `mlflow run` puts runs unless told otherwise
 MODEL_NAME_IN_RUN = "model"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
@@ -40,7 +39,7 @@ class TrackingError(RuntimeError):
 
 
 def check_tracking_store() -> str:
-    """Fail fast, before any training, when a configured tracking server does not answer."""
+    """Fail fast, before any work, when the configured tracking store cannot be used."""
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
         try:
@@ -52,6 +51,12 @@ def check_tracking_store() -> str:
                 f"MLflow tracking server {uri} is unreachable ({reason}): start it or fix "
                 "MLFLOW_TRACKING_URI"
             ) from None
+        return uri
+    try:  # a database store: opening it also runs its migrations once
+        MlflowClient().search_experiments(max_results=1)
+    except Exception as e:  # missing driver, unreadable file, bad URI: all mean "cannot use it"
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise TrackingError(f"cannot open the MLflow tracking store {uri}: {first_line}") from None
     return uri
 
 
@@ -59,8 +64,9 @@ def check_tracking_store() -> str:
 
 
 def default_experiment() -> str:
-    """Where runs go and where `seqgen compare` looks: the experiment `mlflow run` chose
-    (MLFLOW_EXPERIMENT_ID), else MLFLOW_EXPERIMENT_NAME, else `seqgen`."""
+    """Where runs go and where `seqgen compare` looks, by MLflow's own rule, so that `seqgen` and
+    `mlflow run` agree: MLFLOW_EXPERIMENT_ID (set by `mlflow run`), else MLFLOW_EXPERIMENT_NAME
+    (which `mlflow run` also reads), else MLflow's Default experiment."""
     if experiment_id := os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return mlflow.get_experiment(experiment_id).name
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
@@ -85,40 +91,29 @@ def tracked_run(
             mlflow.set_experiment(default_experiment())
     run = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested)
     mlflow.set_tags({"mlflow.runName": run_name, **{k: str(v) for k, v in tags.items()}})
+
+    def end(status: str) -> None:  # unless the body already ended it (a paused phase)
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run.info.run_id:
+            mlflow.end_run(status)
+
     try:
         yield run
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        end("KILLED")
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        end("FAILED")
         raise
-    mlflow.end_run("FINISHED")
-
-
-def _same(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    try:
-        return math.isclose(float(a), float(b), rel_tol=1e-12)
-    except ValueError:
-        return a in ("", "None", "''") and b in ("", "None", "''")
+    end("FINISHED")
 
 
 def log_params(params: dict[str, Any]) -> None:
-    """Log the resolved settings; keys `mlflow run` already logged must agree, not be re-logged."""
+    """Log the resolved settings. Keys already on the run stay as they are: `mlflow run` logged
+    its -P values there (as typed), and a resumed phase logged them when it started."""
     run_id = mlflow.active_run().info.run_id
     existing = MlflowClient().get_run(run_id).data.params
-    new = {}
-    for key, value in params.items():
-        text = "None" if value is None else str(value)
-        if key in existing:
-            if not _same(existing[key], text):
-                raise TrackingError(
-                    f"param {key} was logged as {existing[key]!r} but resolves to {text!r}"
-                )
-            continue
-        new[key] = text
+    new = {k: "None" if v is None else str(v) for k, v in params.items() if k not in existing}
     if new:
         mlflow.log_params(new)
 
@@ -129,6 +124,11 @@ def log_metrics(metrics: dict[str, float], step: int) -> None:
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path)
+
+
+def end_run(status: str) -> None:
+    """End the active run early with `status` (tracked_run's own end is then a no-op)."""
+    mlflow.end_run(status)
 
 
 def set_tags(tags: dict[str, Any]) -> None:
@@ -154,24 +154,20 @@ def experiment_name(experiment_id: str) -> str:
     return mlflow.get_experiment(experiment_id).name
 
 
-def active_run_id() -> str:
-    return mlflow.active_run().info.run_id
-
-
 # ---- the model --------------------------------------------------------------------------------
 
 
 def _requirements() -> list[str]:
-    # Written out so log_model skips its seconds-long requirement inference.
-    return [f"{p}=={version(p)}" for p in ("torch", "mlflow", "numpy", "pandas")] + [
-        f"seqgen=={version('seqgen')}"
-    ]
+    # Written out so log_model skips its seconds-long requirement inference; local version tags
+    # (2.13.0+cpu) dropped so another machine resolves its own build. seqgen itself travels as
+    # code (code_paths), so the model loads where seqgen is not installed.
+    return [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "mlflow", "numpy", "pandas")]
 
 
 def log_and_register_model(
-    bundle_path: Path, registered_name: str, alias: str, version_tags: dict[str, Any]
+    bundle_path: Path, registered_name: str, aliases: list[str], version_tags: dict[str, Any]
 ) -> str:
-    """Log the best bundle once as a pyfunc, register it, point `alias` at it; return version."""
+    """Log the best bundle once as a pyfunc, register it, point `aliases` at it; return version."""
     bundle = read_bundle(bundle_path)
     signature = ModelSignature(
         inputs=Schema([ColSpec("double", name) for name in bundle["data"]["param_names"]]),
@@ -186,13 +182,15 @@ def log_and_register_model(
             name=MODEL_NAME_IN_RUN,
             python_model=str(PYFUNC_CODE),
             artifacts={"bundle": str(bundle_path)},
+            code_paths=[str(Path(__file__).resolve().parent)],
             signature=signature,
             pip_requirements=_requirements(),
             registered_model_name=registered_name,
         )
     model_version = str(info.registered_model_version)
     client = MlflowClient()
-    client.set_registered_model_alias(registered_name, alias, model_version)
+    for alias in aliases:
+        client.set_registered_model_alias(registered_name, alias, model_version)
     for key, value in version_tags.items():
         client.set_model_version_tag(registered_name, model_version, key, str(value))
     return model_version
@@ -253,8 +251,9 @@ def exact_model_uri(uri: str) -> str:
     return f"models:/{name}/{version}"
 
 
-def model_source(uri: str) -> dict[str, str]:
-    """Registry name/version, run and experiment a model URI comes from (empty for a .pth)."""
+def model_source(uri: str, bundle_run_id: str | None = None) -> dict[str, str]:
+    """Registry name/version, run and experiment a model URI comes from; for a local .pth, the
+    run recorded in the bundle when this store has it."""
     client = MlflowClient()
     out: dict[str, str] = {}
     if uri.startswith("models:/"):
@@ -275,6 +274,11 @@ def model_source(uri: str) -> dict[str, str]:
             }
     elif uri.startswith("runs:/"):
         out["evaluated_run_id"] = uri[len("runs:/") :].split("/", 1)[0]
+    elif bundle_run_id:
+        out["evaluated_run_id"] = bundle_run_id
     if out.get("evaluated_run_id"):
-        out["experiment_id"] = client.get_run(out["evaluated_run_id"]).info.experiment_id
+        try:
+            out["experiment_id"] = client.get_run(out["evaluated_run_id"]).info.experiment_id
+        except MlflowException:  # a .pth trained against another store
+            del out["evaluated_run_id"]
     return out

@@ -164,9 +164,19 @@ def resolve_start(s: PhaseSettings, data: SequenceData, out_dir: Path, resume: b
         parent_uri = tracking.exact_model_uri(s.continues_from)
         hint = None
         if s.phase > 1 and not s.existing_model:
-            hint = (f"run phase {s.phase - 1} of {s.strategy} first (seqgen train --strategy "
-                    f"{s.strategy} --phase {s.phase - 1} --preset {s.preset})")  # fmt: skip
+            hint = (f"run phase {s.phase - 1} of {s.strategy} with seed {s.seed} first (seqgen "
+                    f"train --strategy {s.strategy} --phase {s.phase - 1} --preset {s.preset} "
+                    f"--seed {s.seed})")  # fmt: skip
         source = tracking.load_bundle(parent_uri, hint)
+        if not s.existing_model and source["seed"] != s.seed:
+            # The phase alias follows whichever seed finished last: take this seed's own.
+            parent_uri = tracking.exact_model_uri(s.seed_alias_uri(s.phase - 1))
+            source = tracking.load_bundle(parent_uri, hint)
+        if not s.existing_model and source["data"]["fingerprint"] != data.fingerprint:
+            raise ConfigError(
+                f"{parent_uri} was trained on other data (fingerprint "
+                f"{source['data']['fingerprint']}, {s.data_dir} has {data.fingerprint}): pass "
+                "--existing_model to continue on this data deliberately")  # fmt: skip
     else:
         split = make_split(data.files, s.seed)
         train = split.indices(data.files, "train")
@@ -206,13 +216,14 @@ class Progress:
     history: list = field(default_factory=list)  # training_metrics.csv rows
 
 
-def stop_reason(s: PhaseSettings, p: Progress, train_loss: float, val_loss: float,
+def stop_reason(s: PhaseSettings, p: Progress, train_loss: float, val_teacher_forced: float,
                 grad_norms: list[float]) -> str | None:  # fmt: skip
-    """The original's early-stopping criteria, each opt-in."""
+    """The original's early-stopping criteria, each opt-in. Overfitting compares losses measured
+    the same way (teacher-forced): free-running validation would measure exposure bias instead."""
     if s.early_stopping_patience and p.stale_epochs >= s.early_stopping_patience:
         return "validation_plateau"
     if s.overfit_gap is not None and train_loss > 0 and \
-            (val_loss - train_loss) / train_loss > s.overfit_gap:  # fmt: skip
+            (val_teacher_forced - train_loss) / train_loss > s.overfit_gap:  # fmt: skip
         return "overfitting"
     if s.grad_explosion_norm is not None and grad_norms and max(grad_norms) > s.grad_explosion_norm:
         return "gradient_explosion"
@@ -230,16 +241,23 @@ def csv_row(strategy: str, epoch: int, train: np.ndarray, val: LossResult, test:
 
 
 def train_phase(s: PhaseSettings, resume: bool = False, stop_at_epoch: int | None = None,
-                log=print) -> dict:  # fmt: skip
+                log=print, hint_next: bool = True) -> dict:  # fmt: skip
     """Train one phase; returns a summary (run id, registered model URI, best validation loss)."""
-    # Set up: everything that can fail on bad input does so before a run exists.
+    # Set up: everything that can fail on bad input does so before a run or a folder exists.
     tracking.check_tracking_store()
     out_dir = s.resolved_output_dir()
-    prepare_output_dir(out_dir, resume)
     data = load_phase_data(s)
     start = resolve_start(s, data, out_dir, resume)
+    started_with = start.checkpoint["settings"] if start.checkpoint else s.to_dict()
+    if started_with != s.to_dict():
+        changed = sorted(k for k, v in s.to_dict().items() if started_with.get(k) != v)
+        raise ConfigError(f"--resume continues with the settings the phase started with; "
+                          f"these differ: {', '.join(changed)}")  # fmt: skip
+    if s.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but this torch build sees no CUDA device")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if s.device == "auto" else s.device)  # fmt: skip
+    prepare_output_dir(out_dir, resume)
     precision = choose_precision(device, s.mixed_precision)
     parts = split_tensors(data, start, device)
     (train_params, train_targets), n_train = parts["train"], len(parts["train"][0])
@@ -247,7 +265,7 @@ def train_phase(s: PhaseSettings, resume: bool = False, stop_at_epoch: int | Non
     model = StreamlinedSequenceGenerator(start.model_config).to(device)
     if start.state_dict is not None:
         model.load_state_dict(start.state_dict)
-    loss_fn = make_loss(s.strategy, s.alpha, s.max_lag)
+    loss_fn = make_loss(s.alpha, s.reported_max_lag)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.start_lr, weight_decay=s.weight_decay)
     progress, first = Progress(), 0
     if start.checkpoint is not None:
@@ -276,7 +294,8 @@ def train_phase(s: PhaseSettings, resume: bool = False, stop_at_epoch: int | Non
     with tracking.tracked_run(s.run_name, tags, run_id=run_id) as run:
         run_id = run.info.run_id
         settings = s.to_dict()
-        tracking.log_params(settings | {"device": str(device), "precision": str(precision.dtype)})
+        tracking.log_params(settings | {"device_used": str(device),
+                                        "precision": str(precision.dtype)})  # fmt: skip
         (out_dir / "args.json").write_text(json.dumps(settings, indent=2))
         start.split.save(out_dir / "split.json")
         (out_dir / "normalizer.json").write_text(json.dumps(start.norm.to_dict(), indent=2))
@@ -318,8 +337,9 @@ def train_phase(s: PhaseSettings, resume: bool = False, stop_at_epoch: int | Non
                 progress.nonfinite_in_a_row = 0
                 sums += np.array([r.loss, r.mae, r.autocorr]) * len(chunk)
                 counted += len(chunk)
-                grad_norms.append(r.grad_norm)
-            train = sums / max(counted, 1)
+                if np.isfinite(r.grad_norm):  # an fp16 overflow step the GradScaler skipped
+                    grad_norms.append(r.grad_norm)
+            train = sums / counted if counted else np.full(3, np.nan)
 
             # Evaluate: model selection on the free-running loss, as the model is used.
             val = evaluate_loss(model, loss_fn, *parts["val"], 0.0, precision)
@@ -355,24 +375,26 @@ def train_phase(s: PhaseSettings, resume: bool = False, stop_at_epoch: int | Non
                 + (" *" if improved else ""))  # fmt: skip
 
             # Checkpoint.
-            bundle = make_bundle(model, s, data, start, global_epoch, val.total)
+            bundle = make_bundle(model, s, data, start, global_epoch, val.total, run_id)
             if improved:
                 save_atomic(bundle, out_dir / "best_model.pth")
                 shutil.copyfile(out_dir / "best_model.pth", out_dir / "best_model_combined.pth")
-            if global_epoch % s.save_every == 0 or epoch == s.epochs - 1:
+            pause = stop_at_epoch is not None and stop_at_epoch <= global_epoch < s.last_epoch
+            if global_epoch % s.save_every == 0 or epoch == s.epochs - 1 or pause:
                 path = out_dir / f"checkpoint_epoch_{global_epoch}.pth"
                 save_atomic(bundle | {
                     "optimizer": optimizer.state_dict(), "scaler": precision.scaler.state_dict(),
-                    "progress": dataclasses.asdict(progress), "run_id": run_id,
+                    "progress": dataclasses.asdict(progress), "settings": s.to_dict(),
                     "continued_from": start.parent_uri or ""}, path)  # fmt: skip
                 tracking.log_artifact(path, "checkpoints")
 
-            if stopped := stop_reason(s, progress, train[0], val.total, grad_norms):
+            if stopped := stop_reason(s, progress, train[0], val_tf.total, grad_norms):
                 reason = stopped
                 log(f"[{s.run_name}] early stop at epoch {global_epoch}: {reason}")
                 break
-            if stop_at_epoch is not None and stop_at_epoch <= global_epoch < s.last_epoch:
+            if pause:  # KILLED, so a comparison leaves it out until --resume finishes it
                 tracking.set_tags({"stop_reason": "paused", "paused_at_epoch": global_epoch})
+                tracking.end_run("KILLED")
                 log(f"[{s.run_name}] paused after epoch {global_epoch}: continue with --resume")
                 return {"run_id": run_id, "paused_at": global_epoch, "output_dir": str(out_dir)}
 
@@ -383,11 +405,12 @@ def train_phase(s: PhaseSettings, resume: bool = False, stop_at_epoch: int | Non
             tracking.log_artifact(out_dir / name)
         parent_version = start.parent_uri.removeprefix("models:/") if start.parent_uri else ""
         version = tracking.log_and_register_model(
-            out_dir / "best_model.pth", s.registered_model, f"phase-{s.phase}",
+            out_dir / "best_model.pth", s.registered_model,
+            [f"phase-{s.phase}", f"phase-{s.phase}-s{s.seed}"],
             {"run_id": run_id, "phase": s.phase, "seed": s.seed, "strategy": s.strategy,
              "preset": s.preset, "val_loss": progress.best_val, "best_epoch": progress.best_epoch,
              "continued_from": parent_version})  # fmt: skip
-        tracking.set_tags({"stop_reason": reason, "model_version": version})
+        tracking.set_tags({"stop_reason": reason, "model_version": version, "paused_at_epoch": ""})
         tracking.log_metrics({"best_val_loss": progress.best_val, "best_epoch": progress.best_epoch,
                               "phase_seconds": time.perf_counter() - phase_started,
                               "peak_memory_mb": peak_memory_mb(device)}, global_epoch)  # fmt: skip
@@ -396,7 +419,7 @@ def train_phase(s: PhaseSettings, resume: bool = False, stop_at_epoch: int | Non
         f"[{s.run_name}] done: best val {progress.best_val:.4f} at epoch {progress.best_epoch}; "
         f"run {run_id}; registered {model_uri} (alias phase-{s.phase}); outputs in {out_dir}"
     )
-    if s.phase < 5:
+    if s.phase < 5 and hint_next:
         log(next_phase_hint(s, model_uri))
     return {"run_id": run_id, "model_uri": model_uri, "version": version,
             "best_val": progress.best_val, "best_epoch": progress.best_epoch,
@@ -407,7 +430,7 @@ def train_phase(s: PhaseSettings, resume: bool = False, stop_at_epoch: int | Non
 
 
 def make_bundle(model, s: PhaseSettings, data: SequenceData, start: Start, epoch: int,
-                val_loss: float) -> dict:  # fmt: skip
+                val_loss: float, run_id: str) -> dict:  # fmt: skip
     """Everything needed to rebuild, continue or use the model anywhere (weights_only-safe)."""
     return {
         "format": tracking.BUNDLE_FORMAT,
@@ -419,7 +442,7 @@ def make_bundle(model, s: PhaseSettings, data: SequenceData, start: Start, epoch
                  "fingerprint": data.fingerprint, "data_dir": str(s.data_dir)},
         "split": start.split.to_dict(),
         "strategy": s.strategy, "phase": s.phase, "seed": s.seed, "preset": s.preset,
-        "epoch": epoch, "val_loss": val_loss,
+        "epoch": epoch, "val_loss": val_loss, "run_id": run_id,
     }  # fmt: skip
 
 

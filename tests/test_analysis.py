@@ -43,8 +43,9 @@ def compared(tmp_path_factory, smoke_data, migrated_db):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
             mp.delenv(name, raising=False)
+        mp.setenv("MLFLOW_EXPERIMENT_NAME", "seqgen")  # a named experiment, as a team would use
         mlflow.set_tracking_uri(uri)
         for strategy in STRATEGIES:
             results = run_pipeline(
@@ -79,6 +80,7 @@ def in_store(compared, monkeypatch):
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     monkeypatch.chdir(folder)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "seqgen")
     mlflow.set_tracking_uri(uri)
     return folder
 
@@ -178,6 +180,21 @@ def test_filters_and_a_report_without_evaluations(in_store):
         "components.png",
         "schedules.png",
     }
+
+
+def test_one_strategy_evaluated_and_reports_replace_only_reports(in_store):
+    path = build_report(in_store / "one", strategies=("mae",))
+    assert "mae" in path.read_text()
+    assert pd.read_csv(path.parent / "paired.csv").empty  # nothing to pair with
+    (path.parent / "stale.png").write_text("from an older report")
+    build_report(in_store / "one", strategies=("mae",))  # a previous report is replaced whole
+    assert not (path.parent / "stale.png").exists()
+    (in_store / "mine").mkdir()
+    (in_store / "mine" / "notes.txt").write_text("not a report")
+    with pytest.raises(ValueError, match="holds other files"):
+        build_report(in_store / "mine")
+    assert (in_store / "mine" / "notes.txt").read_text() == "not a report"
+    assert not list(in_store.glob(".mine.tmp-*"))
 
 
 @pytest.mark.parametrize(

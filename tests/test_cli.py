@@ -1,16 +1,22 @@
 """Every bad input: a one-line error naming the problem, exit 2, no traceback, no RUNNING run."""
 
+import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import subprocess_env
 
 from seqgen.cli import main
+
+SEQGEN = str(Path(sys.executable).with_name("seqgen"))  # the installed command
 
 
 def run_cli(*args):
@@ -38,6 +44,56 @@ def broken_data(tmp_path, smoke_data):
     lines[5] = lines[5].replace(",", ",x", 1)
     path.write_text("\n".join(lines) + "\n")
     return folder
+
+
+def test_usage_errors_are_one_line_too():
+    proc = subprocess.run([SEQGEN, "train", "--strategy", "mae", "--phase", "1",
+                           "--hiden_size", "3"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: seqgen train: No such option '--hiden_size'. (Did you mean one of: "
+        "'--batch_size', '--device', '--hidden_size'?)"]  # fmt: skip
+
+
+def test_booleans_take_values_as_mlflow_run_passes_them():
+    cases = [(["--mixed_precision", "false"], False), (["--no_mixed_precision"], False),
+             (["--mixed_precision"], True), ([], True)]  # fmt: skip
+    for args, expected in cases:
+        code, out = run_cli("phase-config", "--strategy", "mae", "--phase", "1", *args)
+        assert code == 0 and json.loads(out)["mixed_precision"] is expected, args
+
+
+def test_pipeline_refuses_seed_for_seeds(store):
+    code, out = run_cli("pipeline", "--strategy", "mae", "--seed", "3", "--preset", "smoke")
+    assert (code, out) == (2, "error: pipeline takes --seeds (comma-separated), not --seed")
+
+
+def test_cuda_without_cuda_is_a_clear_error(store, smoke_data):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, out = run_cli("train", "--strategy", "mae", "--phase", "1", "--preset", "smoke",
+                        "--data_dir", str(smoke_data), "--device", "cuda")  # fmt: skip
+    assert (code, out.splitlines()[-1]) == (
+        2, "error: --device cuda, but this torch build sees no CUDA device")  # fmt: skip
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_sigterm_ends_the_run_killed(store, smoke_data, tmp_path):
+    proc = subprocess.Popen(
+        [SEQGEN, "train", "--strategy", "mae",
+         "--phase", "1", "--preset", "smoke", "--epochs", "400", "--data_dir", str(smoke_data)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(store),
+        cwd=tmp_path)  # fmt: skip
+    for line in proc.stdout:  # wait until training runs
+        if "epoch 2/400" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, rest
+    assert "Traceback" not in rest
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.status for r in runs] == ["KILLED"]
 
 
 def test_help_lists_the_commands():
@@ -104,7 +160,8 @@ def test_model_uri_that_does_not_exist(store, smoke_data):
     last = out.splitlines()[-1]
     assert last.startswith("error: no model at models:/seqgen-combined-smoke@phase-2")
     assert last.endswith(
-        "run phase 2 of combined first (seqgen train --strategy combined --phase 2 --preset smoke)"
+        "run phase 2 of combined with seed 0 first (seqgen train --strategy "
+        "combined --phase 2 --preset smoke --seed 0)"
     )
     code, out = run_cli(
         "train",

@@ -55,7 +55,8 @@ def test_full_table_matches_the_original(strategy, phase):
         32,
     )
     assert s.save_every == (5 if strategy == "combined" else 10)
-    assert s.alpha == (0.5 if strategy == "combined" else None)
+    assert s.alpha == {"mae": 1.0, "autocorr": 0.0, "combined": 0.5}[strategy]
+    assert s.reported_max_lag == [10, 15, 15, 20, 20][phase - 1]  # mae reports the same lags
     assert s.scheduler == ("warmup_cosine" if phase == 1 else "linear")
     first = 100 * (phase - 1) + 1
     assert (s.first_epoch, s.last_epoch) == (first, first + 99)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from seqgen.config import resolve
 from seqgen.losses import (
     AutocorrelationLoss,
     CombinedMAEAutocorrLoss,
@@ -47,24 +48,39 @@ def test_combined_by_hand_and_alpha_limits():
     assert only_acf.item() == pytest.approx(AutocorrelationLoss(4)(a, b).item())
 
 
-def test_registry_same_result_shape_and_strategy_weights():
+def test_strategies_same_result_shape_and_weights():
     torch.manual_seed(0)
     a, b = torch.randn(2, 10, 5), torch.randn(2, 10, 5)
-    results = {s: make_loss(s, max_lag=3)(a, b) for s in ("mae", "autocorr", "combined")}
+    results = {s: make_loss(resolve(s, 1).alpha, 3)(a, b) for s in ("mae", "autocorr", "combined")}
     for r in results.values():
         assert set(r._fields) == {"total", "mae", "autocorr"}
+    # every strategy reports the same two components, computed the same way
+    for r in results.values():
+        assert r.mae.item() == pytest.approx(results["combined"].mae.item())
+        assert r.autocorr.item() == pytest.approx(results["combined"].autocorr.item())
     assert results["mae"].total.item() == pytest.approx(results["mae"].mae.item())
     assert results["autocorr"].total.item() == pytest.approx(results["autocorr"].autocorr.item())
     c = results["combined"]
     assert c.total.item() == pytest.approx(0.5 * c.mae.item() + 0.5 * c.autocorr.item())
-    with pytest.raises(ValueError, match="unknown strategy 'l2'"):
-        make_loss("l2")
+    with pytest.raises(ValueError, match="alpha must be within 0..1, got 2"):
+        make_loss(2.0, 3)
+
+
+def test_pure_mae_reports_autocorrelation_without_training_on_it():
+    pred = torch.randn(2, 8, 5, requires_grad=True)
+    true = torch.randn(2, 8, 5)
+    result = make_loss(1.0, 20)(pred, true)  # lag 20 > 7 steps: reported over the lags there are
+    result.total.backward()
+    expected = AutocorrelationLoss(7)(pred.detach(), true)
+    assert result.autocorr.item() == pytest.approx(expected.item())
+    assert not result.autocorr.requires_grad
+    torch.testing.assert_close(pred.grad, torch.sign(pred.detach() - true) / pred.numel())
 
 
 def test_gradients_finite_on_constant_sequences():
     pred = torch.full((2, 20, 5), 0.3, requires_grad=True)
     true = torch.randn(2, 20, 5)
-    loss = make_loss("combined", max_lag=5)(pred, true).total
+    loss = make_loss(0.5, 5)(pred, true).total
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
     pred2 = torch.full((2, 20, 5), 1.0, requires_grad=True)

@@ -213,7 +213,7 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
     out = tmp_path / "data"
     out.mkdir()
     (out / "mine.csv").write_text("keep me")
-    with pytest.raises(ValueError, match=f"{out} is not empty: pass overwrite=True"):
+    with pytest.raises(ValueError, match=f"{out} is not empty: pass --overwrite"):
         synth.synthesize(out, n_samples=5, progress=False)
     assert [p.name for p in out.iterdir()] == ["mine.csv"]
     synth.synthesize(out, n_samples=5, overwrite=True, progress=False)

@@ -11,8 +11,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from seqgen import tracking
-from seqgen.config import resolve
+from seqgen.config import ConfigError, resolve
 from seqgen.generate import generate_original
+from seqgen.tracking import TrackingError
 from seqgen.train import COMBINED_COLUMNS, PER_EPOCH_METRICS, train_phase
 
 quiet = lambda *a: None  # noqa: E731
@@ -131,25 +132,52 @@ def test_logged_model_is_a_pyfunc_in_original_units_and_a_trainable_module(store
 
 
 def test_resume_equals_uninterrupted(store, smoke_data, tmp_path):
-    full = train_phase(settings("mae", 1, smoke_data, epochs=6, outputs_root="a"), log=quiet)
-    paused = train_phase(
-        settings("mae", 1, smoke_data, epochs=6, outputs_root="b"), stop_at_epoch=3, log=quiet
+    full = train_phase(
+        settings("mae", 1, smoke_data, epochs=6, outputs_root="a", save_every=2), log=quiet
     )
+    b = settings("mae", 1, smoke_data, epochs=6, outputs_root="b", save_every=2)
+    paused = train_phase(b, stop_at_epoch=3, log=quiet)  # 3 is not a checkpoint epoch
     assert paused["paused_at"] == 3
-    resumed = train_phase(
-        settings("mae", 1, smoke_data, epochs=6, outputs_root="b"), resume=True, log=quiet
-    )
-    assert resumed["run_id"] == paused["run_id"]  # continued into the same run
     client = MlflowClient()
+    assert client.get_run(paused["run_id"]).info.status == "KILLED"  # left out of comparisons
+
+    with pytest.raises(ConfigError, match="these differ: noise_level"):
+        train_phase(
+            settings(
+                "mae", 1, smoke_data, epochs=6, outputs_root="b", save_every=2, noise_level=0.2
+            ),
+            resume=True,
+            log=quiet,
+        )
+    assert client.get_run(paused["run_id"]).info.status == "KILLED"  # untouched by the refusal
+
+    resumed = train_phase(b, resume=True, log=quiet)
+    assert resumed["run_id"] == paused["run_id"]  # continued into the same run
+    run = client.get_run(resumed["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["stop_reason"] == "completed"
     for key in ("train_loss", "val_loss", "test_loss", "lr", "grad_norm"):
         a = [(m.step, m.value) for m in client.get_metric_history(full["run_id"], key)]
-        b = [(m.step, m.value) for m in client.get_metric_history(resumed["run_id"], key)]
-        assert [s for s, _ in b] == [1, 2, 3, 4, 5, 6], key
-        assert b == a, key
+        b_ = [(m.step, m.value) for m in client.get_metric_history(resumed["run_id"], key)]
+        assert [s for s, _ in b_] == [1, 2, 3, 4, 5, 6], key
+        assert b_ == a, key
     csv_a = (tmp_path / "a/smoke-s0/100mae_1_6/training_metrics.csv").read_text()
     csv_b = (tmp_path / "b/smoke-s0/100mae_1_6/training_metrics.csv").read_text()
     assert csv_a == csv_b
     assert resumed["best_val"] == full["best_val"]
+
+
+def test_a_phase_continues_from_its_own_seed(store, smoke_data):
+    first_s0 = train_phase(settings("mae", 1, smoke_data, epochs=1), log=quiet)
+    train_phase(settings("mae", 1, smoke_data, epochs=1, seed=1), log=quiet)  # moves phase-1
+    client = MlflowClient()
+    assert client.get_model_version_by_alias("seqgen-mae-smoke", "phase-1").version == 2
+    second_s0 = train_phase(settings("mae", 2, smoke_data, epochs=1), log=quiet)
+    run = client.get_run(second_s0["run_id"])
+    assert run.data.tags["continued_from"] == first_s0["model_uri"]  # seed 0's, not seed 1's
+    v = client.get_model_version_by_alias("seqgen-mae-smoke", "phase-2-s0")
+    assert v.tags["continued_from"] == "seqgen-mae-smoke/1"
+    with pytest.raises(TrackingError, match="run phase 1 of mae with seed 2 first"):
+        train_phase(settings("mae", 2, smoke_data, epochs=1, seed=2), log=quiet)
 
 
 def test_early_stopping_on_plateau_is_logged(store, smoke_data):
