@@ -1,13 +1,12 @@
 """Analysis: a smoke-scale store (3 strategies x phases 1-2 x seeds 0, 1, evaluations of phase 2)
 compared through the CLI, then filters, bad selections, and the pure pieces on small frames."""
 
-import shutil
-
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from conftest import use_store
 from matplotlib.figure import Figure
 
 from analysis import plots, query, tables
@@ -38,15 +37,9 @@ def compared(tmp_path_factory, smoke_data, migrated_db):
     from seqgen.pipeline import run_pipeline
 
     folder = tmp_path_factory.mktemp("analysis-store")
-    shutil.copy(migrated_db, folder / "mlflow.db")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-            mp.delenv(name, raising=False)
+        use_store(folder, migrated_db, mp)
         mp.setenv("MLFLOW_EXPERIMENT_NAME", "seqgen")  # a named experiment, as a team would use
-        mlflow.set_tracking_uri(uri)
         for strategy in STRATEGIES:
             results = run_pipeline(
                 strategy,

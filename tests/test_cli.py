@@ -3,7 +3,6 @@
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import subprocess_env
+from conftest import free_port, subprocess_env
 
 from seqgen.cli import main
 
@@ -24,15 +23,15 @@ def run_cli(*args):
     return result.exit_code, result.output.strip()
 
 
+def smoke_train(data, *extra):
+    """`seqgen train` of mae phase 1 at smoke scale on `data`, plus `extra` options."""
+    return run_cli("train", "--strategy", "mae", "--phase", "1", "--preset", "smoke",
+                   "--data_dir", str(data), *extra)  # fmt: skip
+
+
 def no_running_runs():
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     return [r.info.run_name for r in runs if r.info.status == "RUNNING"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -72,8 +71,7 @@ def test_pipeline_refuses_seed_for_seeds(store):
 def test_cuda_without_cuda_is_a_clear_error(store, smoke_data):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    code, out = run_cli("train", "--strategy", "mae", "--phase", "1", "--preset", "smoke",
-                        "--data_dir", str(smoke_data), "--device", "cuda")  # fmt: skip
+    code, out = smoke_train(smoke_data, "--device", "cuda")  # fmt: skip
     assert (code, out.splitlines()[-1]) == (
         2, "error: --device cuda, but this torch build sees no CUDA device")  # fmt: skip
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
@@ -214,33 +212,15 @@ def test_unreachable_tracking_server(store, smoke_data, monkeypatch):
     uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
-    code, out = run_cli(
-        "train",
-        "--strategy",
-        "mae",
-        "--phase",
-        "1",
-        "--preset",
-        "smoke",
-        "--data_dir",
-        str(smoke_data),
-    )
+    code, out = smoke_train(smoke_data)
     assert code == 2
     assert out.splitlines()[-1].startswith(f"error: MLflow tracking server {uri} is unreachable")
 
 
 def test_output_folder_that_cannot_be_written(store, smoke_data, tmp_path):
     (tmp_path / "taken").write_text("a file, not a folder")
-    code, out = run_cli(
-        "train",
-        "--strategy",
-        "mae",
-        "--phase",
-        "1",
-        "--preset",
-        "smoke",
-        "--data_dir",
-        str(smoke_data),
+    code, out = smoke_train(
+        smoke_data,
         "--outputs_root",
         str(tmp_path / "taken"),
     )

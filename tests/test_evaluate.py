@@ -1,14 +1,12 @@
 """Evaluation: the assembly of metrics against hand-computed values, then a real evaluation run of
 a smoke model in a temporary sqlite store, and every bad input's message."""
 
-import shutil
-
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import SMOKE_SAMPLES
+from conftest import SMOKE_SAMPLES, use_store
 
 from seqgen.cli import main
 from seqgen.evaluate import evaluate_model, measure, metric_name, sweep_params
@@ -104,14 +102,8 @@ def trained(tmp_path_factory, smoke_data, migrated_db):
     from seqgen.pipeline import run_pipeline
 
     folder = tmp_path_factory.mktemp("eval-store")
-    shutil.copy(migrated_db, folder / "mlflow.db")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            mp.delenv(name, raising=False)
-        mlflow.set_tracking_uri(uri)
+        uri = use_store(folder, migrated_db, mp)
         [result] = run_pipeline(
             "mae", [1], [0], "smoke", {"data_dir": str(smoke_data)}, log=lambda *a: None
         )

@@ -1,7 +1,6 @@
 """The real entry points: `mlflow run` on the MLproject; the whole flow against `mlflow server`."""
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import REPO, point_default_experiment, subprocess_env
+from conftest import REPO, free_port, point_default_experiment, subprocess_env
 from mlflow.tracking import MlflowClient
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -82,9 +81,7 @@ def server(tmp_path, migrated_db, monkeypatch):
     """A real `mlflow server` on 127.0.0.1 with a sqlite backend and proxied artifacts."""
     shutil.copy(migrated_db, tmp_path / "server.db")
     point_default_experiment(tmp_path / "server.db", tmp_path / "artifacts" / "0")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
         [
