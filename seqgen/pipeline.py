@@ -81,16 +81,13 @@ def run_demo(data_dir: str, preset: str, seeds: list[int], report_dir: str, log=
         synthesize(data_dir)
     tracking.check_tracking_store()
     with tracking.tracked_run(f"demo-{preset}", {"kind": "demo", "preset": preset}) as run:
+        # Output folders named after this demo's run: running it again never collides.
+        outputs_root = f"outputs/{preset}-{run.info.run_id[:8]}"
+        overrides = {"data_dir": data_dir, "outputs_root": outputs_root}
         results = []
         for strategy in STRATEGIES:
-            results += run_pipeline(
-                strategy,
-                list(range(1, N_PHASES + 1)),
-                seeds,
-                preset,
-                {"data_dir": data_dir},
-                log=log,
-            )
+            phases = list(range(1, N_PHASES + 1))
+            results += run_pipeline(strategy, phases, seeds, preset, overrides, log=log)
         for r in results:
             if r["phase"] == N_PHASES:
                 log(f"== evaluating {r['model_uri']} ==")

@@ -170,3 +170,18 @@ def test_whole_flow_against_a_real_server(server, smoke_data, tmp_path):
     model = mlflow.pyfunc.load_model("models:/seqgen-mae-smoke@phase-2")
     out = model.predict(pd.DataFrame({"nu": [0.05], "amplitude": [1.0]}))
     assert out.shape == (151, 7)
+
+
+def test_demo_end_to_end_and_again(store, smoke_data, tmp_path):
+    """The README's main job at smoke scale, twice in the same folder: no collision."""
+    from seqgen.pipeline import run_demo
+
+    first = run_demo(str(smoke_data), "smoke", [0], "reports", log=lambda *a: None)
+    second = run_demo(str(smoke_data), "smoke", [0], "reports", log=lambda *a: None)
+    assert len({r["output_dir"] for r in first["results"] + second["results"]}) == 30
+    assert (tmp_path / "reports" / "report.md").is_file()
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    kinds = sorted(r.data.tags.get("kind") for r in runs)
+    assert kinds.count("phase") == 30 and kinds.count("evaluation") == 6
+    assert kinds.count("demo") == 2 and kinds.count("analysis") == 2
+    assert all(r.info.status == "FINISHED" for r in runs)
