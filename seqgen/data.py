@@ -209,6 +209,9 @@ def _read_file(path: Path, n_columns: int, n_components: int) -> tuple[tuple[str
         raise _Bad("has no header row (the first line holds numbers)")
     if "" in header:
         raise _Bad(f"column {header.index('') + 1} has no name in the header")
+    if len(set(header)) != len(header):
+        twice = next(c for c in header if header.count(c) > 1)
+        raise _Bad(f"column name {twice!r} appears twice in the header")
     data = rows[1:]
     if not data:
         raise _Bad("has a header but no data rows")

@@ -33,7 +33,11 @@ def generate_frame(model, bundle: dict, frame: pd.DataFrame) -> pd.DataFrame:
     missing = [n for n in names if n not in frame.columns]
     if missing:
         raise ValueError(f"input is missing parameter column(s) {missing}; expected {names}")
-    seqs = generate_original(model, bundle, frame[names].to_numpy(dtype=np.float32))  # (N, T, K)
+    params = frame[names].to_numpy(dtype=np.float32)
+    if not np.isfinite(params).all():
+        row = int(np.flatnonzero(~np.isfinite(params).all(axis=1))[0])
+        raise ValueError(f"input row {row} has a missing or non-finite parameter value")
+    seqs = generate_original(model, bundle, params)  # (N, T, K)
     n, t, _ = seqs.shape
     steps = np.asarray(bundle["data"]["steps"])
     long = pd.DataFrame(seqs.reshape(n * t, -1), columns=list(bundle["data"]["component_names"]))

@@ -135,6 +135,10 @@ def bad_header_names(folder: Path) -> None:
     set_cell(folder / "s01.csv", 0, 6, "mu")
 
 
+def bad_duplicate_name(folder: Path) -> None:
+    set_cell(folder / "s01.csv", 0, 2, "pc1")
+
+
 def bad_headerless(folder: Path) -> None:
     path = folder / "s01.csv"
     path.write_text("\n".join(path.read_text().splitlines()[1:]) + "\n")
@@ -165,6 +169,7 @@ def bad_dangling_link(folder: Path) -> None:
         (bad_ragged_row, ["s01.csv row 2: has 9 values, expected 8"]),
         (bad_blank_line_inside, ["s01.csv row 2: is empty"]),
         (bad_header_names, ["s01.csv: header differs", "column 7 is named 'mu', not 'nu'"]),
+        (bad_duplicate_name, ["s01.csv: column name 'pc1' appears twice in the header"]),
         (bad_headerless, ["s01.csv: has no header row"]),
         (bad_empty_file, ["s01.csv: the file is empty"]),
         (bad_header_only, ["s01.csv: has a header but no data rows"]),

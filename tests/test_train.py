@@ -121,6 +121,11 @@ def test_logged_model_is_a_pyfunc_in_original_units_and_a_trainable_module(store
     np.testing.assert_allclose(expected, raw * std + mean, rtol=1e-4, atol=1e-5)
     assert not np.allclose(expected, raw, atol=1e-3)
 
+    with pytest.raises(ValueError, match="input row 1 has a missing or non-finite parameter"):
+        mlflow.pyfunc.load_model(uri).predict(
+            pd.DataFrame({"nu": [0.1, None], "amplitude": [1, 1]})
+        )
+
     model.train()  # reloads as a trainable torch module
     loss = model(torch.zeros(2, 2), torch.zeros(2, 151, 5), 0.5).abs().mean()
     loss.backward()
