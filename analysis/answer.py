@@ -42,6 +42,15 @@ def conclusions(
     """The answer, in sentences drawn from the numbers: best strategy per need, how sure."""
     out = []
     phase_of = chosen.groupby("strategy")["phase"].max().to_dict()
+    trained = tables.strategy_order(per_run["strategy"].unique())
+    if len(phase_of) < 2:  # nothing to compare against: say so, name no winner
+        missing = [s for s in trained if s not in phase_of]
+        only = ", ".join(phase_of) or "no strategy"
+        return [
+            f"Only {only} has a test evaluation"
+            + (f"; evaluate {', '.join(missing)} to compare" if missing else "")
+            + "."
+        ]
     worse: dict[str, list[str]] = {s: [] for s in phase_of}
     for metric, need in tables.PAIRED_METRICS.items():
         if metric not in per_sample or per_sample[metric].isna().all():

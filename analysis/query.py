@@ -192,8 +192,12 @@ def select_runs(
             f"the experiment has {_describe(phase)}"
         )
 
-    finished = matched[matched["status"] == "FINISHED"]
-    excluded = [matched[matched["status"] != "FINISHED"].assign(reason="not finished")]
+    # A phase paused with --stop_at_epoch is unfinished work, even when `mlflow run` marked it
+    # FINISHED on exit.
+    paused = _tag(raw, "stop_reason")[matched.index] == "paused"
+    finished = matched[(matched["status"] == "FINISHED") & ~paused]
+    excluded = [matched[(matched["status"] != "FINISHED") & ~paused].assign(reason="not finished"),
+                matched[paused].assign(reason="paused")]  # fmt: skip
     if finished.empty:
         raise SelectionError(
             f"none of the {len(matched)} matching phase runs finished "

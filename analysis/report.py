@@ -19,6 +19,7 @@ from analysis.answer import conclusions, fmt, pm
 from analysis.document import Doc
 from seqgen import metrics, tracking
 
+REPORT_SUFFIXES = {".png", ".csv", ".md", ".html"}  # everything a report folder holds
 N_SAMPLE_PLOTS = 3  # fixed test samples drawn as sequences
 N_FIELD_PLOTS = 2  # of which drawn as x-t fields
 DPI = 110
@@ -211,8 +212,11 @@ def build_report(
     started = time.perf_counter()
     tracking.check_tracking_store()
     final = Path(out_dir)
-    if final.is_dir() and any(final.iterdir()) and not (final / "report.md").is_file():
-        raise ValueError(f"report folder {final} holds other files: choose another --out")
+    if final.is_dir():  # replaced whole below: only ever a report of ours
+        others = [p.name for p in final.iterdir() if p.suffix not in REPORT_SUFFIXES]
+        if others or (any(final.iterdir()) and not (final / "report.md").is_file()):
+            raise ValueError(f"report folder {final} holds other files ({', '.join(others[:3])}"
+                             "): choose another --out")  # fmt: skip
     # Written beside the target and swapped in at the end: a failure leaves the old report whole.
     try:
         final.parent.mkdir(parents=True, exist_ok=True)

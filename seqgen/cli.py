@@ -47,7 +47,10 @@ def _clean_errors(fn):
             click.echo(f"error: {message}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted: checkpoints are kept; continue with --resume", err=True)
+            kept = (
+                "; checkpoints are kept: continue with --resume" if fn.__name__ == "train" else ""
+            )
+            click.echo(f"interrupted{kept}", err=True)
             sys.exit(130)
 
     return wrapper
@@ -85,6 +88,8 @@ def _overrides(kwargs: dict) -> dict:
     overrides = {k: v for k, v in kwargs.items() if k in config.FIELDS and v is not None}
     for name in config.FIELDS:
         if kwargs.get(f"no_{name}"):
+            if overrides.get(name):
+                raise config.ConfigError(f"--{name} and --no_{name} contradict each other")
             overrides[name] = False
     return overrides
 
@@ -231,7 +236,7 @@ def evaluate(model_uri, data_dir, split_name, max_lag):
     "--experiment",
     default=None,
     help="experiment name (default: the one `mlflow run` chose, else "
-    "MLFLOW_EXPERIMENT_NAME, else seqgen)",
+    "MLFLOW_EXPERIMENT_NAME, else Default)",
 )
 @click.option("--strategy", multiple=True, help="keep only these strategies (repeatable)")
 @click.option("--phase", multiple=True, type=int, help="keep only these phases (repeatable)")

@@ -202,6 +202,12 @@ STRATEGIES = tuple(TABLE["strategies"])
 PRESETS = tuple(TABLE["presets"])
 
 
+def table_keys() -> set[str]:
+    """Every setting the phase table or a preset sets."""
+    sections = [TABLE["shared"], *TABLE["strategies"].values(), *TABLE["presets"].values()]
+    return {key for section in sections for key in section}
+
+
 def resolve_table_value(name: str, strategy: str, phase: int, preset: str) -> Any:
     """One setting of (strategy, phase, preset): preset, else strategy, else shared section."""
     for section in (TABLE["presets"][preset], TABLE["strategies"][strategy], TABLE["shared"]):

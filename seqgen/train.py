@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from seqgen import tracking
-from seqgen.config import ConfigError, PhaseSettings
+from seqgen.config import PHASES_FILE, ConfigError, PhaseSettings, table_keys
 from seqgen.data import Normalizer, SequenceData, load_sequences
 from seqgen.losses import LossResult, make_loss
 from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
@@ -492,12 +492,18 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def next_phase_hint(s: PhaseSettings, model_uri: str) -> str:
     """The command that continues with the next phase, as the original batch files printed."""
-    extra = "".join(f" -P {k}={getattr(s, k)}" for k in ("data_dir", "outputs_root")
-                    if getattr(s, k) != PhaseSettings.__dataclass_fields__[k].default)  # fmt: skip
-    return (f"Next phase: mlflow run . -e {s.strategy} -P phase={s.phase + 1} -P preset={s.preset} "
-            f"-P seed={s.seed}{extra} --env-manager local\n"
+    # Carry over what the command line changed, except what the table sets anew for each phase.
+    skip = table_keys() | {"seed", "existing_model", "output_dir"}
+    carried = {k: str(v).lower() if isinstance(v, bool) else v for k, v in s.overrides().items()
+               if k not in skip}  # fmt: skip
+    extra = "".join(f" -P {k}={v}" for k, v in carried.items())
+    flags = "".join(f" --{k} {v}" for k, v in carried.items())
+    project = PHASES_FILE.parent.parent
+    here = "." if Path.cwd().resolve() == project else str(project)
+    return (f"Next phase: mlflow run {here} -e {s.strategy} -P phase={s.phase + 1} "
+            f"-P preset={s.preset} -P seed={s.seed}{extra} --env-manager local\n"
             f"        or: seqgen train --strategy {s.strategy} --phase {s.phase + 1} "
-            f"--preset {s.preset} --seed {s.seed}{extra.replace(' -P ', ' --').replace('=', ' ')} "
+            f"--preset {s.preset} --seed {s.seed}{flags} "
             f"--existing_model {model_uri}")  # fmt: skip
 
 

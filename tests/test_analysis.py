@@ -309,3 +309,28 @@ def test_plot_functions_return_labelled_figures():
     ]
     for f in figs:
         assert isinstance(f, Figure) and f.get_suptitle()
+
+
+def test_paused_runs_are_left_out_even_when_marked_finished(in_store):
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("seqgen")
+    tags = {"kind": "phase", "strategy": "mae", "phase": "1", "seed": "7", "preset": "smoke",
+            "stop_reason": "paused"}  # fmt: skip
+    run = client.create_run(exp.experiment_id, run_name="mae-p1-s7", tags=tags)
+    client.set_terminated(run.info.run_id, "FINISHED")  # what `mlflow run` does on exit
+    try:
+        sel = query.select_runs(strategies=("mae",))
+        assert 7 not in set(sel.phases["seed"])
+        left = sel.excluded.set_index("run_name")
+        assert left.loc["mae-p1-s7", "reason"] == "paused"
+    finally:
+        client.delete_run(run.info.run_id)
+
+
+def test_one_evaluated_strategy_names_no_winner():
+    per_run = pd.DataFrame({"strategy": ["mae", "combined"], "seed": [0, 0],
+                            "phase_seconds": [1.0, 1.0]})  # fmt: skip
+    chosen = pd.DataFrame({"strategy": ["combined"], "phase": [2], "test_tf_gap": [0.1]})
+    per_sample = _per_sample({"combined": 0.0}).query("strategy == 'combined'")
+    lines = conclusions(per_sample, pd.DataFrame(), chosen, per_run)
+    assert lines == ["Only combined has a test evaluation; evaluate mae to compare."]
