@@ -16,6 +16,7 @@ from conftest import free_port, subprocess_env
 from seqgen.cli import main
 
 SEQGEN = str(Path(sys.executable).with_name("seqgen"))  # the installed command
+SMOKE_TRAIN = ["train", "--strategy", "mae", "--phase", "1", "--preset", "smoke"]
 
 
 def run_cli(*args):
@@ -25,8 +26,7 @@ def run_cli(*args):
 
 def smoke_train(data, *extra):
     """`seqgen train` of mae phase 1 at smoke scale on `data`, plus `extra` options."""
-    return run_cli("train", "--strategy", "mae", "--phase", "1", "--preset", "smoke",
-                   "--data_dir", str(data), *extra)  # fmt: skip
+    return run_cli(*SMOKE_TRAIN, "--data_dir", str(data), *extra)
 
 
 def no_running_runs():
@@ -181,20 +181,7 @@ def test_model_uri_that_does_not_exist(store, smoke_data):
 
 def test_data_that_fails_the_contract_in_a_real_process(store, broken_data):
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "seqgen.cli",
-            "train",
-            "--strategy",
-            "mae",
-            "--phase",
-            "1",
-            "--preset",
-            "smoke",
-            "--data_dir",
-            str(broken_data),
-        ],
+        [SEQGEN, *SMOKE_TRAIN, "--data_dir", str(broken_data)],
         capture_output=True,
         text=True,
         env=subprocess_env(store),
@@ -232,19 +219,7 @@ def test_output_folder_that_cannot_be_written(store, smoke_data, tmp_path):
 
 
 def test_finished_phase_is_not_overwritten(store, smoke_data):
-    args = [
-        "train",
-        "--strategy",
-        "mae",
-        "--phase",
-        "1",
-        "--preset",
-        "smoke",
-        "--epochs",
-        "1",
-        "--data_dir",
-        str(smoke_data),
-    ]
+    args = [*SMOKE_TRAIN, "--epochs", "1", "--data_dir", str(smoke_data)]
     assert run_cli(*args)[0] == 0
     code, out = run_cli(*args)
     assert code == 2 and "already holds a trained phase: pass --resume" in out.splitlines()[-1]
