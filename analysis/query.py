@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from seqgen.errors import SelectionError
 from seqgen.evaluate import BY_STEP_FILE, GENERATED_FILE, PER_SAMPLE_FILE
 from seqgen.tracking import default_experiment
 
@@ -31,10 +32,6 @@ SUMMARY_METRICS = ("best_val_loss", "best_epoch", "phase_seconds", "peak_memory_
 # One call per run and key. On sqlite threads gain nothing (45 runs x 8 keys: 0.8 s either way);
 # through a tracking server each call is a round trip, and threads overlap those.
 HISTORY_THREADS = 4
-
-
-class SelectionError(ValueError):
-    """Runs that cannot be found or selected; one line that says what exists instead."""
 
 
 @dataclass

@@ -10,13 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seqgen.errors import ConfigError
+
 PHASES_FILE = Path(__file__).resolve().parent.parent / "experiments" / "phases.toml"
 N_PHASES = 5
 SCHEDULERS = ("warmup_cosine", "linear")
-
-
-class ConfigError(ValueError):
-    """A setting that is unknown, of the wrong type or out of range; the message names it."""
 
 
 def _doc(text: str, **kw: Any) -> Any:

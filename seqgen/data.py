@@ -17,17 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from seqgen.errors import DataError
+
 CACHE_NAME = ".seqgen-cache.npz"
 _CACHE_VERSION = 1  # bump when the cache layout or the parsing rules change
 _SHOW_FILES = 3  # bad files spelled out in a message; the rest are counted
-
-
-class DataError(Exception):
-    """Data that breaks the contract; str(e) is one line naming the file/row/column."""
-
-    def __init__(self, message: str) -> None:
-        # File names and cell text come from users: keep the message on one line whatever they hold.
-        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: field-wise == is ambiguous on arrays

@@ -28,14 +28,12 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
+from seqgen.errors import TrackingError
+
 BUNDLE_FORMAT = "seqgen-bundle-1"
 DEFAULT_EXPERIMENT = "Default"  # MLflow's own, where `mlflow run` puts runs unless told otherwise
 MODEL_NAME_IN_RUN = "model"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-
-
-class TrackingError(RuntimeError):
-    """A tracking store or model that cannot be reached or found; the message says what to do."""
 
 
 def check_tracking_store() -> str:

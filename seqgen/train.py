@@ -19,6 +19,7 @@ import torch
 from seqgen import tracking
 from seqgen.config import PHASES_FILE, ConfigError, PhaseSettings, table_keys
 from seqgen.data import Normalizer, SequenceData, load_sequences
+from seqgen.errors import TrainingError
 from seqgen.losses import LossResult, make_loss
 from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
 from seqgen.schedules import learning_rate, teacher_forcing_ratio
@@ -36,10 +37,6 @@ COMBINED_COLUMNS = ["Epoch", "Train Loss", "Train MAE Loss", "Train Autocorr Los
                     "Validation Loss", "Validation MAE Loss", "Validation Autocorr Loss",
                     "Test Loss", "Test MAE Loss", "Test Autocorr Loss",
                     "Learning Rate"]  # fmt: skip
-
-
-class TrainingError(RuntimeError):
-    """Training that cannot go on (it diverged); the message says what to do."""
 
 
 # ---- precision ----------------------------------------------------------------------------------
