@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from seqgen.errors import SelectionError
+from seqgen.errors import SelectionError, redact
 from seqgen.evaluate import BY_STEP_FILE, GENERATED_FILE, PER_SAMPLE_FILE
 from seqgen.tracking import default_experiment
 
@@ -62,7 +62,8 @@ def _param(df: pd.DataFrame, name: str) -> pd.Series:
 
 
 def tracking_uri() -> str:
-    return mlflow.get_tracking_uri()
+    """The store's URI as it may be shown: credentials replaced."""
+    return redact(mlflow.get_tracking_uri())
 
 
 def parse_tag_filters(tags: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -144,7 +145,7 @@ def select_runs(
     if exp is None:
         known = [e.name for e in MlflowClient().search_experiments()]
         raise SelectionError(
-            f"experiment {name!r} does not exist in {mlflow.get_tracking_uri()} "
+            f"experiment {name!r} does not exist in {tracking_uri()} "
             f"(experiments there: {', '.join(known) or 'none'})"
         )
     raw = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas")
@@ -193,8 +194,10 @@ def select_runs(
     # FINISHED on exit.
     paused = _tag(raw, "stop_reason")[matched.index] == "paused"
     finished = matched[(matched["status"] == "FINISHED") & ~paused]
-    excluded = [matched[(matched["status"] != "FINISHED") & ~paused].assign(reason="not finished"),
-                matched[paused].assign(reason="paused")]  # fmt: skip
+    excluded = [
+        matched[(matched["status"] != "FINISHED") & ~paused].assign(reason="not finished"),
+        matched[paused].assign(reason="paused"),
+    ]
     if finished.empty:
         raise SelectionError(
             f"none of the {len(matched)} matching phase runs finished "

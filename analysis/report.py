@@ -18,6 +18,7 @@ from analysis import plots, query, tables
 from analysis.answer import conclusions, fmt, pm
 from analysis.document import Doc
 from seqgen import metrics, tracking
+from seqgen.errors import ConfigError
 
 REPORT_SUFFIXES = {".png", ".csv", ".md", ".html"}  # everything a report folder holds
 N_SAMPLE_PLOTS = 3  # fixed test samples drawn as sequences
@@ -125,8 +126,9 @@ def _sample_figures(chosen: pd.DataFrame, files: dict, per_sample: pd.DataFrame)
             )
         )
 
-    max_lag = (int(chosen["max_lag"].min()) if chosen["max_lag"].notna().any()
-               else metrics.ACF_MAX_LAG)  # fmt: skip
+    max_lag = (
+        int(chosen["max_lag"].min()) if chosen["max_lag"].notna().any() else metrics.ACF_MAX_LAG
+    )
     true_acf = metrics.pooled_acf(first["true"], max_lag)  # (L, K)
     pred_acf = {s: metrics.pooled_acf(arr[s]["pred"], max_lag) for s in names}
     fig = plots.acf_figure(np.arange(1, max_lag + 1), true_acf, pred_acf, comps)
@@ -215,14 +217,16 @@ def build_report(
     if final.is_dir():  # replaced whole below: only ever a report of ours
         others = [p.name for p in final.iterdir() if p.suffix not in REPORT_SUFFIXES]
         if others or (any(final.iterdir()) and not (final / "report.md").is_file()):
-            raise ValueError(f"report folder {final} holds other files ({', '.join(others[:3])}"
-                             "): choose another --out")  # fmt: skip
+            raise ConfigError(
+                f"report folder {final} holds other files ({', '.join(others[:3])}"
+                "): choose another --out"
+            )
     # Written beside the target and swapped in at the end: a failure leaves the old report whole.
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         out = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     except OSError as e:
-        raise ValueError(f"report folder {final} cannot be created: {e.strerror or e}") from None
+        raise ConfigError(f"report folder {final} cannot be created: {e.strerror or e}") from None
     try:
         _write_report(out, experiment, strategies, phases, preset, seeds, tags, started)
     except BaseException:
@@ -234,8 +238,9 @@ def build_report(
     return final / "report.md"
 
 
-def _write_report(out: Path, experiment, strategies, phases, preset, seeds, tags,
-                  started: float) -> None:  # fmt: skip
+def _write_report(
+    out: Path, experiment, strategies, phases, preset, seeds, tags, started: float
+) -> None:
     """Everything build_report writes, into `out`; logged as an analysis run at the end."""
     sel = query.select_runs(
         experiment, tuple(strategies), tuple(phases), preset, tuple(seeds), tuple(tags)

@@ -166,6 +166,19 @@ def paired_comparison(per_sample: pd.DataFrame, n_boot: int = 2000) -> pd.DataFr
                     "dropped_nonfinite": int((~ok).sum()),
                 }
             )
-    columns = ["metric", "a", "b", "mean_diff", "ci_low", "ci_high", "n", "p_a_better", "n_seeds",
-               "seed_diffs", "seeds_agree", "real", "dropped_nonfinite"]  # fmt: skip
+    columns = [
+        "metric",
+        "a",
+        "b",
+        "mean_diff",
+        "ci_low",
+        "ci_high",
+        "n",
+        "p_a_better",
+        "n_seeds",
+        "seed_diffs",
+        "seeds_agree",
+        "real",
+        "dropped_nonfinite",
+    ]
     return pd.DataFrame(rows, columns=columns)

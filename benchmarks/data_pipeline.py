@@ -49,11 +49,20 @@ def main() -> None:
     model.generate(params, data.seq_len)
     generate_s = time.perf_counter() - started
 
-    print(json.dumps({
-        "samples": data.n_samples, "seq_len": data.seq_len, "threads": torch.get_num_threads(),
-        "synth_seconds": round(synth_s, 2), "first_load_seconds": round(first_s, 2),
-        "cached_load_seconds": round(cached_s, 3), "generate_550_seconds": round(generate_s, 2),
-    }, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "samples": data.n_samples,
+                "seq_len": data.seq_len,
+                "threads": torch.get_num_threads(),
+                "synth_seconds": round(synth_s, 2),
+                "first_load_seconds": round(first_s, 2),
+                "cached_load_seconds": round(cached_s, 3),
+                "generate_550_seconds": round(generate_s, 2),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ from torch import nn
 from seqgen.config import resolve
 from seqgen.losses import make_loss
 from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
+from seqgen.step import choose_precision, optimizer_step
 from seqgen.synth import N_SNAPSHOTS
-from seqgen.train import choose_precision, optimizer_step
 
 SEQ_LEN, N_COMPONENTS, N_PARAMS = N_SNAPSHOTS, 5, 2  # the users' data: 151 steps
 RATIO = 0.7  # per-step scheduled sampling as in phase 1

@@ -11,40 +11,23 @@ import functools
 import json
 import signal
 import sys
-import types
-import typing
 
 import click
 
 from seqgen import config
-
-SELECTORS = ("strategy", "phase", "preset")
+from seqgen.errors import SeqgenError, redact
 
 
 def _clean_errors(fn):
-    """Known bad input -> `error: <one line>` on stderr, exit 2, no traceback."""
+    """The project's own errors -> `error: <one line>` on stderr, exit 2, no traceback. Anything
+    else is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from mlflow.exceptions import MlflowException
-
-        from seqgen.data import DataError
-        from seqgen.tracking import TrackingError
-        from seqgen.train import TrainingError
-
         try:
             return fn(*args, **kwargs)
-        except (
-            config.ConfigError,
-            DataError,
-            TrackingError,
-            TrainingError,
-            ValueError,
-            OSError,
-            MlflowException,
-        ) as e:
-            message = " ".join(str(e).split()) or type(e).__name__
-            click.echo(f"error: {message}", err=True)
+        except SeqgenError as e:
+            click.echo(f"error: {redact(str(e)) or type(e).__name__}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             kept = (
@@ -57,10 +40,8 @@ def _clean_errors(fn):
 
 
 def _click_type(name: str):
-    hint = typing.get_type_hints(config.PhaseSettings)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    kind = args[0] if isinstance(hint, types.UnionType) else hint
-    return {int: int, float: float, str: str, bool: bool}[kind]
+    kind, _ = config._field_kind(name)
+    return {int: int, float: click.FLOAT, str: str, bool: bool}[kind]
 
 
 def setting_options(fn):
@@ -69,15 +50,22 @@ def setting_options(fn):
     A boolean setting takes `--name` / `--no_name` as in the original scripts, and also
     `--name false`, which is what `mlflow run -P name=false` passes on."""
     for name, field in reversed(list(config.FIELDS.items())):
-        if name in SELECTORS or name in config.TABLE_ONLY_KEYS:
+        if name in config.SELECTORS:
             continue
         kind = _click_type(name)
         help_text = field.metadata["help"]
         if kind is bool:
-            fn = click.option(f"--no_{name}", f"no_{name}", is_flag=True, default=False,
-                              help=f"same as --{name} false")(fn)  # fmt: skip
-            option = click.option(f"--{name}", type=click.BOOL, is_flag=False, flag_value=True,
-                                  default=None, help=f"{help_text} (true/false)")  # fmt: skip
+            fn = click.option(
+                f"--no_{name}", f"no_{name}", is_flag=True, default=False, help=f"= --{name} false"
+            )(fn)
+            option = click.option(
+                f"--{name}",
+                type=click.BOOL,
+                is_flag=False,
+                flag_value=True,
+                default=None,
+                help=f"{help_text} (true/false)",
+            )
         else:
             option = click.option(f"--{name}", type=kind, default=None, help=help_text)
         fn = option(fn)
@@ -94,11 +82,18 @@ def _overrides(kwargs: dict) -> dict:
     return overrides
 
 
+def snake_option(name: str, *old: str, **kwargs):
+    """An option spelt snake_case like the original's training flags; `old` spellings (from
+    before every command agreed) are still accepted."""
+    dest = name.lstrip("-")
+    return click.option(name, *old, dest, **kwargs)
+
+
 strategy_option = click.option(
-    "--strategy", required=True, help=f"one of {', '.join(config.STRATEGIES)}"
+    "--strategy", required=True, help="a strategy of experiments/phases.toml: mae, autocorr, ..."
 )
 preset_option = click.option(
-    "--preset", default="full", show_default=True, help=f"one of {', '.join(config.PRESETS)}"
+    "--preset", default="full", show_default=True, help="full, demo or smoke (phases.toml)"
 )
 
 
@@ -114,9 +109,12 @@ def main():
 @setting_options
 @_clean_errors
 def phase_config(strategy, phase, preset, **kwargs):
-    """Print the resolved settings of one phase as JSON."""
-    settings = config.resolve(strategy, phase, preset, **_overrides(kwargs))
-    click.echo(json.dumps(settings.to_dict(), indent=2))
+    """Print the resolved settings of one phase as JSON (epochs and folder as planned: a phase
+    starts after its parent's real last epoch)."""
+    s = config.resolve(strategy, phase, preset, **_overrides(kwargs))
+    first = s.planned_first_epoch
+    planned = {"first_epoch": first, "last_epoch": first + s.epochs - 1}
+    click.echo(json.dumps(s.to_dict() | planned | {"output_dir": str(s.folder(first))}, indent=2))
 
 
 @main.command()
@@ -144,7 +142,7 @@ def train(strategy, phase, preset, resume, stop_at_epoch, **kwargs):
 
 
 @main.command()
-@click.option("--strategy", required=True, help=f"one of {', '.join(config.STRATEGIES)}, or all")
+@click.option("--strategy", required=True, help="a strategy, several (mae,combined) or all")
 @click.option("--phases", default="1-5", show_default=True, help="a range such as 1-5 or 3-5")
 @click.option("--seeds", default="0", show_default=True, help="comma-separated seeds")
 @preset_option
@@ -152,18 +150,17 @@ def train(strategy, phase, preset, resume, stop_at_epoch, **kwargs):
 @_clean_errors
 def pipeline(strategy, phases, seeds, preset, **kwargs):
     """Train consecutive phases of one strategy as child runs of one parent run, per seed."""
-    from seqgen.pipeline import parse_phases, parse_seeds, run_pipeline
+    from seqgen.pipeline import parse_phases, parse_seeds, parse_strategies, run_pipeline
 
     overrides = _overrides(kwargs)
     if "seed" in overrides:
         raise config.ConfigError("pipeline takes --seeds (comma-separated), not --seed")
-    strategies = config.STRATEGIES if strategy == "all" else (strategy,)
-    for name in strategies:
+    for name in parse_strategies(strategy):
         run_pipeline(name, parse_phases(phases), parse_seeds(seeds), preset, overrides)
 
 
 @main.command()
-@click.option("--data_dir", default="data", show_default=True, help="made here if missing")
+@snake_option("--data_dir", default="data", show_default=True, help="made here if missing")
 @click.option("--preset", default="demo", show_default=True, help="demo, smoke or full")
 @click.option("--seeds", default="0", show_default=True, help="comma-separated seeds")
 @click.option("--out", "report_dir", default="reports", show_default=True, help="report folder")
@@ -177,7 +174,7 @@ def demo(data_dir, preset, seeds, report_dir):
 
 @main.command()
 @click.option("--out", "out_dir", default="data", show_default=True, help="folder to write")
-@click.option("--n-samples", type=int, default=None, help="samples to simulate [default: 5500]")
+@snake_option("--n_samples", "--n-samples", type=int, default=None, help="samples [default: 5500]")
 @click.option("--seed", type=int, default=None, help="seed of the parameters [default: 0]")
 @click.option("--overwrite", is_flag=True, help="replace an existing folder")
 @_clean_errors
@@ -212,7 +209,7 @@ def bench(preset, batches, as_json, baseline, threads, mixed_precision):
 
 @main.command()
 @click.option("--model", "model_uri", required=True, help="models:/..., runs:/... or a .pth")
-@click.option("--data", "data_dir", default=None, help="data folder (default: the model's)")
+@snake_option("--data_dir", "--data", default=None, help="data folder (default: the model's)")
 @click.option(
     "--split",
     "split_name",
@@ -220,14 +217,14 @@ def bench(preset, batches, as_json, baseline, threads, mixed_precision):
     show_default=True,
     type=click.Choice(["train", "val", "test"]),
 )
-@click.option("--max-lag", type=int, default=None, help="ACF lags 1..L [default: 20]")
+@snake_option("--max_lag", "--max-lag", type=int, default=None, help="ACF lags 1..L [default: 20]")
 @_clean_errors
 def evaluate(model_uri, data_dir, split_name, max_lag):
     """Generate a split free-running and measure it in original units; log an evaluation run."""
     from seqgen.evaluate import evaluate_model
 
-    summary = evaluate_model(model_uri, data_dir, split_name,
-                             **({"max_lag": max_lag} if max_lag is not None else {}))  # fmt: skip
+    lag = {"max_lag": max_lag} if max_lag is not None else {}
+    summary = evaluate_model(model_uri, data_dir, split_name, **lag)
     click.echo(json.dumps(summary, indent=2, default=str))
 
 

@@ -24,9 +24,10 @@ import pandas as pd
 import torch
 
 from seqgen import metrics, tracking
-from seqgen.data import Normalizer, load_sequences
+from seqgen.bundle import Bundle
+from seqgen.data import load_sequences
+from seqgen.errors import ConfigError
 from seqgen.generate import GENERATION_BATCH, generate_original
-from seqgen.split import Split
 from seqgen.synth import PCABasis, load_pca
 
 SWEEP_POINTS = 5  # generated trajectories per swept parameter
@@ -101,11 +102,11 @@ def measure(
 
 @torch.no_grad()
 def teacher_forced_original(
-    model, bundle: dict, params: np.ndarray, targets: np.ndarray
+    model, bundle: Bundle, params: np.ndarray, targets: np.ndarray
 ) -> np.ndarray:
     """One-step-ahead predictions fed the true previous value at every step: params (N, P),
     targets (N, T, K) original units -> (N, T, K) original units."""
-    norm = Normalizer.from_dict(bundle["normalizer"])
+    norm = bundle.normalizer
     model.eval()
     p = torch.as_tensor(norm.normalize_params(np.asarray(params, dtype=np.float32)))
     y = torch.as_tensor(norm.normalize_components(np.asarray(targets, dtype=np.float32)))
@@ -133,11 +134,11 @@ def sweep_params(all_params: np.ndarray, n_points: int = SWEEP_POINTS) -> np.nda
     return out.astype(np.float32)
 
 
-def _data_folder(data_dir: str | None, bundle: dict) -> Path:
-    folder = Path(data_dir or bundle["data"]["data_dir"])
+def _data_folder(data_dir: str | None, bundle: Bundle) -> Path:
+    folder = Path(data_dir or bundle.data.data_dir)
     if not folder.is_dir():
         where = "--data" if data_dir else "the model's training data folder"
-        raise ValueError(f"{where} {folder} does not exist here: pass --data DIR")
+        raise ConfigError(f"{where} {folder} does not exist here: pass --data_dir DIR")
     return folder
 
 
@@ -151,25 +152,25 @@ def evaluate_model(
     tracking.check_tracking_store()
     bundle = tracking.load_bundle(model_uri)
     folder = _data_folder(data_dir, bundle)
-    cfg = bundle["model_config"]
-    data = load_sequences(folder, cfg["n_components"], cfg["n_params"])
-    if list(data.param_names) != list(bundle["data"]["param_names"]):
-        raise ValueError(
+    cfg = bundle.model_config
+    data = load_sequences(folder, cfg.n_components, cfg.n_params)
+    if data.param_names != bundle.data.param_names:
+        raise ConfigError(
             f"{folder} has parameters {list(data.param_names)}, the model was "
-            f"trained on {bundle['data']['param_names']}"
+            f"trained on {list(bundle.data.param_names)}"
         )
     if not 1 <= max_lag < data.seq_len:
-        raise ValueError(
+        raise ConfigError(
             f"--max-lag must be in 1..{data.seq_len - 1} for sequences of "
             f"{data.seq_len} steps, got {max_lag}"
         )
-    idx = Split.from_dict(bundle["split"]).indices(data.files, split_name)
+    idx = bundle.split.indices(data.files, split_name)
     if len(idx) == 0:
-        raise ValueError(f"the model's {split_name} split is empty")
+        raise ConfigError(f"the model's {split_name} split is empty")
     files = [data.files[i] for i in idx]
     params, true = data.params[idx], data.components[idx]
 
-    model = tracking.build_model(bundle)
+    model = bundle.build_model()
     pred = generate_original(model, bundle, params)  # (N, T, K)
     pred_tf = teacher_forced_original(model, bundle, params, true)
     pca = load_pca(folder)
@@ -188,18 +189,18 @@ def evaluate_model(
     sweeps = sweep_params(data.params)  # (P, S, P)
     sweep_pred = generate_original(model, bundle, sweeps.reshape(-1, sweeps.shape[-1]))
 
-    source = tracking.model_source(model_uri, bundle.get("run_id"))
-    run_name = f"eval-{bundle['strategy']}-p{bundle['phase']}-s{bundle['seed']}"
+    source = tracking.model_source(model_uri, bundle.run_id)
+    run_name = f"eval-{bundle.strategy}-p{bundle.phase}-s{bundle.seed}"
     tags = {
         "kind": "evaluation",
         "model_uri": model_uri,
-        "strategy": bundle["strategy"],
-        "phase": bundle["phase"],
-        "seed": bundle["seed"],
-        "preset": bundle["preset"],
+        "strategy": bundle.strategy,
+        "phase": bundle.phase,
+        "seed": bundle.seed,
+        "preset": bundle.preset,
         "split": split_name,
         "dataset_fingerprint": data.fingerprint,
-        "same_data_as_training": data.fingerprint == bundle["data"]["fingerprint"],
+        "same_data_as_training": data.fingerprint == bundle.data.fingerprint,
         **{k: v for k, v in source.items() if k != "experiment_id"},
     }
     with tracking.tracked_run(run_name, tags, experiment_id=source.get("experiment_id")) as run:
@@ -215,7 +216,7 @@ def evaluate_model(
         )
         # step = the global epoch of the evaluated weights, so evaluations line up with training
         tracking.log_metrics(
-            {f"{split_name}_{k}": v for k, v in found.summary.items()}, step=int(bundle["epoch"])
+            {f"{split_name}_{k}": v for k, v in found.summary.items()}, step=bundle.epoch
         )
         with tempfile.TemporaryDirectory(prefix="seqgen-eval-") as tmp:
             out = Path(tmp)
@@ -247,7 +248,7 @@ def evaluate_model(
                 "model_uri": model_uri,
                 "split": split_name,
                 "n_samples": len(idx),
-                "epoch": int(bundle["epoch"]),
+                "epoch": bundle.epoch,
                 "metrics": {f"{split_name}_{k}": v for k, v in found.summary.items()},
             }
             (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from seqgen import tracking
-from seqgen.config import N_PHASES, ConfigError, resolve
-from seqgen.train import train_phase
+from seqgen.config import N_PHASES, resolve, strategies
+from seqgen.errors import ConfigError, redact
+from seqgen.train import PhaseResult, train_phase
 
 
 def parse_phases(text: str) -> list[int]:
@@ -27,15 +28,31 @@ def parse_phases(text: str) -> list[int]:
 
 
 def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]: distinct non-negative integers."""
     try:
-        return [int(x) for x in str(text).split(",")]
+        seeds = [int(x) for x in str(text).split(",")]
     except ValueError:
         raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds must be distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def parse_strategies(text: str) -> list[str]:
+    """'all', 'mae' or 'mae,combined' -> strategy names of the phase table."""
+    names = list(strategies()) if text == "all" else [x.strip() for x in text.split(",")]
+    unknown = [n for n in names if n not in strategies()]
+    if unknown or not names:
+        raise ConfigError(
+            f"unknown strategy {unknown[0] if unknown else text!r}: choose from "
+            f"{', '.join(strategies())}, or all"
+        )
+    return names
 
 
 def run_pipeline(
     strategy: str, phases: list[int], seeds: list[int], preset: str, overrides: dict, log=print
-) -> list[dict]:
+) -> list[PhaseResult]:
     """Each phase continues from the exact model version the previous phase registered, so two
     pipelines running at once never pick up each other's models through the alias."""
     for phase in phases:  # every phase's settings are checked before the first run starts
@@ -62,8 +79,8 @@ def run_pipeline(
                 )
                 log(f"== {strategy} phase {phase}/{phases[-1]} (seed {seed}) ==")
                 result = train_phase(settings, log=log, hint_next=False)
-                previous = result["model_uri"]
-                results.append(result | {"strategy": strategy, "phase": phase, "seed": seed})
+                previous = result.model_uri
+                results.append(result)
     return results
 
 
@@ -72,10 +89,12 @@ def run_demo(data_dir: str, preset: str, seeds: list[int], report_dir: str, log=
     from pathlib import Path
 
     from analysis.report import build_report
-    from seqgen.config import STRATEGIES
     from seqgen.evaluate import evaluate_model
     from seqgen.synth import synthesize
 
+    for strategy in strategies():  # the table is checked before any data is made
+        for phase in range(1, N_PHASES + 1):
+            resolve(strategy, phase, preset, data_dir=data_dir)
     if not Path(data_dir).is_dir() or not any(Path(data_dir).glob("*.csv")):
         log(f"== making the embedded Burgers dataset in {data_dir} ==")
         synthesize(data_dir)
@@ -85,17 +104,17 @@ def run_demo(data_dir: str, preset: str, seeds: list[int], report_dir: str, log=
         outputs_root = f"outputs/{preset}-{run.info.run_id[:8]}"
         overrides = {"data_dir": data_dir, "outputs_root": outputs_root}
         results = []
-        for strategy in STRATEGIES:
+        for strategy in strategies():
             phases = list(range(1, N_PHASES + 1))
             results += run_pipeline(strategy, phases, seeds, preset, overrides, log=log)
         for r in results:
-            if r["phase"] == N_PHASES:
-                log(f"== evaluating {r['model_uri']} ==")
-                evaluate_model(r["model_uri"], None, "test")
+            if r.phase == N_PHASES:
+                log(f"== evaluating {r.model_uri} ==")
+                evaluate_model(r.model_uri, None, "test")
         experiment = tracking.experiment_name(run.info.experiment_id)
         report = build_report(report_dir, experiment=experiment, preset=preset, seeds=tuple(seeds))
     log(
         f"\nReport: {report}\nBrowse the runs: mlflow ui --backend-store-uri "
-        f"{tracking.check_tracking_store()}  (then open http://127.0.0.1:5000)"
+        f"{redact(tracking.check_tracking_store())}  (then open http://127.0.0.1:5000)"
     )
     return {"report": str(report), "results": results}

@@ -15,10 +15,10 @@ class SeqgenPyfunc(mlflow.pyfunc.PythonModel):
     """One row per parameter set in, generated sequences (long format) in original units out."""
 
     def load_context(self, context) -> None:
-        from seqgen.tracking import build_model, read_bundle
+        from seqgen.bundle import Bundle
 
-        self.bundle = read_bundle(Path(context.artifacts["bundle"]))
-        self.model = build_model(self.bundle)
+        self.bundle = Bundle.load(Path(context.artifacts["bundle"]))
+        self.model = self.bundle.build_model()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from seqgen.generate import generate_frame

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from seqgen.errors import DataError
+
 N_TRAIN = 4400  # the original workflow's split: 4400 train / 550 validation / the rest test
 N_VAL = 550
 FALLBACK_FRACTIONS = (0.8, 0.1)  # used when there are fewer than N_TRAIN + N_VAL + 1 samples
@@ -31,7 +33,7 @@ class Split:
         position = {f: i for i, f in enumerate(files)}
         missing = [f for f in self.part(name) if f not in position]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"the saved split names {len(missing)} file(s) not in the data "
                 f"(first: {missing[0]}): the data folder changed since this experiment started"
             )
@@ -67,7 +69,7 @@ def make_split(
     files = sorted(files)
     n = len(files)
     if n < 3:
-        raise ValueError(f"need at least 3 samples to split into train/val/test, got {n}")
+        raise DataError(f"need at least 3 samples to split into train/val/test, got {n}")
     note = None
     if n < n_train + n_val + 1:
         n_train = max(1, int(round(FALLBACK_FRACTIONS[0] * n)))

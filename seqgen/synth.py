@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from seqgen.errors import ConfigError
 from seqgen.split import make_split
 
 N_X = 128
@@ -286,11 +287,34 @@ def _write_text(path: Path, text: str) -> None:
         f.write(text)
 
 
+def _made_by_synth(name: str) -> bool:
+    """What synthesize writes (and the data cache loading adds)."""
+    return name in (PCA_FILE, SETTINGS_FILE, ".seqgen-cache.npz") or (
+        name.startswith("sample_") and name.endswith(".csv")
+    )
+
+
 def _check_target(out: Path, overwrite: bool) -> None:
+    """`out` must be missing, empty, or (with overwrite) a folder synth made and nothing else."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out} is not empty: pass --overwrite (overwrite=True) to replace it")
+        raise ConfigError(f"{out} exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(f"{out} is not empty: pass --overwrite (overwrite=True) to replace it")
+    cwd = Path.cwd().resolve()
+    if out.resolve() in (cwd, *cwd.parents, Path.home().resolve()):
+        raise ConfigError(f"--overwrite never replaces {out}: it holds the working folder or home")
+    if not (out / SETTINGS_FILE).is_file():
+        raise ConfigError(
+            f"--overwrite replaces only a folder seqgen synth made; {out} has no {SETTINGS_FILE}"
+        )
+    others = sorted(e.name for e in out.iterdir() if not _made_by_synth(e.name))
+    if others:
+        raise ConfigError(
+            f"--overwrite replaces only a folder seqgen synth made; {out} also holds "
+            f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''}"
+        )
 
 
 def _log(progress: bool, message: str) -> None:
@@ -312,7 +336,7 @@ def synthesize(
     out = Path(os.path.abspath(out_dir))  # so out.name is never empty ('.')
     _check_target(out, overwrite)
     if n_samples < 3:
-        raise ValueError(f"n_samples must be at least 3 (train / val / test), got {n_samples}")
+        raise ConfigError(f"n_samples must be at least 3 (train / val / test), got {n_samples}")
     nu, amplitude = burgers_params(n_samples, np.random.default_rng(seed))
     width = max(5, len(str(n_samples - 1)))  # fixed width: sorted names = sample order
     files = [f"sample_{i:0{width}d}.csv" for i in range(n_samples)]
@@ -372,8 +396,10 @@ def synthesize(
                 old.replace(out)
             raise
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a read-only folder: one line, old data kept
+            raise ConfigError(f"cannot write {out}: {e.strerror or e}") from None
         raise
     seconds = time.perf_counter() - start
     _log(progress, f"wrote {n_samples} samples to {out} ({seconds:.1f} s)")

@@ -13,8 +13,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import urllib.error
-import urllib.request
 import warnings
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -22,15 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
+import requests
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
+from seqgen.bundle import Bundle
 from seqgen.errors import TrackingError
 
-BUNDLE_FORMAT = "seqgen-bundle-1"
 DEFAULT_EXPERIMENT = "Default"  # MLflow's own, where `mlflow run` puts runs unless told otherwise
 MODEL_NAME_IN_RUN = "model"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -40,11 +38,10 @@ def check_tracking_store() -> str:
     """Fail fast, before any work, when the configured tracking store cannot be used."""
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
-                response.read()
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
+        try:  # requests takes user:password in the URI as basic auth, as MLflow's client does
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        except requests.RequestException as e:
+            reason = type(e).__name__ if e.response is None else f"HTTP {e.response.status_code}"
             raise TrackingError(
                 f"MLflow tracking server {uri} is unreachable ({reason}): start it or fix "
                 "MLFLOW_TRACKING_URI"
@@ -166,12 +163,12 @@ def log_and_register_model(
     bundle_path: Path, registered_name: str, aliases: list[str], version_tags: dict[str, Any]
 ) -> str:
     """Log the best bundle once as a pyfunc, register it, point `aliases` at it; return version."""
-    bundle = read_bundle(bundle_path)
+    data = Bundle.load(bundle_path).data
     signature = ModelSignature(
-        inputs=Schema([ColSpec("double", name) for name in bundle["data"]["param_names"]]),
+        inputs=Schema([ColSpec("double", name) for name in data.param_names]),
         outputs=Schema(
-            [ColSpec("long", "sample"), ColSpec("double", bundle["data"]["step_name"])]
-            + [ColSpec("double", n) for n in bundle["data"]["component_names"]]
+            [ColSpec("long", "sample"), ColSpec("double", data.step_name)]
+            + [ColSpec("double", n) for n in data.component_names]
         ),
     )
     with warnings.catch_warnings():  # the signature is given; MLflow still asks for an example
@@ -194,29 +191,13 @@ def log_and_register_model(
     return model_version
 
 
-def read_bundle(path: Path) -> dict:
-    bundle = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
-        raise TrackingError(f"{path} is not a seqgen model bundle")
-    return bundle
-
-
-def build_model(bundle: dict):
-    from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
-
-    model = StreamlinedSequenceGenerator(ModelConfig(**bundle["model_config"]))
-    model.load_state_dict(bundle["state_dict"])
-    return model.eval()
-
-
-def load_bundle(uri: str, first_phase_hint: str | None = None) -> dict:
+def load_bundle(uri: str, first_phase_hint: str | None = None) -> Bundle:
     """A seqgen bundle from a `models:/` or `runs:/` URI or a local .pth; clear error if missing."""
     hint = f": {first_phase_hint}" if first_phase_hint else ""
     if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
-        path = Path(uri)
-        if not path.is_file():
+        if not Path(uri).is_file():
             raise TrackingError(f"model file {uri} does not exist{hint}")
-        return read_bundle(path)
+        return Bundle.load(uri)
     tmp = Path(tempfile.mkdtemp(prefix="seqgen-model-"))
     try:
         try:
@@ -225,11 +206,11 @@ def load_bundle(uri: str, first_phase_hint: str | None = None) -> dict:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TrackingError(f"no model at {uri} ({first_line[:200]}){hint}") from None
         if local.is_file():
-            return read_bundle(local)
+            return Bundle.load(local)
         candidates = sorted(local.rglob("*.pth"))
         if not candidates:
             raise TrackingError(f"{uri} holds no seqgen bundle (.pth){hint}")
-        return read_bundle(candidates[0])
+        return Bundle.load(candidates[0])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -50,8 +50,8 @@ def compared(tmp_path_factory, smoke_data, migrated_db):
                 log=lambda *a: None,
             )
             for r in results:
-                if r["phase"] == 2:
-                    evaluate_model(r["model_uri"])
+                if r.phase == 2:
+                    evaluate_model(r.model_uri)
         client = mlflow.MlflowClient()
         exp = client.get_experiment_by_name("seqgen")
         tags = {"kind": "phase", "strategy": "mae", "phase": "2", "seed": "2", "preset": "smoke"}
@@ -314,8 +314,14 @@ def test_plot_functions_return_labelled_figures():
 def test_paused_runs_are_left_out_even_when_marked_finished(in_store):
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name("seqgen")
-    tags = {"kind": "phase", "strategy": "mae", "phase": "1", "seed": "7", "preset": "smoke",
-            "stop_reason": "paused"}  # fmt: skip
+    tags = {
+        "kind": "phase",
+        "strategy": "mae",
+        "phase": "1",
+        "seed": "7",
+        "preset": "smoke",
+        "stop_reason": "paused",
+    }
     run = client.create_run(exp.experiment_id, run_name="mae-p1-s7", tags=tags)
     client.set_terminated(run.info.run_id, "FINISHED")  # what `mlflow run` does on exit
     try:
@@ -328,8 +334,9 @@ def test_paused_runs_are_left_out_even_when_marked_finished(in_store):
 
 
 def test_one_evaluated_strategy_names_no_winner():
-    per_run = pd.DataFrame({"strategy": ["mae", "combined"], "seed": [0, 0],
-                            "phase_seconds": [1.0, 1.0]})  # fmt: skip
+    per_run = pd.DataFrame(
+        {"strategy": ["mae", "combined"], "seed": [0, 0], "phase_seconds": [1.0, 1.0]}
+    )
     chosen = pd.DataFrame({"strategy": ["combined"], "phase": [2], "test_tf_gap": [0.1]})
     per_sample = _per_sample({"combined": 0.0}).query("strategy == 'combined'")
     lines = conclusions(per_sample, pd.DataFrame(), chosen, per_run)

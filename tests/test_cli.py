@@ -46,18 +46,26 @@ def broken_data(tmp_path, smoke_data):
 
 
 def test_usage_errors_are_one_line_too():
-    proc = subprocess.run([SEQGEN, "train", "--strategy", "mae", "--phase", "1",
-                           "--hiden_size", "3"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [SEQGEN, "train", "--strategy", "mae", "--phase", "1", "--hiden_size", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: seqgen train: No such option '--hiden_size'. (Did you mean one of: "
-        "'--batch_size', '--device', '--hidden_size'?)"]  # fmt: skip
+        "'--batch_size', '--device', '--hidden_size'?)"
+    ]
 
 
 def test_booleans_take_values_as_mlflow_run_passes_them():
-    cases = [(["--mixed_precision", "false"], False), (["--no_mixed_precision"], False),
-             (["--mixed_precision"], True), ([], True)]  # fmt: skip
+    cases = [
+        (["--mixed_precision", "false"], False),
+        (["--no_mixed_precision"], False),
+        (["--mixed_precision"], True),
+        ([], True),
+    ]
     for args, expected in cases:
         code, out = run_cli("phase-config", "--strategy", "mae", "--phase", "1", *args)
         assert code == 0 and json.loads(out)["mixed_precision"] is expected, args
@@ -71,18 +79,36 @@ def test_pipeline_refuses_seed_for_seeds(store):
 def test_cuda_without_cuda_is_a_clear_error(store, smoke_data):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    code, out = smoke_train(smoke_data, "--device", "cuda")  # fmt: skip
+    code, out = smoke_train(smoke_data, "--device", "cuda")
     assert (code, out.splitlines()[-1]) == (
-        2, "error: --device cuda, but this torch build sees no CUDA device")  # fmt: skip
+        2,
+        "error: --device cuda, but this torch build sees no CUDA device",
+    )
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
 def test_sigterm_ends_the_run_killed(store, smoke_data, tmp_path):
     proc = subprocess.Popen(
-        [SEQGEN, "train", "--strategy", "mae",
-         "--phase", "1", "--preset", "smoke", "--epochs", "400", "--data_dir", str(smoke_data)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(store),
-        cwd=tmp_path)  # fmt: skip
+        [
+            SEQGEN,
+            "train",
+            "--strategy",
+            "mae",
+            "--phase",
+            "1",
+            "--preset",
+            "smoke",
+            "--epochs",
+            "400",
+            "--data_dir",
+            str(smoke_data),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=subprocess_env(store),
+        cwd=tmp_path,
+    )
     for line in proc.stdout:  # wait until training runs
         if "epoch 2/400" in line:
             break
@@ -110,8 +136,16 @@ def test_help_lists_the_commands():
         ),
         (["--strategy", "mae", "--phase", "6"], "error: phase must be 1..5, got 6"),
         (
-            ["--strategy", "mae", "--phase", "1", "--max_lag", "3"],
-            "error: --max_lag does not apply to strategy mae (pure MAE has no lag)",
+            ["--strategy", "mae", "--phase", "1", "--dropout", "1"],
+            "error: --dropout must be within [0, 1) (1 drops everything), got 1.0",
+        ),
+        (
+            ["--strategy", "mae", "--phase", "1", "--start_lr", "nan"],
+            "error: --start_lr must be a finite number, got nan",
+        ),
+        (
+            ["--strategy", "mae", "--phase", "1", "--weight_decay", "inf"],
+            "error: --weight_decay must be a finite number, got inf",
         ),
     ],
 )
@@ -223,3 +257,29 @@ def test_finished_phase_is_not_overwritten(store, smoke_data):
     assert run_cli(*args)[0] == 0
     code, out = run_cli(*args)
     assert code == 2 and "already holds a trained phase: pass --resume" in out.splitlines()[-1]
+
+
+def test_every_command_takes_snake_case_and_the_old_spellings(store, smoke_data, tmp_path):
+    new = run_cli("synth", "--out", str(tmp_path / "a"), "--n_samples", "3")
+    old = run_cli("synth", "--out", str(tmp_path / "b"), "--n-samples", "3")
+    assert new[0] == old[0] == 0
+    last = [json.loads(out.splitlines()[-1]) for _, out in (new, old)]
+    assert last[0]["n_samples"] == last[1]["n_samples"] == 3
+    for flags in (
+        ["--data_dir", "nowhere", "--max_lag", "3"],
+        ["--data", "nowhere", "--max-lag", "3"],
+    ):
+        code, out = run_cli("evaluate", "--model", "models:/seqgen-nope/1", *flags)
+        assert code == 2 and out.startswith("error: no model at models:/seqgen-nope/1")
+
+
+def test_a_bug_keeps_its_traceback(store, monkeypatch):
+    """Only the project's own errors become one line; anything else is a bug and shows as one."""
+    from seqgen import config
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(config, "resolve", broken)
+    result = CliRunner().invoke(main, ["phase-config", "--strategy", "mae", "--phase", "1"])
+    assert result.exit_code == 1 and isinstance(result.exception, KeyError)

@@ -125,7 +125,7 @@ def test_evaluation_run_records_model_metrics_and_tables(in_store):
     assert summary["n_samples"] == n_test
     client = mlflow.MlflowClient()
     run = client.get_run(summary["run_id"])
-    phase_run = client.get_run(in_store["run_id"])
+    phase_run = client.get_run(in_store.run_id)
     assert run.info.experiment_id == phase_run.info.experiment_id  # beside the evaluated run
     tags = run.data.tags
     assert tags["mlflow.runName"] == "eval-mae-p1-s0"
@@ -151,7 +151,7 @@ def test_evaluation_run_records_model_metrics_and_tables(in_store):
         "split": "test",
         "model_name": "seqgen-mae-smoke",
         "model_version": "1",
-        "evaluated_run_id": in_store["run_id"],
+        "evaluated_run_id": in_store.run_id,
     }
     m = run.data.metrics
     for key in (
@@ -185,13 +185,13 @@ def test_evaluation_run_records_model_metrics_and_tables(in_store):
 
 def test_pth_and_runs_uris_give_the_same_numbers(in_store):
     by_registry = evaluate_model("models:/seqgen-mae-smoke/1")["metrics"]
-    pth = f"{in_store['output_dir']}/best_model.pth"
+    pth = f"{in_store.output_dir}/best_model.pth"
     by_file = evaluate_model(pth)
-    by_run = evaluate_model(f"runs:/{in_store['run_id']}/best_model.pth")
+    by_run = evaluate_model(f"runs:/{in_store.run_id}/best_model.pth")
     assert by_file["metrics"] == pytest.approx(by_registry)
     assert by_run["metrics"] == pytest.approx(by_registry)
     tags = mlflow.MlflowClient().get_run(by_run["run_id"]).data.tags
-    assert tags["evaluated_run_id"] == in_store["run_id"]
+    assert tags["evaluated_run_id"] == in_store.run_id
     assert "model_name" not in mlflow.MlflowClient().get_run(by_file["run_id"]).data.tags
 
 
@@ -208,7 +208,7 @@ def test_missing_model_is_a_clear_error(in_store):
         (["--model", "models:/seqgen-nope/1"], "error: no model at models:/seqgen-nope/1"),
         (
             ["--model", "models:/seqgen-mae-smoke/1", "--data", "no-such-folder"],
-            "error: --data no-such-folder does not exist here: pass --data DIR",
+            "error: --data no-such-folder does not exist here: pass --data_dir DIR",
         ),
         (
             ["--model", "models:/seqgen-mae-smoke/1", "--max-lag", "151"],

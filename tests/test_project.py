@@ -1,5 +1,6 @@
 """The real entry points: `mlflow run` on the MLproject; the whole flow against `mlflow server`."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -178,10 +179,48 @@ def test_demo_end_to_end_and_again(store, smoke_data, tmp_path):
 
     first = run_demo(str(smoke_data), "smoke", [0], "reports", log=lambda *a: None)
     second = run_demo(str(smoke_data), "smoke", [0], "reports", log=lambda *a: None)
-    assert len({r["output_dir"] for r in first["results"] + second["results"]}) == 30
+    assert len({r.output_dir for r in first["results"] + second["results"]}) == 30
     assert (tmp_path / "reports" / "report.md").is_file()
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     kinds = sorted(r.data.tags.get("kind") for r in runs)
     assert kinds.count("phase") == 30 and kinds.count("evaluation") == 6
     assert kinds.count("demo") == 2 and kinds.count("analysis") == 2
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+@pytest.mark.slow
+def test_a_plain_pip_install_finds_the_phase_table(tmp_path):
+    """`pip install .` (not editable) in a fresh venv, then seqgen from another folder: the phase
+    table ships inside the package. The fresh venv sees this venv's dependencies through a .pth
+    file, so only seqgen itself is installed (no downloads but the build backend)."""
+    fresh = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(fresh)], check=True, timeout=120)
+    site = next((fresh / "lib").glob("python3*/site-packages"))
+    deps = next(p for p in map(Path, sys.path) if p.name == "site-packages" and p.is_dir())
+    (site / "deps.pth").write_text(f"{deps}\n")
+    build = subprocess.run(
+        [fresh / "bin" / "pip", "install", "--quiet", "--no-deps", str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(
+        [fresh / "bin" / "seqgen", "phase-config", "--strategy", "mae", "--phase", "1"],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["start_lr"] == 0.001
+    where = subprocess.run(
+        [fresh / "bin" / "python", "-c", "import seqgen.config as c; print(c.PHASES_FILE)"],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        timeout=120,
+    )
+    assert where.stdout.strip().startswith(str(site)), where.stdout  # the installed copy

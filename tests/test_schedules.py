@@ -37,3 +37,11 @@ def test_short_phases_reach_both_ends():
     assert learning_rate("warmup_cosine", 1, 4, 0.001, 0.0005) == pytest.approx(0.001)
     assert learning_rate("warmup_cosine", 3, 4, 0.001, 0.0005) == pytest.approx(0.0005)
     assert learning_rate("linear", 0, 1, 0.001, 0.0005) == pytest.approx(0.001)
+
+
+def test_warmup_linear_for_new_pure_autocorrelation_training():
+    lr = [learning_rate("warmup_linear", e, 100, 0.001, 0.0005) for e in range(100)]
+    assert lr[0] == pytest.approx(0.0005) and lr[15] == pytest.approx(0.00075)
+    assert lr[30] == pytest.approx(0.001) and lr[99] == pytest.approx(0.0005)
+    decay = [b - a for a, b in zip(lr[30:99], lr[31:], strict=True)]
+    assert decay == pytest.approx([decay[0]] * 69) and decay[0] < 0  # a straight line down

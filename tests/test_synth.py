@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from seqgen import synth
+from seqgen.errors import ConfigError
 from seqgen.split import make_split
 
 NU_LO, NU_HI = synth.NU_RANGE
@@ -211,14 +212,32 @@ def test_same_seed_same_bytes_other_seed_differs(written, tmp_path):
 
 def test_refuses_to_overwrite_unless_asked(tmp_path):
     out = tmp_path / "data"
-    out.mkdir()
-    (out / "mine.csv").write_text("keep me")
-    with pytest.raises(ValueError, match=f"{out} is not empty: pass --overwrite"):
+    synth.synthesize(out, n_samples=3, progress=False)
+    with pytest.raises(ConfigError, match=f"{out} is not empty: pass --overwrite"):
         synth.synthesize(out, n_samples=5, progress=False)
-    assert [p.name for p in out.iterdir()] == ["mine.csv"]
+    assert len(list(out.glob("sample_*.csv"))) == 3
     synth.synthesize(out, n_samples=5, overwrite=True, progress=False)
-    assert not (out / "mine.csv").exists() and (out / "sample_00004.csv").exists()
+    assert len(list(out.glob("sample_*.csv"))) == 5
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def test_overwrite_replaces_only_a_folder_synth_made(tmp_path, monkeypatch):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.csv").write_text("keep me")
+    with pytest.raises(ConfigError, match=f"only a folder seqgen synth made; {mine} has no synth"):
+        synth.synthesize(mine, n_samples=3, overwrite=True, progress=False)
+    made = tmp_path / "made"
+    synth.synthesize(made, n_samples=3, progress=False)
+    (made / "notes.txt").write_text("mine too")
+    with pytest.raises(ConfigError, match=f"{made} also holds notes.txt"):
+        synth.synthesize(made, n_samples=3, overwrite=True, progress=False)
+    monkeypatch.chdir(made)
+    (made / "notes.txt").unlink()
+    with pytest.raises(ConfigError, match="never replaces .* it holds the working folder"):
+        synth.synthesize(".", n_samples=3, overwrite=True, progress=False)
+    assert (mine / "results.csv").read_text() == "keep me"
+    assert len(list(made.glob("sample_*.csv"))) == 3
 
 
 def test_empty_existing_folder_is_filled(tmp_path):
@@ -238,23 +257,25 @@ def test_failure_leaves_no_half_written_folder(tmp_path, monkeypatch):
         written_files.append(path)
 
     monkeypatch.setattr(synth, "_write_text", fail_after_three)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ConfigError, match="cannot write .*data: disk full"):
         synth.synthesize(tmp_path / "data", n_samples=10, progress=False)
     assert list(tmp_path.iterdir()) == []  # neither the target nor the temp folder
     assert written_files[0].parent.parent == tmp_path  # the temp folder was beside the target
 
     # a failed overwrite keeps the old data
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "old.csv").write_text("old")
+    monkeypatch.setattr(synth, "_write_text", write_text)
+    synth.synthesize(tmp_path / "data", n_samples=3, progress=False)
+    before = read_csvs(tmp_path / "data")
+    monkeypatch.setattr(synth, "_write_text", fail_after_three)
     written_files.clear()
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ConfigError, match="cannot write .*data: disk full"):
         synth.synthesize(tmp_path / "data", n_samples=10, overwrite=True, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
-    assert (tmp_path / "data" / "old.csv").read_text() == "old"
+    assert read_csvs(tmp_path / "data") == before
 
 
 def test_rejects_too_few_samples(tmp_path):
-    with pytest.raises(ValueError, match="n_samples must be at least 3"):
+    with pytest.raises(ConfigError, match="n_samples must be at least 3"):
         synth.synthesize(tmp_path / "data", n_samples=2, progress=False)
     assert list(tmp_path.iterdir()) == []
 

@@ -13,8 +13,9 @@ from mlflow.tracking import MlflowClient
 from seqgen import tracking
 from seqgen.config import ConfigError, resolve
 from seqgen.generate import generate_original
+from seqgen.outputs import COMPONENT_COLUMNS
 from seqgen.tracking import TrackingError
-from seqgen.train import COMBINED_COLUMNS, PER_EPOCH_METRICS, train_phase
+from seqgen.train import PER_EPOCH_METRICS, train_phase
 
 quiet = lambda *a: None  # noqa: E731
 
@@ -28,7 +29,7 @@ def test_phase_one_then_two_hand_off_through_the_registry(store, smoke_data, tmp
     second = train_phase(settings("combined", 2, smoke_data), log=quiet)
     client = MlflowClient()
 
-    run = client.get_run(second["run_id"])
+    run = client.get_run(second.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "combined-p2-s0"
     assert {k: run.data.tags[k] for k in ("kind", "strategy", "phase", "seed", "preset")} == {
         "kind": "phase",
@@ -41,16 +42,16 @@ def test_phase_one_then_two_hand_off_through_the_registry(store, smoke_data, tmp
     assert json.loads(run.data.tags["overrides"]) == {"data_dir": str(smoke_data)}
     p = run.data.params
     assert (p["epochs"], p["start_lr"], p["max_lag"], p["alpha"]) == ("2", "0.0005", "15", "0.5")
-    assert p["existing_model"] == "models:/seqgen-combined-smoke@phase-1"
+    assert p["existing_model"] == "models:/seqgen-combined-smoke@phase-1-s0"
     assert run.data.tags["continued_from"] == "models:/seqgen-combined-smoke/1"  # the exact one
-    logged = {k for k in client.get_run(second["run_id"]).data.metrics}
+    logged = {k for k in client.get_run(second.run_id).data.metrics}
     assert set(PER_EPOCH_METRICS) <= logged
     for key in PER_EPOCH_METRICS:  # global epochs: phase 2 of a 2-epoch preset is 3..4
-        assert [m.step for m in client.get_metric_history(second["run_id"], key)] == [3, 4], key
-    lrs = [m.value for m in client.get_metric_history(second["run_id"], "lr")]
+        assert [m.step for m in client.get_metric_history(second.run_id, key)] == [3, 4], key
+    lrs = [m.value for m in client.get_metric_history(second.run_id, "lr")]
     assert lrs == pytest.approx([0.0005, 0.0001])  # linear decay over the phase
 
-    artifacts = {a.path for a in client.list_artifacts(second["run_id"])}
+    artifacts = {a.path for a in client.list_artifacts(second.run_id)}
     assert {
         "training_metrics.csv",
         "args.json",
@@ -61,7 +62,7 @@ def test_phase_one_then_two_hand_off_through_the_registry(store, smoke_data, tmp
         "best_model_combined.pth",
         "checkpoints",
     } <= artifacts
-    checkpoints = {a.path for a in client.list_artifacts(second["run_id"], "checkpoints")}
+    checkpoints = {a.path for a in client.list_artifacts(second.run_id, "checkpoints")}
     assert checkpoints == {
         "checkpoints/checkpoint_epoch_3.pth",
         "checkpoints/checkpoint_epoch_4.pth",
@@ -70,10 +71,10 @@ def test_phase_one_then_two_hand_off_through_the_registry(store, smoke_data, tmp
     # the registry hand-off: phase 2 continued from the exact version phase 1 registered
     v1 = client.get_model_version_by_alias("seqgen-combined-smoke", "phase-1")
     v2 = client.get_model_version_by_alias("seqgen-combined-smoke", "phase-2")
-    assert (str(v1.version), str(v2.version)) == (first["version"], second["version"]) == ("1", "2")
+    assert (str(v1.version), str(v2.version)) == (first.version, second.version) == ("1", "2")
     assert v2.tags["continued_from"] == "seqgen-combined-smoke/1"
-    assert v2.tags["run_id"] == second["run_id"] and v2.tags["phase"] == "2"
-    assert float(v2.tags["val_loss"]) == pytest.approx(second["best_val"])
+    assert v2.tags["run_id"] == second.run_id and v2.tags["phase"] == "2"
+    assert float(v2.tags["val_loss"]) == pytest.approx(second.best_val)
 
     out = tmp_path / "outputs" / "smoke-s0" / "50mae_50auto_3_4"
     assert {f.name for f in out.iterdir()} >= {
@@ -87,7 +88,7 @@ def test_phase_one_then_two_hand_off_through_the_registry(store, smoke_data, tmp
     }
     with open(out / "training_metrics.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == COMBINED_COLUMNS and len(rows[0]) == 11
+    assert rows[0] == COMPONENT_COLUMNS and len(rows[0]) == 11
     assert [r[0] for r in rows[1:]] == ["3", "4"]
 
 
@@ -108,15 +109,13 @@ def test_logged_model_is_a_pyfunc_in_original_units_and_a_trainable_module(store
     assert out["step"].tolist()[:3] == [0, 1, 2] and out["sample"].unique().tolist() == [0, 1, 2]
 
     bundle = tracking.load_bundle(uri)
-    model = tracking.build_model(bundle)
+    model = bundle.build_model()
     expected = generate_original(model, bundle, frame.to_numpy(np.float32))
     np.testing.assert_allclose(out.iloc[:, 2:].to_numpy().reshape(3, 151, 5), expected, rtol=1e-5)
     # original units: the generated values are the standardised outputs mapped back
-    mean = np.array(bundle["normalizer"]["component_mean"])
-    std = np.array(bundle["normalizer"]["component_std"])
-    params_n = (frame.to_numpy(np.float32) - bundle["normalizer"]["param_mean"]) / np.array(
-        bundle["normalizer"]["param_std"]
-    )
+    norm = bundle.normalizer
+    mean, std = norm.component_mean, norm.component_std
+    params_n = (frame.to_numpy(np.float32) - norm.param_mean) / norm.param_std
     raw = model.generate(torch.as_tensor(params_n, dtype=torch.float32), 151).numpy()
     np.testing.assert_allclose(expected, raw * std + mean, rtol=1e-4, atol=1e-5)
     assert not np.allclose(expected, raw, atol=1e-3)
@@ -131,7 +130,7 @@ def test_logged_model_is_a_pyfunc_in_original_units_and_a_trainable_module(store
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     assert (
-        result["run_id"]
+        result.run_id
         == MlflowClient().get_model_version("seqgen-autocorr-smoke", "1").tags["run_id"]
     )
 
@@ -142,9 +141,9 @@ def test_resume_equals_uninterrupted(store, smoke_data, tmp_path):
     )
     b = settings("mae", 1, smoke_data, epochs=6, outputs_root="b", save_every=2)
     paused = train_phase(b, stop_at_epoch=3, log=quiet)  # 3 is not a checkpoint epoch
-    assert paused["paused_at"] == 3
+    assert paused.paused_at == 3
     client = MlflowClient()
-    assert client.get_run(paused["run_id"]).info.status == "KILLED"  # left out of comparisons
+    assert client.get_run(paused.run_id).info.status == "KILLED"  # left out of comparisons
 
     with pytest.raises(ConfigError, match="these differ: noise_level"):
         train_phase(
@@ -154,21 +153,21 @@ def test_resume_equals_uninterrupted(store, smoke_data, tmp_path):
             resume=True,
             log=quiet,
         )
-    assert client.get_run(paused["run_id"]).info.status == "KILLED"  # untouched by the refusal
+    assert client.get_run(paused.run_id).info.status == "KILLED"  # untouched by the refusal
 
     resumed = train_phase(b, resume=True, log=quiet)
-    assert resumed["run_id"] == paused["run_id"]  # continued into the same run
-    run = client.get_run(resumed["run_id"])
+    assert resumed.run_id == paused.run_id  # continued into the same run
+    run = client.get_run(resumed.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["stop_reason"] == "completed"
     for key in ("train_loss", "val_loss", "test_loss", "lr", "grad_norm"):
-        a = [(m.step, m.value) for m in client.get_metric_history(full["run_id"], key)]
-        b_ = [(m.step, m.value) for m in client.get_metric_history(resumed["run_id"], key)]
+        a = [(m.step, m.value) for m in client.get_metric_history(full.run_id, key)]
+        b_ = [(m.step, m.value) for m in client.get_metric_history(resumed.run_id, key)]
         assert [s for s, _ in b_] == [1, 2, 3, 4, 5, 6], key
         assert b_ == a, key
     csv_a = (tmp_path / "a/smoke-s0/100mae_1_6/training_metrics.csv").read_text()
     csv_b = (tmp_path / "b/smoke-s0/100mae_1_6/training_metrics.csv").read_text()
     assert csv_a == csv_b
-    assert resumed["best_val"] == full["best_val"]
+    assert resumed.best_val == full.best_val
 
 
 def test_a_phase_continues_from_its_own_seed(store, smoke_data):
@@ -177,8 +176,8 @@ def test_a_phase_continues_from_its_own_seed(store, smoke_data):
     client = MlflowClient()
     assert client.get_model_version_by_alias("seqgen-mae-smoke", "phase-1").version == 2
     second_s0 = train_phase(settings("mae", 2, smoke_data, epochs=1), log=quiet)
-    run = client.get_run(second_s0["run_id"])
-    assert run.data.tags["continued_from"] == first_s0["model_uri"]  # seed 0's, not seed 1's
+    run = client.get_run(second_s0.run_id)
+    assert run.data.tags["continued_from"] == first_s0.model_uri  # seed 0's, not seed 1's
     v = client.get_model_version_by_alias("seqgen-mae-smoke", "phase-2-s0")
     assert v.tags["continued_from"] == "seqgen-mae-smoke/1"
     with pytest.raises(TrackingError, match="run phase 1 of mae with seed 2 first"):
@@ -198,20 +197,18 @@ def test_early_stopping_on_plateau_is_logged(store, smoke_data):
         early_stopping_patience=2,
     )
     result = train_phase(s, log=quiet)
-    assert result["stop_reason"] == "validation_plateau"
-    run = MlflowClient().get_run(result["run_id"])
+    assert result.stop_reason == "validation_plateau"
+    run = MlflowClient().get_run(result.run_id)
     assert run.data.tags["stop_reason"] == "validation_plateau"
-    assert [m.step for m in MlflowClient().get_metric_history(result["run_id"], "val_loss")] == [
-        1,
-        2,
-        3,
-    ]
+    # more than 2 epochs without a gain: epoch 1 is the best, 2 and 3 are stale, 4 stops it
+    steps = [m.step for m in MlflowClient().get_metric_history(result.run_id, "val_loss")]
+    assert steps == [1, 2, 3, 4]
 
 
 def test_non_finite_loss_skips_the_step():
     from seqgen.losses import LossResult
     from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
-    from seqgen.train import choose_precision, optimizer_step
+    from seqgen.step import choose_precision, optimizer_step
 
     model = StreamlinedSequenceGenerator(ModelConfig(2, 2, 4, 1, 0.0))
     before = [p.detach().clone() for p in model.parameters()]

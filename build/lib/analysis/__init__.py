@@ -1,0 +1,1 @@
+"""Analysis: pull seqgen runs from MLflow and draw comparisons."""

@@ -1,0 +1,302 @@
+"""The only module in analysis/ that talks to MLflow: select runs, pull histories and evaluation
+artifacts into DataFrames and arrays, and log the analysis run."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from seqgen.errors import SelectionError, redact
+from seqgen.evaluate import BY_STEP_FILE, GENERATED_FILE, PER_SAMPLE_FILE
+from seqgen.tracking import default_experiment
+
+HISTORY_KEYS = (
+    "val_loss",
+    "train_loss",
+    "val_mae",
+    "val_autocorr",
+    "train_mae",
+    "train_autocorr",
+    "lr",
+    "teacher_forcing_ratio",
+)
+SUMMARY_METRICS = ("best_val_loss", "best_epoch", "phase_seconds", "peak_memory_mb")
+# One call per run and key. On sqlite threads gain nothing (45 runs x 8 keys: 0.8 s either way);
+# through a tracking server each call is a round trip, and threads overlap those.
+HISTORY_THREADS = 4
+
+
+@dataclass
+class Selection:
+    """The runs a report is drawn from."""
+
+    experiment: str
+    experiment_id: str
+    phases: pd.DataFrame  # one finished phase run per row (latest per strategy/phase/seed)
+    evaluations: pd.DataFrame  # one finished test-split evaluation per selected phase run
+    excluded: pd.DataFrame  # run_id, run_name, kind, status, reason: runs left out
+    filters: dict
+
+
+def _tag(df: pd.DataFrame, name: str) -> pd.Series:
+    col = f"tags.{name}"
+    return df[col].fillna("").astype(str) if col in df else pd.Series("", index=df.index)
+
+
+def _metric(df: pd.DataFrame, name: str) -> pd.Series:
+    col = f"metrics.{name}"
+    return df[col].astype(float) if col in df else pd.Series(np.nan, index=df.index)
+
+
+def _param(df: pd.DataFrame, name: str) -> pd.Series:
+    col = f"params.{name}"
+    return df[col].fillna("").astype(str) if col in df else pd.Series("", index=df.index)
+
+
+def tracking_uri() -> str:
+    """The store's URI as it may be shown: credentials replaced."""
+    return redact(mlflow.get_tracking_uri())
+
+
+def parse_tag_filters(tags: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """('key=value', ...) -> {key: value}; anything without '=' is an error."""
+    out = {}
+    for item in tags:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SelectionError(f"--tag must look like KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _frame(runs: pd.DataFrame) -> pd.DataFrame:
+    """search_runs columns -> the tidy columns the analysis uses."""
+    out = pd.DataFrame(
+        {
+            "run_id": runs["run_id"],
+            "run_name": _tag(runs, "mlflow.runName"),
+            "kind": _tag(runs, "kind"),
+            "status": runs["status"],
+            "strategy": _tag(runs, "strategy"),
+            "phase": pd.to_numeric(_tag(runs, "phase"), errors="coerce"),
+            "seed": pd.to_numeric(_tag(runs, "seed"), errors="coerce"),
+            "preset": _tag(runs, "preset"),
+            "start_time": runs["start_time"],
+            # seqgen's own tag; runs logged by other means may only have MLflow's git tag
+            "git_commit": _tag(runs, "code_version").mask(
+                lambda c: c == "", _tag(runs, "mlflow.source.git.commit")
+            ),
+            "dataset_fingerprint": _tag(runs, "dataset_fingerprint"),
+        }
+    )
+    return out
+
+
+def describe_filters(filters: dict) -> str:
+    """{'strategy': ['mae'], 'tags': {'k': 'v'}, 'preset': None} -> 'strategy=mae, k=v'."""
+    parts = []
+    for key, value in filters.items():
+        if isinstance(value, dict):
+            parts += [f"{k}={v}" for k, v in value.items()]
+        elif isinstance(value, list | tuple) and value:
+            parts.append(f"{key}={','.join(map(str, value))}")
+        elif value and not isinstance(value, list | tuple):
+            parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+def _describe(df: pd.DataFrame) -> str:
+    parts = []
+    for col in ("strategy", "phase", "seed", "preset"):
+        values = sorted(
+            {
+                str(int(v)) if isinstance(v, float) else str(v)
+                for v in df[col].dropna()
+                if str(v) != ""
+            }
+        )
+        parts.append(f"{col} {', '.join(values) or '-'}")
+    return "; ".join(parts)
+
+
+def select_runs(
+    experiment: str | None = None,
+    strategies: tuple[str, ...] = (),
+    phases: tuple[int, ...] = (),
+    preset: str | None = None,
+    seeds: tuple[int, ...] = (),
+    tags: tuple[str, ...] = (),
+) -> Selection:
+    """Finished phase runs matching the filters, their latest test evaluations, and the runs
+    left out (failed, killed, still running, superseded by a later run of the same phase)."""
+    # Empty values mean "no filter", so an MLproject can pass its string defaults straight on.
+    strategies = tuple(s for s in strategies if s)
+    tag_filters = parse_tag_filters(tuple(t for t in tags if t))
+    name = experiment or default_experiment()
+    exp = MlflowClient().get_experiment_by_name(name)
+    if exp is None:
+        known = [e.name for e in MlflowClient().search_experiments()]
+        raise SelectionError(
+            f"experiment {name!r} does not exist in {tracking_uri()} "
+            f"(experiments there: {', '.join(known) or 'none'})"
+        )
+    raw = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas")
+    if raw.empty:
+        raise SelectionError(
+            f"experiment {name!r} has no runs: train some first "
+            "(seqgen pipeline --strategy all --seeds 0,1,2)"
+        )
+    runs = _frame(raw)
+    metrics = pd.DataFrame({m: _metric(raw, m) for m in SUMMARY_METRICS})
+    phase = runs[runs["kind"] == "phase"].join(metrics)
+    for p in ("first_epoch", "last_epoch", "data_dir"):
+        phase[p] = _param(raw, p)[phase.index]
+    if phase.empty:
+        raise SelectionError(
+            f"experiment {name!r} has {len(runs)} run(s) but no phase runs "
+            "(tag kind=phase): train some first"
+        )
+    keep = pd.Series(True, index=phase.index)
+    if strategies:
+        keep &= phase["strategy"].isin(strategies)
+    if phases:
+        keep &= phase["phase"].isin([int(p) for p in phases])
+    if preset:
+        keep &= phase["preset"] == preset
+    if seeds:
+        keep &= phase["seed"].isin([int(s) for s in seeds])
+    for key, value in tag_filters.items():
+        keep &= _tag(raw, key)[phase.index] == value
+    filters = {
+        "strategy": list(strategies),
+        "phase": [int(p) for p in phases],
+        "preset": preset,
+        "seed": [int(s) for s in seeds],
+        "tags": tag_filters,
+    }
+    matched = phase[keep]
+    if matched.empty:
+        said = describe_filters(filters)
+        raise SelectionError(
+            f"no phase runs in experiment {name!r} match {said}; "
+            f"the experiment has {_describe(phase)}"
+        )
+
+    # A phase paused with --stop_at_epoch is unfinished work, even when `mlflow run` marked it
+    # FINISHED on exit.
+    paused = _tag(raw, "stop_reason")[matched.index] == "paused"
+    finished = matched[(matched["status"] == "FINISHED") & ~paused]
+    excluded = [
+        matched[(matched["status"] != "FINISHED") & ~paused].assign(reason="not finished"),
+        matched[paused].assign(reason="paused"),
+    ]
+    if finished.empty:
+        raise SelectionError(
+            f"none of the {len(matched)} matching phase runs finished "
+            f"(statuses: {', '.join(sorted(set(matched['status'])))})"
+        )
+    presets = sorted(set(finished["preset"]))
+    if len(presets) > 1:
+        raise SelectionError(
+            f"the matching runs come from several presets ({', '.join(presets)})"
+            ": pass --preset to compare runs of one scale"
+        )
+    # A phase trained twice for one seed: the later run is the one the next phase continued from.
+    finished = finished.sort_values("start_time")
+    latest = ~finished.duplicated(["strategy", "phase", "seed"], keep="last")
+    excluded.append(finished[~latest].assign(reason="superseded by a later run"))
+    finished = finished[latest]
+
+    ev = runs[(runs["kind"] == "evaluation")].copy()
+    ev["evaluated_run_id"] = _tag(raw, "evaluated_run_id")[ev.index]
+    ev["split"] = _tag(raw, "split")[ev.index]
+    ev = ev[ev["evaluated_run_id"].isin(finished["run_id"]) & (ev["split"] == "test")]
+    excluded.append(ev[ev["status"] != "FINISHED"].assign(reason="not finished"))
+    ev = ev[ev["status"] == "FINISHED"].sort_values("start_time")
+    ev = ev[~ev.duplicated("evaluated_run_id", keep="last")]
+    test_cols = sorted(c for c in raw.columns if c.startswith("metrics.test_"))
+    ev = ev.join(raw.loc[ev.index, test_cols].rename(columns=lambda c: c[len("metrics.") :]))
+    ev["max_lag"] = pd.to_numeric(_param(raw, "max_lag")[ev.index], errors="coerce")
+    ev["n_samples"] = pd.to_numeric(_param(raw, "n_samples")[ev.index], errors="coerce")
+
+    left_out = pd.concat(excluded)[["run_id", "run_name", "kind", "status", "reason"]]
+    return Selection(
+        name,
+        exp.experiment_id,
+        finished.reset_index(drop=True),
+        ev.reset_index(drop=True),
+        left_out.reset_index(drop=True),
+        filters,
+    )
+
+
+def metric_histories(run_ids: list[str], keys: tuple[str, ...] = HISTORY_KEYS) -> pd.DataFrame:
+    """Every logged value of `keys` for each run: long DataFrame (run_id, key, step, value)."""
+    client = MlflowClient()
+
+    def fetch(job: tuple[str, str]) -> list[tuple[str, str, int, float]]:
+        run_id, key = job
+        return [(run_id, key, m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+    jobs = [(r, k) for r in run_ids for k in keys]
+    with ThreadPoolExecutor(HISTORY_THREADS) as pool:
+        rows = [row for part in pool.map(fetch, jobs) for row in part]
+    return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+
+
+@dataclass
+class EvaluationFiles:
+    """One evaluation run's artifacts, loaded."""
+
+    per_sample: pd.DataFrame  # one row per test sequence
+    by_step: pd.DataFrame  # one row per time step
+    arrays: dict[str, np.ndarray]  # generated.npz: pred, true (N, T, K), files, params...
+
+
+def evaluation_files(run_ids: list[str]) -> dict[str, EvaluationFiles]:
+    """Download and load each evaluation run's per-sample table, error curve and sequences."""
+
+    def fetch(run_id: str) -> EvaluationFiles:
+        with tempfile.TemporaryDirectory(prefix="seqgen-compare-") as tmp:
+            got = {}
+            for name in (PER_SAMPLE_FILE, BY_STEP_FILE, GENERATED_FILE):
+                got[name] = Path(
+                    mlflow.artifacts.download_artifacts(
+                        run_id=run_id, artifact_path=name, dst_path=tmp
+                    )
+                )
+            with np.load(got[GENERATED_FILE], allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            return EvaluationFiles(
+                pd.read_csv(got[PER_SAMPLE_FILE]), pd.read_csv(got[BY_STEP_FILE]), arrays
+            )
+
+    with ThreadPoolExecutor(4) as pool:
+        return dict(zip(run_ids, pool.map(fetch, run_ids), strict=True))
+
+
+def log_analysis_run(out_dir: Path, experiment_id: str, params: dict, tags: dict) -> str:
+    """An MLflow run `compare` (tag kind=analysis) with every file in out_dir as an artifact;
+    under `mlflow run`, the launcher's run. Returns its id."""
+    nested = mlflow.active_run() is not None
+    kwargs = {} if nested or os.environ.get("MLFLOW_RUN_ID") else {"experiment_id": experiment_id}
+    with mlflow.start_run(run_name="compare", nested=nested, **kwargs) as run:
+        mlflow.set_tags(
+            {
+                "mlflow.runName": "compare",
+                "kind": "analysis",
+                **{k: str(v) for k, v in tags.items()},
+            }
+        )
+        existing = MlflowClient().get_run(run.info.run_id).data.params
+        mlflow.log_params({k: str(v) for k, v in params.items() if k not in existing})
+        mlflow.log_artifacts(str(out_dir))
+        return run.info.run_id

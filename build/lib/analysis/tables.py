@@ -1,0 +1,184 @@
+"""Pure DataFrame work between the query and the plots: stitched curves, the summary table, the
+paired comparison. No MLflow, no drawing."""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+
+from seqgen import metrics
+
+STRATEGY_ORDER = ("mae", "autocorr", "combined")
+# Per-sample errors compared between strategies, with what each answers.
+PAIRED_METRICS = {
+    "mae": "pointwise accuracy (MAE)",
+    "acf_error": "temporal structure (ACF error)",
+    "spectral_error": "frequency content (log-spectral distance)",
+    "field_rel_l2": "reconstructed fields (relative L2)",
+}
+RUN_METRICS = (
+    "best_val_loss",
+    "val_mae_at_best",
+    "val_autocorr_at_best",
+    "phase_seconds",
+    "peak_memory_mb",
+)
+# Below this many (seed, sample) pairs a percentile bootstrap CI is too narrow to trust.
+MIN_PAIRS = 10
+EVAL_METRICS = (
+    "test_mae",
+    "test_rmse",
+    "test_acf_error",
+    "test_acf_error_pooled",
+    "test_spectral_error",
+    "test_field_rel_l2",
+    "test_mae_teacher_forced",
+    "test_tf_gap",
+)
+
+
+def strategy_order(names) -> list[str]:
+    """The three known strategies first in their usual order, then any others sorted."""
+    names = set(names)
+    return [s for s in STRATEGY_ORDER if s in names] + sorted(names - set(STRATEGY_ORDER))
+
+
+def stitch(histories: pd.DataFrame, phases: pd.DataFrame) -> pd.DataFrame:
+    """Long histories (run_id, key, step, value) -> (strategy, seed, phase, key, step, value),
+    phases of one strategy and seed joined along the global epoch."""
+    cols = ["run_id", "strategy", "seed", "phase"]
+    out = histories.merge(phases[cols], on="run_id").drop(columns="run_id")
+    return out.sort_values(["strategy", "seed", "key", "step"]).reset_index(drop=True)
+
+
+def phase_boundaries(phases: pd.DataFrame) -> list[float]:
+    """Global epochs where a later phase starts (drawn between epochs: first_epoch - 0.5)."""
+    firsts = pd.to_numeric(phases.loc[phases["phase"] > 1, "first_epoch"], errors="coerce")
+    return sorted({float(f) - 0.5 for f in firsts.dropna()})
+
+
+def band(curves: pd.DataFrame) -> pd.DataFrame:
+    """(strategy, seed, step, value) -> per strategy and step: mean, lo, hi (min, max over seeds)
+    and n (seeds)."""
+    g = curves.groupby(["strategy", "step"])["value"]
+    return g.agg(mean="mean", lo="min", hi="max", n="count").reset_index()
+
+
+def _at_best(curves: pd.DataFrame, phases: pd.DataFrame, key: str) -> pd.Series:
+    """The value of `key` at each phase run's best epoch (NaN where it was not logged)."""
+    sub = curves[curves["key"] == key][["strategy", "seed", "phase", "step", "value"]]
+    best = phases[["strategy", "seed", "phase", "best_epoch"]].rename(
+        columns={"best_epoch": "step"}
+    )
+    merged = best.reset_index().merge(sub, on=["strategy", "seed", "phase", "step"], how="left")
+    return merged.set_index("index")["value"].reindex(phases.index)
+
+
+def per_run_table(
+    phases: pd.DataFrame, evaluations: pd.DataFrame, curves: pd.DataFrame
+) -> pd.DataFrame:
+    """One row per phase run: training numbers and, where evaluated, the test metrics."""
+    rows = phases[
+        ["run_id", "strategy", "phase", "seed", "best_val_loss", "phase_seconds", "peak_memory_mb"]
+    ].copy()
+    rows["val_mae_at_best"] = _at_best(curves, phases, "val_mae")
+    rows["val_autocorr_at_best"] = _at_best(curves, phases, "val_autocorr")
+    present = [m for m in EVAL_METRICS if m in evaluations]
+    ev = evaluations[["evaluated_run_id", *present]].rename(columns={"evaluated_run_id": "run_id"})
+    return rows.merge(ev, on="run_id", how="left")
+
+
+def summary_table(per_run: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over seeds per strategy and phase: columns {metric}_mean, {metric}_std."""
+    cols = [m for m in (*RUN_METRICS, *EVAL_METRICS) if m in per_run]
+    rows = []
+    for (strategy, phase), g in per_run.groupby(["strategy", "phase"]):
+        row = {
+            "strategy": strategy,
+            "phase": int(phase),
+            "n_seeds": len(g),
+            "n_evaluated": int(g["test_mae"].notna().sum()) if "test_mae" in g else 0,
+        }
+        for m in cols:
+            values = g[m].dropna()
+            mean, std = metrics.mean_std(values) if len(values) else (np.nan, np.nan)
+            row[f"{m}_mean"], row[f"{m}_std"] = mean, std
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    order = {s: i for i, s in enumerate(strategy_order(out["strategy"]))}
+    return out.sort_values(
+        ["strategy", "phase"], key=lambda c: c.map(order) if c.name == "strategy" else c
+    ).reset_index(drop=True)
+
+
+def latest_evaluated(evaluations: pd.DataFrame) -> pd.DataFrame:
+    """Per strategy, the evaluation runs of the latest phase that has any."""
+    if evaluations.empty:
+        return evaluations
+    latest = evaluations.groupby("strategy")["phase"].transform("max")
+    return evaluations[evaluations["phase"] == latest].sort_values(["strategy", "seed"])
+
+
+def common_seeds(chosen: pd.DataFrame) -> list[int]:
+    """Seeds at which every strategy in `chosen` was evaluated: only these pair sample by sample."""
+    per_seed = chosen.groupby("seed")["strategy"].nunique()
+    return sorted(int(s) for s in per_seed[per_seed == chosen["strategy"].nunique()].index)
+
+
+def paired_comparison(per_sample: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
+    """Strategy a minus strategy b on the same (seed, test file), per metric, with a paired
+    bootstrap CI over those pairs and the per-seed mean differences.
+
+    The CI covers test-sample variability for the seeds trained. A difference is called real only
+    when the CI excludes 0, there are at least MIN_PAIRS pairs and, with several seeds, every
+    seed's mean difference has the same sign (training noise between seeds is not in the CI, so
+    this last test stands in for it).
+    """
+    rows = []
+    names = strategy_order(per_sample["strategy"].unique())
+    for metric in [m for m in PAIRED_METRICS if m in per_sample]:
+        for a, b in combinations(names, 2):
+            pa = per_sample.loc[per_sample["strategy"] == a, ["seed", "file", metric]]
+            pb = per_sample.loc[per_sample["strategy"] == b, ["seed", "file", metric]]
+            pair = pa.merge(pb, on=["seed", "file"], suffixes=("_a", "_b"))
+            ok = np.isfinite(pair[f"{metric}_a"]) & np.isfinite(pair[f"{metric}_b"])
+            pair = pair[ok]
+            if pair.empty:
+                continue
+            boot = metrics.paired_bootstrap(
+                pair[f"{metric}_a"].to_numpy(), pair[f"{metric}_b"].to_numpy(), n_boot=n_boot
+            )
+            by_seed = (pair[f"{metric}_a"] - pair[f"{metric}_b"]).groupby(pair["seed"]).mean()
+            agree = bool((by_seed > 0).all() or (by_seed < 0).all())
+            excludes_zero = boot["ci_low"] > 0 or boot["ci_high"] < 0
+            rows.append(
+                {
+                    "metric": metric,
+                    "a": a,
+                    "b": b,
+                    **boot,
+                    "n_seeds": len(by_seed),
+                    "seed_diffs": " ".join(f"{v:+.4g}" for v in by_seed),
+                    "seeds_agree": agree,
+                    "real": bool(excludes_zero and agree and len(pair) >= MIN_PAIRS),
+                    "dropped_nonfinite": int((~ok).sum()),
+                }
+            )
+    columns = [
+        "metric",
+        "a",
+        "b",
+        "mean_diff",
+        "ci_low",
+        "ci_high",
+        "n",
+        "p_a_better",
+        "n_seeds",
+        "seed_diffs",
+        "seeds_agree",
+        "real",
+        "dropped_nonfinite",
+    ]
+    return pd.DataFrame(rows, columns=columns)

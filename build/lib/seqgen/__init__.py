@@ -1,0 +1,1 @@
+"""seqgen: an autoregressive LSTM surrogate for PCA-compressed simulations, tracked in MLflow."""

@@ -1,0 +1,280 @@
+"""Command line: seqgen train | pipeline | phase-config | synth | bench | evaluate | compare | demo.
+
+Options of train, pipeline and phase-config are generated from PhaseSettings, so their names are
+the original scripts' flags (--hidden_size, --start_lr, ...) and their defaults live only in
+experiments/phases.toml and the dataclass.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+
+import click
+
+from seqgen import config
+from seqgen.errors import SeqgenError, redact
+
+
+def _clean_errors(fn):
+    """The project's own errors -> `error: <one line>` on stderr, exit 2, no traceback. Anything
+    else is a bug and keeps its traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SeqgenError as e:
+            click.echo(f"error: {redact(str(e)) or type(e).__name__}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            kept = (
+                "; checkpoints are kept: continue with --resume" if fn.__name__ == "train" else ""
+            )
+            click.echo(f"interrupted{kept}", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _click_type(name: str):
+    kind, _ = config._field_kind(name)
+    return {int: int, float: click.FLOAT, str: str, bool: bool}[kind]
+
+
+def setting_options(fn):
+    """One option per setting, default None (= keep the table's value).
+
+    A boolean setting takes `--name` / `--no_name` as in the original scripts, and also
+    `--name false`, which is what `mlflow run -P name=false` passes on."""
+    for name, field in reversed(list(config.FIELDS.items())):
+        if name in config.SELECTORS:
+            continue
+        kind = _click_type(name)
+        help_text = field.metadata["help"]
+        if kind is bool:
+            fn = click.option(
+                f"--no_{name}", f"no_{name}", is_flag=True, default=False, help=f"= --{name} false"
+            )(fn)
+            option = click.option(
+                f"--{name}",
+                type=click.BOOL,
+                is_flag=False,
+                flag_value=True,
+                default=None,
+                help=f"{help_text} (true/false)",
+            )
+        else:
+            option = click.option(f"--{name}", type=kind, default=None, help=help_text)
+        fn = option(fn)
+    return fn
+
+
+def _overrides(kwargs: dict) -> dict:
+    overrides = {k: v for k, v in kwargs.items() if k in config.FIELDS and v is not None}
+    for name in config.FIELDS:
+        if kwargs.get(f"no_{name}"):
+            if overrides.get(name):
+                raise config.ConfigError(f"--{name} and --no_{name} contradict each other")
+            overrides[name] = False
+    return overrides
+
+
+def snake_option(name: str, *old: str, **kwargs):
+    """An option spelt snake_case like the original's training flags; `old` spellings (from
+    before every command agreed) are still accepted."""
+    dest = name.lstrip("-")
+    return click.option(name, *old, dest, **kwargs)
+
+
+strategy_option = click.option(
+    "--strategy", required=True, help="a strategy of experiments/phases.toml: mae, autocorr, ..."
+)
+preset_option = click.option(
+    "--preset", default="full", show_default=True, help="full, demo or smoke (phases.toml)"
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main():
+    """seqgen: an autoregressive LSTM surrogate for PCA-compressed simulations (MLflow-tracked)."""
+
+
+@main.command("phase-config")
+@strategy_option
+@click.option("--phase", type=int, required=True, help="1..5")
+@preset_option
+@setting_options
+@_clean_errors
+def phase_config(strategy, phase, preset, **kwargs):
+    """Print the resolved settings of one phase as JSON (epochs and folder as planned: a phase
+    starts after its parent's real last epoch)."""
+    s = config.resolve(strategy, phase, preset, **_overrides(kwargs))
+    first = s.planned_first_epoch
+    planned = {"first_epoch": first, "last_epoch": first + s.epochs - 1}
+    click.echo(json.dumps(s.to_dict() | planned | {"output_dir": str(s.folder(first))}, indent=2))
+
+
+@main.command()
+@strategy_option
+@click.option("--phase", type=int, required=True, help="1..5")
+@preset_option
+@click.option("--resume", is_flag=True, help="continue this phase from its last checkpoint")
+@click.option(
+    "--stop_at_epoch",
+    type=int,
+    default=None,
+    help="pause after this global epoch (continue later with --resume)",
+)
+@setting_options
+@_clean_errors
+def train(strategy, phase, preset, resume, stop_at_epoch, **kwargs):
+    """Train one phase of one strategy (phase N >= 2 continues from phase N-1's model)."""
+    from seqgen.train import train_phase
+
+    overrides = _overrides(kwargs)
+    settings = config.resolve(strategy, phase, preset, **overrides)
+    if overrides:
+        click.echo(f"overrides: {json.dumps(overrides)}", err=True)
+    train_phase(settings, resume=resume, stop_at_epoch=stop_at_epoch)
+
+
+@main.command()
+@click.option("--strategy", required=True, help="a strategy, several (mae,combined) or all")
+@click.option("--phases", default="1-5", show_default=True, help="a range such as 1-5 or 3-5")
+@click.option("--seeds", default="0", show_default=True, help="comma-separated seeds")
+@preset_option
+@setting_options
+@_clean_errors
+def pipeline(strategy, phases, seeds, preset, **kwargs):
+    """Train consecutive phases of one strategy as child runs of one parent run, per seed."""
+    from seqgen.pipeline import parse_phases, parse_seeds, parse_strategies, run_pipeline
+
+    overrides = _overrides(kwargs)
+    if "seed" in overrides:
+        raise config.ConfigError("pipeline takes --seeds (comma-separated), not --seed")
+    for name in parse_strategies(strategy):
+        run_pipeline(name, parse_phases(phases), parse_seeds(seeds), preset, overrides)
+
+
+@main.command()
+@snake_option("--data_dir", default="data", show_default=True, help="made here if missing")
+@click.option("--preset", default="demo", show_default=True, help="demo, smoke or full")
+@click.option("--seeds", default="0", show_default=True, help="comma-separated seeds")
+@click.option("--out", "report_dir", default="reports", show_default=True, help="report folder")
+@_clean_errors
+def demo(data_dir, preset, seeds, report_dir):
+    """The main job: Burgers data if missing, 3 strategies x 5 phases, evaluation and report."""
+    from seqgen.pipeline import parse_seeds, run_demo
+
+    run_demo(data_dir, preset, parse_seeds(seeds), report_dir)
+
+
+@main.command()
+@click.option("--out", "out_dir", default="data", show_default=True, help="folder to write")
+@snake_option("--n_samples", "--n-samples", type=int, default=None, help="samples [default: 5500]")
+@click.option("--seed", type=int, default=None, help="seed of the parameters [default: 0]")
+@click.option("--overwrite", is_flag=True, help="replace an existing folder")
+@_clean_errors
+def synth(out_dir, n_samples, seed, overwrite):
+    """Make the embedded dataset: viscous Burgers runs compressed to 5 PCA components."""
+    from seqgen.synth import synthesize
+
+    given = {k: v for k, v in {"n_samples": n_samples, "seed": seed}.items() if v is not None}
+    summary = synthesize(out_dir, overwrite=overwrite, **given)  # defaults live in synthesize
+    click.echo(json.dumps(summary, default=str))
+
+
+@main.command()
+@preset_option
+@click.option("--batches", type=int, default=5, show_default=True, help="timed batches")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--baseline", is_flag=True, help="also time a plain nn.LSTMCell loop")
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's)")
+@click.option("--mixed_precision/--no_mixed_precision", default=True)
+@_clean_errors
+def bench(preset, batches, as_json, baseline, threads, mixed_precision):
+    """Training and generation throughput (sequences/s) through the trainer's own step."""
+    from seqgen.bench import run_bench
+
+    result = run_bench(preset, batches, baseline, threads, mixed_precision)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            click.echo(f"{key:>36}: {value}")
+
+
+@main.command()
+@click.option("--model", "model_uri", required=True, help="models:/..., runs:/... or a .pth")
+@snake_option("--data_dir", "--data", default=None, help="data folder (default: the model's)")
+@click.option(
+    "--split",
+    "split_name",
+    default="test",
+    show_default=True,
+    type=click.Choice(["train", "val", "test"]),
+)
+@snake_option("--max_lag", "--max-lag", type=int, default=None, help="ACF lags 1..L [default: 20]")
+@_clean_errors
+def evaluate(model_uri, data_dir, split_name, max_lag):
+    """Generate a split free-running and measure it in original units; log an evaluation run."""
+    from seqgen.evaluate import evaluate_model
+
+    lag = {"max_lag": max_lag} if max_lag is not None else {}
+    summary = evaluate_model(model_uri, data_dir, split_name, **lag)
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
+@main.command()
+@click.option(
+    "--experiment",
+    default=None,
+    help="experiment name (default: the one `mlflow run` chose, else "
+    "MLFLOW_EXPERIMENT_NAME, else Default)",
+)
+@click.option("--strategy", multiple=True, help="keep only these strategies (repeatable)")
+@click.option("--phase", multiple=True, type=int, help="keep only these phases (repeatable)")
+@click.option("--preset", default=None, help="keep only runs of this preset")
+@click.option("--seed", multiple=True, type=int, help="keep only these seeds (repeatable)")
+@click.option("--tag", multiple=True, help="KEY=VALUE run tag filter (repeatable)")
+@click.option("--out", "out_dir", default="reports", show_default=True, help="report folder")
+@_clean_errors
+def compare(experiment, strategy, phase, preset, seed, tag, out_dir):
+    """Pull runs from MLflow and write comparison figures, a summary table and report.md."""
+    from analysis.report import build_report
+
+    path = build_report(
+        out_dir,
+        experiment=experiment,
+        strategies=strategy,
+        phases=phase,
+        preset=preset,
+        seeds=seed,
+        tags=tag,
+    )
+    click.echo(f"report: {path}")
+
+
+def run() -> None:
+    """Entry point: click usage errors as one line too, and SIGTERM handled like Ctrl-C so a
+    killed job still ends its MLflow run (KILLED) instead of leaving it RUNNING."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as e:  # bare `seqgen`: the help, as usual
+        e.show()
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        context = f"{e.ctx.command_path}: " if getattr(e, "ctx", None) else ""
+        click.echo(f"error: {context}{' '.join(e.format_message().split())}", err=True)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,320 @@
+"""Typed, strict settings for one training phase, resolved from experiments/phases.toml.
+
+The table is read on first use (not at import), so an error in it reaches the CLI's error net as
+one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from seqgen.errors import ConfigError
+
+# experiments/ ships inside the package as seqgen.experiments (see pyproject.toml), so the table is
+# found the same way from a source checkout, an editable install and a plain `pip install .`.
+PHASES_FILE = Path(str(resources.files("seqgen.experiments").joinpath("phases.toml")))
+N_PHASES = 5
+SCHEDULES = ("warmup_cosine", "warmup_linear", "linear")
+SELECTORS = ("strategy", "phase", "preset")  # chosen on the command line, never set by the table
+
+
+def _doc(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhaseSettings:
+    """Everything one phase of one strategy trains with. Flag names follow the original scripts."""
+
+    strategy: str = _doc("loss strategy: a section of experiments/phases.toml")
+    phase: int = _doc("phase 1..5 of the 500-epoch plan")
+    preset: str = _doc("full (the table as is), demo or smoke", default="full")
+    seed: int = _doc("seed of the split, initialisation, sampling and noise", default=0)
+    # data
+    data_dir: str = _doc("folder of CSV samples (the data contract)", default="data")
+    n_components: int = _doc("component columns after `step`", default=5)
+    n_params: int = _doc("parameter columns after the components", default=2)
+    max_samples: int | None = _doc("use only the first N files (sorted)", default=None)
+    # model
+    hidden_size: int = _doc("LSTM hidden dimension")
+    num_layers: int = _doc("stacked LSTM layers")
+    dropout: float = _doc("dropout between LSTM layers, in [0, 1)")
+    # optimisation
+    epochs: int = _doc("epochs in this phase")
+    batch_size: int = _doc("sequences per micro-batch")
+    grad_accum_steps: int = _doc("micro-batches accumulated per optimiser step", default=1)
+    start_lr: float = _doc("learning rate at the start of the phase (after warm-up)")
+    min_lr: float = _doc("learning rate at the end of the phase")
+    new_training_schedule: str = _doc("lr schedule of a phase that starts a new model")
+    continued_schedule: str = _doc("lr schedule of a phase that continues a model")
+    weight_decay: float = _doc("AdamW weight decay")
+    clip_grad_norm: float = _doc("gradient clipping norm")
+    teacher_forcing: bool = _doc("scheduled sampling with ground truth", default=True)
+    teacher_forcing_start: float = _doc("teacher-forcing ratio at the phase start")
+    teacher_forcing_end: float = _doc("teacher-forcing ratio floor at the phase end")
+    noise_level: float = _doc("std of Gaussian noise on the model inputs")
+    # loss: alpha * MAE + (1 - alpha) * autocorrelation over lags 1..max_lag
+    alpha: float = _doc("weight of MAE in the loss; the rest is the autocorrelation term")
+    max_lag: int = _doc("lags 1..max_lag of the autocorrelation term (reported by every strategy)")
+    # machinery
+    mixed_precision: bool = _doc("fp16+GradScaler on CUDA, bf16 on capable CPUs", default=True)
+    num_workers: int = _doc(
+        "accepted from the original; ignored: batches come from memory", default=0
+    )
+    device: str = _doc("auto, cpu or cuda", default="auto")
+    save_every: int = _doc("write checkpoint_epoch_N.pth every N epochs")
+    outputs_root: str = _doc("root of the per-phase output folders", default="outputs")
+    output_dir: str | None = _doc("this phase's folder (default: derived)", default=None)
+    existing_model: str | None = _doc(
+        "model to continue from: models:/, runs:/ or .pth", default=None
+    )
+    # early stopping (each opt-in)
+    early_stopping_patience: int | None = _doc(
+        "stop after more than N epochs without val gain", default=None
+    )
+    overfit_gap: float | None = _doc("stop when (val - train) / train exceeds this", default=None)
+    grad_explosion_norm: float | None = _doc(
+        "stop when the pre-clip gradient norm exceeds this", default=None
+    )
+    max_nonfinite_steps: int = _doc("consecutive non-finite steps before the run fails", default=20)
+
+    @property
+    def loss_name(self) -> str:
+        """The original's folder prefix, from alpha: 100mae, 100auto, 50mae_50auto, 30mae_70auto."""
+        mae = round(100 * self.alpha)
+        return "100mae" if mae == 100 else "100auto" if mae == 0 else f"{mae}mae_{100 - mae}auto"
+
+    @property
+    def variant(self) -> str:
+        """The strategy as trained: its table name, or name-<loss> when --alpha changed the loss,
+        so a variant has its own runs, folders and registered model and never moves the table's."""
+        table_alpha = resolve_table_value("alpha", self.strategy, self.phase, self.preset)
+        same = math.isclose(self.alpha, table_alpha, abs_tol=1e-12)
+        return self.strategy if same else f"{self.strategy}-{self.loss_name}"
+
+    @property
+    def trains_two_terms(self) -> bool:
+        """Both loss terms carry weight: the CSV gets the combined script's component columns."""
+        return 0.0 < self.alpha < 1.0
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.variant}-p{self.phase}-s{self.seed}"
+
+    @property
+    def registered_model(self) -> str:
+        """Registry name; presets other than full get their own: demos never move real aliases."""
+        return f"seqgen-{self.variant}" + ("" if self.preset == "full" else f"-{self.preset}")
+
+    def alias(self, phase: int | None = None) -> str:
+        """This seed's alias of a phase's model (the plain phase-N alias follows any seed)."""
+        return f"phase-{self.phase if phase is None else phase}-s{self.seed}"
+
+    @property
+    def continues_from(self) -> str | None:
+        """Phase N >= 2 continues from this seed's phase N-1 model, unless told otherwise."""
+        if self.existing_model or self.phase == 1:
+            return self.existing_model
+        return f"models:/{self.registered_model}@{self.alias(self.phase - 1)}"
+
+    @property
+    def planned_first_epoch(self) -> int:
+        """First global epoch if every earlier phase ran its table epochs (phase 2 of full: 101).
+        Training starts after the parent's real last epoch instead, which this assumes."""
+        return 1 + sum(
+            resolve_table_value("epochs", self.strategy, p, self.preset)
+            for p in range(1, self.phase)
+        )
+
+    def folder(self, first_epoch: int) -> Path:
+        """This phase's output folder, named as the original's: 50mae_50auto_101_200."""
+        if self.output_dir:
+            return Path(self.output_dir)
+        name = f"{self.loss_name}_{first_epoch}_{first_epoch + self.epochs - 1}"
+        return Path(self.outputs_root) / f"{self.preset}-s{self.seed}" / name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"existing_model": self.continues_from}
+
+    def overrides(self) -> dict[str, Any]:
+        """Settings that differ from the table and preset (what the command line changed)."""
+        table_values = dataclasses.asdict(resolve(self.strategy, self.phase, self.preset))
+        return {k: v for k, v in dataclasses.asdict(self).items() if table_values[k] != v}
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(PhaseSettings)}
+
+
+def _field_kind(name: str) -> tuple[type, bool]:
+    """(the value type, whether None is allowed) of one setting."""
+    hint = typing.get_type_hints(PhaseSettings)[name]
+    if isinstance(hint, types.UnionType):
+        kinds = [t for t in typing.get_args(hint) if t is not type(None)]
+        return kinds[0], type(None) in typing.get_args(hint)
+    return hint, False
+
+
+def coerce(name: str, value: Any, where: str | None = None) -> Any:
+    """Check (and convert where lossless) one setting's value; raise ConfigError naming it, as
+    `--name` for a command-line value or `where: name` for one from a file."""
+    label = f"{where}: {name}" if where else f"--{name}"
+    if name not in FIELDS:
+        raise ConfigError(f"{where}: unknown setting {name!r}" if where else f"unknown {label}")
+    kind, optional = _field_kind(name)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{label} cannot be empty")
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{label} must be a finite number, got {value!r}")
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{label} must be {kind.__name__}, got {value!r}")
+
+
+def load_table(path: Path = PHASES_FILE) -> dict[str, Any]:
+    """Read the phase table; unknown sections or settings and wrong list lengths are errors."""
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    unknown = set(table) - {"shared", "strategies", "presets"}
+    if unknown:
+        raise ConfigError(f"{path.name}: unknown section(s) {sorted(unknown)}")
+    sections = [("shared", table.get("shared", {}))]
+    sections += [(f"strategies.{k}", v) for k, v in table.get("strategies", {}).items()]
+    sections += [(f"presets.{k}", v) for k, v in table.get("presets", {}).items()]
+    for section_name, section in sections:
+        where = f"{path.name} [{section_name}]"
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}: must be a table of settings")
+        for key, value in section.items():
+            if key not in FIELDS or key in SELECTORS:
+                raise ConfigError(f"{where}: unknown setting {key!r}")
+            if isinstance(value, list) and len(value) != N_PHASES:
+                n = len(value)
+                raise ConfigError(f"{where}: {key} needs one value or {N_PHASES}, got {n}")
+            for v in value if isinstance(value, list) else [value]:
+                coerce(key, v, where)
+    if not table.get("strategies") or "full" not in table.get("presets", {}):
+        raise ConfigError(f"{path.name}: needs at least one [strategies.*] and [presets.full]")
+    return table
+
+
+@functools.cache
+def table() -> dict[str, Any]:
+    """The phase table, read once on first use."""
+    return load_table(PHASES_FILE)
+
+
+def strategies() -> tuple[str, ...]:
+    return tuple(table()["strategies"])
+
+
+def presets() -> tuple[str, ...]:
+    return tuple(table()["presets"])
+
+
+def table_keys() -> set[str]:
+    """Every setting the phase table or a preset sets."""
+    t = table()
+    sections = [t["shared"], *t["strategies"].values(), *t["presets"].values()]
+    return {key for section in sections for key in section}
+
+
+def resolve_table_value(name: str, strategy: str, phase: int, preset: str) -> Any:
+    """One setting of (strategy, phase, preset): preset, else strategy, else shared section."""
+    t = table()
+    for section in (t["presets"][preset], t["strategies"][strategy], t["shared"]):
+        if name in section:
+            value = section[name]
+            return value[phase - 1] if isinstance(value, list) else value
+    default = FIELDS[name].default
+    if default is dataclasses.MISSING:
+        raise ConfigError(f"{PHASES_FILE.name}: no value for {name} ({strategy}, phase {phase})")
+    return default
+
+
+def resolve(strategy: str, phase: int, preset: str = "full", **overrides: Any) -> PhaseSettings:
+    """Settings of one phase: the table, then the preset, then command-line overrides."""
+    if strategy not in strategies():
+        raise ConfigError(f"unknown strategy {strategy!r}: choose one of {', '.join(strategies())}")
+    if not isinstance(phase, int) or isinstance(phase, bool) or not 1 <= phase <= N_PHASES:
+        raise ConfigError(f"phase must be 1..{N_PHASES}, got {phase!r}")
+    if preset not in presets():
+        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(presets())}")
+    values: dict[str, Any] = {"strategy": strategy, "phase": phase, "preset": preset}
+    for name in FIELDS:
+        if name not in values:
+            value = resolve_table_value(name, strategy, phase, preset)
+            values[name] = coerce(name, value, PHASES_FILE.name)
+    for name, value in overrides.items():
+        if name in SELECTORS:
+            raise ConfigError(f"{name} cannot be overridden")
+        values[name] = coerce(name, value)
+    settings = PhaseSettings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(s: PhaseSettings) -> None:
+    """Cross-field and range checks; messages name the option."""
+    if not 0.0 <= s.alpha <= 1.0:
+        raise ConfigError(f"--alpha must be within 0..1, got {s.alpha}")
+    positive = [
+        "epochs",
+        "batch_size",
+        "grad_accum_steps",
+        "hidden_size",
+        "num_layers",
+        "save_every",
+        "n_components",
+        "n_params",
+        "max_nonfinite_steps",
+        "max_lag",
+    ]
+    for name in positive:
+        if getattr(s, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(s, name)}")
+    for name in ("start_lr", "min_lr", "clip_grad_norm"):
+        if not getattr(s, name) > 0:
+            raise ConfigError(f"--{name} must be positive, got {getattr(s, name)}")
+    if not 0.0 <= s.dropout < 1.0:
+        raise ConfigError(f"--dropout must be within [0, 1) (1 drops everything), got {s.dropout}")
+    for name in ("teacher_forcing_start", "teacher_forcing_end"):
+        if not 0.0 <= getattr(s, name) <= 1.0:
+            raise ConfigError(f"--{name} must be within 0..1, got {getattr(s, name)}")
+    for name in ("noise_level", "weight_decay", "num_workers"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"--{name} cannot be negative, got {getattr(s, name)}")
+    for name in ("new_training_schedule", "continued_schedule"):
+        if getattr(s, name) not in SCHEDULES:
+            raise ConfigError(
+                f"--{name} must be one of {', '.join(SCHEDULES)}, got {getattr(s, name)!r}"
+            )
+    if s.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {s.device!r}")
+    if s.max_samples is not None and s.max_samples < 3:
+        raise ConfigError(f"--max_samples must be at least 3, got {s.max_samples}")
+    for name in ("early_stopping_patience", "overfit_gap", "grad_explosion_norm"):
+        value = getattr(s, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"--{name} must be positive, got {value}")

@@ -1,0 +1,164 @@
+"""A phase's local folder, with the original's file names, and what the terminal shows.
+
+MLflow is the record of results; these files are the original workflow's outputs, kept because
+users know them, and logged as artifacts of the phase's run.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seqgen.config import PHASES_FILE, PhaseSettings, table
+from seqgen.data import Normalizer
+from seqgen.errors import ConfigError
+from seqgen.split import Split
+
+METRICS_CSV = "training_metrics.csv"
+# The original scripts' training_metrics.csv, column for column: one loss, or its components.
+SINGLE_COLUMNS = ["Epoch", "Train Loss", "Validation Loss", "Test Loss", "Learning Rate"]
+COMPONENT_COLUMNS = [
+    "Epoch",
+    "Train Loss",
+    "Train MAE Loss",
+    "Train Autocorr Loss",
+    "Validation Loss",
+    "Validation MAE Loss",
+    "Validation Autocorr Loss",
+    "Test Loss",
+    "Test MAE Loss",
+    "Test Autocorr Loss",
+    "Learning Rate",
+]
+SETUP_FILES = ("args.json", "split.json", "normalizer.json")
+FINAL_FILES = (METRICS_CSV, "best_model.pth", "final_model.pth", "best_model_combined.pth")
+
+
+def prepare_folder(path: Path, resume: bool) -> None:
+    """Create and check the output folder before anything is tracked."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output folder {path} cannot be written: {e.strerror or e}") from None
+    if not resume and any(path.glob("*.pth")):
+        raise ConfigError(
+            f"output folder {path} already holds a trained phase: pass --resume to continue it, "
+            "or --output_dir for a new folder"
+        )
+
+
+def latest_checkpoint(path: Path) -> Path:
+    found = sorted(path.glob("checkpoint_epoch_*.pth"), key=lambda p: int(p.stem.split("_")[-1]))
+    if not found:
+        raise ConfigError(f"--resume: no checkpoint_epoch_N.pth in {path} to resume from")
+    return found[-1]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write then rename, so a crash or a full disk never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def copy_atomic(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        shutil.copyfile(source, tmp)
+        tmp.replace(target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {target}: {e.strerror or e}") from None
+
+
+def write_setup_files(
+    folder: Path, settings: dict[str, Any], split: Split, norm: Normalizer
+) -> tuple[str, ...]:
+    """args.json (the resolved settings), split.json, normalizer.json; returns their names."""
+    write_atomic(folder / "args.json", json.dumps(settings, indent=2))
+    write_atomic(folder / "split.json", json.dumps(split.to_dict(), indent=1))
+    write_atomic(folder / "normalizer.json", json.dumps(norm.to_dict(), indent=2))
+    return SETUP_FILES
+
+
+def write_metrics_csv(folder: Path, rows: list[list[float]], components: bool) -> None:
+    """training_metrics.csv from the epochs so far (EpochStats.csv_row of each)."""
+    columns = COMPONENT_COLUMNS if components else SINGLE_COLUMNS
+    lines = [",".join(columns)]
+    lines += [",".join([str(int(r[0]))] + [f"{v:.6g}" for v in r[1:]]) for r in rows]
+    write_atomic(folder / METRICS_CSV, "\n".join(lines) + "\n")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory on CUDA, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _flag(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        value = str(value).lower()
+    return f"--{name} {shlex.quote(str(value))}"
+
+
+def next_phase_hint(s: PhaseSettings, model_uri: str | None) -> str:
+    """The command that continues with the next phase, as the original batch files printed it.
+
+    Every setting the command line changed is carried over, except those the table sets anew
+    for each phase (a list in phases.toml, such as start_lr): the next phase takes its own."""
+    t = table()
+    sections = [t["shared"], t["strategies"][s.strategy], t["presets"][s.preset]]
+    per_phase = {k for section in sections for k, v in section.items() if isinstance(v, list)}
+    skip = per_phase | {"seed", "existing_model", "output_dir"}
+    carried = {k: v for k, v in s.overrides().items() if k not in skip}
+    project = PHASES_FILE.resolve().parent.parent
+    here = "." if Path.cwd().resolve() == project else shlex.quote(str(project))
+    params = "".join(f" -P {shlex.quote(f'{k}={_value(v)}')}" for k, v in carried.items())
+    flags = "".join(f" {_flag(k, v)}" for k, v in carried.items())
+    dropped = sorted(k for k in s.overrides() if k in per_phase)
+    note = f"\n  (not carried, set per phase by the table: {', '.join(dropped)})" if dropped else ""
+    existing = f" --existing_model {shlex.quote(model_uri)}" if model_uri else ""
+    return (
+        f"Next phase: mlflow run {here} -e {s.strategy} -P phase={s.phase + 1} "
+        f"-P preset={s.preset} -P seed={s.seed}{params} --env-manager local\n"
+        f"        or: seqgen train --strategy {s.strategy} --phase {s.phase + 1} "
+        f"--preset {s.preset} --seed {s.seed}{flags}{existing}{note}"
+    )
+
+
+def _value(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def format_eta(seconds: float) -> str:
+    m, sec = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def show_progress(prefix: str, done: int, total: int, started: float) -> None:
+    """A progress bar over the batches of an epoch, on a terminal only."""
+    if not sys.stderr.isatty():
+        return
+    width, rate = 24, done / max(time.perf_counter() - started, 1e-9)
+    bar = "#" * int(width * done / total) + "." * (width - int(width * done / total))
+    sys.stderr.write(f"\r{prefix} [{bar}] {done}/{total} batches ({rate:.1f}/s)")
+    if done == total:
+        sys.stderr.write("\r" + " " * (len(prefix) + width + 40) + "\r")
+    sys.stderr.flush()
