@@ -239,17 +239,23 @@ def select_runs(
 
 
 def metric_histories(run_ids: list[str], keys: tuple[str, ...] = HISTORY_KEYS) -> pd.DataFrame:
-    """Every logged value of `keys` for each run: long DataFrame (run_id, key, step, value)."""
+    """Every logged value of `keys` for each run: long DataFrame (run_id, key, step, value),
+    one row per step. A step logged twice (an interrupted phase resumed by code older than the
+    exactly-once delivery) keeps its latest value: the one the finished phase went on from."""
     client = MlflowClient()
 
-    def fetch(job: tuple[str, str]) -> list[tuple[str, str, int, float]]:
+    def fetch(job: tuple[str, str]) -> list[tuple[str, str, int, float, int]]:
         run_id, key = job
-        return [(run_id, key, m.step, m.value) for m in client.get_metric_history(run_id, key)]
+        history = client.get_metric_history(run_id, key)
+        return [(run_id, key, m.step, m.value, m.timestamp) for m in history]
 
     jobs = [(r, k) for r in run_ids for k in keys]
     with ThreadPoolExecutor(HISTORY_THREADS) as pool:
         rows = [row for part in pool.map(fetch, jobs) for row in part]
-    return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+    frame = pd.DataFrame(rows, columns=["run_id", "key", "step", "value", "timestamp"])
+    frame = frame.sort_values(["run_id", "key", "step", "timestamp"], kind="stable")
+    frame = frame.drop_duplicates(["run_id", "key", "step"], keep="last")
+    return frame.drop(columns="timestamp").reset_index(drop=True)
 
 
 @dataclass

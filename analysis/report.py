@@ -19,6 +19,7 @@ from analysis.answer import conclusions, fmt, pm
 from analysis.document import Doc
 from seqgen import metrics, tracking
 from seqgen.errors import ConfigError
+from seqgen.version import code_version as seqgen_code_version
 
 REPORT_SUFFIXES = {".png", ".csv", ".md", ".html"}  # everything a report folder holds
 N_SAMPLE_PLOTS = 3  # fixed test samples drawn as sequences
@@ -28,7 +29,7 @@ DPI = 110
 
 def code_version() -> str:
     """seqgen's version and the git commit of this checkout (+dirty), where git can tell."""
-    return f"seqgen {version('seqgen')}, {tracking.code_version()}"
+    return f"seqgen {version('seqgen')}, {seqgen_code_version()}"
 
 
 # ---- the report --------------------------------------------------------------------------------

@@ -89,6 +89,13 @@ def snake_option(name: str, *old: str, **kwargs):
     return click.option(name, *old, dest, **kwargs)
 
 
+max_outage_option = snake_option(
+    "--max_outage",
+    type=click.FloatRange(min=0),
+    default=config.MAX_OUTAGE,
+    show_default=True,
+    help="seconds the tracking server may be away before a phase pauses (local checkpoint)",
+)
 strategy_option = click.option(
     "--strategy", required=True, help="a strategy of experiments/phases.toml: mae, autocorr, ..."
 )
@@ -128,9 +135,10 @@ def phase_config(strategy, phase, preset, **kwargs):
     default=None,
     help="pause after this global epoch (continue later with --resume)",
 )
+@max_outage_option
 @setting_options
 @_clean_errors
-def train(strategy, phase, preset, resume, stop_at_epoch, **kwargs):
+def train(strategy, phase, preset, resume, stop_at_epoch, max_outage, **kwargs):
     """Train one phase of one strategy (phase N >= 2 continues from phase N-1's model)."""
     from seqgen.train import train_phase
 
@@ -138,7 +146,7 @@ def train(strategy, phase, preset, resume, stop_at_epoch, **kwargs):
     settings = config.resolve(strategy, phase, preset, **overrides)
     if overrides:
         click.echo(f"overrides: {json.dumps(overrides)}", err=True)
-    train_phase(settings, resume=resume, stop_at_epoch=stop_at_epoch)
+    train_phase(settings, resume=resume, stop_at_epoch=stop_at_epoch, max_outage=max_outage)
 
 
 @main.command()
@@ -146,9 +154,10 @@ def train(strategy, phase, preset, resume, stop_at_epoch, **kwargs):
 @click.option("--phases", default="1-5", show_default=True, help="a range such as 1-5 or 3-5")
 @click.option("--seeds", default="0", show_default=True, help="comma-separated seeds")
 @preset_option
+@max_outage_option
 @setting_options
 @_clean_errors
-def pipeline(strategy, phases, seeds, preset, **kwargs):
+def pipeline(strategy, phases, seeds, preset, max_outage, **kwargs):
     """Train consecutive phases of one strategy as child runs of one parent run, per seed."""
     from seqgen.pipeline import parse_phases, parse_seeds, parse_strategies, run_pipeline
 
@@ -156,7 +165,54 @@ def pipeline(strategy, phases, seeds, preset, **kwargs):
     if "seed" in overrides:
         raise config.ConfigError("pipeline takes --seeds (comma-separated), not --seed")
     for name in parse_strategies(strategy):
-        run_pipeline(name, parse_phases(phases), parse_seeds(seeds), preset, overrides)
+        run_pipeline(
+            name, parse_phases(phases), parse_seeds(seeds), preset, overrides, max_outage=max_outage
+        )
+
+
+@main.command()
+@click.option("--strategy", default="all", show_default=True, help="all, or a list: mae,combined")
+@click.option("--seeds", default="0,1,2", show_default=True, help="comma-separated seeds")
+@click.option("--phases", default="1-5", show_default=True, help="a range such as 1-5 or 3-5")
+@preset_option
+@snake_option(
+    "--ray_address",
+    "--ray-address",
+    envvar="RAY_ADDRESS",
+    default=None,
+    help="auto or HOST:PORT of a running cluster [default: RAY_ADDRESS, else a local instance]",
+)
+@click.option(
+    "--threads_per_chain", type=int, default=None, help="CPU threads (Ray CPUs) per chain [1]"
+)
+@max_outage_option
+@setting_options
+@_clean_errors
+def study(strategy, seeds, phases, preset, ray_address, threads_per_chain, max_outage, **kwargs):
+    """Every chain (strategy x seed) as a Ray task, its phases in order, one tracking store.
+    Rerun the same command after any interruption: it continues where the study stopped."""
+    from seqgen.pipeline import parse_phases, parse_seeds, parse_strategies
+
+    overrides = _overrides(kwargs)
+    if "seed" in overrides:
+        raise config.ConfigError("study takes --seeds (comma-separated), not --seed")
+    strategies, seed_list = parse_strategies(strategy), parse_seeds(seeds)
+    phase_list = parse_phases(phases)
+    if threads_per_chain is not None and threads_per_chain < 1:
+        raise config.ConfigError(f"--threads_per_chain must be at least 1, got {threads_per_chain}")
+    from seqgen.study import THREADS_PER_CHAIN, run_study
+
+    outcomes = run_study(
+        strategies,
+        seed_list,
+        phase_list,
+        preset,
+        overrides,
+        ray_address or None,
+        threads_per_chain or THREADS_PER_CHAIN,
+    )
+    if any(o.status != "done" for o in outcomes):
+        sys.exit(1)
 
 
 @main.command()

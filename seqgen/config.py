@@ -24,7 +24,8 @@ from seqgen.errors import ConfigError
 PHASES_FILE = Path(str(resources.files("seqgen.experiments").joinpath("phases.toml")))
 N_PHASES = 5
 SCHEDULES = ("warmup_cosine", "warmup_linear", "linear")
-SELECTORS = ("strategy", "phase", "preset")  # chosen on the command line, never set by the table
+SELECTORS = ("strategy", "phase", "preset")  # chosen on the command line, never by the table
+MAX_OUTAGE = 600.0  # seconds the tracking server may be away before a phase pauses
 
 
 def _doc(text: str, **kw: Any) -> Any:

@@ -66,11 +66,6 @@ class SequenceData:
         steps = np.ascontiguousarray(steps, dtype=np.float64)
         components = np.ascontiguousarray(components, dtype=np.float32)
         params = np.ascontiguousarray(params, dtype=np.float32)
-        names = [list(files), [step_name], list(component_names), list(param_names)]
-        h = hashlib.sha256(json.dumps(names).encode())
-        for a in (steps, components, params):
-            h.update(repr(a.shape).encode())
-            h.update(a.tobytes())
         return cls(
             files=tuple(files),
             steps=steps,
@@ -79,7 +74,21 @@ class SequenceData:
             step_name=step_name,
             component_names=tuple(component_names),
             param_names=tuple(param_names),
-            fingerprint=h.hexdigest()[:16],
+            fingerprint=_fingerprint(
+                files, step_name, component_names, param_names, steps, components, params
+            ),
+        )
+
+    def recompute_fingerprint(self) -> str:
+        """The fingerprint of the arrays as they are now (a cluster task checks what it got)."""
+        return _fingerprint(
+            self.files,
+            self.step_name,
+            self.component_names,
+            self.param_names,
+            self.steps,
+            self.components,
+            self.params,
         )
 
     @property
@@ -109,6 +118,16 @@ class SequenceData:
             components=self.components[idx],
             params=self.params[idx],
         )
+
+
+def _fingerprint(files, step_name, component_names, param_names, steps, components, params) -> str:
+    """sha256 of names and arrays (16 hex chars): same content, same fingerprint."""
+    names = [list(files), [step_name], list(component_names), list(param_names)]
+    h = hashlib.sha256(json.dumps(names).encode())
+    for a in (steps, components, params):
+        h.update(repr(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_sequences(

@@ -203,7 +203,7 @@ def evaluate_model(
         "same_data_as_training": data.fingerprint == bundle.data.fingerprint,
         **{k: v for k, v in source.items() if k != "experiment_id"},
     }
-    with tracking.tracked_run(run_name, tags, experiment_id=source.get("experiment_id")) as run:
+    with tracking.tracked_run(run_name, tags, in_experiment=source.get("experiment_id")) as run:
         run_id = run.info.run_id
         tracking.log_params(
             {

@@ -42,8 +42,12 @@ SETUP_FILES = ("args.json", "split.json", "normalizer.json")
 FINAL_FILES = (METRICS_CSV, "best_model.pth", "final_model.pth", "best_model_combined.pth")
 
 
-def prepare_folder(path: Path, resume: bool) -> None:
-    """Create and check the output folder before anything is tracked."""
+RUN_MARKER = ".seqgen-run"  # the run id whose files a folder holds
+
+
+def prepare_folder(path: Path, run_id: str | None) -> None:
+    """Create and check the output folder before anything is tracked: writable, and holding no
+    other run's files (`run_id`: the run being taken up, None for a new one)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -51,18 +55,18 @@ def prepare_folder(path: Path, resume: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"output folder {path} cannot be written: {e.strerror or e}") from None
-    if not resume and any(path.glob("*.pth")):
+    marker = path / RUN_MARKER
+    holder = marker.read_text().strip() if marker.is_file() else None
+    if holder != run_id and (holder or any(path.glob("*.pth"))):
         raise ConfigError(
-            f"output folder {path} already holds a trained phase: pass --resume to continue it, "
-            "or --output_dir for a new folder"
+            f"output folder {path} holds the files of another run ({holder or 'unknown'}) of "
+            "this phase, with other settings or data: pass --output_dir or --outputs_root for "
+            "a new folder"
         )
 
 
-def latest_checkpoint(path: Path) -> Path:
-    found = sorted(path.glob("checkpoint_epoch_*.pth"), key=lambda p: int(p.stem.split("_")[-1]))
-    if not found:
-        raise ConfigError(f"--resume: no checkpoint_epoch_N.pth in {path} to resume from")
-    return found[-1]
+def mark_folder(path: Path, run_id: str) -> None:
+    write_atomic(path / RUN_MARKER, run_id + "\n")
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from seqgen import tracking
-from seqgen.config import N_PHASES, resolve, strategies
+from seqgen.config import MAX_OUTAGE, N_PHASES, resolve, strategies
 from seqgen.errors import ConfigError, redact
 from seqgen.train import PhaseResult, train_phase
 
@@ -51,7 +51,13 @@ def parse_strategies(text: str) -> list[str]:
 
 
 def run_pipeline(
-    strategy: str, phases: list[int], seeds: list[int], preset: str, overrides: dict, log=print
+    strategy: str,
+    phases: list[int],
+    seeds: list[int],
+    preset: str,
+    overrides: dict,
+    log=print,
+    max_outage: float = MAX_OUTAGE,
 ) -> list[PhaseResult]:
     """Each phase continues from the exact model version the previous phase registered, so two
     pipelines running at once never pick up each other's models through the alias."""
@@ -78,7 +84,7 @@ def run_pipeline(
                     **(overrides | {"seed": seed, "existing_model": previous}),
                 )
                 log(f"== {strategy} phase {phase}/{phases[-1]} (seed {seed}) ==")
-                result = train_phase(settings, log=log, hint_next=False)
+                result = train_phase(settings, log=log, hint_next=False, max_outage=max_outage)
                 previous = result.model_uri
                 results.append(result)
     return results
@@ -100,9 +106,7 @@ def run_demo(data_dir: str, preset: str, seeds: list[int], report_dir: str, log=
         synthesize(data_dir)
     tracking.check_tracking_store()
     with tracking.tracked_run(f"demo-{preset}", {"kind": "demo", "preset": preset}) as run:
-        # Output folders named after this demo's run: running it again never collides.
-        outputs_root = f"outputs/{preset}-{run.info.run_id[:8]}"
-        overrides = {"data_dir": data_dir, "outputs_root": outputs_root}
+        overrides = {"data_dir": data_dir}  # a second demo finds its phases registered
         results = []
         for strategy in strategies():
             phases = list(range(1, N_PHASES + 1))

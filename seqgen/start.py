@@ -4,12 +4,14 @@ checkpoint; and the data it trains on, split and standardised."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from seqgen import outputs, tracking
+from seqgen import tracking
 from seqgen.bundle import Checkpoint
 from seqgen.config import PhaseSettings
 from seqgen.data import Normalizer, SequenceData, load_sequences
@@ -32,8 +34,15 @@ class Start:
     checkpoint: Checkpoint | None = None
 
 
-def load_phase_data(s: PhaseSettings) -> SequenceData:
-    data = load_sequences(s.data_dir, s.n_components, s.n_params)
+def load_phase_data(s: PhaseSettings, data: SequenceData | None = None) -> SequenceData:
+    """The phase's samples: read from s.data_dir, or the arrays a cluster driver handed over."""
+    if data is None:
+        data = load_sequences(s.data_dir, s.n_components, s.n_params)
+    if (data.n_components, data.n_params) != (s.n_components, s.n_params):
+        raise ConfigError(
+            f"the data has {data.n_components} components and {data.n_params} parameters; "
+            f"the settings say {s.n_components} and {s.n_params}"
+        )
     if s.max_samples is not None and s.max_samples < data.n_samples:
         data = data.subset(np.arange(s.max_samples))
     if s.max_lag >= data.seq_len:
@@ -44,44 +53,45 @@ def load_phase_data(s: PhaseSettings) -> SequenceData:
     return data
 
 
-def resolve_start(s: PhaseSettings, data: SequenceData, resume: bool) -> Start:
-    """Phase 1 fits the split and statistics; a continued phase reuses its parent's; a resume
-    takes everything from the phase's latest checkpoint."""
+def resolve_start(s: PhaseSettings, data: SequenceData) -> Start:
+    """Phase 1 fits the split and statistics; a continued phase reuses its parent's."""
     if s.continues_from:
-        start = start_from_parent(s, data)
-    else:
-        split = make_split(data.files, s.seed)
-        train = split.indices(data.files, "train")
-        norm = Normalizer.fit(data.components[train], data.params[train])
-        model_config = ModelConfig(
-            s.n_components, s.n_params, s.hidden_size, s.num_layers, s.dropout
-        )
-        start = Start(split, norm, model_config, None, None, 1, s.new_training_schedule)
-    if not resume:
-        return start
-    checkpoint = Checkpoint.load(outputs.latest_checkpoint(s.folder(start.first_epoch)))
-    if checkpoint.settings != s.to_dict():
-        changed = sorted(k for k, v in s.to_dict().items() if checkpoint.settings.get(k) != v)
-        raise ConfigError(
-            "--resume continues with the settings the phase started with; these differ: "
-            + ", ".join(changed)
-        )
+        return start_from_parent(s, data)
+    split = make_split(data.files, s.seed)
+    train = split.indices(data.files, "train")
+    norm = Normalizer.fit(data.components[train], data.params[train])
+    model_config = ModelConfig(s.n_components, s.n_params, s.hidden_size, s.num_layers, s.dropout)
+    return Start(split, norm, model_config, None, None, 1, s.new_training_schedule)
+
+
+def resume_from(start: Start, checkpoint: Checkpoint) -> Start:
+    """The same start, continued from the phase's own checkpoint."""
     b = checkpoint.bundle
-    if b.data.fingerprint != data.fingerprint:
-        raise ConfigError(
-            f"--resume: {s.data_dir} changed since the phase started (data fingerprint "
-            f"{data.fingerprint}, the checkpoint's {b.data.fingerprint})"
-        )
     return dataclasses.replace(
         start,
         split=b.split,
         norm=b.normalizer,
         model_config=b.model_config,
         state_dict=b.state_dict,
-        parent_uri=checkpoint.continued_from or None,
         first_epoch=checkpoint.first_epoch,
         checkpoint=checkpoint,
     )
+
+
+# Settings that say where and how a phase runs, not what it trains: a phase resumed on another
+# node, with the data in another folder or written to another outputs root, is the same phase.
+NOT_IDENTITY = ("data_dir", "outputs_root", "output_dir", "device", "num_workers", "existing_model")
+
+
+def identity(s: PhaseSettings, start: Start, fingerprint: str) -> dict:
+    """What defines a phase run: the settings that shape training, the exact model it continues
+    and the data's fingerprint. Its digest (phase_key) finds the run again on any node."""
+    settings = {k: v for k, v in s.to_dict().items() if k not in NOT_IDENTITY}
+    return settings | {"parent": start.parent_uri or "", "data_fingerprint": fingerprint}
+
+
+def phase_key(ident: dict) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def start_from_parent(s: PhaseSettings, data: SequenceData) -> Start:

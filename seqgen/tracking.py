@@ -9,18 +9,21 @@ and the pyfunc generates sequences in original units.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import subprocess
 import tempfile
+import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import requests
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
@@ -68,39 +71,26 @@ def default_experiment() -> str:
 
 
 @contextmanager
-def tracked_run(
-    run_name: str, tags: dict[str, Any], run_id: str | None = None, experiment_id: str | None = None
-):
-    """One MLflow run: a child when a run is active (pipeline, demo), else top level.
-
-    Under `mlflow run`, MLFLOW_RUN_ID names the run the project launcher made; start_run resumes
-    it. `run_id` resumes an interrupted phase's run; `experiment_id` puts an evaluation beside
+def tracked_run(run_name: str, tags: dict[str, Any], in_experiment: str | None = None):
+    """One MLflow run in this thread (a pipeline's or demo's parent, an evaluation, an analysis):
+    a child when a run is active, else top level. Under `mlflow run`, MLFLOW_RUN_ID names the run
+    the project launcher made; start_run takes it up. `in_experiment` puts an evaluation beside
     the run it evaluates. The run ends FAILED on an exception and KILLED on Ctrl-C, so no
     half-made run is left RUNNING.
     """
     nested = mlflow.active_run() is not None
-    if not nested and run_id is None and not os.environ.get("MLFLOW_RUN_ID"):
-        if experiment_id:
-            mlflow.set_experiment(experiment_id=experiment_id)
-        else:
-            mlflow.set_experiment(default_experiment())
-    run = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested)
+    where = {} if nested else {"experiment_id": in_experiment or experiment_id()}
+    run = mlflow.start_run(run_name=run_name, nested=nested, **where)
     mlflow.set_tags({"mlflow.runName": run_name, **{k: str(v) for k, v in tags.items()}})
-
-    def end(status: str) -> None:  # unless the body already ended it (a paused phase)
-        active = mlflow.active_run()
-        if active is not None and active.info.run_id == run.info.run_id:
-            mlflow.end_run(status)
-
     try:
         yield run
     except KeyboardInterrupt:
-        end("KILLED")
+        mlflow.end_run("KILLED")
         raise
     except BaseException:
-        end("FAILED")
+        mlflow.end_run("FAILED")
         raise
-    end("FINISHED")
+    mlflow.end_run("FINISHED")
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -130,23 +120,166 @@ def set_tags(tags: dict[str, Any]) -> None:
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
-def code_version() -> str:
-    """The git commit of the code that ran (+dirty for uncommitted changes), or 'unknown'."""
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(repo), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except OSError:
-        return "unknown"
-    return commit.stdout.strip() if commit.returncode == 0 else "unknown"
-
-
 def experiment_name(experiment_id: str) -> str:
     return mlflow.get_experiment(experiment_id).name
+
+
+# ---- phase runs: explicit run ids, safe from a background thread or a Ray worker --------------
+#
+# A phase run is found again by its identity (tag phase_key: the settings that define what is
+# trained, the exact parent model and the data fingerprint), carries how far it got (tag
+# phase_state: training, trained, registered) and who trains it now (tags lease_owner and
+# lease_expires: a live trainer renews its lease; a dead one's lapses or its pid is gone).
+
+PHASE_STATES = ("training", "trained", "registered")
+
+
+@dataclass(frozen=True)
+class PhaseRecord:
+    """What the store knows about one phase run."""
+
+    run_id: str
+    status: str  # RUNNING, FINISHED, FAILED, KILLED
+    state: str  # training, trained, registered ("" for wave-1 runs)
+    owner: str  # host:pid:token of the process that holds the lease, or ""
+    lease_expires: float  # unix seconds
+    model_version: str
+    settings: dict[str, Any]  # the identity settings (tag phase_settings)
+
+
+def _client() -> MlflowClient:
+    return MlflowClient()
+
+
+def experiment_id(name: str | None = None) -> str:
+    """The id of the experiment seqgen logs to (created if missing): `mlflow run`'s, else
+    default_experiment()."""
+    if launcher := os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return launcher
+    name = name or default_experiment()
+    found = _client().get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return _client().create_experiment(name)
+    except MlflowException:  # another process made it meanwhile
+        return _client().get_experiment_by_name(name).experiment_id
+
+
+def find_phase_run(exp_id: str, phase_key: str) -> PhaseRecord | None:
+    """The latest run of this phase identity, or None."""
+    runs = _client().search_runs(
+        [exp_id],
+        f"tags.phase_key = '{phase_key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return _record(runs[0]) if runs else None
+
+
+def find_phase_runs_like(exp_id: str, run_name: str) -> list[PhaseRecord]:
+    """Runs of the same strategy, phase and seed under any settings (to say what differs)."""
+    runs = _client().search_runs(
+        [exp_id],
+        f"tags.`mlflow.runName` = '{run_name}' and tags.kind = 'phase'",
+        order_by=["attributes.start_time DESC"],
+        max_results=20,
+    )
+    return [_record(r) for r in runs]
+
+
+def _record(run) -> PhaseRecord:
+    tags = run.data.tags
+    return PhaseRecord(
+        run_id=run.info.run_id,
+        status=run.info.status,
+        state=tags.get("phase_state", ""),
+        owner=tags.get("lease_owner", ""),
+        lease_expires=float(tags.get("lease_expires", 0) or 0),
+        model_version=tags.get("model_version", ""),
+        settings=json.loads(tags.get("phase_settings", "{}")),
+    )
+
+
+def create_phase_run(
+    exp_id: str, run_name: str, tags: dict[str, Any], parent_run_id: str | None
+) -> str:
+    """A new run; under `mlflow run`, the run its launcher made (MLFLOW_RUN_ID) instead."""
+    tags = {k: str(v) for k, v in tags.items()} | {"mlflow.runName": run_name}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    if launcher and not parent_run_id and not _client().get_run(launcher).data.tags.get("kind"):
+        set_run_tags(launcher, tags)
+        return launcher
+    return _client().create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+
+
+def active_run_id() -> str | None:
+    """The run a `with tracked_run(...)` block opened in this thread (a pipeline's), if any."""
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
+def set_run_status(run_id: str, status: str) -> None:
+    """RUNNING to take a run up again; FINISHED, FAILED or KILLED to end it."""
+    if status == "RUNNING":
+        _client().update_run(run_id, status="RUNNING")
+    else:
+        _client().set_terminated(run_id, status)
+
+
+def set_run_tags(run_id: str, tags: dict[str, Any]) -> None:
+    _client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    return _client().get_run(run_id).data.tags
+
+
+def log_params_once(run_id: str, params: dict[str, Any]) -> None:
+    """Log settings not on the run yet: `mlflow run` logged its -P values there, and a resumed
+    phase logged them when it started (logging a key again with another value fails)."""
+    existing = _client().get_run(run_id).data.params
+    new = [
+        Param(k, "None" if v is None else str(v)) for k, v in params.items() if k not in existing
+    ]
+    for i in range(0, len(new), 100):  # MLflow takes at most 100 params per batch
+        _client().log_batch(run_id, params=new[i : i + 100])
+
+
+def log_metrics_at(run_id: str, metrics: dict[str, float], step: int) -> None:
+    """All of one step's metrics in one request, so a step lands whole or not at all."""
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    _client().log_batch(run_id, metrics=batch)
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    return {m.step for m in _client().get_metric_history(run_id, key)}
+
+
+def upload(run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    _client().log_artifact(run_id, str(path), artifact_path)
+
+
+def download(run_id: str, artifact_path: str, dst: Path) -> Path | None:
+    """One artifact of a run into dst, or None when the run has no such artifact."""
+    folder, _, name = artifact_path.rpartition("/")
+    if name not in {Path(a.path).name for a in _client().list_artifacts(run_id, folder or None)}:
+        return None
+    return Path(_client().download_artifacts(run_id, artifact_path, str(dst)))
+
+
+def server_is_up(timeout: float = 3.0) -> bool:
+    """A quick liveness probe of the tracking store (GET /health for a server)."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        return requests.get(uri.rstrip("/") + "/health", timeout=timeout).ok
+    except requests.RequestException:
+        return False
 
 
 # ---- the model --------------------------------------------------------------------------------
@@ -159,36 +292,49 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "mlflow", "numpy", "pandas")]
 
 
-def log_and_register_model(
-    bundle_path: Path, registered_name: str, aliases: list[str], version_tags: dict[str, Any]
+def register_phase_model(
+    run_id: str, bundle_path: Path, name: str, aliases: list[str], version_tags: dict[str, Any]
 ) -> str:
-    """Log the best bundle once as a pyfunc, register it, point `aliases` at it; return version."""
-    data = Bundle.load(bundle_path).data
-    signature = ModelSignature(
-        inputs=Schema([ColSpec("double", name) for name in data.param_names]),
-        outputs=Schema(
-            [ColSpec("long", "sample"), ColSpec("double", data.step_name)]
-            + [ColSpec("double", n) for n in data.component_names]
-        ),
-    )
-    with warnings.catch_warnings():  # the signature is given; MLflow still asks for an example
-        warnings.filterwarnings("ignore", message=".*input example.*")
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME_IN_RUN,
-            python_model=str(PYFUNC_CODE),
-            artifacts={"bundle": str(bundle_path)},
-            code_paths=[str(Path(__file__).resolve().parent)],
-            signature=signature,
-            pip_requirements=_requirements(),
-            registered_model_name=registered_name,
+    """Log the best bundle as a pyfunc model in the run (folder `model`) and register it, once
+    per run: a rerun after a failure finds the version this run registered and only sets what
+    is missing (aliases, tags). No fluent run state is used, so this works from any thread or
+    process. Returns the version."""
+    client = _client()
+    mine = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if mine:
+        version = str(min(int(v.version) for v in mine))
+    else:
+        data = Bundle.load(bundle_path).data
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("double", n) for n in data.param_names]),
+            outputs=Schema(
+                [ColSpec("long", "sample"), ColSpec("double", data.step_name)]
+                + [ColSpec("double", n) for n in data.component_names]
+            ),
         )
-    model_version = str(info.registered_model_version)
-    client = MlflowClient()
+        with tempfile.TemporaryDirectory(prefix="seqgen-model-") as tmp:
+            with warnings.catch_warnings():  # the signature is given; no input example needed
+                warnings.filterwarnings("ignore", message=".*input example.*")
+                mlflow.pyfunc.save_model(
+                    Path(tmp) / MODEL_NAME_IN_RUN,
+                    python_model=str(PYFUNC_CODE),
+                    artifacts={"bundle": str(bundle_path)},
+                    code_paths=[str(Path(__file__).resolve().parent)],
+                    signature=signature,
+                    pip_requirements=_requirements(),
+                )
+            client.log_artifacts(run_id, str(Path(tmp) / MODEL_NAME_IN_RUN), MODEL_NAME_IN_RUN)
+        try:
+            client.create_registered_model(name)
+        except MlflowException:  # it exists (made by an earlier phase or another process)
+            pass
+        source = f"runs:/{run_id}/{MODEL_NAME_IN_RUN}"
+        version = str(client.create_model_version(name, source, run_id=run_id).version)
     for alias in aliases:
-        client.set_registered_model_alias(registered_name, alias, model_version)
+        client.set_registered_model_alias(name, alias, version)
     for key, value in version_tags.items():
-        client.set_model_version_tag(registered_name, model_version, key, str(value))
-    return model_version
+        client.set_model_version_tag(name, version, key, str(value))
+    return version
 
 
 def load_bundle(uri: str, first_phase_hint: str | None = None) -> Bundle:

@@ -1,5 +1,7 @@
-"""Training one phase of one strategy. Start reading at `train_phase`: set up, then each epoch
-train, evaluate, checkpoint, log; then finish (final model, registry)."""
+"""Training one phase of one strategy. Start reading at `train_phase`: set up (or take the phase
+up where it stopped), then each epoch train, evaluate, checkpoint, log; then finish (final model,
+registry). Everything the tracking store is told goes through a Courier (seqgen/delivery.py), so
+a tracking server that is away does not stop training."""
 
 from __future__ import annotations
 
@@ -14,109 +16,46 @@ import torch
 
 from seqgen import outputs, tracking
 from seqgen.bundle import Bundle, Checkpoint, DataInfo
-from seqgen.config import PhaseSettings
+from seqgen.config import MAX_OUTAGE, N_PHASES, PhaseSettings
 from seqgen.data import SequenceData
-from seqgen.errors import ConfigError, TrainingError
+from seqgen.delivery import Courier, new_owner
+from seqgen.errors import TrackingError, TrainingError
 from seqgen.losses import make_loss
 from seqgen.model import StreamlinedSequenceGenerator
-from seqgen.schedules import learning_rate, teacher_forcing_ratio
-from seqgen.start import Start, choose_device, load_phase_data, resolve_start, split_tensors
-from seqgen.step import Precision, choose_precision, evaluate_loss, optimizer_step, seed_epoch
-
-# ---- what one epoch produced, and the bookkeeping across epochs ---------------------------------
-
-
-@dataclass
-class EpochStats:
-    """One epoch's numbers: the MLflow metrics and the training_metrics.csv row come from here."""
-
-    epoch: int  # global
-    train: tuple[float, float, float]  # (loss, mae, autocorr) averaged over the epoch's steps
-    val: tuple[float, float, float]  # free-running
-    test: tuple[float, float, float]  # free-running
-    val_teacher_forced: float
-    lr: float
-    teacher_forcing_ratio: float
-    grad_norm: float  # mean pre-clip norm over the finite steps
-    seconds: float
-    nonfinite_steps: int
-
-    def metrics(self) -> dict[str, float]:
-        named = {}
-        for split in ("train", "val", "test"):
-            loss, mae, autocorr = getattr(self, split)
-            named |= {f"{split}_loss": loss, f"{split}_mae": mae, f"{split}_autocorr": autocorr}
-        return named | {
-            "val_loss_teacher_forced": self.val_teacher_forced,
-            "lr": self.lr,
-            "teacher_forcing_ratio": self.teacher_forcing_ratio,
-            "grad_norm": self.grad_norm,
-            "epoch_seconds": self.seconds,
-            "nonfinite_steps": self.nonfinite_steps,
-        }
-
-    def csv_row(self, components: bool) -> list[float]:
-        """The original's columns: with the loss components when the loss has two terms."""
-        if components:
-            return [self.epoch, *self.train, *self.val, *self.test, self.lr]
-        return [self.epoch, self.train[0], self.val[0], self.test[0], self.lr]
-
-
-# Logged at step = global epoch, for every strategy.
-PER_EPOCH_METRICS = tuple(
-    EpochStats(0, (0, 0, 0), (0, 0, 0), (0, 0, 0), 0, 0, 0, 0, 0, 0).metrics()
+from seqgen.phase_run import (
+    LAST_CHECKPOINT,
+    catch_up,
+    claim_run,
+    end_abnormally,
+    find_run,
+    newest_checkpoint,
+    release_run,
 )
-
-
-@dataclass
-class Progress:
-    """What a resumed phase must know about the epochs before it (saved in checkpoints)."""
-
-    best_val: float = float("inf")
-    best_epoch: int | None = None
-    stale_epochs: int = 0  # epochs since the best validation loss
-    nonfinite_in_a_row: int = 0
-    history: list[dict] = field(default_factory=list)  # EpochStats as dicts, in order
-
-    def add(self, stats: EpochStats) -> bool:
-        """Record an epoch; True when its validation loss is the best so far."""
-        self.history.append(dataclasses.asdict(stats))
-        if stats.val[0] < self.best_val:
-            self.best_val, self.best_epoch, self.stale_epochs = stats.val[0], stats.epoch, 0
-            return True
-        self.stale_epochs += 1
-        return False
-
-
-def stop_reason(s: PhaseSettings, p: Progress, stats: EpochStats, grad_norms: list[float]) -> str:
-    """The original's early-stopping criteria, each opt-in ("" = go on).
-
-    The train/validation gap compares losses measured the same way, teacher-forced with the
-    epoch's ratio for training and at ratio 1 for validation ... both see the truth as input, so
-    the gap measures overfitting, not the exposure bias a free-running loss adds."""
-    if s.early_stopping_patience and p.stale_epochs > s.early_stopping_patience:
-        return "validation_plateau"
-    train_loss = stats.train[0]
-    if s.overfit_gap is not None and train_loss > 0:
-        if (stats.val_teacher_forced - train_loss) / train_loss > s.overfit_gap:
-            return "overfitting"
-    if s.grad_explosion_norm is not None and grad_norms and max(grad_norms) > s.grad_explosion_norm:
-        return "gradient_explosion"
-    return ""
-
-
-# ---- the phase ----------------------------------------------------------------------------------
+from seqgen.progress import EpochStats, Progress, stop_reason
+from seqgen.schedules import learning_rate, teacher_forcing_ratio
+from seqgen.start import (
+    Start,
+    choose_device,
+    identity,
+    load_phase_data,
+    phase_key,
+    resolve_start,
+    resume_from,
+    split_tensors,
+)
+from seqgen.step import Precision, choose_precision, evaluate_loss, optimizer_step, seed_epoch
+from seqgen.version import code_digest, code_version
 
 
 @dataclass
 class PhaseResult:
-    """How a phase ended: registered (with its model), or paused (resume it later)."""
+    """How a phase ended: registered (trained now), skipped (registered before) or paused."""
 
     strategy: str  # the variant trained
     phase: int
     seed: int
     run_id: str
-    status: str  # "registered" or "paused"
+    status: str  # "registered", "skipped" or "paused"
     output_dir: str
     best_val: float
     best_epoch: int | None
@@ -128,15 +67,20 @@ class PhaseResult:
 
 @dataclass
 class Phase:
-    """Everything set up before the first epoch; built so bad input fails before a run exists."""
+    """Everything decided before the first epoch; built so bad input fails before a run exists."""
 
     s: PhaseSettings
     data: SequenceData
     start: Start
-    out_dir: Path
+    identity: dict  # what defines this phase (settings, exact parent, data fingerprint)
+    key: str  # its digest, the run's phase_key tag: finds the run again on any node
+    experiment_id: str
     device: torch.device
-    precision: Precision
-    parts: dict
+    parts: dict = field(default_factory=dict)  # {split: (params (N,P), components (N,T,K))}
+
+    @property
+    def out_dir(self) -> Path:
+        return self.s.folder(self.start.first_epoch)
 
     @property
     def last_epoch(self) -> int:
@@ -170,8 +114,8 @@ class Phase:
             last_epoch=epoch,  # so far; finish_phase writes the real last into the best model
         )
 
-    def result(self, run_id: str, progress: Progress, status: str, **kw) -> PhaseResult:
-        s = self.s
+    def result(self, run_id: str, status: str, progress: Progress | None = None, **kw):
+        s, p = self.s, progress or Progress()
         return PhaseResult(
             s.variant,
             s.phase,
@@ -179,22 +123,32 @@ class Phase:
             run_id,
             status,
             str(self.out_dir),
-            progress.best_val,
-            progress.best_epoch,
+            p.best_val,
+            p.best_epoch,
             **kw,
         )
 
 
-def prepare_phase(s: PhaseSettings, resume: bool) -> Phase:
-    """Data, starting point, device and output folder: every check on input happens here."""
+@dataclass
+class Training:
+    """The state the epochs work on."""
+
+    model: StreamlinedSequenceGenerator
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    progress: Progress
+    run_id: str
+    courier: Courier
+
+
+def prepare_phase(s: PhaseSettings, data: SequenceData | None = None) -> Phase:
+    """Data, starting point, identity and device: every check on input happens here."""
     tracking.check_tracking_store()
-    data = load_phase_data(s)
-    start = resolve_start(s, data, resume)
-    device = choose_device(s)
-    out_dir = s.folder(start.first_epoch)
-    outputs.prepare_folder(out_dir, resume)
-    precision = choose_precision(device, s.mixed_precision)
-    return Phase(s, data, start, out_dir, device, precision, split_tensors(data, start, device))
+    data = load_phase_data(s, data)
+    start = resolve_start(s, data)
+    ident = identity(s, start, data.fingerprint)
+    exp_id = tracking.experiment_id()
+    return Phase(s, data, start, ident, phase_key(ident), exp_id, choose_device(s))
 
 
 def train_phase(
@@ -203,91 +157,109 @@ def train_phase(
     stop_at_epoch: int | None = None,
     log=print,
     hint_next: bool = True,
+    data: SequenceData | None = None,
+    parent_run_id: str | None = None,
+    max_outage: float = MAX_OUTAGE,
+    lease_wait: float = 0.0,
+    on_epoch=None,
 ) -> PhaseResult:
-    """Train one phase: set up, then per epoch train / evaluate / checkpoint / log, then finish."""
-    ph = prepare_phase(s, resume)
-    start, out_dir = ph.start, ph.out_dir
+    """Train one phase, or take it up where it stopped; a registered phase is not trained again.
+
+    data: the samples already loaded (a cluster task gets them from its driver). lease_wait:
+    seconds to wait for a run another process holds (a retried cluster task waits out its dead
+    predecessor's lease). on_epoch(stats, last_epoch, eta): progress for a driver."""
+    ph = prepare_phase(s, data)
+    record = find_run(ph.experiment_id, ph.key, s.run_name, ph.identity, resume, lease_wait)
+    if record is not None and record.state == "registered":
+        log(
+            f"[{s.run_name}] already registered as {s.registered_model}/{record.model_version} "
+            f"(run {record.run_id}): nothing to train"
+        )
+        uri = f"models:/{s.registered_model}/{record.model_version}"
+        return ph.result(record.run_id, "skipped", model_uri=uri, version=record.model_version)
+    checkpoint = newest_checkpoint(ph.out_dir, record.run_id) if record else None
+    if checkpoint is not None:
+        ph.start = resume_from(ph.start, checkpoint)
+    outputs.prepare_folder(ph.out_dir, record.run_id if record else None)
+    ph.parts = split_tensors(ph.data, ph.start, ph.device)
+
+    precision = choose_precision(ph.device, s.mixed_precision)
     torch.manual_seed(s.seed)
-    model = StreamlinedSequenceGenerator(start.model_config).to(ph.device)
-    if start.state_dict is not None:
-        model.load_state_dict(start.state_dict)
-    loss_fn = make_loss(s.alpha, s.max_lag)
+    model = StreamlinedSequenceGenerator(ph.start.model_config).to(ph.device)
+    if ph.start.state_dict is not None:
+        model.load_state_dict(ph.start.state_dict)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.start_lr, weight_decay=s.weight_decay)
     progress = Progress()
-    if start.checkpoint is not None:
-        optimizer.load_state_dict(start.checkpoint.optimizer)
-        ph.precision.scaler.load_state_dict(start.checkpoint.scaler)
-        progress = Progress(**start.checkpoint.progress)
-    done = len(progress.history)
-    if done >= s.epochs:
-        raise ConfigError(f"--resume: {out_dir} already finished epoch {ph.last_epoch}")
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint.optimizer)
+        restore_scaler(precision.scaler, checkpoint.scaler)
+        progress = Progress(**checkpoint.progress)
 
-    run_id = start.checkpoint.bundle.run_id if start.checkpoint else None
-    with tracking.tracked_run(s.run_name, run_tags(ph), run_id=run_id) as run:
-        run_id = run.info.run_id
-        record_setup(ph, run_id, log)
-        reason, phase_started = "completed", time.perf_counter()
-        for epoch in range(done, s.epochs):
-            global_epoch = start.first_epoch + epoch
-            stats, grad_norms = run_epoch(ph, model, loss_fn, optimizer, progress, epoch)
-            improved = progress.add(stats)
-            pause = stop_at_epoch is not None and stop_at_epoch <= global_epoch < ph.last_epoch
-            # Checkpoint before logging: the checkpoint carries the epoch's numbers
-            # (progress.history), so a crash between the two loses nothing.
-            bundle = save_epoch(ph, model, optimizer, progress, run_id, improved, pause)
-            tracking.log_metrics(stats.metrics(), step=global_epoch)
-            rows = [EpochStats(**h).csv_row(s.trains_two_terms) for h in progress.history]
-            outputs.write_metrics_csv(out_dir, rows, s.trains_two_terms)
-            elapsed = time.perf_counter() - phase_started
-            eta = elapsed / (epoch + 1 - done) * (s.epochs - epoch - 1)
-            log(epoch_line(s, stats, ph.last_epoch, eta, improved))
-
-            if reason_now := stop_reason(s, progress, stats, grad_norms):
-                reason = reason_now
-                log(f"[{s.run_name}] early stop at epoch {global_epoch}: {reason}")
-                break
-            if pause:  # KILLED, so a comparison leaves it out until --resume finishes it
-                tracking.set_tags({"stop_reason": "paused", "paused_at_epoch": global_epoch})
-                tracking.end_run("KILLED")
-                log(f"[{s.run_name}] paused after epoch {global_epoch}: continue with --resume")
-                return ph.result(
-                    run_id, progress, "paused", stop_reason="paused", paused_at=global_epoch
-                )
-        result = finish_phase(ph, bundle, progress, run_id, reason, phase_started)
-    log(
-        f"[{s.run_name}] done: best val {progress.best_val:.4f} at epoch {progress.best_epoch}; "
-        f"run {run_id}; registered {result.model_uri} (alias {s.alias()}); outputs in {out_dir}"
-    )
-    if s.phase < 5 and hint_next:
+    owner = new_owner()
+    run_id = claim_run(ph.experiment_id, record, owner, s.run_name, run_tags(ph), parent_run_id)
+    tr = Training(model, optimizer, precision, progress, run_id, Courier(run_id, owner, log))
+    try:
+        record_setup(ph, tr, log)
+        if checkpoint is not None:
+            checkpoint.save(ph.out_dir / LAST_CHECKPOINT)  # the one the phase goes on from
+            catch_up(run_id, tr.courier, progress, ph.out_dir / LAST_CHECKPOINT)
+            write_csv(ph, progress)
+        if record is not None and record.state == "trained":
+            log(f"[{s.run_name}] training had finished: registering only")
+            return finish_phase(ph, tr, max_outage, log, record_reason(record))
+        result = train_epochs(ph, tr, stop_at_epoch, max_outage, log, on_epoch)
+    except KeyboardInterrupt:
+        end_abnormally(run_id, tr.courier, "KILLED")
+        raise
+    except BaseException:
+        end_abnormally(run_id, tr.courier, "FAILED")
+        raise
+    finally:
+        tr.courier.close()
+    if result.status == "registered" and s.phase < N_PHASES and hint_next:
         log(outputs.next_phase_hint(s, result.model_uri))
     return result
 
 
-def save_epoch(
-    ph: Phase, model, optimizer, progress: Progress, run_id: str, improved: bool, pause: bool
-) -> Bundle:
-    """The epoch's model files: best_model.pth when it improved, and a checkpoint every
-    save_every epochs, at the phase's end and when pausing. Returns the epoch's bundle."""
-    s, out_dir = ph.s, ph.out_dir
-    stats = progress.history[-1]
-    epoch = stats["epoch"]
-    bundle = ph.bundle(model, epoch, stats["val"][0], run_id)
-    if improved:
-        bundle.save(out_dir / "best_model.pth")
-        outputs.copy_atomic(out_dir / "best_model.pth", out_dir / "best_model_combined.pth")
-    if epoch % s.save_every == 0 or epoch == ph.last_epoch or pause:
-        path = out_dir / f"checkpoint_epoch_{epoch}.pth"
-        Checkpoint(
-            bundle=bundle,
-            optimizer=optimizer.state_dict(),
-            scaler=ph.precision.scaler.state_dict(),
-            progress=dataclasses.asdict(progress),
-            settings=s.to_dict(),
-            continued_from=ph.start.parent_uri or "",
-            first_epoch=ph.start.first_epoch,
-        ).save(path)
-        tracking.log_artifact(path, "checkpoints")
-    return bundle
+def train_epochs(ph: Phase, tr: Training, stop_at_epoch, max_outage, log, on_epoch) -> PhaseResult:
+    """The epochs left: each trains, evaluates, checkpoints, then logs; then finish."""
+    s = ph.s
+    loss_fn = make_loss(s.alpha, s.max_lag)
+    done, started = len(tr.progress.history), time.perf_counter()
+    for epoch in range(done, s.epochs):
+        global_epoch = ph.start.first_epoch + epoch
+        stats, grad_norms = run_epoch(ph, tr, loss_fn, epoch)
+        improved = tr.progress.add(stats)
+        # Checkpoint before logging: the checkpoint carries the epoch's numbers
+        # (progress.history), so an interruption between the two loses nothing.
+        save_epoch(ph, tr, improved)
+        tr.courier.metrics(stats.metrics(), step=global_epoch)
+        write_csv(ph, tr.progress)
+        tr.courier.artifact(ph.out_dir / outputs.METRICS_CSV)
+        eta = (time.perf_counter() - started) / (epoch + 1 - done) * (s.epochs - epoch - 1)
+        log(epoch_line(s, stats, ph.last_epoch, eta, improved))
+        if on_epoch is not None:
+            on_epoch(stats, ph.last_epoch, eta)
+
+        tr.courier.check()
+        if (behind := tr.courier.behind_seconds()) > max_outage:
+            raise TrackingError(
+                f"the tracking server has been unreachable for {behind:.0f} s: {s.run_name} "
+                f"paused after epoch {global_epoch} with its checkpoint in {ph.out_dir}; run the "
+                "same command again to resume"
+            )
+        if reason := stop_reason(s, tr.progress, stats, grad_norms):
+            log(f"[{s.run_name}] early stop at epoch {global_epoch}: {reason}")
+            return finish_phase(ph, tr, max_outage, log, reason)
+        if stop_at_epoch is not None and stop_at_epoch <= global_epoch < ph.last_epoch:
+            tr.courier.tags({"stop_reason": "paused", "paused_at_epoch": global_epoch})
+            tr.courier.drain(max_outage)
+            release_run(tr.run_id, "KILLED")  # left out of comparisons until taken up again
+            log(f"[{s.run_name}] paused after epoch {global_epoch}: run the command again")
+            return ph.result(
+                tr.run_id, "paused", tr.progress, stop_reason="paused", paused_at=global_epoch
+            )
+    return finish_phase(ph, tr, max_outage, log)
 
 
 def run_tags(ph: Phase) -> dict[str, str]:
@@ -302,12 +274,15 @@ def run_tags(ph: Phase) -> dict[str, str]:
         "preset": s.preset,
         "dataset_fingerprint": ph.data.fingerprint,
         "continued_from": ph.start.parent_uri or "",
-        "code_version": tracking.code_version(),
+        "code_version": code_version(),
+        "code_digest": code_digest(),
         "overrides": json.dumps(s.overrides()),
+        "phase_key": ph.key,
+        "phase_settings": json.dumps(ph.identity, sort_keys=True),
     }
 
 
-def record_setup(ph: Phase, run_id: str, log) -> None:
+def record_setup(ph: Phase, tr: Training, log) -> None:
     """Params, args.json, split and normaliser (locally and as artifacts), and the opening line."""
     s, start = ph.s, ph.start
     settings = s.to_dict() | {
@@ -316,16 +291,20 @@ def record_setup(ph: Phase, run_id: str, log) -> None:
         "output_dir": str(ph.out_dir),
         "schedule": start.schedule,
     }
-    tracking.log_params(
-        settings | {"device_used": str(ph.device), "precision": str(ph.precision.dtype)}
+    tracking.log_params_once(
+        tr.run_id,
+        settings | {"device_used": str(ph.device), "precision": str(tr.precision.dtype)},
     )
+    outputs.mark_folder(ph.out_dir, tr.run_id)
     for name in outputs.write_setup_files(ph.out_dir, settings, start.split, start.norm):
-        tracking.log_artifact(ph.out_dir / name)
-    sizes = "/".join(str(len(ph.parts[k][0])) for k in ("train", "val", "test"))
+        tr.courier.artifact(ph.out_dir / name)
+    sizes = "/".join(str(len(start.split.part(k))) for k in ("train", "val", "test"))
+    done = len(tr.progress.history)
     log(
         f"[{s.run_name}] {s.variant} phase {s.phase}, epochs {start.first_epoch}-{ph.last_epoch}, "
-        f"{sizes} train/val/test, {ph.precision.note}, device {ph.device}, run {run_id}"
+        f"{sizes} train/val/test, {tr.precision.note}, device {ph.device}, run {tr.run_id}"
         + (f", continuing from {start.parent_uri}" if start.parent_uri else "")
+        + (f", taken up after epoch {start.first_epoch + done - 1}" if done else "")
     )
     if s.num_workers:
         log(f"[{s.run_name}] --num_workers {s.num_workers} is ignored: batches come from memory")
@@ -333,11 +312,9 @@ def record_setup(ph: Phase, run_id: str, log) -> None:
         log(f"[{s.run_name}] {start.split.note}")
 
 
-def run_epoch(
-    ph: Phase, model, loss_fn, optimizer, progress: Progress, epoch: int
-) -> tuple[EpochStats, list[float]]:
+def run_epoch(ph: Phase, tr: Training, loss_fn, epoch: int) -> tuple[EpochStats, list[float]]:
     """Train one epoch (0-based within the phase), then evaluate; the pre-clip gradient norms."""
-    s = ph.s
+    s, precision = ph.s, tr.precision
     global_epoch, started = ph.start.first_epoch + epoch, time.perf_counter()
     lr = learning_rate(ph.start.schedule, epoch, s.epochs, s.start_lr, s.min_lr)
     ratio = 0.0
@@ -345,7 +322,7 @@ def run_epoch(
         ratio = teacher_forcing_ratio(
             epoch, s.epochs, s.teacher_forcing_start, s.teacher_forcing_end
         )
-    for group in optimizer.param_groups:
+    for group in tr.optimizer.param_groups:
         group["lr"] = lr
 
     # Train.
@@ -357,19 +334,26 @@ def run_epoch(
     for step, chunk in enumerate(order.split(batch)):
         micro = [(train_params[b], train_targets[b]) for b in chunk.split(s.batch_size)]
         r = optimizer_step(
-            model, loss_fn, micro, optimizer, ph.precision, ratio, s.noise_level, s.clip_grad_norm
+            tr.model,
+            loss_fn,
+            micro,
+            tr.optimizer,
+            precision,
+            ratio,
+            s.noise_level,
+            s.clip_grad_norm,
         )
         outputs.show_progress(f"epoch {global_epoch}", step + 1, steps, started)
         if not r.finite:
-            progress.nonfinite_in_a_row += 1
-            if progress.nonfinite_in_a_row >= s.max_nonfinite_steps:
+            tr.progress.nonfinite_in_a_row += 1
+            if tr.progress.nonfinite_in_a_row >= s.max_nonfinite_steps:
                 raise TrainingError(
-                    f"{progress.nonfinite_in_a_row} non-finite steps in a row at epoch "
+                    f"{tr.progress.nonfinite_in_a_row} non-finite steps in a row at epoch "
                     f"{global_epoch}: training diverged; the last good checkpoint is in "
                     f"{ph.out_dir} (lower --start_lr or --clip_grad_norm)"
                 )
             continue
-        progress.nonfinite_in_a_row = 0
+        tr.progress.nonfinite_in_a_row = 0
         sums += np.array([r.loss, r.mae, r.autocorr]) * len(chunk)
         counted += len(chunk)
         if np.isfinite(r.grad_norm):  # not an fp16 overflow step the GradScaler skipped
@@ -377,9 +361,9 @@ def run_epoch(
     train = sums / counted if counted else np.full(3, np.nan)
 
     # Evaluate: model selection on the free-running loss, as the model is used.
-    val = evaluate_loss(model, loss_fn, *ph.parts["val"], 0.0, ph.precision)
-    val_tf = evaluate_loss(model, loss_fn, *ph.parts["val"], 1.0, ph.precision)
-    test = evaluate_loss(model, loss_fn, *ph.parts["test"], 0.0, ph.precision)
+    val = evaluate_loss(tr.model, loss_fn, *ph.parts["val"], 0.0, precision)
+    val_tf = evaluate_loss(tr.model, loss_fn, *ph.parts["val"], 1.0, precision)
+    test = evaluate_loss(tr.model, loss_fn, *ph.parts["test"], 0.0, precision)
     stats = EpochStats(
         epoch=global_epoch,
         train=tuple(float(x) for x in train),
@@ -395,55 +379,112 @@ def run_epoch(
     return stats, grad_norms
 
 
+def save_epoch(ph: Phase, tr: Training, improved: bool) -> None:
+    """The epoch's files: last_checkpoint.pth always (any interruption can resume from it), a
+    checkpoint_epoch_N.pth every save_every epochs and at the end, best_model.pth when it
+    improved. Written here first, then queued for the store."""
+    s, out_dir, stats = ph.s, ph.out_dir, tr.progress.history[-1]
+    epoch = stats["epoch"]
+    bundle = ph.bundle(tr.model, epoch, stats["val"][0], tr.run_id)
+    if improved:
+        bundle.save(out_dir / "best_model.pth")
+        outputs.copy_atomic(out_dir / "best_model.pth", out_dir / "best_model_combined.pth")
+    Checkpoint(
+        bundle=bundle,
+        optimizer=tr.optimizer.state_dict(),
+        scaler=tr.precision.scaler.state_dict(),
+        progress=dataclasses.asdict(tr.progress),
+        settings=s.to_dict(),
+        continued_from=ph.start.parent_uri or "",
+        first_epoch=ph.start.first_epoch,
+    ).save(out_dir / LAST_CHECKPOINT)
+    tr.courier.artifact(out_dir / LAST_CHECKPOINT, "checkpoints")
+    if epoch % s.save_every == 0 or epoch == ph.last_epoch:
+        periodic = out_dir / f"checkpoint_epoch_{epoch}.pth"
+        outputs.copy_atomic(out_dir / LAST_CHECKPOINT, periodic)
+        tr.courier.artifact(periodic, "checkpoints")
+
+
 def finish_phase(
-    ph: Phase, bundle: Bundle, progress: Progress, run_id: str, reason: str, started: float
+    ph: Phase, tr: Training, max_outage: float, log, reason: str = "completed"
 ) -> PhaseResult:
-    """The final model, the files as artifacts, the best model into the registry."""
-    s, out_dir = ph.s, ph.out_dir
-    bundle.save(out_dir / "final_model.pth")
+    """The final model and files into the store, then the best model into the registry. Each
+    step is recorded (phase_state), so a phase stopped in between does only what is missing."""
+    s, out_dir, progress = ph.s, ph.out_dir, tr.progress
+    last = progress.history[-1]["epoch"]
+    best_path = out_dir / "best_model.pth"
+    if not best_path.is_file():  # trained on another machine: its files are in the store
+        tracking.download(tr.run_id, "best_model.pth", out_dir)
     # The best model learns the phase's real last epoch (an early stop ends before the plan's),
     # so the next phase's global epochs follow on from it.
-    best = Bundle.load(out_dir / "best_model.pth")
-    best = dataclasses.replace(best, last_epoch=bundle.epoch)
-    best.save(out_dir / "best_model.pth")
-    outputs.copy_atomic(out_dir / "best_model.pth", out_dir / "best_model_combined.pth")
+    dataclasses.replace(Bundle.load(best_path), last_epoch=last).save(best_path)
+    outputs.copy_atomic(best_path, out_dir / "best_model_combined.pth")
+    final = ph.bundle(tr.model, last, progress.history[-1]["val"][0], tr.run_id)
+    final.save(out_dir / "final_model.pth")
     for name in outputs.FINAL_FILES:
-        tracking.log_artifact(out_dir / name)
-    parent = ph.start.parent_uri or ""
-    version = tracking.log_and_register_model(
-        out_dir / "best_model.pth",
+        tr.courier.artifact(out_dir / name)
+    tr.courier.tags({"phase_state": "trained", "stop_reason": reason})
+    if not tr.courier.drain(max_outage):
+        raise TrackingError(
+            f"the tracking server stayed away after {s.run_name} finished training: its files "
+            f"are in {out_dir}; run the same command again to register it"
+        )
+    version = tracking.register_phase_model(
+        tr.run_id,
+        best_path,
         s.registered_model,
         [f"phase-{s.phase}", s.alias()],
         {
-            "run_id": run_id,
+            "run_id": tr.run_id,
             "phase": s.phase,
             "seed": s.seed,
             "strategy": s.variant,
             "preset": s.preset,
             "val_loss": progress.best_val,
             "best_epoch": progress.best_epoch,
-            "continued_from": parent.removeprefix("models:/"),
+            "continued_from": (ph.start.parent_uri or "").removeprefix("models:/"),
         },
     )
-    tracking.set_tags({"stop_reason": reason, "model_version": version, "paused_at_epoch": ""})
-    last = progress.history[-1]["epoch"]
-    tracking.log_metrics(
-        {
-            "best_val_loss": progress.best_val,
-            "best_epoch": progress.best_epoch,
-            "phase_seconds": time.perf_counter() - started,
-            "peak_memory_mb": outputs.peak_memory_mb(ph.device),
-        },
-        last,
+    summary = {
+        "best_val_loss": progress.best_val,
+        "best_epoch": progress.best_epoch,
+        "phase_seconds": sum(h["seconds"] for h in progress.history),
+        "peak_memory_mb": outputs.peak_memory_mb(ph.device),
+    }
+    tracking.log_metrics_at(tr.run_id, summary, last)
+    done = {"phase_state": "registered", "model_version": version, "paused_at_epoch": ""}
+    tracking.set_run_tags(tr.run_id, done)
+    release_run(tr.run_id, "FINISHED")
+    model_uri = f"models:/{s.registered_model}/{version}"
+    log(
+        f"[{s.run_name}] done: best val {progress.best_val:.4f} at epoch {progress.best_epoch}; "
+        f"run {tr.run_id}; registered {model_uri} (alias {s.alias()}); outputs in {out_dir}"
     )
     return ph.result(
-        run_id,
-        progress,
+        tr.run_id,
         "registered",
+        progress,
         stop_reason=reason,
-        model_uri=f"models:/{s.registered_model}/{version}",
+        model_uri=model_uri,
         version=version,
     )
+
+
+def record_reason(record) -> str:
+    return tracking.run_tags(record.run_id).get("stop_reason") or "completed"
+
+
+def write_csv(ph: Phase, progress: Progress) -> None:
+    two = ph.s.trains_two_terms
+    rows = [EpochStats(**h).csv_row(two) for h in progress.history]
+    outputs.write_metrics_csv(ph.out_dir, rows, two)
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """Load a checkpoint's GradScaler state where it fits: a checkpoint from a machine without
+    fp16 (CPU) has none, and an enabled scaler then starts from its defaults."""
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
 
 
 def epoch_line(s: PhaseSettings, st: EpochStats, last_epoch: int, eta: float, best: bool) -> str:

@@ -252,11 +252,15 @@ def test_output_folder_that_cannot_be_written(store, smoke_data, tmp_path):
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
-def test_finished_phase_is_not_overwritten(store, smoke_data):
+def test_a_registered_phase_is_not_trained_again(store, smoke_data):
     args = [*SMOKE_TRAIN, "--epochs", "1", "--data_dir", str(smoke_data)]
     assert run_cli(*args)[0] == 0
     code, out = run_cli(*args)
-    assert code == 2 and "already holds a trained phase: pass --resume" in out.splitlines()[-1]
+    assert code == 0 and "already registered as seqgen-mae-smoke/1" in out
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 1
+    code, out = run_cli(*args, "--noise_level", "0.01")  # other settings: another run, own folder?
+    assert code == 2 and "holds the files of another run" in out.splitlines()[-1]
 
 
 def test_every_command_takes_snake_case_and_the_old_spellings(store, smoke_data, tmp_path):

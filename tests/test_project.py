@@ -174,16 +174,19 @@ def test_whole_flow_against_a_real_server(server, smoke_data, tmp_path):
 
 
 def test_demo_end_to_end_and_again(store, smoke_data, tmp_path):
-    """The README's main job at smoke scale, twice in the same folder: no collision."""
+    """The README's main job at smoke scale, twice in the same folder: the second time every
+    phase is found registered and nothing is trained again."""
     from seqgen.pipeline import run_demo
 
     first = run_demo(str(smoke_data), "smoke", [0], "reports", log=lambda *a: None)
     second = run_demo(str(smoke_data), "smoke", [0], "reports", log=lambda *a: None)
-    assert len({r.output_dir for r in first["results"] + second["results"]}) == 30
+    assert [r.status for r in first["results"]] == ["registered"] * 15
+    assert [r.status for r in second["results"]] == ["skipped"] * 15
+    assert [r.model_uri for r in second["results"]] == [r.model_uri for r in first["results"]]
     assert (tmp_path / "reports" / "report.md").is_file()
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     kinds = sorted(r.data.tags.get("kind") for r in runs)
-    assert kinds.count("phase") == 30 and kinds.count("evaluation") == 6
+    assert kinds.count("phase") == 15 and kinds.count("evaluation") == 6
     assert kinds.count("demo") == 2 and kinds.count("analysis") == 2
     assert all(r.info.status == "FINISHED" for r in runs)
 

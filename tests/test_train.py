@@ -14,8 +14,9 @@ from seqgen import tracking
 from seqgen.config import ConfigError, resolve
 from seqgen.generate import generate_original
 from seqgen.outputs import COMPONENT_COLUMNS
+from seqgen.progress import PER_EPOCH_METRICS
 from seqgen.tracking import TrackingError
-from seqgen.train import PER_EPOCH_METRICS, train_phase
+from seqgen.train import train_phase
 
 quiet = lambda *a: None  # noqa: E731
 
@@ -66,6 +67,7 @@ def test_phase_one_then_two_hand_off_through_the_registry(store, smoke_data, tmp
     assert checkpoints == {
         "checkpoints/checkpoint_epoch_3.pth",
         "checkpoints/checkpoint_epoch_4.pth",
+        "checkpoints/last_checkpoint.pth",  # every epoch: any interruption can resume
     }
 
     # the registry hand-off: phase 2 continued from the exact version phase 1 registered
@@ -135,27 +137,24 @@ def test_logged_model_is_a_pyfunc_in_original_units_and_a_trainable_module(store
     )
 
 
-def test_resume_equals_uninterrupted(store, smoke_data, tmp_path):
+def test_resume_equals_uninterrupted(store, smoke_data, tmp_path, monkeypatch):
     full = train_phase(
         settings("mae", 1, smoke_data, epochs=6, outputs_root="a", save_every=2), log=quiet
     )
+    # the same phase in another experiment (in the same one it would be skipped as registered)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "interrupted")
     b = settings("mae", 1, smoke_data, epochs=6, outputs_root="b", save_every=2)
-    paused = train_phase(b, stop_at_epoch=3, log=quiet)  # 3 is not a checkpoint epoch
+    paused = train_phase(b, stop_at_epoch=3, log=quiet)  # 3 is not a periodic checkpoint epoch
     assert paused.paused_at == 3
     client = MlflowClient()
     assert client.get_run(paused.run_id).info.status == "KILLED"  # left out of comparisons
 
-    with pytest.raises(ConfigError, match="these differ: noise_level"):
-        train_phase(
-            settings(
-                "mae", 1, smoke_data, epochs=6, outputs_root="b", save_every=2, noise_level=0.2
-            ),
-            resume=True,
-            log=quiet,
-        )
+    other = settings("mae", 1, smoke_data, epochs=6, outputs_root="c", noise_level=0.2)
+    with pytest.raises(ConfigError, match="differs in: noise_level, save_every"):
+        train_phase(other, resume=True, log=quiet)
     assert client.get_run(paused.run_id).info.status == "KILLED"  # untouched by the refusal
 
-    resumed = train_phase(b, resume=True, log=quiet)
+    resumed = train_phase(b, log=quiet)  # the same command again takes the phase up
     assert resumed.run_id == paused.run_id  # continued into the same run
     run = client.get_run(resumed.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["stop_reason"] == "completed"
@@ -168,6 +167,8 @@ def test_resume_equals_uninterrupted(store, smoke_data, tmp_path):
     csv_b = (tmp_path / "b/smoke-s0/100mae_1_6/training_metrics.csv").read_text()
     assert csv_a == csv_b
     assert resumed.best_val == full.best_val
+    again = train_phase(b, log=quiet)  # and once more: registered, nothing to train
+    assert (again.status, again.run_id, again.version) == ("skipped", run.info.run_id, "2")
 
 
 def test_a_phase_continues_from_its_own_seed(store, smoke_data):

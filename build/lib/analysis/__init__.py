@@ -1,1 +1,0 @@
-"""Analysis: pull seqgen runs from MLflow and draw comparisons."""

@@ -1,1 +1,0 @@
-"""seqgen: an autoregressive LSTM surrogate for PCA-compressed simulations, tracked in MLflow."""

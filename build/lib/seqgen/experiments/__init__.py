@@ -1,1 +1,0 @@
-"""Data, not code: the phase table and presets (phases.toml). Installed as seqgen.experiments."""

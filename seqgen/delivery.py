@@ -1,0 +1,231 @@
+"""Delivery of a phase's records to the tracking store: in order, in the background, once each.
+
+Training never waits for the tracking server. The training loop hands each epoch's checkpoint,
+metrics and files to a Courier; one background thread delivers them in the order given. When the
+server is away the thread keeps the queue and probes until it is back, then delivers what waited,
+still in order. A metric step that may have landed before a failure is looked up before it is
+sent again, so no step is logged twice. The same thread renews this process's lease on the run,
+and notices when another process has taken the run over.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from seqgen import tracking
+from seqgen.errors import TrackingError
+
+LEASE_SECONDS = 60.0  # a lease not renewed for this long belongs to a dead process
+RENEW_EVERY = 15.0
+PROBE_EVERY = 1.0  # seconds between health probes while the server is away
+ATTEMPTS_WHILE_UP = 3  # a call that fails this often with the server up is a real error
+
+
+def new_owner() -> str:
+    """This process's name on a lease: host:pid:token."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_alive(owner: str, lease_expires: float, now: float | None = None) -> bool:
+    """Whether the lease holder may still be training: its lease is current, and when it ran on
+    this host, its process still exists (so a killed process here is known dead at once)."""
+    if not owner:
+        return False
+    now = time.time() if now is None else now
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, owned by another user
+            pass
+    return lease_expires > now
+
+
+@dataclass
+class _Item:
+    kind: str  # "metrics", "artifact" or "tags"
+    payload: tuple
+    queued_at: float = field(default_factory=time.monotonic)
+    tried: bool = False  # a delivery attempt failed: it may have landed anyway
+
+
+class Courier:
+    """Ordered, background, exactly-once delivery of one run's records; holds its lease."""
+
+    def __init__(
+        self, run_id: str, owner: str, log=print, renew_every: float = RENEW_EVERY
+    ) -> None:
+        self.run_id, self.owner, self.log, self.renew_every = run_id, owner, log, renew_every
+        self._items: deque[_Item] = deque()
+        self._cv = threading.Condition()
+        self._closing = False
+        self._error: str | None = None  # why delivery stopped for good
+        self._lost_to: str | None = None  # the process that took the run over
+        self._down_since: float | None = None
+        self._renewed = 0.0
+        self._thread = threading.Thread(target=self._run, name="seqgen-courier", daemon=True)
+        self._thread.start()
+
+    # ---- what the training loop calls ----------------------------------------------------------
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._put(_Item("metrics", (dict(metrics), step)))
+
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._put(_Item("artifact", (Path(path), artifact_path)))
+
+    def tags(self, tags: dict[str, Any]) -> None:
+        self._put(_Item("tags", (dict(tags),)))
+
+    def behind_seconds(self) -> float:
+        """Age of the oldest record not delivered yet (0 when all are delivered)."""
+        with self._cv:
+            return time.monotonic() - self._items[0].queued_at if self._items else 0.0
+
+    def check(self) -> None:
+        """Raise when delivery cannot go on: the run was taken over, or a call keeps failing."""
+        if self._lost_to:
+            raise TrackingError(
+                f"run {self.run_id} was taken over by {self._lost_to} while this process was "
+                "out of touch with the tracking server: this process stops training it"
+            )
+        if self._error:
+            raise TrackingError(f"delivering to the tracking store failed: {self._error}")
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until everything queued is delivered; False if that took longer than timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._items and not (self._error or self._lost_to):
+                if not self._thread.is_alive():
+                    self._error = "the delivery thread ended with records left"
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(left, 1.0))
+        self.check()
+        return True
+
+    def close(self) -> None:
+        """Stop the thread; undelivered records are dropped (the checkpoint still has them)."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
+
+    # ---- the delivery thread -------------------------------------------------------------------
+
+    def _put(self, item: _Item) -> None:
+        with self._cv:
+            self._items.append(item)
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # a bug here must not leave the trainer waiting on a dead thread
+            with self._cv:
+                self._error = f"{type(e).__name__}: {e}"
+                self._cv.notify_all()
+            raise
+
+    def _loop(self) -> None:
+        failures = 0  # in a row, with the server up
+        while True:
+            with self._cv:
+                if not self._items and not self._closing:
+                    self._cv.wait(timeout=self.renew_every / 3)
+                if self._closing:
+                    return
+                item = self._items[0] if self._items else None
+            if not self._wait_for_server():
+                return
+            try:
+                self._renew_lease()
+                if item is not None:
+                    self._deliver(item)
+            except _Stop:
+                return
+            except Exception as e:  # the server went away mid-call, or a real error
+                if item is not None:
+                    item.tried = True
+                if not tracking.server_is_up():
+                    continue  # the same item again once the server is back
+                failures += 1
+                if failures >= ATTEMPTS_WHILE_UP:
+                    with self._cv:
+                        self._error = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                        self._cv.notify_all()
+                    return
+                time.sleep(PROBE_EVERY)
+                continue
+            failures = 0
+            if item is not None:
+                with self._cv:
+                    self._items.popleft()
+                    self._cv.notify_all()
+
+    def _wait_for_server(self) -> bool:
+        """Probe until the server answers; say when it went away and when it came back."""
+        while not tracking.server_is_up():
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                waiting = self._pending()
+                self.log(f"tracking server unreachable: training goes on, {waiting} record(s) wait")
+            with self._cv:
+                if self._closing:
+                    return False
+                self._cv.wait(PROBE_EVERY)
+        if self._down_since is not None:
+            away = time.monotonic() - self._down_since
+            waiting = self._pending()
+            self.log(f"tracking server back after {away:.0f} s: delivering {waiting} record(s)")
+            self._down_since = None
+        return True
+
+    def _pending(self) -> int:
+        with self._cv:
+            return len(self._items)
+
+    def _renew_lease(self) -> None:
+        if time.monotonic() - self._renewed < self.renew_every:
+            return
+        holder = tracking.run_tags(self.run_id).get("lease_owner", "")
+        if holder != self.owner:
+            with self._cv:
+                self._lost_to = holder or "another process"
+                self._cv.notify_all()
+            raise _Stop
+        lease = {"lease_expires": f"{time.time() + LEASE_SECONDS:.0f}"}
+        tracking.set_run_tags(self.run_id, lease)
+        self._renewed = time.monotonic()
+
+    def _deliver(self, item: _Item) -> None:
+        if item.kind == "metrics":
+            metrics, step = item.payload
+            first = next(iter(metrics))
+            # A step sent before a failure may have landed (a batch lands whole or not at all).
+            if item.tried and step in tracking.logged_steps(self.run_id, first):
+                return
+            tracking.log_metrics_at(self.run_id, metrics, step)
+        elif item.kind == "artifact":
+            path, artifact_path = item.payload
+            tracking.upload(self.run_id, path, artifact_path)
+        else:
+            tracking.set_run_tags(self.run_id, item.payload[0])
+
+
+class _Stop(Exception):
+    """The run was taken over: stop delivering."""

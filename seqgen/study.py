@@ -1,0 +1,371 @@
+"""`seqgen study`: strategies x seeds on Ray, one task per chain (strategy, seed), the phases of a
+chain in order, every task logging to the one tracking server.
+
+Ray runs the tasks and retries one whose process or node died (bounded); everything else is the
+phase's own restart logic (seqgen/train.py): a task that starts again finds its phases in the
+tracking store, skips the registered ones and takes the interrupted one up from its checkpoint.
+So rerunning the same command after any interruption continues where the study stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from seqgen import tracking
+from seqgen.config import MAX_OUTAGE, resolve
+from seqgen.data import SequenceData, load_sequences
+from seqgen.delivery import LEASE_SECONDS
+from seqgen.errors import ConfigError, SeqgenError, redact
+from seqgen.outputs import format_eta
+from seqgen.start import load_phase_data
+from seqgen.version import code_digest
+
+CHAIN_RETRIES = 2  # Ray reruns a chain whose process or node died this many times
+THREADS_PER_CHAIN = 1  # chains side by side beat threads here (README: Running the study)
+REFRESH_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Chain:
+    strategy: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy}-s{self.seed}"
+
+
+@dataclass
+class ChainOutcome:
+    """One line of the final table."""
+
+    chain: str
+    phases_done: int
+    phases: int
+    model: str  # the last registered models:/name/version
+    seconds: float
+    status: str  # done, or failed: <one-line reason>
+
+
+# ---- checks before anything starts --------------------------------------------------------------
+
+
+def check_tracking_for_cluster(ray_address: str | None) -> str:
+    """With a cluster, every node must log to one server: a local store is refused."""
+    uri = tracking.check_tracking_store()
+    if ray_address and not uri.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"--ray-address needs one tracking server for every node, but MLFLOW_TRACKING_URI is "
+            f"the local store {uri}: start `mlflow server` and set "
+            "MLFLOW_TRACKING_URI=http://HOST:PORT"
+        )
+    return uri
+
+
+def absolute_store(uri: str) -> str:
+    """sqlite:///mlflow.db names a file relative to the driver's folder: make it absolute so
+    every worker process opens the same file."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def probe(ray_address: str | None) -> None:
+    """Fail at once where no cluster listens (ray.init would block for minutes there)."""
+    if not ray_address or ray_address == "auto":
+        return
+    host, _, port = ray_address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError):
+        raise ConfigError(
+            f"no Ray cluster answers at --ray-address {ray_address} (start one with "
+            "`ray start --head`, or check the address)"
+        ) from None
+
+
+def connect(ray_address: str | None) -> None:
+    """Join a running cluster, or start a local Ray instance on this machine's cores."""
+    if not ray_address:
+        ray.init(
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+        return
+    token = Path.home() / ".ray" / "auth_token"
+    if "RAY_AUTH_MODE" not in os.environ and (token.is_file() or "RAY_AUTH_TOKEN" in os.environ):
+        os.environ["RAY_AUTH_MODE"] = "token"  # what address="auto" does by itself
+    try:
+        ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
+    except ConnectionError as e:
+        raise ConfigError(f"cannot join the Ray cluster at {ray_address}: {e}") from None
+
+
+def load_study_data(chains: list[Chain], phases: list[int], preset: str, overrides: dict):
+    """Every phase's settings checked, the data read and validated once, on the driver."""
+    all_settings = [
+        resolve(c.strategy, p, preset, **(overrides | {"seed": c.seed}))
+        for c in chains
+        for p in phases
+    ]
+    first = all_settings[0]
+    data = load_sequences(first.data_dir, first.n_components, first.n_params)
+    for s in all_settings:
+        load_phase_data(s, data)  # max_lag against the sequence length, and the like
+    return data
+
+
+# ---- the chain: one Ray task ---------------------------------------------------------------------
+
+
+@ray.remote(num_cpus=0)
+class Board:
+    """The latest state of every chain, written by the chains, read by the driver."""
+
+    def __init__(self) -> None:
+        self.chains: dict[str, dict[str, Any]] = {}
+
+    def report(self, chain: str, **fields: Any) -> None:
+        self.chains.setdefault(chain, {}).update(fields)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return self.chains
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every chain task needs from the driver (all small: the data travels apart)."""
+
+    phases: tuple[int, ...]
+    preset: str
+    overrides: dict
+    fingerprint: str
+    tracking_uri: str
+    experiment_id: str
+    study_run_id: str
+    code: str
+    threads: int
+    max_outage: float
+
+
+def run_chain(chain: Chain, data: SequenceData, ctx: Context, board) -> list[dict]:
+    """The phases of one chain in order, each continuing from the exact version its predecessor
+    registered. Runs in a Ray worker: no shared filesystem, the data comes from the driver."""
+    import mlflow
+    import torch
+
+    from seqgen.train import train_phase
+
+    if code_digest() != ctx.code:
+        raise ConfigError(
+            f"node {socket.gethostname()} runs other seqgen code ({code_digest()}) than the "
+            f"driver ({ctx.code}): install the same version on every node"
+        )
+    if data.recompute_fingerprint() != ctx.fingerprint:
+        raise ConfigError(f"the data reached {socket.gethostname()} damaged (fingerprint)")
+    torch.set_num_threads(ctx.threads)  # a reused worker keeps an earlier task's thread count
+    os.environ.pop("MLFLOW_RUN_ID", None)  # a driver under `mlflow run` must not lend its run
+    os.environ["MLFLOW_EXPERIMENT_ID"] = ctx.experiment_id
+    os.environ["MLFLOW_TRACKING_URI"] = ctx.tracking_uri
+    mlflow.set_tracking_uri(ctx.tracking_uri)
+    node = ray.get_runtime_context().get_node_id()
+    board.report.remote(chain.name, node=node, host=socket.gethostname(), status="running")
+    # Each node writes its own folder: nothing assumes a filesystem shared between nodes.
+    overrides = ctx.overrides | {
+        "outputs_root": f"{ctx.overrides.get('outputs_root', 'outputs')}/node-{node[:8]}",
+        "seed": chain.seed,
+    }
+    previous = overrides.get("existing_model")
+    results = []
+    for phase in ctx.phases:
+        s = resolve(chain.strategy, phase, ctx.preset, **(overrides | {"existing_model": previous}))
+
+        def on_epoch(stats, last_epoch, eta, phase=phase):
+            board.report.remote(
+                chain.name, phase=phase, epoch=stats.epoch, last_epoch=last_epoch, eta=eta
+            )
+
+        board.report.remote(chain.name, phase=phase, epoch=None)
+        result = train_phase(
+            s,
+            log=lambda *a: print(*a, flush=True),
+            hint_next=False,
+            data=data,
+            parent_run_id=ctx.study_run_id,
+            lease_wait=LEASE_SECONDS + 30,
+            max_outage=ctx.max_outage,
+            on_epoch=on_epoch,
+        )
+        previous = result.model_uri
+        results.append(dataclasses.asdict(result))
+        board.report.remote(chain.name, phases_done=len(results), model=result.model_uri)
+    return results
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+
+
+def run_study(
+    strategies: list[str],
+    seeds: list[int],
+    phases: list[int],
+    preset: str,
+    overrides: dict,
+    ray_address: str | None = None,
+    threads: int = THREADS_PER_CHAIN,
+    max_outage: float = MAX_OUTAGE,
+    out=sys.stderr,
+) -> list[ChainOutcome]:
+    """Run every chain as a Ray task; show one live line per chain; end with a table."""
+    chains = [Chain(st, seed) for st in strategies for seed in seeds]
+    probe(ray_address)
+    uri = absolute_store(check_tracking_for_cluster(ray_address))
+    data = load_study_data(chains, phases, preset, overrides)
+    connect(ray_address)
+    try:
+        return drive(chains, data, phases, preset, overrides, uri, threads, max_outage, out)
+    finally:
+        ray.shutdown()
+
+
+def drive(
+    chains, data, phases, preset, overrides, uri, threads, max_outage, out
+) -> list[ChainOutcome]:
+    exp_id = tracking.experiment_id()
+    tags = {
+        "kind": "study",
+        "preset": preset,
+        "phases": f"{phases[0]}-{phases[-1]}",
+        "chains": ",".join(c.name for c in chains),
+    }
+    study_run = tracking.create_phase_run(exp_id, f"study-{preset}", tags, None)
+    ctx = Context(
+        tuple(phases),
+        preset,
+        overrides,
+        data.fingerprint,
+        uri,
+        exp_id,
+        study_run,
+        code_digest(),
+        threads,
+        max_outage,
+    )
+    here = ray.get_runtime_context().get_node_id()
+    board = Board.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
+    ).remote()
+    gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    task = ray.remote(run_chain).options(
+        num_cpus=threads, num_gpus=1 if gpu else 0, max_retries=CHAIN_RETRIES
+    )
+    data_ref = ray.put(data)
+    started = {c.name: time.monotonic() for c in chains}
+    pending = {task.remote(c, data_ref, ctx, board): c for c in chains}
+    outcomes: dict[str, ChainOutcome] = {}
+    screen = Screen(out, [c.name for c in chains], len(phases))
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=REFRESH_SECONDS)
+        for ref in done:
+            chain = pending.pop(ref)
+            seconds = time.monotonic() - started[chain.name]
+            try:
+                results = ray.get(ref)
+                last = results[-1]["model_uri"] if results else ""
+                outcomes[chain.name] = ChainOutcome(
+                    chain.name, len(results), len(phases), last, seconds, "done"
+                )
+            except Exception as e:  # the chain failed for good: say why, let the others finish
+                state = ray.get(board.snapshot.remote()).get(chain.name, {})
+                outcomes[chain.name] = ChainOutcome(
+                    chain.name,
+                    state.get("phases_done", 0),
+                    len(phases),
+                    state.get("model", ""),
+                    seconds,
+                    f"failed: {reason(e)}",
+                )
+        screen.draw(ray.get(board.snapshot.remote()), outcomes)
+    ordered = [outcomes[c.name] for c in chains]
+    failed = [o for o in ordered if o.status != "done"]
+    tracking.set_run_tags(study_run, {"failed_chains": ",".join(o.chain for o in failed)})
+    tracking.set_run_status(study_run, "FAILED" if failed else "FINISHED")
+    screen.table(ordered)
+    return ordered
+
+
+def reason(e: BaseException) -> str:
+    """One line for a chain that failed: the task's own error, or what happened to its node."""
+    cause = getattr(e, "cause", None) or e
+    if isinstance(cause, SeqgenError):
+        return str(cause)
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return redact(f"{type(cause).__name__}: {first}"[:300])
+
+
+class Screen:
+    """One live line per chain (redrawn in place on a terminal, printed on change otherwise),
+    then the final table."""
+
+    def __init__(self, out, chains: list[str], n_phases: int) -> None:
+        self.out, self.chains, self.n_phases = out, chains, n_phases
+        self.tty = hasattr(out, "isatty") and out.isatty()
+        self.shown: dict[str, str] = {}
+        self.drawn = False
+
+    def line(self, chain: str, state: dict, outcome: ChainOutcome | None) -> str:
+        if outcome is not None:
+            return f"{chain:<24} {outcome.status[:70]}"
+        if not state:
+            return f"{chain:<24} waiting for a worker"
+        phase, epoch = state.get("phase"), state.get("epoch")
+        where = f"phase {phase}/{self.n_phases}" if phase else "starting"
+        if epoch is not None:
+            where += f"  epoch {epoch}/{state['last_epoch']}  ETA {format_eta(state['eta'])}"
+        return f"{chain:<24} {where}  on {state.get('host', '?')}"
+
+    def draw(self, board: dict, outcomes: dict) -> None:
+        lines = {c: self.line(c, board.get(c, {}), outcomes.get(c)) for c in self.chains}
+        if self.tty:
+            if self.drawn:
+                self.out.write(f"\x1b[{len(self.chains)}F")
+            self.out.write("".join(f"\x1b[2K{lines[c]}\n" for c in self.chains))
+            self.drawn = True
+        else:
+            for c in self.chains:
+                if self.shown.get(c) != lines[c]:
+                    self.out.write(lines[c] + "\n")
+        self.shown = lines
+        self.out.flush()
+
+    def table(self, outcomes: list[ChainOutcome]) -> None:
+        rows = [("chain", "phases", "model", "time", "status")]
+        rows += [
+            (
+                o.chain,
+                f"{o.phases_done}/{o.phases}",
+                o.model.removeprefix("models:/"),
+                format_eta(o.seconds),
+                o.status,
+            )
+            for o in outcomes
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        self.out.write("\n")
+        for r in rows:
+            self.out.write("  ".join(v.ljust(w) for v, w in zip(r[:4], widths, strict=True)))
+            self.out.write(f"  {r[4]}\n")
+        self.out.flush()

@@ -1,0 +1,88 @@
+"""The courier against a real sqlite store: order, exactly once, leases, a run taken over."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from seqgen import tracking
+from seqgen.delivery import Courier, new_owner, owner_is_alive
+from seqgen.errors import TrackingError
+
+
+@pytest.fixture
+def run_id(store):
+    exp = tracking.experiment_id()
+    owner = new_owner()
+    rid = tracking.create_phase_run(exp, "t-p1-s0", {"lease_owner": owner}, None)
+    return rid, owner
+
+
+def test_records_arrive_in_order_and_all_of_them(run_id, tmp_path):
+    rid, owner = run_id
+    courier = Courier(rid, owner, log=lambda *a: None)
+    (tmp_path / "a.txt").write_text("first")
+    for step in range(1, 6):
+        courier.metrics({"val_loss": 1.0 / step, "lr": 0.1}, step)
+    courier.artifact(tmp_path / "a.txt", "files")
+    courier.tags({"phase_state": "trained"})
+    assert courier.drain(timeout=60)
+    courier.close()
+    history = MlflowClient().get_metric_history(rid, "val_loss")
+    assert [(m.step, m.value) for m in history] == [(s, 1.0 / s) for s in range(1, 6)]
+    assert [a.path for a in MlflowClient().list_artifacts(rid, "files")] == ["files/a.txt"]
+    assert tracking.run_tags(rid)["phase_state"] == "trained"
+
+
+def test_a_batch_that_landed_before_its_call_failed_is_not_sent_again(run_id, monkeypatch):
+    """The request reached the store but the answer was lost: the retry finds the step there."""
+    rid, owner = run_id
+    real = tracking.log_metrics_at
+    calls = []
+
+    def lands_then_fails(run, metrics, step):
+        calls.append(step)
+        real(run, metrics, step)
+        if len(calls) == 1:
+            raise ConnectionError("the answer was lost")
+
+    monkeypatch.setattr(tracking, "log_metrics_at", lands_then_fails)
+    courier = Courier(rid, owner, log=lambda *a: None)
+    courier.metrics({"val_loss": 0.5}, 1)
+    courier.metrics({"val_loss": 0.25}, 2)
+    assert courier.drain(timeout=60)
+    courier.close()
+    assert calls == [1, 2]  # step 1 was not sent a second time
+    assert [m.step for m in MlflowClient().get_metric_history(rid, "val_loss")] == [1, 2]
+
+
+def test_a_run_taken_over_stops_this_process(run_id):
+    rid, owner = run_id
+    courier = Courier(rid, owner, log=lambda *a: None, renew_every=0.3)
+    tracking.set_run_tags(rid, {"lease_owner": "elsewhere:1:abc"})
+    deadline = time.monotonic() + 30
+    with pytest.raises(TrackingError, match="was taken over by elsewhere:1:abc"):
+        while time.monotonic() < deadline:
+            courier.check()
+            time.sleep(0.1)
+    courier.close()
+
+
+def test_who_is_alive():
+    here = socket.gethostname()
+    later, earlier = time.time() + 60, time.time() - 1
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    assert not owner_is_alive(f"{here}:{dead}:x", later)  # its process is gone: dead at once
+    assert owner_is_alive(f"{here}:{os.getpid()}:x", later)
+    assert not owner_is_alive(f"{here}:{os.getpid()}:x", earlier)  # lease lapsed
+    assert owner_is_alive("another-host:1:x", later)  # elsewhere: the lease decides
+    assert not owner_is_alive("another-host:1:x", earlier)
+    assert not owner_is_alive("", later)
