@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -125,6 +126,7 @@ def node_loss(how: str) -> None:
                 f"{'returned' if ready else 'still waited on'}; "
                 f"the same task submitted again ran on the other node in {resubmitted:.1f} s"
             )
+    shutil.rmtree(marks)
     print(f"cluster head + 2 nodes, driver connected: {up:.1f} s")
     print(f"  node {how}: {result}")
 
