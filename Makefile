@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test postgres lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -15,10 +15,15 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/seqgen demo
 
-test: setup
+# Everything, the slow tests with real servers and clusters included (what CI runs).
+test: setup postgres
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+
+# The tests start their own PostgreSQL servers: install Debian's if it is missing (needs root).
+postgres:
+	@bash .ci/install-postgres
 
 bench: setup
 	$(BIN)/seqgen bench --baseline

@@ -4,15 +4,14 @@ import json
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
-from conftest import REPO, free_port, point_default_experiment, subprocess_env
+from conftest import REPO, point_default_experiment, subprocess_env
 from mlflow.tracking import MlflowClient
+from services import MlflowServer
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
@@ -81,53 +80,13 @@ def test_mlflow_run_bad_phase_fails_cleanly(store):
 def server(tmp_path, migrated_db, monkeypatch):
     """A real `mlflow server` on 127.0.0.1 with a sqlite backend and proxied artifacts."""
     shutil.copy(migrated_db, tmp_path / "server.db")
-    point_default_experiment(tmp_path / "server.db", tmp_path / "artifacts" / "0")
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [
-            MLFLOW,
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=subprocess_env(""),
-        cwd=tmp_path,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(
-                    "mlflow server did not come up: "
-                    + (tmp_path / "server.log").read_text()[-2000:]
-                )
-            time.sleep(0.5)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    # as on a fresh server: the Default experiment's artifacts go through the server
+    point_default_experiment(tmp_path / "server.db", "mlflow-artifacts:/0")
+    with MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts") as server:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+        mlflow.set_tracking_uri(server.uri)
+        yield server.uri
 
 
 def test_whole_flow_against_a_real_server(server, smoke_data, tmp_path):
@@ -163,8 +122,8 @@ def test_whole_flow_against_a_real_server(server, smoke_data, tmp_path):
         assert by_name[name].info.status == "FINISHED"
     p2 = by_name["mae-p2-s0"].info.run_id
     assert [m.step for m in client.get_metric_history(p2, "train_loss")] == [3, 4]
-    # artifacts went through the server (proxied), not to a local path
-    assert (tmp_path / "artifacts").is_dir()
+    # artifacts went through the server (proxied) into its --artifacts-destination
+    assert len(list((tmp_path / "artifacts").rglob("training_metrics.csv"))) == 2
     assert "training_metrics.csv" in {a.path for a in client.list_artifacts(p2)}
     v2 = client.get_model_version_by_alias("seqgen-mae-smoke", "phase-2")
     assert v2.tags["continued_from"] == "seqgen-mae-smoke/1"
