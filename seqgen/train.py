@@ -21,7 +21,14 @@ from seqgen.losses import make_loss
 from seqgen.model import StreamlinedSequenceGenerator
 from seqgen.schedules import learning_rate, teacher_forcing_ratio
 from seqgen.start import Start, choose_device, load_phase_data, resolve_start, split_tensors
-from seqgen.step import Precision, choose_precision, evaluate_loss, optimizer_step, seed_epoch
+from seqgen.step import (
+    Precision,
+    choose_precision,
+    evaluate_loss,
+    load_scaler_state,
+    optimizer_step,
+    seed_epoch,
+)
 
 # ---- what one epoch produced, and the bookkeeping across epochs ---------------------------------
 
@@ -216,7 +223,8 @@ def train_phase(
     progress = Progress()
     if start.checkpoint is not None:
         optimizer.load_state_dict(start.checkpoint.optimizer)
-        ph.precision.scaler.load_state_dict(start.checkpoint.scaler)
+        if note := load_scaler_state(ph.precision.scaler, start.checkpoint.scaler):
+            log(f"[{s.run_name}] {note}")
         progress = Progress(**start.checkpoint.progress)
     done = len(progress.history)
     if done >= s.epochs:
@@ -321,7 +329,9 @@ def record_setup(ph: Phase, run_id: str, log) -> None:
     )
     for name in outputs.write_setup_files(ph.out_dir, settings, start.split, start.norm):
         tracking.log_artifact(ph.out_dir / name)
-    sizes = "/".join(str(len(ph.parts[k][0])) for k in ("train", "val", "test"))
+    counts = {k: len(ph.parts[k][0]) for k in ("train", "val", "test")}
+    tracking.log_dataset(s.data_dir, ph.data.fingerprint, counts)
+    sizes = "/".join(map(str, counts.values()))
     log(
         f"[{s.run_name}] {s.variant} phase {s.phase}, epochs {start.first_epoch}-{ph.last_epoch}, "
         f"{sizes} train/val/test, {ph.precision.note}, device {ph.device}, run {run_id}"
@@ -425,6 +435,7 @@ def finish_phase(
             "continued_from": parent.removeprefix("models:/"),
         },
     )
+    tracking.describe_model(s.registered_model, version, best, parent)
     tracking.set_tags({"stop_reason": reason, "model_version": version, "paused_at_epoch": ""})
     last = progress.history[-1]["epoch"]
     tracking.log_metrics(
