@@ -150,7 +150,10 @@ def evaluate_model(
 ) -> dict:
     """Generate `split_name` free-running, measure it, log an evaluation run; return a summary."""
     tracking.check_tracking_store()
-    bundle = tracking.load_bundle(model_uri)
+    # An alias is resolved once: the version loaded is the version recorded, even if the alias
+    # moves while this evaluation runs.
+    exact_uri = tracking.exact_model_uri(model_uri)
+    bundle = tracking.load_bundle(exact_uri)
     folder = _data_folder(data_dir, bundle)
     cfg = bundle.model_config
     data = load_sequences(folder, cfg.n_components, cfg.n_params)
@@ -189,11 +192,12 @@ def evaluate_model(
     sweeps = sweep_params(data.params)  # (P, S, P)
     sweep_pred = generate_original(model, bundle, sweeps.reshape(-1, sweeps.shape[-1]))
 
-    source = tracking.model_source(model_uri, bundle.run_id)
+    source = tracking.model_source(exact_uri, bundle.run_id)
     run_name = f"eval-{bundle.strategy}-p{bundle.phase}-s{bundle.seed}"
     tags = {
         "kind": "evaluation",
         "model_uri": model_uri,
+        "evaluated_model_uri": exact_uri,
         "strategy": bundle.strategy,
         "phase": bundle.phase,
         "seed": bundle.seed,
@@ -246,6 +250,7 @@ def evaluate_model(
             summary = {
                 "run_id": run_id,
                 "model_uri": model_uri,
+                "evaluated_model_uri": exact_uri,
                 "split": split_name,
                 "n_samples": len(idx),
                 "epoch": bundle.epoch,

@@ -62,7 +62,11 @@ def resume_refusal(
     if not others:
         return f"--resume: no run of {run_name} to take up; start it without --resume"
     theirs = others[0].settings
-    changed = sorted(k for k, v in identity.items() if k in theirs and theirs[k] != v)
+    changed = [
+        f"{k} ({theirs[k]} then, {v} now)"
+        for k, v in sorted(identity.items())
+        if k in theirs and theirs[k] != v
+    ]
     return (
         f"--resume takes up a phase with the settings and data it started with; {run_name} "
         f"(run {others[0].run_id}) differs in: {', '.join(changed) or 'settings'}"

@@ -9,6 +9,14 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+
+class RefusedInput(MlflowException, ValueError):
+    """A request the model refuses. An MlflowException with INVALID_PARAMETER_VALUE, so
+    `mlflow models serve` answers 400 with this message (any other exception becomes a 400 that
+    says only "unexpected error"); a ValueError for callers of predict()."""
 
 
 class SeqgenPyfunc(mlflow.pyfunc.PythonModel):
@@ -21,9 +29,12 @@ class SeqgenPyfunc(mlflow.pyfunc.PythonModel):
         self.model = self.bundle.build_model()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from seqgen.generate import generate_frame
+        from seqgen.generate import InputError, generate_frame
 
-        return generate_frame(self.model, self.bundle, model_input)
+        try:
+            return generate_frame(self.model, self.bundle, model_input)
+        except InputError as e:
+            raise RefusedInput(str(e), error_code=INVALID_PARAMETER_VALUE) from None
 
 
 mlflow.models.set_model(SeqgenPyfunc())

@@ -42,6 +42,21 @@ def choose_precision(device: torch.device, enabled: bool) -> Precision:
     return Precision(device, None, off, "mixed precision off: this CPU has no bf16 support")
 
 
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> str:
+    """Restore a checkpoint's GradScaler state into this device's scaler; returns a note ("" when
+    restored as saved).
+
+    A checkpoint made without a GradScaler (CPU, or mixed precision off) holds an empty state,
+    which an enabled scaler refuses (torch raises): a CPU checkpoint resumed on CUDA starts a fresh
+    scaler instead. The reverse needs nothing: a disabled scaler ignores any state."""
+    if not scaler.is_enabled():
+        return ""
+    if not state:
+        return f"the checkpoint has no GradScaler state: starting at scale {scaler.get_scale():g}"
+    scaler.load_state_dict(state)
+    return ""
+
+
 @dataclass
 class StepResult:
     loss: float

@@ -22,15 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 import requests
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
 from seqgen.bundle import Bundle
-from seqgen.errors import TrackingError
+from seqgen.errors import TrackingError, redact
 
 DEFAULT_EXPERIMENT = "Default"  # MLflow's own, where `mlflow run` puts runs unless told otherwise
 MODEL_NAME_IN_RUN = "model"
@@ -40,6 +41,8 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 def check_tracking_store() -> str:
     """Fail fast, before any work, when the configured tracking store cannot be used."""
     uri = mlflow.get_tracking_uri()
+    if redact(uri) != uri:  # MLflow prints "View run <name> at: <tracking URI>/..." otherwise
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if uri.startswith(("http://", "https://")):
         try:  # requests takes user:password in the URI as basic auth, as MLflow's client does
             requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
@@ -310,6 +313,7 @@ def register_phase_model(
             outputs=Schema(
                 [ColSpec("long", "sample"), ColSpec("double", data.step_name)]
                 + [ColSpec("double", n) for n in data.component_names]
+                + [ColSpec("boolean", "outside_training_range")]
             ),
         )
         with tempfile.TemporaryDirectory(prefix="seqgen-model-") as tmp:
@@ -407,3 +411,73 @@ def model_source(uri: str, bundle_run_id: str | None = None) -> dict[str, str]:
         except MlflowException:  # a .pth trained against another store
             del out["evaluated_run_id"]
     return out
+
+
+# ---- what a run trained on, and what a registered model is -------------------------------------
+
+
+def log_dataset(run_id: str, folder: str | Path, fingerprint: str, sizes: dict[str, int]) -> None:
+    """The run's data as an MLflow dataset input (once): named after the folder, the folder as
+    source, the content fingerprint as digest, the split sizes as a small table and as tags.
+    The runs table's Dataset column shows it; the data itself is not uploaded."""
+    client = _client()
+    if client.get_run(run_id).inputs.dataset_inputs:  # a resumed run logged it when it started
+        return
+    folder = Path(folder).resolve()
+    summary = pd.DataFrame({"split": list(sizes), "samples": [float(n) for n in sizes.values()]})
+    with warnings.catch_warnings():  # "source can be interpreted in multiple ways": a folder
+        warnings.simplefilter("ignore")
+        dataset = mlflow.data.from_pandas(
+            summary, source=str(folder), name=folder.name, digest=fingerprint
+        )
+    tags = [InputTag("mlflow.data.context", "training")]
+    tags += [InputTag(f"{split}_samples", str(n)) for split, n in sizes.items()]
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), tags)])
+
+
+def model_descriptions(
+    bundle: Bundle, name: str, version: str, continued_from: str
+) -> tuple[str, str]:
+    """(registered model description, version description): what the model generates, its input
+    columns and their trained ranges, the phase and what it continued from, how to load it."""
+    d = bundle.data
+    ranges = list(zip(d.param_names, d.param_ranges, strict=True)) if d.param_ranges else []
+    example = {n: [round((lo + hi) / 2, 6)] for n, (lo, hi) in ranges}
+    example = example or {n: [0.0] for n in d.param_names}
+    params, comps = ", ".join(d.param_names), ", ".join(d.component_names)
+
+    def load(uri: str) -> str:
+        return (
+            "```python\nimport mlflow, pandas as pd\n"
+            f'mlflow.pyfunc.load_model("{uri}").predict(pd.DataFrame({example}))\n```'
+        )
+
+    latest = f"models:/{name}@phase-{bundle.phase}"
+    model_text = (
+        f"seqgen `{bundle.strategy}` ({bundle.preset} preset): generates sequences of "
+        f"{d.seq_len} steps of {len(d.component_names)} components ({comps}) from "
+        f"{len(d.param_names)} simulation parameters ({params}), free-running, in the data's "
+        f"original units.\n\nInput: one row per parameter set, columns {params}; other columns "
+        f"are ignored. Output: long format, columns sample, {d.step_name}, {comps}, "
+        "outside_training_range. Aliases `phase-N` (latest of any seed) and `phase-N-s<seed>`."
+        f"\n\nLoad the latest phase {bundle.phase}:\n\n{load(latest)}"
+    )
+    span = "; ".join(f"{n} in [{lo:.6g}, {hi:.6g}]" for n, (lo, hi) in ranges)
+    parent = continued_from.removeprefix("models:/") or "nothing (new training)"
+    version_text = (
+        f"Phase {bundle.phase} of `{bundle.strategy}`, seed {bundle.seed}, best validation loss "
+        f"{bundle.val_loss:.6g} at epoch {bundle.epoch} (last epoch {bundle.last_epoch}); "
+        f"continued from {parent}; run {bundle.run_id}.\n\nTrained on {d.data_dir} (fingerprint "
+        f"{d.fingerprint}); parameter ranges of the training split: {span or 'not recorded'}. "
+        f"Inputs outside them are answered and flagged (outside_training_range).\n\n"
+        f"{load(f'models:/{name}/{version}')}"
+    )
+    return model_text, version_text
+
+
+def describe_model(name: str, version: str, bundle: Bundle, continued_from: str) -> None:
+    """Set the registry page texts of the model and of this version (model_descriptions)."""
+    model_text, version_text = model_descriptions(bundle, name, version, continued_from)
+    client = MlflowClient()
+    client.update_registered_model(name, description=model_text)
+    client.update_model_version(name, version, description=version_text)

@@ -43,7 +43,14 @@ from seqgen.start import (
     resume_from,
     split_tensors,
 )
-from seqgen.step import Precision, choose_precision, evaluate_loss, optimizer_step, seed_epoch
+from seqgen.step import (
+    Precision,
+    choose_precision,
+    evaluate_loss,
+    load_scaler_state,
+    optimizer_step,
+    seed_epoch,
+)
 from seqgen.version import code_digest, code_version
 
 
@@ -192,7 +199,8 @@ def train_phase(
     progress = Progress()
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint.optimizer)
-        restore_scaler(precision.scaler, checkpoint.scaler)
+        if note := load_scaler_state(precision.scaler, checkpoint.scaler):
+            log(f"[{s.run_name}] {note}")
         progress = Progress(**checkpoint.progress)
 
     owner = new_owner()
@@ -298,7 +306,9 @@ def record_setup(ph: Phase, tr: Training, log) -> None:
     outputs.mark_folder(ph.out_dir, tr.run_id)
     for name in outputs.write_setup_files(ph.out_dir, settings, start.split, start.norm):
         tr.courier.artifact(ph.out_dir / name)
-    sizes = "/".join(str(len(start.split.part(k))) for k in ("train", "val", "test"))
+    counts = {k: len(start.split.part(k)) for k in ("train", "val", "test")}
+    tracking.log_dataset(tr.run_id, s.data_dir, ph.data.fingerprint, counts)
+    sizes = "/".join(map(str, counts.values()))
     done = len(tr.progress.history)
     log(
         f"[{s.run_name}] {s.variant} phase {s.phase}, epochs {start.first_epoch}-{ph.last_epoch}, "
@@ -445,6 +455,9 @@ def finish_phase(
             "continued_from": (ph.start.parent_uri or "").removeprefix("models:/"),
         },
     )
+    tracking.describe_model(
+        s.registered_model, version, Bundle.load(best_path), ph.start.parent_uri or ""
+    )
     summary = {
         "best_val_loss": progress.best_val,
         "best_epoch": progress.best_epoch,
@@ -478,13 +491,6 @@ def write_csv(ph: Phase, progress: Progress) -> None:
     two = ph.s.trains_two_terms
     rows = [EpochStats(**h).csv_row(two) for h in progress.history]
     outputs.write_metrics_csv(ph.out_dir, rows, two)
-
-
-def restore_scaler(scaler: torch.amp.GradScaler, state: dict) -> None:
-    """Load a checkpoint's GradScaler state where it fits: a checkpoint from a machine without
-    fp16 (CPU) has none, and an enabled scaler then starts from its defaults."""
-    if scaler.is_enabled() and state:
-        scaler.load_state_dict(state)
 
 
 def epoch_line(s: PhaseSettings, st: EpochStats, last_epoch: int, eta: float, best: bool) -> str:

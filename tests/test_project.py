@@ -129,7 +129,7 @@ def test_whole_flow_against_a_real_server(server, smoke_data, tmp_path):
     assert v2.tags["continued_from"] == "seqgen-mae-smoke/1"
     model = mlflow.pyfunc.load_model("models:/seqgen-mae-smoke@phase-2")
     out = model.predict(pd.DataFrame({"nu": [0.05], "amplitude": [1.0]}))
-    assert out.shape == (151, 7)
+    assert out.shape == (151, 8)  # sample, step, 5 components, outside_training_range
 
 
 def test_demo_end_to_end_and_again(store, smoke_data, tmp_path):

@@ -106,14 +106,15 @@ def test_logged_model_is_a_pyfunc_in_original_units_and_a_trainable_module(store
     uri = "models:/seqgen-autocorr-smoke@phase-1"
     frame = pd.DataFrame({"nu": [0.01, 0.1, 0.3], "amplitude": [0.6, 1.0, 1.4]})
     out = mlflow.pyfunc.load_model(uri).predict(frame)
-    assert list(out.columns) == ["sample", "step", "pc1", "pc2", "pc3", "pc4", "pc5"]
+    components = ["pc1", "pc2", "pc3", "pc4", "pc5"]
+    assert list(out.columns) == ["sample", "step", *components, "outside_training_range"]
     assert len(out) == 3 * 151
     assert out["step"].tolist()[:3] == [0, 1, 2] and out["sample"].unique().tolist() == [0, 1, 2]
 
     bundle = tracking.load_bundle(uri)
     model = bundle.build_model()
     expected = generate_original(model, bundle, frame.to_numpy(np.float32))
-    np.testing.assert_allclose(out.iloc[:, 2:].to_numpy().reshape(3, 151, 5), expected, rtol=1e-5)
+    np.testing.assert_allclose(out[components].to_numpy().reshape(3, 151, 5), expected, rtol=1e-5)
     # original units: the generated values are the standardised outputs mapped back
     norm = bundle.normalizer
     mean, std = norm.component_mean, norm.component_std
@@ -150,7 +151,7 @@ def test_resume_equals_uninterrupted(store, smoke_data, tmp_path, monkeypatch):
     assert client.get_run(paused.run_id).info.status == "KILLED"  # left out of comparisons
 
     other = settings("mae", 1, smoke_data, epochs=6, outputs_root="c", noise_level=0.2)
-    with pytest.raises(ConfigError, match="differs in: noise_level, save_every"):
+    with pytest.raises(ConfigError, match=r"differs in: noise_level \(0.05 then, 0.2 now\), save_every \(2 then, 1 now\)"):
         train_phase(other, resume=True, log=quiet)
     assert client.get_run(paused.run_id).info.status == "KILLED"  # untouched by the refusal
 
