@@ -3,11 +3,13 @@
 training does, and scores each on the test split with seqgen.evaluate.measure.
 
     python benchmarks/baselines.py [--data /tmp/burgers] [--seeds 0,1,2] [--sizes demo,full]
+        [--direct-modes 32,755]
 
 The data folder must hold `seqgen synth --out DIR --n-samples 5500 --seed 0` (made if missing).
 Baselines have no teacher forcing, so measure's teacher-forced entries (`mae_teacher_forced`,
 `tf_gap`) are left out. The direct network is fitted once per seed (mean ± std over seeds);
-mean and knn do not depend on a seed.
+mean and knn do not depend on a seed. `--direct-modes 32,755` adds a direct row per number of
+output modes: 755 = T*K spans every sequence, the same functions as a free output layer.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seqgen.baselines import BASELINES, fit_baseline
+from seqgen.baselines import BASELINES, DirectSettings, fit_baseline
 from seqgen.data import load_sequences
 from seqgen.evaluate import measure
 from seqgen.metrics import ACF_MAX_LAG
@@ -39,9 +41,9 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def score(name: str, data, split, seed: int, pca) -> dict:
+def score(name: str, data, split, seed: int, pca, **options) -> dict:
     """Fit one baseline, predict the test split, measure it: summary + info + seconds."""
-    fitted = fit_baseline(name, data, split, seed)
+    fitted = fit_baseline(name, data, split, seed, **options)
     test = split.indices(data.files, "test")
     started = time.perf_counter()
     pred = fitted.predict(data.params[test])
@@ -73,7 +75,8 @@ def chosen(name: str, rows: list[dict]) -> str:
     if name == "knn":
         return f"k={rows[0]['k']}"
     if name == "direct":
-        return "epochs " + ",".join(f"{r['best_epoch']}/{r['epochs']}" for r in rows)
+        epochs = ", ".join(f"{r['best_epoch']}/{r['epochs']}" for r in rows)
+        return f"{rows[0]['modes']} modes, epochs (best/run) {epochs}"
     return ""
 
 
@@ -82,6 +85,7 @@ def main() -> None:
     parser.add_argument("--data", default="/tmp/burgers")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the direct network")
     parser.add_argument("--sizes", default="demo,full")
+    parser.add_argument("--direct-modes", default="32", help="output modes of direct, one row each")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     folder = Path(args.data)
@@ -101,11 +105,19 @@ def main() -> None:
         )
         print("| baseline | chosen | fit s | " + " | ".join(f"test {c}" for c in COLUMNS) + " |")
         print("|---" * (3 + len(COLUMNS)) + "|")
-        for name in BASELINES:
-            rows = [score(name, data, split, s, pca) for s in (seeds if name == "direct" else [0])]
+        runs = [(name, [0], {}) for name in BASELINES if name != "direct"]
+        runs += [
+            ("direct", seeds, {"settings": DirectSettings(modes=int(m))})
+            for m in args.direct_modes.split(",")
+        ]
+        for name, run_seeds, options in runs:
+            rows = [score(name, data, split, s, pca, **options) for s in run_seeds]
             cells = [fmt([r[c] for r in rows]) for c in COLUMNS]
             fit_s = fmt([r["fit_seconds"] for r in rows], 3)
-            print(f"| {name} | {chosen(name, rows)} | {fit_s} | " + " | ".join(cells) + " |")
+            print(
+                f"| {name} | {chosen(name, rows)} | {fit_s} | " + " | ".join(cells) + " |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from seqgen.baselines import (
     fit_mean,
     idw_weights,
     knn_candidates,
+    sequence_basis,
 )
 from seqgen.data import SequenceData
 from seqgen.errors import ConfigError, DataError, SeqgenError
@@ -167,6 +168,17 @@ def test_direct_stops_early_when_validation_stops_improving():
     info = fit_direct(train_p, train_y, val_p, val_y, seed=0, settings=s).info
     assert info["stopped_early"] is True
     assert info["epochs"] == info["best_epoch"] + s.patience < s.max_epochs
+
+
+def test_sequence_basis_spans_the_training_sequences():
+    rng = np.random.default_rng(5)
+    y = rng.normal(size=(40, 3)) @ rng.normal(size=(3, 12)) + 7.0  # rank 3 about a mean
+    mean, basis = sequence_basis(y, modes=5)
+    assert basis.shape == (5, 12)  # modes beyond the rank are kept (they carry ~0 variance)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(5), atol=1e-12)
+    top = basis[:3]
+    np.testing.assert_allclose(mean + (y - mean) @ top.T @ top, y, atol=1e-10)
+    assert sequence_basis(y[:4], modes=32)[1].shape == (4, 12)  # at most N directions
 
 
 def test_direct_is_seeded_and_leaves_the_callers_torch_state_alone():
