@@ -153,7 +153,7 @@ class Courier:
             if not self._wait_for_server():
                 return
             try:
-                self._renew_lease()
+                self._renew_lease(item)
                 if item is not None:
                     self._deliver(item)
             except _Stop:
@@ -199,8 +199,12 @@ class Courier:
         with self._cv:
             return len(self._items)
 
-    def _renew_lease(self) -> None:
-        if time.monotonic() - self._renewed < self.renew_every:
+    def _renew_lease(self, item: _Item | None) -> None:
+        """Renew the lease when due. Before metrics, also make sure the run is still this
+        process's: one that was frozen (a node off the network) and wakes after another process
+        took the run over must not log a step the new owner logs too."""
+        due = time.monotonic() - self._renewed >= self.renew_every
+        if not due and (item is None or item.kind != "metrics"):
             return
         holder = tracking.run_tags(self.run_id).get("lease_owner", "")
         if holder != self.owner:
@@ -208,9 +212,10 @@ class Courier:
                 self._lost_to = holder or "another process"
                 self._cv.notify_all()
             raise _Stop
-        lease = {"lease_expires": f"{time.time() + LEASE_SECONDS:.0f}"}
-        tracking.set_run_tags(self.run_id, lease)
-        self._renewed = time.monotonic()
+        if due:
+            lease = {"lease_expires": f"{time.time() + LEASE_SECONDS:.0f}"}
+            tracking.set_run_tags(self.run_id, lease)
+            self._renewed = time.monotonic()
 
     def _deliver(self, item: _Item) -> None:
         if item.kind == "metrics":

@@ -101,7 +101,7 @@ def claim_run(
         if parent_run_id is None:
             parent_run_id = tracking.active_run_id()  # a pipeline's or a demo's parent run
         tags = tags | lease | {"phase_state": "training"}
-        return tracking.create_phase_run(experiment_id, run_name, tags, parent_run_id)
+        return tracking.create_run(experiment_id, run_name, tags, parent_run_id)
     tracking.set_run_tags(record.run_id, lease | {"stop_reason": "", "paused_at_epoch": ""})
     tracking.set_run_status(record.run_id, "RUNNING")
     return record.run_id

@@ -60,6 +60,7 @@ class Progress:
     stale_epochs: int = 0  # epochs since the best validation loss
     nonfinite_in_a_row: int = 0
     history: list[dict] = field(default_factory=list)  # EpochStats as dicts, in order
+    stopped: str = ""  # the early-stopping reason, once one applied
 
     def add(self, stats: EpochStats) -> bool:
         """Record an epoch; True when its validation loss is the best so far."""

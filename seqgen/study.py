@@ -251,7 +251,7 @@ def drive(
         "phases": f"{phases[0]}-{phases[-1]}",
         "chains": ",".join(c.name for c in chains),
     }
-    study_run = tracking.create_phase_run(exp_id, f"study-{preset}", tags, None)
+    study_run = tracking.create_run(exp_id, f"study-{preset}", tags, None)
     ctx = Context(
         tuple(phases),
         preset,

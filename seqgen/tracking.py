@@ -204,7 +204,7 @@ def _record(run) -> PhaseRecord:
     )
 
 
-def create_phase_run(
+def create_run(
     exp_id: str, run_name: str, tags: dict[str, Any], parent_run_id: str | None
 ) -> str:
     """A new run; under `mlflow run`, the run its launcher made (MLFLOW_RUN_ID) instead."""

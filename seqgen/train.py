@@ -232,12 +232,15 @@ def train_phase(
 def train_epochs(ph: Phase, tr: Training, stop_at_epoch, max_outage, log, on_epoch) -> PhaseResult:
     """The epochs left: each trains, evaluates, checkpoints, then logs; then finish."""
     s = ph.s
+    if tr.progress.stopped:  # stopped early, then interrupted before it was registered
+        return finish_phase(ph, tr, max_outage, log, tr.progress.stopped)
     loss_fn = make_loss(s.alpha, s.max_lag)
     done, started = len(tr.progress.history), time.perf_counter()
     for epoch in range(done, s.epochs):
         global_epoch = ph.start.first_epoch + epoch
         stats, grad_norms = run_epoch(ph, tr, loss_fn, epoch)
         improved = tr.progress.add(stats)
+        tr.progress.stopped = stop_reason(s, tr.progress, stats, grad_norms)
         # Checkpoint before logging: the checkpoint carries the epoch's numbers
         # (progress.history), so an interruption between the two loses nothing.
         save_epoch(ph, tr, improved)
@@ -256,9 +259,9 @@ def train_epochs(ph: Phase, tr: Training, stop_at_epoch, max_outage, log, on_epo
                 f"paused after epoch {global_epoch} with its checkpoint in {ph.out_dir}; run the "
                 "same command again to resume"
             )
-        if reason := stop_reason(s, tr.progress, stats, grad_norms):
-            log(f"[{s.run_name}] early stop at epoch {global_epoch}: {reason}")
-            return finish_phase(ph, tr, max_outage, log, reason)
+        if tr.progress.stopped:
+            log(f"[{s.run_name}] early stop at epoch {global_epoch}: {tr.progress.stopped}")
+            return finish_phase(ph, tr, max_outage, log, tr.progress.stopped)
         if stop_at_epoch is not None and stop_at_epoch <= global_epoch < ph.last_epoch:
             tr.courier.tags({"stop_reason": "paused", "paused_at_epoch": global_epoch})
             tr.courier.drain(max_outage)

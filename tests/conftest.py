@@ -11,6 +11,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
+
+# Smoke-sized models are tiny GEMMs: one thread is faster than two, and tests that run processes
+# side by side (Ray chains, a served model, the CLI) do not fight over the two cores.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_SAMPLES = 40
@@ -79,6 +84,7 @@ def subprocess_env(uri: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_TRACKING_URI"] = uri
     env["PYTHONUNBUFFERED"] = "1"
+    env["OMP_NUM_THREADS"] = "1"
     # as in an activated virtualenv: `mlflow run` finds the `seqgen` command next to python
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env

@@ -20,7 +20,7 @@ from seqgen.errors import TrackingError
 def run_id(store):
     exp = tracking.experiment_id()
     owner = new_owner()
-    rid = tracking.create_phase_run(exp, "t-p1-s0", {"lease_owner": owner}, None)
+    rid = tracking.create_run(exp, "t-p1-s0", {"lease_owner": owner}, None)
     return rid, owner
 
 

@@ -160,8 +160,10 @@ def test_a_plain_pip_install_finds_the_phase_table(tmp_path):
     site = next((fresh / "lib").glob("python3*/site-packages"))
     deps = next(p for p in map(Path, sys.path) if p.name == "site-packages" and p.is_dir())
     (site / "deps.pth").write_text(f"{deps}\n")
+    source = tmp_path / "source"  # a copy: building in the checkout would leave build/ there
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".*", "build", "outputs", "*.db"))
     build = subprocess.run(
-        [fresh / "bin" / "pip", "install", "--quiet", "--no-deps", str(REPO)],
+        [fresh / "bin" / "pip", "install", "--quiet", "--no-deps", str(source)],
         capture_output=True,
         text=True,
         timeout=600,

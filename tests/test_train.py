@@ -151,7 +151,8 @@ def test_resume_equals_uninterrupted(store, smoke_data, tmp_path, monkeypatch):
     assert client.get_run(paused.run_id).info.status == "KILLED"  # left out of comparisons
 
     other = settings("mae", 1, smoke_data, epochs=6, outputs_root="c", noise_level=0.2)
-    with pytest.raises(ConfigError, match=r"differs in: noise_level \(0.05 then, 0.2 now\), save_every \(2 then, 1 now\)"):
+    differs = r"differs in: noise_level \(0.05 then, 0.2 now\), save_every \(2 then, 1 now\)"
+    with pytest.raises(ConfigError, match=differs):
         train_phase(other, resume=True, log=quiet)
     assert client.get_run(paused.run_id).info.status == "KILLED"  # untouched by the refusal
 
