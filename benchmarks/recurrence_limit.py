@@ -4,14 +4,63 @@ the trainer chooses on this CPU and in float32. Every row is one `seqgen bench` 
 (medians of --batches turns, the limit timed in turn with the real work).
 
     python benchmarks/recurrence_limit.py [--presets full,demo] [--threads 2,1] [--batches 5]
+    python benchmarks/recurrence_limit.py --profile [--presets full] [--threads 1]
+
+--profile says where a training step's time goes instead (torch.profiler over --batches steps):
+the recurrence's GEMMs, the rest of the native recurrence (gate math, loop, buffers), the dropout
+mask, the optimiser, and everything else (model and loss ops, autograd, Python between ops).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
+from collections import Counter
 
-from seqgen.bench import cpu_name, run_bench
+import torch
+
+from seqgen.bench import _training_step, cpu_name, run_bench
+from seqgen.config import resolve
+from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
+from seqgen.train import choose_precision
+
+
+def category(event) -> str:
+    """Where a profiled op's own time belongs, by the op and the ops it ran inside."""
+    names, parent = [], event
+    while parent is not None:
+        names.append(parent.name)
+        parent = parent.cpu_parent
+    if any(n.startswith("seqgen_native::") for n in names):
+        return "recurrence GEMMs" if event.name == "aten::mm" else "native gate math and loop"
+    if any(n.startswith("Optimizer.") for n in names):
+        return "optimiser (zero_grad, AdamW)"
+    if "aten::bernoulli" in names:
+        return "dropout mask (torch.bernoulli)"
+    return "other ops (model, loss, autograd, clipping)"
+
+
+def profile(preset: str, threads: int, steps: int) -> None:
+    """Milliseconds per training step by category, measured with torch.profiler."""
+    torch.set_num_threads(threads)
+    s = resolve("combined", 1, preset)
+    model = StreamlinedSequenceGenerator(ModelConfig(5, 2, s.hidden_size, s.num_layers, s.dropout))
+    precision = choose_precision(torch.device("cpu"), True)
+    step = _training_step(model.train(), s, precision)
+    step()
+    started = time.perf_counter()
+    with torch.profiler.profile() as prof:
+        for _ in range(steps):
+            step()
+    wall = (time.perf_counter() - started) / steps * 1e3
+    ms = Counter()
+    for event in prof.events():
+        ms[category(event)] += event.self_cpu_time_total / 1e3 / steps
+    ms["Python between ops (and profiler)"] = wall - sum(ms.values())
+    print(f"{preset}, {threads} thread(s), {precision.note}: {wall:.1f} ms per step")
+    for name, value in ms.most_common():
+        print(f"  {name:40s} {value:7.1f} ms  {value / wall:5.1%}")
 
 
 def main() -> None:
@@ -20,7 +69,13 @@ def main() -> None:
     parser.add_argument("--threads", default="2,1")
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="also print every result as JSON")
+    parser.add_argument("--profile", action="store_true", help="where a training step goes")
     args = parser.parse_args()
+    if args.profile:
+        for preset in args.presets.split(","):
+            for threads in [int(n) for n in args.threads.split(",")]:
+                profile(preset, threads, args.batches)
+        return
 
     print(f"CPU: {cpu_name()}\n")
     print("| preset | threads | GEMMs | recurrence | train seq/s | GEMM-only limit | fraction "

@@ -183,3 +183,27 @@ def test_two_processes_starting_at_once_build_it_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], errors
     assert sum("compiling the native recurrence" in e for e in errors) == 1
     assert len(list(tmp_path.rglob("seqgen_native.so"))) == 1
+
+
+def test_bench_reports_rates_beside_their_gemm_only_limits():
+    from seqgen.bench import run_bench
+
+    threads = torch.get_num_threads()
+    try:
+        r = run_bench("smoke", batches=1, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert r["recurrence"] == "native (C++)" and r["threads"] == 1
+    assert r["gemm_dtype"] in ("bfloat16", "float32") and r["cpu"]
+    for what in ("train", "generate"):
+        rate, limit = r[f"{what}_sequences_per_s"], r[f"gemm_limit_{what}_sequences_per_s"]
+        assert rate > 0 and limit > 0
+        assert r[f"{what}_fraction_of_gemm_limit"] == pytest.approx(rate / limit, abs=0.01)
+
+
+def test_without_a_compiler_the_python_path_runs_and_says_so_once(tmp_path):
+    result, err = run_snippet(CXX=str(tmp_path / "no-such-g++"), TORCH_EXTENSIONS_DIR=str(tmp_path))
+    said = [line for line in err.splitlines() if line.startswith("seqgen:")]
+    assert len(said) == 1 and "no C++ compiler" in said[0] and "Python recurrence" in said[0]
+    native_result, _ = run_snippet()
+    assert result["out"] == pytest.approx(native_result["out"], rel=1e-4, abs=1e-5)

@@ -1,11 +1,12 @@
 """The fused C++ recurrence (recurrence.cpp): compiled on first use, cached, loaded as torch ops.
 
-`ops()` returns `torch.ops.seqgen_native` (ops `forward` and `backward`), or None where it cannot
-be built (no compiler, no ninja) or where SEQGEN_NATIVE=0; then it says so in one line on stderr,
-once per process, and seqgen runs the Python recurrence.
+`ops()` returns `torch.ops.seqgen_native` (`forward`, `backward`, `run_gemms`), or None where
+it cannot be built (no compiler, no ninja) or where SEQGEN_NATIVE=0; then it says so in one line
+on stderr, once per process, and seqgen runs the Python recurrence.
 
 The build goes to $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) in a folder named by
-the torch and Python versions and the CPU's vector instruction set, so a cache shared by machines
+a hash of the source, the torch and Python versions and the CPU's vector instruction set: two
+checkouts of different versions never rebuild over each other, and a cache shared by machines
 of different kinds never loads code compiled for another CPU. Processes that start at once build
 it once: a lock (flock, released by the kernel even when its holder dies) lets one build while the
 others wait, then all load the same library.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
 import os
 import shutil
 import sys
@@ -37,14 +39,18 @@ def build_dir() -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
     isa = torch.backends.cpu.get_cpu_capability().lower()
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return Path(root) / f"seqgen_native-torch{torch.__version__.split('+')[0]}-{py}-{isa}"
+    return Path(root) / f"seqgen_native-{source}-torch{torch.__version__.split('+')[0]}-{py}-{isa}"
 
 
 def _build_and_load() -> None:
     from torch.utils.cpp_extension import load
 
+    compiler = os.environ.get("CXX", "c++")  # what torch compiles with
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler: {compiler} not found")
     if shutil.which("ninja") is None:  # torch calls `ninja` from PATH; the pip package has one
         import ninja
 
@@ -78,8 +84,10 @@ def ops():
     try:
         _build_and_load()
     except Exception as err:  # any reason the build or load fails means: run the Python path
+        # a failed build's message is mostly the compiler's command line; name the error
         lines = str(err).strip().splitlines() or [type(err).__name__]
-        reason = next((x for x in lines if "error:" in x), lines[0]).strip()[:300]
+        found = [x for x in lines if "error" in x.lower() or "not found" in x]
+        reason = (found or lines)[0].strip()[:300]
         _say(f"native recurrence unavailable ({reason}); running the Python recurrence")
         return None
     return torch.ops.seqgen_native
