@@ -1,8 +1,17 @@
-"""Throughput of the trainer's own optimiser step and of free-running generation."""
+"""Throughput of the trainer's own optimiser step and of free-running generation, each beside
+its GEMM-only limit: the time of exactly the GEMMs the recurrence runs, alone, at their real
+shapes and precision. No implementation of this recurrence can beat that limit on the machine;
+the fraction of it reached says how much time goes to everything else (gate math, dispatch,
+memory, loss, optimiser)."""
 
 from __future__ import annotations
 
+import os
+import platform
+import re
+import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -10,6 +19,7 @@ from torch import nn
 from seqgen.config import resolve
 from seqgen.losses import make_loss
 from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
+from seqgen.recurrence import gemm_plan, run_gemms, uses_native
 from seqgen.step import choose_precision, optimizer_step
 from seqgen.synth import N_SNAPSHOTS
 
@@ -52,39 +62,56 @@ class LSTMCellLoop(nn.Module):
         return torch.stack(outputs, dim=1)
 
 
-def _time_training(model, settings, batches: int, precision) -> float:
+def _training_step(model, settings, precision):
+    """One optimiser step of the trainer on a fixed random batch, as a function of no arguments."""
     loss_fn = make_loss(settings.alpha, settings.reported_max_lag)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.start_lr, weight_decay=settings.weight_decay
     )
     B, dev = settings.batch_size, precision.device
-    params = torch.randn(B, N_PARAMS, device=dev)
-    targets = torch.randn(B, SEQ_LEN, N_COMPONENTS, device=dev)
+    batch = [
+        (torch.randn(B, N_PARAMS, device=dev), torch.randn(B, SEQ_LEN, N_COMPONENTS, device=dev))
+    ]
+    clip = settings.clip_grad_norm
+    return lambda: optimizer_step(
+        model, loss_fn, batch, optimizer, precision, RATIO, settings.noise_level, clip
+    )
 
-    def step():
-        batch = [(params, targets)]
-        optimizer_step(
-            model,
-            loss_fn,
-            batch,
-            optimizer,
-            precision,
-            RATIO,
-            settings.noise_level,
-            settings.clip_grad_norm,
-        )
 
-    step()  # warm-up: allocator, threads
+def _seconds(fn, device: torch.device) -> float:
     started = time.perf_counter()
-    for _ in range(batches):
-        step()
-    _sync(dev)
-    return B * batches / (time.perf_counter() - started)
+    fn()
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def _median_seconds(fns: dict, repeats: int, device: torch.device) -> dict:
+    """Median wall time of each function, run in turns (after one warm-up run each), so a
+    slow spell of a shared machine falls on all of them alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_seconds(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the vector and matrix extensions that matter for the GEMMs."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = set((re.search(r"^flags\s*:\s*(.+)$", text, re.M) or ["", ""])[1].split())
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model[1].strip() if model else 'unknown'} ({', '.join(shown) or 'no AVX2'})"
 
 
 def run_bench(
@@ -94,7 +121,9 @@ def run_bench(
     threads: int | None = None,
     mixed_precision: bool = True,
 ) -> dict:
-    """Sequences/s for training (batch of the preset, ratio 0.7) and for generating 550."""
+    """Sequences/s for training (batch of the preset, ratio 0.7) and for generating 550, each
+    beside its GEMM-only limit: the same recurrence's GEMMs alone, at their real shapes and in
+    the precision the trainer chooses (medians of `batches` turns)."""
     if threads:
         torch.set_num_threads(threads)
     settings = resolve("combined", 1, preset)
@@ -105,28 +134,60 @@ def run_bench(
     precision = choose_precision(device, mixed_precision)
     torch.manual_seed(0)
     model = StreamlinedSequenceGenerator(cfg).to(device).train()
+    gemm_dtype = precision.dtype or torch.float32  # the recurrence's H-wide GEMMs under autocast
+    B, H, L, K = settings.batch_size, cfg.hidden_size, cfg.num_layers, cfg.n_components
+    shape = (SEQ_LEN, H, L, K, 1 + K + N_PARAMS, gemm_dtype)  # T, H, L, K, layer-0 features
+    train_plan = gemm_plan(SEQ_LEN, B, *shape[1:], train=True, device=device)
+    generate_plan = gemm_plan(SEQ_LEN, N_GENERATE, *shape[1:], train=False, device=device)
+    params = torch.randn(N_GENERATE, N_PARAMS, device=device)
+
+    def generate():
+        with precision.autocast():
+            model.generate(params, SEQ_LEN)
+
+    seconds = _median_seconds(
+        {
+            "train": _training_step(model, settings, precision),
+            "train_gemms": lambda: run_gemms(train_plan),
+            "generate": generate,
+            "generate_gemms": lambda: run_gemms(generate_plan),
+        },
+        batches,
+        device,
+    )
+    rates = {
+        "train_sequences_per_s": B / seconds["train"],
+        "gemm_limit_train_sequences_per_s": B / seconds["train_gemms"],
+        "generate_sequences_per_s": N_GENERATE / seconds["generate"],
+        "gemm_limit_generate_sequences_per_s": N_GENERATE / seconds["generate_gemms"],
+    }
+    probe = torch.zeros(1, 1, 1, device=device)
     result = {
         "preset": preset,
         "device": str(device),
-        "hidden_size": cfg.hidden_size,
-        "num_layers": cfg.num_layers,
-        "batch_size": settings.batch_size,
+        "cpu": cpu_name(),
+        "hidden_size": H,
+        "num_layers": L,
+        "batch_size": B,
         "seq_len": SEQ_LEN,
         "threads": torch.get_num_threads(),
         "precision": precision.note,
-        "train_sequences_per_s": round(_time_training(model, settings, batches, precision), 1),
+        "gemm_dtype": str(gemm_dtype).removeprefix("torch."),
+        "recurrence": "native (C++)" if uses_native(precision.dtype, probe) else "python",
+        **{key: round(value, 1) for key, value in rates.items()},
+        "train_fraction_of_gemm_limit": round(
+            rates["train_sequences_per_s"] / rates["gemm_limit_train_sequences_per_s"], 3
+        ),
+        "generate_fraction_of_gemm_limit": round(
+            rates["generate_sequences_per_s"] / rates["gemm_limit_generate_sequences_per_s"], 3
+        ),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # other work on the machine
     }
-    params = torch.randn(N_GENERATE, N_PARAMS, device=device)
-    model.generate(params[:8], SEQ_LEN)
-    started = time.perf_counter()
-    with precision.autocast():
-        model.generate(params, SEQ_LEN)
-    _sync(device)
-    result["generate_sequences_per_s"] = round(N_GENERATE / (time.perf_counter() - started), 1)
     if baseline:
         torch.manual_seed(0)
         reference = LSTMCellLoop(cfg).to(device).train()
-        rate = _time_training(reference, settings, batches, precision)
+        step = _training_step(reference, settings, precision)
+        rate = B / _median_seconds({"step": step}, batches, device)["step"]
         result["lstmcell_loop_train_sequences_per_s"] = round(rate, 1)
         result["speedup_vs_lstmcell_loop"] = round(result["train_sequences_per_s"] / rate, 2)
     return result

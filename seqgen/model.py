@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from seqgen.recurrence import AutoregressiveLSTM
+from seqgen.recurrence import autoregressive_lstm
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,8 @@ class StreamlinedSequenceGenerator(nn.Module):
         if self.training and noise_level > 0:
             noise_y = noise_level * torch.randn(T, B, K, device=dev)
             cond = cond + noise_level * torch.randn(T, B, cond.shape[2], device=dev)
-        # Everything layer 0 sees except the previous value itself: one GEMM for all steps.
+        # Everything layer 0 sees except the previous value itself.
         features = torch.cat([position, noise_y, cond], dim=2)  # (T, B, 1 + K + P)
-        pre0 = torch.addmm(self.b_in, features.reshape(T * B, -1), self.w_in).view(T, B, 4 * H)
 
         y_teacher = torch.zeros(T, B, K, device=dev)  # start value 0 at t = 0
         use_truth = torch.zeros(T, B, 1, device=dev)
@@ -115,9 +114,11 @@ class StreamlinedSequenceGenerator(nn.Module):
             torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
         )
         with torch.autocast(dev.type, enabled=False):
-            y = AutoregressiveLSTM.apply(
+            y = autoregressive_lstm(
                 mm_dtype,
-                pre0.float(),
+                features.float(),
+                self.w_in,
+                self.b_in,
                 y_teacher,
                 use_truth,
                 h0.float(),

@@ -7,11 +7,99 @@ activations, and the backward (a) keeps only the unavoidable per-step GEMMs (dh_
 and (b) forms every weight gradient once per sequence as one large GEMM over all T*B rows.
 
 Gate layout per layer: [i, f, o, g] (sigmoid on the first 3H columns at once, tanh on the last H).
+
+`autoregressive_lstm` is what the model calls. On CPU it runs the same recurrence with its time
+loop in C++ (seqgen/native/recurrence.cpp: per layer-step one GEMM and one fused pass of gate
+math over the batch); where the native part is not built or does not apply (CUDA, fp16) it runs
+the Python loop of AutoregressiveLSTM below.
 """
 
 from __future__ import annotations
 
 import torch
+
+from seqgen import native
+
+# (state dtype, GEMM dtype) pairs the native recurrence implements
+NATIVE_DTYPES = {
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float64, torch.float64),
+}
+
+
+def uses_native(mm_dtype: torch.dtype | None, x0: torch.Tensor) -> bool:
+    """True where autoregressive_lstm runs the C++ recurrence for these inputs."""
+    pair = (x0.dtype, mm_dtype or x0.dtype)
+    return x0.device.type == "cpu" and pair in NATIVE_DTYPES and native.ops() is not None
+
+
+def autoregressive_lstm(
+    mm_dtype, x0, w_x, b_x, y_teacher, use_truth, h0, c0, drop, w_y, w_out, b_out, *layer_w
+) -> torch.Tensor:
+    """yhat (T,B,K) of the stacked LSTM: native_lstm where it applies, else python_lstm.
+
+    x0 (T,B,F), w_x (F,4H), b_x (4H,): layer 0's input from everything but the previous value,
+    b_x + x0 @ w_x (step position, noise, parameters). The other arguments as
+    AutoregressiveLSTM.forward.
+    """
+    args = (x0, w_x, b_x, y_teacher, use_truth, h0, c0, drop, w_y, w_out, b_out, *layer_w)
+    if uses_native(mm_dtype, x0):
+        return native_lstm(mm_dtype, *args)
+    return python_lstm(mm_dtype, *args)
+
+
+def python_lstm(mm_dtype, x0, w_x, b_x, *args) -> torch.Tensor:
+    """autoregressive_lstm by AutoregressiveLSTM: layer 0's input as one GEMM, then the loop."""
+    T, B, F = x0.shape
+    pre0 = torch.addmm(b_x, x0.reshape(T * B, F), w_x).view(T, B, -1)
+    return AutoregressiveLSTM.apply(mm_dtype, pre0, *args)
+
+
+def native_lstm(mm_dtype, *args) -> torch.Tensor:
+    """autoregressive_lstm in C++; without autograd (generation) it keeps two steps of state."""
+    if torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args
+    ):
+        return NativeAutoregressiveLSTM.apply(mm_dtype, *args)
+    return _native_forward(mm_dtype, *args, save=False)[0]
+
+
+def _native_forward(mm_dtype, x0, w_x, b_x, y_teacher, use_truth, h0, c0, drop, w_y, w_out,
+                    b_out, *layer_w, save: bool) -> list[torch.Tensor]:  # fmt: skip
+    return native.ops().forward(
+        x0, w_x, b_x, y_teacher, use_truth, h0, c0, drop, w_y, w_out, b_out, list(layer_w),
+        mm_dtype or x0.dtype, save,
+    )  # fmt: skip
+
+
+class NativeAutoregressiveLSTM(torch.autograd.Function):
+    """The recurrence with forward and backward in C++; arguments as autoregressive_lstm."""
+
+    @staticmethod
+    def forward(ctx, mm_dtype, x0, w_x, b_x, y_teacher, use_truth, h0, c0, drop, w_y, w_out,
+                b_out, *layer_w):  # fmt: skip
+        out = _native_forward(
+            mm_dtype, x0, w_x, b_x, y_teacher, use_truth, h0, c0, drop, w_y, w_out, b_out,
+            *layer_w, save=True,
+        )  # fmt: skip
+        # out: y_hat; activations, cell states, their tanh, top-layer h, fed-back inputs; per
+        # layer the GEMM inputs [x, h_prev] and weights [w_ih; w_hh] in the GEMM dtype
+        ctx.layers = h0.shape[0]
+        ctx.save_for_backward(x0, w_x, use_truth, c0, drop, w_y, w_out, *out[1:])
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, d_yhat):
+        x0, w_x, use_truth, c0, drop, w_y, w_out, act, C, TC, Htop, Y_in, *rest = ctx.saved_tensors
+        A, W = rest[: ctx.layers], rest[ctx.layers :]
+        grads = native.ops().backward(
+            d_yhat, x0, use_truth, c0, drop, w_y, w_out, act, C, TC, Htop, Y_in, A, W
+        )
+        d_pre0, d_w_x, d_b_x, d_h0, d_c0, d_w_y, d_w_out, d_b_out, *d_layer = grads
+        d_x0 = d_pre0 @ w_x.t() if ctx.needs_input_grad[1] else None
+        return (None, d_x0, d_w_x, d_b_x, None, None, d_h0, d_c0, None, d_w_y, d_w_out, d_b_out,
+                *d_layer)  # fmt: skip
 
 
 def _cell(
@@ -169,3 +257,54 @@ class AutoregressiveLSTM(torch.autograd.Function):
             ]
         d_h0, d_c0 = torch.stack(dh_rec), torch.stack(dc_rec)
         return (None, dG[0], None, None, d_h0, d_c0, None, d_w_y, d_w_out, d_b_out, *d_layer)
+
+
+def gemm_plan(
+    T: int,
+    B: int,
+    H: int,
+    L: int,
+    K: int,
+    F: int,
+    mm_dtype: torch.dtype,
+    train: bool,
+    device: str | torch.device = "cpu",
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every GEMM (out, a, b) the native recurrence runs in one call, in its order, on scratch
+    buffers of the same shapes, dtypes and layouts: per step and layer [x, h_prev] (B, I+H)
+    @ W (I+H, 4H); with train, then per step and layer dgates (B, 4H) @ W^T, and the weight
+    gradients over all T*B rows. Timed alone, they give `seqgen bench` its GEMM-only limit."""
+    G, acc, rows = 4 * H, torch.float32, T * B
+    width = [H] + [2 * H] * (L - 1)  # layer 0 takes h only; layers >= 1 take [x, h]
+
+    def r(*shape, dtype=mm_dtype):  # random, not zeros: no shortcut for special values
+        return torch.randn(*shape, dtype=dtype, device=device)
+
+    A, W = [r(T, B, w) for w in width], [r(w, G) for w in width]
+    gates = r(B, G)
+    plan = [(gates, A[layer][t], W[layer]) for t in range(T) for layer in range(L)]
+    if not train:
+        return plan
+    dG, WT, dA = (
+        [r(T, B, G) for _ in width],
+        [w.t().contiguous() for w in W],
+        [r(B, w) for w in width],
+    )
+    plan += [(dA[lr], dG[lr][t], WT[lr]) for t in reversed(range(T)) for lr in reversed(range(L))]
+    dG0 = dG[0] if mm_dtype == acc else r(T, B, G, dtype=acc)  # layer 0's gate gradients
+    plan += [
+        (r(F + K, G, dtype=acc), r(rows, F + K, dtype=acc).t(), dG0.view(rows, G)),  # w_x, w_y
+        (r(H, K, dtype=acc), r(rows, H, dtype=acc).t(), r(rows, K, dtype=acc)),  # w_out
+    ]
+    plan += [(r(w, G), A[i].view(rows, w).t(), dG[i].view(rows, G)) for i, w in enumerate(width)]
+    return plan
+
+
+def run_gemms(plan: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """out = a @ b for each GEMM of a plan; in one C++ call where the native part is built."""
+    ops = native.ops() if plan[0][0].device.type == "cpu" else None
+    if ops is not None:
+        ops.run_gemms(*[list(column) for column in zip(*plan, strict=True)])
+        return
+    for out, a, b in plan:
+        torch.mm(a, b, out=out)
