@@ -204,9 +204,7 @@ def _record(run) -> PhaseRecord:
     )
 
 
-def create_run(
-    exp_id: str, run_name: str, tags: dict[str, Any], parent_run_id: str | None
-) -> str:
+def create_run(exp_id: str, run_name: str, tags: dict[str, Any], parent_run_id: str | None) -> str:
     """A new run; under `mlflow run`, the run its launcher made (MLFLOW_RUN_ID) instead."""
     tags = {k: str(v) for k, v in tags.items()} | {"mlflow.runName": run_name}
     if parent_run_id:
