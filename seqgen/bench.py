@@ -64,7 +64,7 @@ class LSTMCellLoop(nn.Module):
 
 def _training_step(model, settings, precision):
     """One optimiser step of the trainer on a fixed random batch, as a function of no arguments."""
-    loss_fn = make_loss(settings.alpha, settings.reported_max_lag)
+    loss_fn = make_loss(settings.alpha, settings.max_lag)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.start_lr, weight_decay=settings.weight_decay
     )

@@ -105,13 +105,14 @@ def connect(ray_address: str | None) -> None:
             configure_logging=False,
         )
         return
-    token = Path.home() / ".ray" / "auth_token"
-    if "RAY_AUTH_MODE" not in os.environ and (token.is_file() or "RAY_AUTH_TOKEN" in os.environ):
-        os.environ["RAY_AUTH_MODE"] = "token"  # what address="auto" does by itself
     try:
         ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
     except ConnectionError as e:
-        raise ConfigError(f"cannot join the Ray cluster at {ray_address}: {e}") from None
+        raise ConfigError(
+            f"cannot join the Ray cluster at {ray_address} ({e}): if it uses token "
+            "authentication, set RAY_AUTH_MODE=token with the head's token in ~/.ray/auth_token "
+            "or RAY_AUTH_TOKEN"
+        ) from None
 
 
 def load_study_data(chains: list[Chain], phases: list[int], preset: str, overrides: dict):

@@ -55,7 +55,8 @@ def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None
         if found:
             return found
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the process ended ({proc.returncode}) before {what}")
+            output = proc.stdout.read()[-3000:] if proc.stdout else ""
+            raise AssertionError(f"the process ended ({proc.returncode}) before {what}:\n{output}")
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -146,18 +147,16 @@ def test_a_killed_study_continues_where_it_stopped(store, smoke_data, tmp_path):
     assert {r.info.run_id: steps(client, r.info.run_id) for r in phase_runs(client)} == before
 
     # A chain that cannot run (autocorr has no phase 1) fails with its reason; the other ends.
+    mixed_cmd = [*cmd]
+    mixed_cmd[mixed_cmd.index("mae,combined")] = "mae,autocorr"
+    mixed_cmd[mixed_cmd.index("1-2")] = "2"
     mixed = subprocess.run(
-        [*cmd[:4], "mae,autocorr", *cmd[5:8], "2", *cmd[9:]],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        mixed_cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
     assert mixed.returncode == 1
     lines = mixed.stderr.splitlines()
-    [failed] = [line for line in lines if line.startswith("autocorr-s0") and "failed:" in line]
-    assert "run phase 1 of autocorr with seed 0 first" in failed
+    failed = [line for line in lines if line.startswith("autocorr-s0") and "failed:" in line]
+    assert failed and "run phase 1 of autocorr with seed 0 first" in failed[-1]  # the table row
     assert any(line.startswith("mae-s0") and line.endswith("done") for line in lines)
 
 
@@ -285,7 +284,8 @@ def test_a_server_outage_neither_stops_training_nor_loses_a_record(on_server, sm
     assert {f"checkpoints/checkpoint_epoch_{e}.pth" for e in range(1, 25)} <= names
 
     # An outage longer than --max_outage: the phase pauses with a local checkpoint, one line.
-    longer = [*cmd, "--max_outage", "4", "--seed", "1"]
+    longer = [*cmd, "--max_outage", "3", "--seed", "1"]
+    longer[longer.index("24")] = "80"  # long enough that the outage outlasts --max_outage
     proc = start(longer, env, tmp_path)
     wait_for(lambda: epochs_logged(client, 2), 300, "two epochs", proc)
     on_server.stop()
@@ -304,7 +304,7 @@ def test_a_server_outage_neither_stops_training_nor_loses_a_record(on_server, sm
     assert "taken up after epoch" in resumed.stdout
     paused = [r for r in in_experiment(client, tmp_path.name) if r.data.tags["seed"] == "1"]
     [run] = paused
-    assert_each_epoch_once(client, run, 1, 24)
+    assert_each_epoch_once(client, run, 1, 80)
 
 
 # ---- bad input: one line, nothing started -------------------------------------------------------
