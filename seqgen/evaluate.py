@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -177,8 +178,8 @@ class EvalSet:
         if len(self.idx) == 0:
             raise DataError(f"the {self.part} split is empty: nothing to evaluate")
 
-    @property
-    def idx(self) -> np.ndarray:
+    @cached_property
+    def idx(self) -> np.ndarray:  # (N,) positions of the part's files in the data
         return self.split.indices(self.data.files, self.part)
 
     @property
