@@ -136,3 +136,104 @@ def conclusions(
             "(`seqgen pipeline --strategy all --seeds 0,1,2`)."
         )
     return out
+
+
+# ---- against the baselines ---------------------------------------------------------------------
+
+
+def _relative(rel: float) -> str:
+    """-0.73 -> '73% lower', 0.2 -> '20% higher', 4.1 -> '5.1 times as high'."""
+    if not np.isfinite(rel):
+        return "n/a"
+    if rel >= 1:
+        return f"{1 + rel:.2g} times as high"
+    return f"{100 * abs(rel):.2g}% {'lower' if rel < 0 else 'higher'}"
+
+
+def _against(r) -> str:
+    """'MAE 0.012 against knn's 0.045 (73% lower; difference -0.033, 95% CI [-0.036, -0.031])'."""
+    why = ""
+    if not r.real:
+        why = ("" if r.seeds_agree or r.n_seeds < 2 else ", seeds disagree") + (
+            f", only {r.n} pairs" if r.n < tables.MIN_PAIRS else ""
+        )
+    return (
+        f"{tables.BASELINE_METRICS[r.metric]} {fmt(r.strategy_mean)} against {r.baseline}'s "
+        f"{fmt(r.baseline_mean)} ({_relative(r.rel_diff)}; difference {fmt(r.mean_diff)}, "
+        f"95% CI [{fmt(r.ci_low)}, {fmt(r.ci_high)}]{why})"
+    )
+
+
+def baseline_verdicts(vs: pd.DataFrame, beside: pd.DataFrame) -> list[str]:
+    """Is the surrogate worth training? A headline, then one sentence per strategy saying on which
+    measures it beats the best baseline (a real paired difference), on which it is beaten, and
+    by how much; vs from tables.versus_baselines, beside from tables.beside_baselines."""
+    if vs.empty:
+        return []
+    phase = beside[beside["kind"] == "strategy"].set_index("name")["phase"].to_dict()
+    wins_of, lines = {}, []
+    for strategy in tables.strategy_order(vs["strategy"].unique()):
+        rows = list(vs[vs["strategy"] == strategy].itertuples())
+        wins = [r for r in rows if r.real and r.mean_diff < 0]
+        losses = [r for r in rows if r.real and r.mean_diff > 0]
+        unclear = [r for r in rows if not r.real]
+        wins_of[strategy] = (len(wins), len(rows))
+        who = f"**{strategy}**" + (f" (phase {int(phase[strategy])})" if strategy in phase else "")
+        if len(wins) == len(rows):
+            text = f"{who} beats the best baseline on every measure: "
+        elif wins:
+            text = f"{who} beats the best baseline on {len(wins)} of {len(rows)} measures: "
+        else:
+            text = f"{who} beats the best baseline on no measure"
+        parts = ["; ".join(_against(r) for r in wins)] if wins else []
+        if losses:
+            parts.append("it is worse on " + "; ".join(_against(r) for r in losses))
+        if unclear:
+            parts.append("no real difference on " + "; ".join(_against(r) for r in unclear))
+        lines.append(
+            text + (": " if not wins and parts else "") + "; ".join(p for p in parts) + "."
+        )
+    everywhere = [s for s, (w, n) in wins_of.items() if w == n]
+    somewhere = [s for s, (w, _) in wins_of.items() if w]
+    if everywhere:
+        rest = [s for s in wins_of if s not in everywhere]
+        head = (
+            f"**Worth training?** Yes: {', '.join(everywhere)} beat"
+            f"{'s' if len(everywhere) == 1 else ''} the best baseline on every measure"
+            + (f"; {', '.join(rest)} {'does' if len(rest) == 1 else 'do'} not" if rest else "")
+            + "."
+        )
+    elif somewhere:
+        head = (
+            "**Worth training?** In part: no strategy beats the best baseline on every measure; "
+            "on some: "
+            + ", ".join(f"{s} ({w} of {n} measures)" for s, (w, n) in wins_of.items() if w)
+            + "."
+        )
+    elif all(r.real and r.mean_diff > 0 for r in vs.itertuples()):
+        head = (
+            "**Worth training?** No: every strategy is worse than the best baseline on every "
+            "measure."
+        )
+    else:
+        head = (
+            "**Worth training?** Not as trained here: no strategy beats the best baseline on any "
+            "measure by a real difference."
+        )
+    took = {}
+    for kind in ("strategy", "baseline"):
+        rows = beside[(beside["kind"] == kind) & np.isfinite(beside["seconds_mean"])]
+        took[kind] = ", ".join(
+            f"{n} {duration(t)}" for n, t in zip(rows["name"], rows["seconds_mean"], strict=True)
+        )
+    if took["strategy"] or took["baseline"]:
+        head += (
+            " Time (mean over seeds): "
+            + "; ".join(
+                f"{what} {took[kind]}"
+                for kind, what in (("strategy", "training"), ("baseline", "fitting the baselines"))
+                if took[kind]
+            )
+            + "."
+        )
+    return [head, *lines]

@@ -18,6 +18,17 @@ matplotlib.use("Agg")
 _FIXED = {"mae": "tab:blue", "autocorr": "tab:orange", "combined": "tab:green"}
 _SPARE = ["tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
 TRUE_COLOR = "black"
+# Baselines are dashed, in colours no strategy uses: a figure tells them apart at a glance.
+BASELINE_COLORS = {"mean": "tab:gray", "knn": "tab:purple", "direct": "tab:brown"}
+BASELINE_LS = "--"
+
+
+def baseline_color(name: str) -> str:
+    return BASELINE_COLORS.get(name, "tab:olive")
+
+
+def baseline_label(name: str) -> str:
+    return f"{name} baseline"
 
 
 def strategy_color(name: str, names: list[str]) -> str:
@@ -131,9 +142,10 @@ def sequences_figure(
     steps: np.ndarray,
     component_names: list[str],
     sample_labels: list[str],
+    baselines: dict[str, np.ndarray] | None = None,
 ) -> Figure:
-    """Generated against true sequences: true (S, T, K), preds {strategy: (S, T, K)};
-    one row per sample, one column per component."""
+    """Generated against true sequences: true (S, T, K), preds {strategy: (S, T, K)}, baselines
+    {name: (S, T, K)} dashed; one row per sample, one column per component."""
     s, _, k = true.shape
     fig = Figure(figsize=(3 * k, 2.3 * s + 0.6), layout="constrained")
     axes = np.atleast_2d(fig.subplots(s, k, squeeze=False))
@@ -149,6 +161,15 @@ def sequences_figure(
                     color=strategy_color(name, names),
                     lw=1.2,
                     label=name,
+                )
+            for name, pred in (baselines or {}).items():
+                ax.plot(
+                    steps,
+                    pred[i, :, j],
+                    color=baseline_color(name),
+                    ls=BASELINE_LS,
+                    lw=1.0,
+                    label=baseline_label(name),
                 )
             if i == 0:
                 ax.set_title(component_names[j], fontsize=10)
@@ -167,8 +188,10 @@ def acf_figure(
     true_acf: np.ndarray,
     pred_acf: dict[str, np.ndarray],
     component_names: list[str],
+    baselines: dict[str, np.ndarray] | None = None,
 ) -> Figure:
-    """Pooled autocorrelation at lags 1..L: true (L, K), pred {strategy: (L, K)}."""
+    """Pooled autocorrelation at lags 1..L: true (L, K), pred {strategy: (L, K)}, baselines
+    {name: (L, K)} dashed."""
     k = true_acf.shape[1]
     fig = Figure(figsize=(3 * k, 3.6), layout="constrained")
     names = list(pred_acf)
@@ -177,6 +200,15 @@ def acf_figure(
         for name in names:
             ax.plot(
                 lags, pred_acf[name][:, j], color=strategy_color(name, names), lw=1.2, label=name
+            )
+        for name, acf in (baselines or {}).items():
+            ax.plot(
+                lags,
+                acf[:, j],
+                color=baseline_color(name),
+                ls=BASELINE_LS,
+                lw=1.0,
+                label=baseline_label(name),
             )
         ax.set(xlabel="lag (steps)", title=component_names[j])
         if j == 0:
@@ -224,14 +256,28 @@ def _log_axis(values: np.ndarray) -> bool:
 
 
 def param_error_figure(
-    per_sample: pd.DataFrame, param_names: list[str], metric: str = "mae"
+    per_sample: pd.DataFrame,
+    param_names: list[str],
+    metric: str = "mae",
+    baselines: pd.DataFrame | None = None,
 ) -> Figure:
-    """Per-sample error over the parameter plane, one panel per strategy, one colour scale:
-    per_sample (strategy, <param columns>, metric)."""
-    names = strategy_order(per_sample["strategy"].unique())
-    fig = Figure(figsize=(4.2 * len(names) + 1, 3.8), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(names), sharex=True, sharey=True))
-    values = per_sample[metric].to_numpy(dtype=float)
+    """Per-sample error over the parameter plane, one panel per strategy (first row) and per
+    baseline (second row), one colour scale: per_sample (strategy, <param columns>, metric),
+    baselines (baseline, <param columns>, metric)."""
+    panels = [
+        (name, per_sample[per_sample["strategy"] == name])
+        for name in strategy_order(per_sample["strategy"].unique())
+    ]
+    rows = [panels]
+    if baselines is not None and len(baselines):
+        order = [b for b in BASELINE_COLORS if b in set(baselines["baseline"])]
+        order += sorted(set(baselines["baseline"]) - set(order))
+        rows.append([(baseline_label(b), baselines[baselines["baseline"] == b]) for b in order])
+    n_cols = max(len(r) for r in rows)
+    fig = Figure(figsize=(4.2 * n_cols + 1, 3.8 * len(rows)), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(rows), n_cols, sharex=True, sharey=True, squeeze=False))
+    every = pd.concat([frame for row in rows for _, frame in row])
+    values = every[metric].to_numpy(dtype=float)
     finite = values[np.isfinite(values)]
     norm = (
         mcolors.LogNorm(finite.min(), finite.max())
@@ -240,17 +286,24 @@ def param_error_figure(
     )
     px = param_names[0]
     py = param_names[1] if len(param_names) > 1 else None
-    for ax, name in zip(axes, names, strict=True):
-        s = per_sample[per_sample["strategy"] == name]
-        yv = s[py] if py else s[metric]
-        sc = ax.scatter(s[px], yv, c=s[metric], norm=norm, cmap="magma_r", s=14, edgecolors="none")
-        ax.set(title=name, xlabel=px, ylabel=py or metric)
-        if _log_axis(per_sample[px].to_numpy(dtype=float)):
-            ax.set_xscale("log")
-        if py and _log_axis(per_sample[py].to_numpy(dtype=float)):
-            ax.set_yscale("log")
+    for i, row in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[i, j]
+            if j >= len(row):
+                ax.set_visible(False)
+                continue
+            name, s = row[j]
+            yv = s[py] if py else s[metric]
+            sc = ax.scatter(
+                s[px], yv, c=s[metric], norm=norm, cmap="magma_r", s=14, edgecolors="none"
+            )
+            ax.set(title=name, xlabel=px, ylabel=py or metric)
+            if _log_axis(every[px].to_numpy(dtype=float)):
+                ax.set_xscale("log")
+            if py and _log_axis(every[py].to_numpy(dtype=float)):
+                ax.set_yscale("log")
     label = metric.upper() if metric in ("mae", "rmse") else metric.replace("_", " ")
-    fig.colorbar(sc, ax=list(axes), label=f"test {label} per sample")
+    fig.colorbar(sc, ax=axes.ravel().tolist(), label=f"test {label} per sample")
     fig.suptitle(f"Test {label} over the parameter plane (all evaluated seeds pooled)")
     return fig
 
@@ -291,11 +344,23 @@ def sweep_figure(
     return fig
 
 
-def error_by_step_figure(by_step: pd.DataFrame) -> Figure:
-    """Test MAE at each time step: by_step (strategy, seed, step, value); band over seeds."""
+def error_by_step_figure(by_step: pd.DataFrame, baselines: pd.DataFrame | None = None) -> Figure:
+    """Test MAE at each time step: by_step (strategy, seed, step, value), band over seeds;
+    baselines (baseline, seed, step, value) dashed, mean over seeds."""
     fig = Figure(figsize=(8, 4.2), layout="constrained")
     ax = fig.add_subplot()
     n = _curves(ax, by_step, strategy_order(by_step["strategy"].unique()))
+    if baselines is not None and len(baselines):
+        mean = baselines.groupby(["baseline", "step"])["value"].mean().reset_index()
+        for name, g in mean.groupby("baseline", sort=False):
+            ax.plot(
+                g["step"],
+                g["value"],
+                color=baseline_color(str(name)),
+                ls=BASELINE_LS,
+                lw=1.2,
+                label=baseline_label(str(name)),
+            )
     ax.set(
         xlabel="step",
         ylabel="test MAE (original units)",
@@ -306,7 +371,11 @@ def error_by_step_figure(by_step: pd.DataFrame) -> Figure:
     return fig
 
 
-def paired_figure(paired: pd.DataFrame, labels: dict[str, str]) -> Figure:
+def paired_figure(
+    paired: pd.DataFrame,
+    labels: dict[str, str],
+    title: str = "Paired differences on the same test samples (red: a real difference)",
+) -> Figure:
     """Mean per-sample difference a - b with its bootstrap CI, one panel per metric."""
     metrics_present = list(dict.fromkeys(paired["metric"]))
     fig = Figure(
@@ -334,5 +403,5 @@ def paired_figure(paired: pd.DataFrame, labels: dict[str, str]) -> Figure:
             title=labels.get(metric, metric), xlabel="error of a minus b, 95% CI (< 0: a better)"
         )
         ax.grid(alpha=0.3, axis="x")
-    fig.suptitle("Paired differences on the same test samples (red: a real difference)")
+    fig.suptitle(title)
     return fig

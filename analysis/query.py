@@ -42,6 +42,7 @@ class Selection:
     experiment_id: str
     phases: pd.DataFrame  # one finished phase run per row (latest per strategy/phase/seed)
     evaluations: pd.DataFrame  # one finished test-split evaluation per selected phase run
+    baselines: pd.DataFrame  # finished baseline evaluations on those evaluations' splits
     excluded: pd.DataFrame  # run_id, run_name, kind, status, reason: runs left out
     filters: dict
 
@@ -226,6 +227,26 @@ def select_runs(
     ev = ev.join(raw.loc[ev.index, test_cols].rename(columns=lambda c: c[len("metrics.") :]))
     ev["max_lag"] = pd.to_numeric(_param(raw, "max_lag")[ev.index], errors="coerce")
     ev["n_samples"] = pd.to_numeric(_param(raw, "n_samples")[ev.index], errors="coerce")
+    ev["split_fingerprint"] = _tag(raw, "split_fingerprint")[ev.index]
+
+    # Baselines scored the same samples as an evaluation when they share its split fingerprint
+    # and lags (evaluations made before baselines existed have no fingerprint: none pair).
+    bl = runs[(runs["kind"] == "evaluation") & (_tag(raw, "baseline") != "")].copy()
+    bl["baseline"] = _tag(raw, "baseline")[bl.index]
+    bl["split_fingerprint"] = _tag(raw, "split_fingerprint")[bl.index]
+    bl["max_lag"] = pd.to_numeric(_param(raw, "max_lag")[bl.index], errors="coerce")
+    wanted = set(zip(ev["split_fingerprint"], ev["max_lag"], strict=True))
+    on_split = [
+        (f, lag) in wanted and f != ""
+        for f, lag in zip(bl["split_fingerprint"], bl["max_lag"], strict=True)
+    ]
+    bl = bl[np.array(on_split, dtype=bool) & (_tag(raw, "split")[bl.index] == "test")]
+    excluded.append(bl[bl["status"] != "FINISHED"].assign(reason="not finished"))
+    bl = bl[bl["status"] == "FINISHED"].sort_values("start_time")
+    bl = bl[~bl.duplicated(["baseline", "split_fingerprint", "max_lag"], keep="last")]
+    timing = {c: _metric(raw, c)[bl.index] for c in ("fit_seconds", "predict_seconds")}
+    bl = bl.join(raw.loc[bl.index, test_cols].rename(columns=lambda c: c[len("metrics.") :]))
+    bl = bl.assign(**timing)
 
     left_out = pd.concat(excluded)[["run_id", "run_name", "kind", "status", "reason"]]
     return Selection(
@@ -233,6 +254,7 @@ def select_runs(
         exp.experiment_id,
         finished.reset_index(drop=True),
         ev.reset_index(drop=True),
+        bl.reset_index(drop=True),
         left_out.reset_index(drop=True),
         filters,
     )

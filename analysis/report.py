@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots, query, tables
-from analysis.answer import conclusions, fmt, pm
+from analysis.answer import baseline_verdicts, conclusions, duration, fmt, pm
 from analysis.document import Doc
 from seqgen import metrics, tracking
 from seqgen.errors import ConfigError
@@ -88,6 +88,74 @@ def _paired_markdown(paired: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+BESIDE_COLUMNS = {  # beside.csv metric -> report column
+    "test_mae": "test MAE",
+    "test_rmse": "test RMSE",
+    "test_acf_error": "ACF err",
+    "test_acf_error_pooled": "ACF err pooled",
+    "test_spectral_error": "spectral dist",
+    "test_field_rel_l2": "field rel L2",
+}
+
+
+def _beside_name(row) -> str:
+    return (
+        f"{row['name']} (phase {int(row['phase'])})"
+        if row["kind"] == "strategy"
+        else (plots.baseline_label(row["name"]))
+    )
+
+
+def _beside_markdown(beside: pd.DataFrame, columns: dict[str, str], time: bool) -> pd.DataFrame:
+    out = pd.DataFrame({"": [_beside_name(r) for _, r in beside.iterrows()], "seeds": beside["n"]})
+    for m, label in columns.items():
+        if f"{m}_mean" in beside and beside[f"{m}_mean"].notna().any():
+            out[label] = [
+                pm(a, b, k)
+                for a, b, k in zip(
+                    beside[f"{m}_mean"], beside[f"{m}_std"], beside["n"], strict=True
+                )
+            ]
+    if time:
+        out["time"] = [
+            ("train " if kind == "strategy" else "fit ") + duration(t) if np.isfinite(t) else "n/a"
+            for kind, t in zip(beside["kind"], beside["seconds_mean"], strict=True)
+        ]
+    return out
+
+
+def _component_columns(beside: pd.DataFrame) -> dict[str, str]:
+    names = [c[: -len("_mean")] for c in beside.columns if c.endswith("_mean")]
+    return {
+        m: f"MAE {m[len('test_mae_') :]}"
+        for m in names
+        if m.startswith("test_mae_") and m != "test_mae_teacher_forced"
+    }
+
+
+def _versus_markdown(vs: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "strategy": vs["strategy"],
+            "measure": vs["metric"].map(tables.BASELINE_METRICS),
+            "best baseline": vs["baseline"],
+            "strategy mean": vs["strategy_mean"].map(fmt),
+            "baseline mean": vs["baseline_mean"].map(fmt),
+            "difference": vs["mean_diff"].map(fmt),
+            "95% CI": [
+                f"[{fmt(lo)}, {fmt(hi)}]"
+                for lo, hi in zip(vs["ci_low"], vs["ci_high"], strict=True)
+            ],
+            "strategy / baseline": [fmt(1 + r) for r in vs["rel_diff"]],
+            "pairs": vs["n"],
+            "verdict": [
+                ("beats it" if d < 0 else "worse") if real else "no real difference"
+                for d, real in zip(vs["mean_diff"], vs["real"], strict=True)
+            ],
+        }
+    )
+
+
 def _reference_seed(chosen: pd.DataFrame) -> tuple[int, list[str]]:
     """The seed most strategies were evaluated at (smallest on ties) and those strategies."""
     counts = chosen.groupby("seed")["strategy"].nunique()
@@ -96,13 +164,21 @@ def _reference_seed(chosen: pd.DataFrame) -> tuple[int, list[str]]:
     return seed, names
 
 
-def _sample_figures(chosen: pd.DataFrame, files: dict, per_sample: pd.DataFrame) -> tuple:
-    """Sequences, ACF, fields, parameter response, error growth: ([(file, Figure, caption)],
-    a note for the report)."""
+def _sample_figures(
+    chosen: pd.DataFrame,
+    files: dict,
+    per_sample: pd.DataFrame,
+    side: pd.DataFrame,
+    baseline_per_sample: pd.DataFrame,
+) -> tuple:
+    """Sequences, ACF, fields, parameter response, error growth, each with the baselines of the
+    same split: ([(file, Figure, caption)], a note for the report)."""
     figs = []
     seed, names = _reference_seed(chosen)
     at_seed = chosen[chosen["seed"] == seed].set_index("strategy")["run_id"]
     arr = {s: files[at_seed[s]].arrays for s in names}
+    b_at_seed = side[side["seed"] == seed].set_index("baseline")["run_id"] if len(side) else {}
+    arr_b = {b: files[r].arrays for b, r in dict(b_at_seed).items()}
     first = arr[names[0]]
     steps, comps = first["steps"], [str(c) for c in first["component_names"]]
     params = [str(p) for p in first["param_names"]]
@@ -116,8 +192,11 @@ def _sample_figures(chosen: pd.DataFrame, files: dict, per_sample: pd.DataFrame)
         for f, i in zip(pick, pos[names[0]], strict=True)
     ]
     preds = {s: arr[s]["pred"][pos[s]] for s in names}  # (S, T, K) each
+    b_preds = {
+        b: a["pred"][[list(map(str, a["files"])).index(f) for f in pick]] for b, a in arr_b.items()
+    }
     if pick:
-        fig = plots.sequences_figure(true, preds, steps, comps, labels)
+        fig = plots.sequences_figure(true, preds, steps, comps, labels, b_preds)
         figs.append(
             (
                 "sequences.png",
@@ -132,7 +211,8 @@ def _sample_figures(chosen: pd.DataFrame, files: dict, per_sample: pd.DataFrame)
     )
     true_acf = metrics.pooled_acf(first["true"], max_lag)  # (L, K)
     pred_acf = {s: metrics.pooled_acf(arr[s]["pred"], max_lag) for s in names}
-    fig = plots.acf_figure(np.arange(1, max_lag + 1), true_acf, pred_acf, comps)
+    b_acf = {b: metrics.pooled_acf(a["pred"], max_lag) for b, a in arr_b.items()}
+    fig = plots.acf_figure(np.arange(1, max_lag + 1), true_acf, pred_acf, comps, b_acf)
     figs.append(
         (
             "acf.png",
@@ -146,6 +226,11 @@ def _sample_figures(chosen: pd.DataFrame, files: dict, per_sample: pd.DataFrame)
         t = first["pca_t"] if len(first["pca_t"]) == len(steps) else steps
         n = min(N_FIELD_PLOTS, len(pick))
         pred_fields = {s: preds[s][:n] @ basis + mean for s in names}
+        best = tables.best_baselines(baseline_per_sample).get("mae")
+        also = ""
+        if best in b_preds:  # one baseline only: a column per baseline would not fit the page
+            pred_fields[plots.baseline_label(best)] = b_preds[best][:n] @ basis + mean
+            also = f", and the best baseline by MAE ({best})"
         fig = plots.fields_figure(
             true[:n] @ basis + mean, pred_fields, first["pca_x"], t, labels[:n]
         )
@@ -153,20 +238,22 @@ def _sample_figures(chosen: pd.DataFrame, files: dict, per_sample: pd.DataFrame)
             (
                 "fields.png",
                 fig,
-                f"True against generated fields u(x, t) through the PCA basis (seed {seed}).",
+                f"True against generated fields u(x, t) through the PCA basis (seed {seed}){also}.",
             )
         )
 
-    fig = plots.param_error_figure(per_sample, params)
+    fig = plots.param_error_figure(per_sample, params, baselines=baseline_per_sample)
     figs.append(
         (
             "param_error.png",
             fig,
-            "Per-sample test MAE over the parameter plane, all evaluated seeds.",
+            "Per-sample test MAE over the parameter plane, all evaluated seeds"
+            + (", strategies above, baselines below." if len(baseline_per_sample) else "."),
         )
     )
     for p, name in enumerate(params):
         sweep = {s: arr[s]["sweep_pred"][p] for s in names}  # (S, T, K) each
+        sweep |= {plots.baseline_label(b): a["sweep_pred"][p] for b, a in arr_b.items()}
         fig = plots.sweep_figure(first["sweep_params"][p, :, p], sweep, steps, comps, name)
         figs.append(
             (
@@ -185,11 +272,21 @@ def _sample_figures(chosen: pd.DataFrame, files: dict, per_sample: pd.DataFrame)
             for r in chosen.itertuples()
         ]
     )
+    b_by_step = pd.concat(
+        [
+            files[r.run_id]
+            .by_step.iloc[:, :2]
+            .set_axis(["step", "value"], axis=1)
+            .assign(baseline=r.baseline, seed=r.seed)
+            for r in side.itertuples()
+        ]
+        or [pd.DataFrame(columns=["step", "value", "baseline", "seed"])]
+    )
     figs.append(
         (
             "error_by_step.png",
-            plots.error_by_step_figure(by_step),
-            "Test MAE at each step of the free-running sequence.",
+            plots.error_by_step_figure(by_step, b_by_step),
+            "Test MAE at each step of the free-running sequence (baselines dashed).",
         )
     )
     missing = sorted(set(chosen["strategy"]) - set(names))
@@ -271,20 +368,29 @@ def _write_report(
         ),
     ]
     paired, per_sample, ranked, note = pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), ""
+    side = tables.baselines_at_seeds(chosen, sel.baselines)
+    baseline_per_sample = pd.DataFrame(columns=["baseline", "seed", "file"])
     if not chosen.empty:
-        files = query.evaluation_files(list(chosen["run_id"]))
+        files = query.evaluation_files(list(chosen["run_id"]) + list(dict.fromkeys(side["run_id"])))
         per_sample = pd.concat(
             [
                 files[r.run_id].per_sample.assign(strategy=r.strategy, seed=r.seed, phase=r.phase)
                 for r in chosen.itertuples()
             ]
         )
+        if len(side):
+            baseline_per_sample = pd.concat(
+                [
+                    files[r.run_id].per_sample.assign(baseline=r.baseline, seed=r.seed)
+                    for r in side.itertuples()
+                ]
+            )
         # Strategies are ranked and paired on the seeds all of them were evaluated at, so a
         # mean over seeds and a paired difference speak about the same test samples.
         seeds_all = tables.common_seeds(chosen)
         ranked = per_sample[per_sample["seed"].isin(seeds_all)]
         paired = tables.paired_comparison(ranked)
-        more, note = _sample_figures(chosen, files, per_sample)
+        more, note = _sample_figures(chosen, files, per_sample, side, baseline_per_sample)
         figs += more
         if not seeds_all:
             note += " No seed was evaluated for every strategy: nothing is paired."
@@ -296,12 +402,32 @@ def _write_report(
                     "Paired differences between strategies on the same test samples.",
                 )
             )
+    # Each strategy against the best baseline at its own seeds: a baseline pairs with every
+    # strategy evaluated on its split.
+    vs = tables.versus_baselines(per_sample, baseline_per_sample) if len(side) else pd.DataFrame()
+    beside = tables.beside_baselines(chosen, side, per_run) if len(side) else pd.DataFrame()
+    if not vs.empty:
+        figs.append(
+            (
+                "versus_baselines.png",
+                plots.paired_figure(
+                    vs.rename(columns={"strategy": "a", "baseline": "b"}),
+                    tables.BASELINE_METRICS,
+                    "Each strategy minus the best baseline on the same test samples "
+                    "(red: a real difference)",
+                ),
+                "Each strategy's error minus the best baseline's (of that measure) on the same "
+                "test samples, with its paired-bootstrap 95% CI: left of 0 the strategy is better.",
+            )
+        )
     for name, fig, _ in figs:
         fig.savefig(out / name, dpi=DPI)
 
     summary.to_csv(out / "summary.csv", index=False)
     per_run.to_csv(out / "per_run.csv", index=False)
     paired.to_csv(out / "paired.csv", index=False)
+    beside.to_csv(out / "baselines.csv", index=False)
+    vs.to_csv(out / "versus_baselines.csv", index=False)
     per_sample.to_csv(out / "per_sample.csv", index=False)
     sel.excluded.to_csv(out / "excluded.csv", index=False)
 
@@ -312,6 +438,8 @@ def _write_report(
         chosen,
         ranked if len(paired) else per_sample,
         paired,
+        beside,
+        vs,
         figs,
         note,
         time.perf_counter() - started,
@@ -322,7 +450,11 @@ def _write_report(
         out,
         sel.experiment_id,
         {"experiment": sel.experiment, **{k: str(v) for k, v in sel.filters.items()}},
-        {"compared_runs": len(sel.phases), "evaluation_runs": len(sel.evaluations)},
+        {
+            "compared_runs": len(sel.phases),
+            "evaluation_runs": len(sel.evaluations),
+            "baseline_runs": len(side["run_id"].unique()) if len(side) else 0,
+        },
     )
 
 
@@ -332,7 +464,9 @@ def _example_model(phases: pd.DataFrame) -> str:
     return "seqgen-combined" + ("" if preset == "full" else f"-{preset}")
 
 
-def _document(sel, summary, per_run, chosen, per_sample, paired, figs, note, seconds: float) -> Doc:
+def _document(
+    sel, summary, per_run, chosen, per_sample, paired, beside, vs, figs, note, seconds: float
+) -> Doc:
     ph = sel.phases
     doc = Doc()
     doc.h(1, f"seqgen: which loss strategy? ({sel.experiment})")
@@ -348,12 +482,15 @@ def _document(sel, summary, per_run, chosen, per_sample, paired, figs, note, sec
             f"models:/{_example_model(ph)}@phase-5`, then compare again. Training curves follow."
         )
     else:
-        doc.ul(conclusions(per_sample, paired, chosen, per_run))
+        verdicts = baseline_verdicts(vs, beside)
+        doc.ul(verdicts[:1] + conclusions(per_sample, paired, chosen, per_run))
         doc.p(
             "A difference is *real* when its paired-bootstrap 95% CI over (seed, test sample) "
             f"pairs excludes 0, there are at least {tables.MIN_PAIRS} pairs, and every "
             "seed's mean difference has the same sign."
         )
+    if not chosen.empty:
+        _baseline_section(doc, beside, vs, verdicts[1:], ph)
     doc.h(2, "What was compared")
     evaluated = (
         ", ".join(
@@ -395,3 +532,33 @@ def _document(sel, summary, per_run, chosen, per_sample, paired, figs, note, sec
     for name, _, caption in figs:
         doc.img(name, caption)
     return doc
+
+
+def _baseline_section(doc: Doc, beside: pd.DataFrame, vs: pd.DataFrame, verdicts, ph) -> None:
+    """Is the surrogate worth training? Each strategy beside the baselines on the same samples."""
+    doc.h(2, "Is it worth training? Against the baselines")
+    if beside.empty:
+        doc.p(
+            "No baseline evaluations on the splits of these evaluations (evaluations logged before "
+            "baselines existed carry no split fingerprint): evaluate again, e.g. `seqgen evaluate "
+            f"--model models:/{_example_model(ph)}@phase-5`, which fits them once per split, or "
+            "run `seqgen baselines --model URI`."
+        )
+        return
+    doc.p(
+        "Baselines, fitted on each evaluation's own training split and scored on the same test "
+        "samples by the same code: **mean**, the per-step mean training sequence; **knn**, "
+        "inverse-distance-weighted k nearest neighbours in standardised parameter space, k "
+        "chosen on validation; **direct**, a small MLP from the parameters to the whole "
+        "sequence at once, early-stopped on validation. Each measure is compared against the "
+        "baseline that is best on it."
+    )
+    doc.ul(verdicts)
+    doc.table(_beside_markdown(beside, BESIDE_COLUMNS, time=True))
+    components = _component_columns(beside)
+    if components:
+        doc.p("Test MAE per component (original units):")
+        doc.table(_beside_markdown(beside, components, time=False))
+    if not vs.empty:
+        doc.p("Each strategy minus the best baseline of each measure, paired on the same samples:")
+        doc.table(_versus_markdown(vs))

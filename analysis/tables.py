@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from seqgen import metrics
+from seqgen.baselines import BASELINES
 
 STRATEGY_ORDER = ("mae", "autocorr", "combined")
 # Per-sample errors compared between strategies, with what each answers.
@@ -127,6 +128,45 @@ def common_seeds(chosen: pd.DataFrame) -> list[int]:
     return sorted(int(s) for s in per_seed[per_seed == chosen["strategy"].nunique()].index)
 
 
+def _pair(pa: pd.DataFrame, pb: pd.DataFrame, metric: str, n_boot: int) -> dict | None:
+    """a minus b on the same (seed, file): pa, pb (seed, file, metric) -> the paired bootstrap,
+    per-seed mean differences and whether the difference is real; None when nothing pairs."""
+    pair = pa.merge(pb, on=["seed", "file"], suffixes=("_a", "_b"))
+    ok = np.isfinite(pair[f"{metric}_a"]) & np.isfinite(pair[f"{metric}_b"])
+    pair = pair[ok]
+    if pair.empty:
+        return None
+    a, b = pair[f"{metric}_a"].to_numpy(), pair[f"{metric}_b"].to_numpy()
+    boot = metrics.paired_bootstrap(a, b, n_boot=n_boot)
+    by_seed = (pair[f"{metric}_a"] - pair[f"{metric}_b"]).groupby(pair["seed"]).mean()
+    agree = bool((by_seed > 0).all() or (by_seed < 0).all())
+    excludes_zero = boot["ci_low"] > 0 or boot["ci_high"] < 0
+    return {
+        **boot,
+        "n_seeds": len(by_seed),
+        "seed_diffs": " ".join(f"{v:+.4g}" for v in by_seed),
+        "seeds_agree": agree,
+        "real": bool(excludes_zero and agree and len(pair) >= MIN_PAIRS),
+        "dropped_nonfinite": int((~ok).sum()),
+        "mean_a": float(a.mean()),
+        "mean_b": float(b.mean()),
+    }
+
+
+PAIR_COLUMNS = [
+    "mean_diff",
+    "ci_low",
+    "ci_high",
+    "n",
+    "p_a_better",
+    "n_seeds",
+    "seed_diffs",
+    "seeds_agree",
+    "real",
+    "dropped_nonfinite",
+]
+
+
 def paired_comparison(per_sample: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
     """Strategy a minus strategy b on the same (seed, test file), per metric, with a paired
     bootstrap CI over those pairs and the per-seed mean differences.
@@ -142,43 +182,131 @@ def paired_comparison(per_sample: pd.DataFrame, n_boot: int = 2000) -> pd.DataFr
         for a, b in combinations(names, 2):
             pa = per_sample.loc[per_sample["strategy"] == a, ["seed", "file", metric]]
             pb = per_sample.loc[per_sample["strategy"] == b, ["seed", "file", metric]]
-            pair = pa.merge(pb, on=["seed", "file"], suffixes=("_a", "_b"))
-            ok = np.isfinite(pair[f"{metric}_a"]) & np.isfinite(pair[f"{metric}_b"])
-            pair = pair[ok]
-            if pair.empty:
+            found = _pair(pa, pb, metric, n_boot)
+            if found is not None:
+                rows.append({"metric": metric, "a": a, "b": b, **found})
+    return pd.DataFrame(rows, columns=["metric", "a", "b", *PAIR_COLUMNS])
+
+
+# ---- against the baselines ---------------------------------------------------------------------
+
+BASELINE_ORDER = tuple(BASELINES)
+# Per-sample errors each strategy is compared on against the best baseline, as said in a sentence.
+BASELINE_METRICS = {
+    "mae": "MAE",
+    "rmse": "RMSE (per sequence)",
+    "acf_error": "ACF error",
+    "spectral_error": "spectral distance",
+    "field_rel_l2": "field relative L2",
+}
+BESIDE_METRICS = (  # the table of strategies beside baselines: test metrics in original units
+    "test_mae",
+    "test_rmse",
+    "test_acf_error",
+    "test_acf_error_pooled",
+    "test_spectral_error",
+    "test_field_rel_l2",
+)
+
+
+def baseline_order(names) -> list[str]:
+    names = set(names)
+    return [b for b in BASELINE_ORDER if b in names] + sorted(names - set(BASELINE_ORDER))
+
+
+def baselines_at_seeds(chosen: pd.DataFrame, baselines: pd.DataFrame) -> pd.DataFrame:
+    """Baseline evaluations on the split of each chosen evaluation, given that evaluation's seed
+    (so they pair by (seed, file)): one row per (baseline, seed)."""
+    if baselines.empty or chosen.empty:
+        return baselines.iloc[0:0].assign(seed=pd.Series(dtype=float))
+    keys = chosen[["seed", "split_fingerprint", "max_lag"]].drop_duplicates()
+    out = baselines.drop(columns="seed").merge(keys, on=["split_fingerprint", "max_lag"])
+    order = {b: i for i, b in enumerate(baseline_order(out["baseline"]))}
+    out = out.drop_duplicates(["baseline", "seed"])
+    return out.sort_values(
+        ["baseline", "seed"], key=lambda c: c.map(order) if c.name == "baseline" else c
+    ).reset_index(drop=True)
+
+
+def _means_over_seeds(per_sample: pd.DataFrame, who: str, metric: str) -> pd.Series:
+    """Mean over seeds of each per-seed mean of `metric`, indexed by the `who` column."""
+    return per_sample.groupby([who, "seed"])[metric].mean().groupby(level=0).mean()
+
+
+def best_baselines(baseline_per_sample: pd.DataFrame) -> dict[str, str]:
+    """Per metric, the baseline with the lowest mean (over seeds of per-seed means)."""
+    out = {}
+    for metric in BASELINE_METRICS:
+        if metric in baseline_per_sample and baseline_per_sample[metric].notna().any():
+            out[metric] = str(_means_over_seeds(baseline_per_sample, "baseline", metric).idxmin())
+    return out
+
+
+def versus_baselines(
+    per_sample: pd.DataFrame, baseline_per_sample: pd.DataFrame, n_boot: int = 2000
+) -> pd.DataFrame:
+    """Each strategy minus the best baseline of each metric on the same (seed, test file): paired
+    bootstrap as in paired_comparison, both means over the pairs and the relative difference."""
+    rows = []
+    best = best_baselines(baseline_per_sample)
+    for strategy in strategy_order(per_sample["strategy"].unique()):
+        for metric, baseline in best.items():
+            if metric not in per_sample:
                 continue
-            boot = metrics.paired_bootstrap(
-                pair[f"{metric}_a"].to_numpy(), pair[f"{metric}_b"].to_numpy(), n_boot=n_boot
-            )
-            by_seed = (pair[f"{metric}_a"] - pair[f"{metric}_b"]).groupby(pair["seed"]).mean()
-            agree = bool((by_seed > 0).all() or (by_seed < 0).all())
-            excludes_zero = boot["ci_low"] > 0 or boot["ci_high"] < 0
+            pa = per_sample.loc[per_sample["strategy"] == strategy, ["seed", "file", metric]]
+            pb = baseline_per_sample.loc[
+                baseline_per_sample["baseline"] == baseline, ["seed", "file", metric]
+            ]
+            found = _pair(pa, pb, metric, n_boot)
+            if found is None:
+                continue
+            rel = found["mean_diff"] / found["mean_b"] if found["mean_b"] else np.nan
             rows.append(
                 {
+                    "strategy": strategy,
                     "metric": metric,
-                    "a": a,
-                    "b": b,
-                    **boot,
-                    "n_seeds": len(by_seed),
-                    "seed_diffs": " ".join(f"{v:+.4g}" for v in by_seed),
-                    "seeds_agree": agree,
-                    "real": bool(excludes_zero and agree and len(pair) >= MIN_PAIRS),
-                    "dropped_nonfinite": int((~ok).sum()),
+                    "baseline": baseline,
+                    "strategy_mean": found.pop("mean_a"),
+                    "baseline_mean": found.pop("mean_b"),
+                    "rel_diff": rel,
+                    **found,
                 }
             )
-    columns = [
-        "metric",
-        "a",
-        "b",
-        "mean_diff",
-        "ci_low",
-        "ci_high",
-        "n",
-        "p_a_better",
-        "n_seeds",
-        "seed_diffs",
-        "seeds_agree",
-        "real",
-        "dropped_nonfinite",
-    ]
-    return pd.DataFrame(rows, columns=columns)
+    columns = ["strategy", "metric", "baseline", "strategy_mean", "baseline_mean", "rel_diff"]
+    return pd.DataFrame(rows, columns=columns + PAIR_COLUMNS)
+
+
+def beside_baselines(
+    chosen: pd.DataFrame, baselines: pd.DataFrame, per_run: pd.DataFrame
+) -> pd.DataFrame:
+    """Strategies (their chosen phase) and baselines side by side: per row the mean and std over
+    seeds of every test metric (columns {metric}_mean, {metric}_std), `n` seeds, and `seconds`:
+    training (the selected phases summed) or fitting."""
+    comp = sorted(
+        c
+        for c in [*chosen.columns, *baselines.columns]
+        if c.startswith("test_mae_") and c != "test_mae_teacher_forced"
+    )
+    cols = [*BESIDE_METRICS, *dict.fromkeys(comp)]
+    train = per_run.groupby(["strategy", "seed"])["phase_seconds"].sum()
+    rows = []
+    for strategy in strategy_order(chosen["strategy"].unique()):
+        g = chosen[chosen["strategy"] == strategy]
+        seconds = [train.get((strategy, s), np.nan) for s in g["seed"]]
+        rows.append(_beside_row(strategy, "strategy", int(g["phase"].max()), g, cols, seconds))
+    for baseline in baseline_order(baselines["baseline"].unique()) if len(baselines) else []:
+        g = baselines[baselines["baseline"] == baseline]
+        rows.append(_beside_row(baseline, "baseline", None, g, cols, list(g["fit_seconds"])))
+    return pd.DataFrame(rows)
+
+
+def _beside_row(name, kind, phase, g: pd.DataFrame, cols, seconds: list) -> dict:
+    row = {"name": name, "kind": kind, "phase": phase, "n": len(g)}
+    for m, values in [(m, g[m] if m in g else pd.Series(dtype=float)) for m in cols] + [
+        ("seconds", pd.Series(seconds, dtype=float))
+    ]:
+        values = values.dropna()
+        row[f"{m}_mean"], row[f"{m}_std"] = (
+            metrics.mean_std(values) if len(values) else (np.nan, np.nan)
+        )
+    return row

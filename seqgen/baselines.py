@@ -21,6 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import hashlib
+import inspect
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +39,9 @@ from seqgen.data import Normalizer, SequenceData
 from seqgen.errors import ConfigError, DataError
 from seqgen.split import Split
 
+# Raise when a fit changes in a way its settings do not show: evaluations logged by an older
+# revision are then fitted anew instead of reused from the store.
+BASELINE_REVISION = 1
 KNN_QUERY_CHUNK = 1024  # query rows per (chunk, n_train) distance matrix: 1024 x 4400 x 8 B = 36 MB
 
 
@@ -392,3 +399,18 @@ def fit_baseline(
         seed,
         **options,
     )
+
+
+def baseline_version(name: str, **options: Any) -> str:
+    """Digest (16 hex chars) of what decides a baseline's predictions besides data, split and
+    seed: the revision of its code and every setting of its fit function, defaults filled in.
+    An evaluation logged under the same digest is reused; any other setting fits anew."""
+    if name not in BASELINES:
+        raise ConfigError(f"unknown baseline {name!r}: use {', '.join(BASELINES)}")
+    extra = list(inspect.signature(BASELINES[name]).parameters.values())[5:]  # after seed
+    chosen = {p.name: options.get(p.name, p.default) for p in extra}
+    chosen = {
+        k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in chosen.items()
+    }
+    text = json.dumps({"revision": BASELINE_REVISION, "name": name, **chosen}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,4 +1,5 @@
-"""Command line: seqgen train | pipeline | phase-config | synth | bench | evaluate | compare | demo.
+"""Command line: seqgen train | pipeline | study | phase-config | synth | bench | evaluate |
+baselines | compare | demo.
 
 Options of train, pipeline and phase-config are generated from PhaseSettings, so their names are
 the original scripts' flags (--hidden_size, --start_lr, ...) and their defaults live only in
@@ -263,25 +264,82 @@ def bench(preset, batches, as_json, baseline, threads, mixed_precision):
             click.echo(f"{key:>36}: {value}")
 
 
-@main.command()
-@click.option("--model", "model_uri", required=True, help="models:/..., runs:/... or a .pth")
-@snake_option("--data_dir", "--data", default=None, help="data folder (default: the model's)")
-@click.option(
+split_option = click.option(
     "--split",
     "split_name",
     default="test",
     show_default=True,
     type=click.Choice(["train", "val", "test"]),
 )
-@snake_option("--max_lag", "--max-lag", type=int, default=None, help="ACF lags 1..L [default: 20]")
-@_clean_errors
-def evaluate(model_uri, data_dir, split_name, max_lag):
-    """Generate a split free-running and measure it in original units; log an evaluation run."""
-    from seqgen.evaluate import evaluate_model
+max_lag_option = snake_option(
+    "--max_lag", "--max-lag", type=int, default=None, help="ACF lags 1..L [default: 20]"
+)
 
-    lag = {"max_lag": max_lag} if max_lag is not None else {}
-    summary = evaluate_model(model_uri, data_dir, split_name, **lag)
+
+def _lag(max_lag: int | None) -> dict:
+    return {"max_lag": max_lag} if max_lag is not None else {}
+
+
+@main.command()
+@click.option("--model", "model_uri", required=True, help="models:/..., runs:/... or a .pth")
+@snake_option("--data_dir", "--data", default=None, help="data folder (default: the model's)")
+@split_option
+@max_lag_option
+@click.option(
+    "--baselines/--no_baselines",
+    default=True,
+    show_default=True,
+    help="score the baselines beside the model (fitted once per split, then reused)",
+)
+@_clean_errors
+def evaluate(model_uri, data_dir, split_name, max_lag, baselines):
+    """Generate a split free-running and measure it in original units, beside the baselines on
+    the same samples; log evaluation runs. JSON on stdout, a table on stderr."""
+    from seqgen.evaluate import beside_table, evaluate_model
+
+    summary = evaluate_model(model_uri, data_dir, split_name, baselines=baselines, **_lag(max_lag))
     click.echo(json.dumps(summary, indent=2, default=str))
+    if summary["baselines"]:
+        rows = {"model": summary} | {f"{n} baseline": b for n, b in summary["baselines"].items()}
+        click.echo(beside_table(split_name, rows), err=True)
+
+
+@main.command()
+@snake_option("--data_dir", default=None, help="data folder (default with --model: the model's)")
+@split_option
+@click.option("--model", "model_uri", default=None, help="use this model's data folder and split")
+@click.option("--seed", type=int, default=None, help="split seed, no --model [default: 0]")
+@snake_option(
+    "--max_samples", type=int, default=None, help="use only the first N files (no --model)"
+)
+@max_lag_option
+@snake_option("--n_components", type=int, default=None, help="component columns [default: 5]")
+@snake_option("--n_params", type=int, default=None, help="parameter columns [default: 2]")
+@click.option("--refit", is_flag=True, help="fit again even when the store has these evaluations")
+@_clean_errors
+def baselines(
+    data_dir, split_name, model_uri, seed, max_samples, max_lag, n_components, n_params, refit
+):
+    """Fit the baselines (mean, knn, direct) on a split's training part and evaluate them like a
+    model; the split is a model's (--model) or the one a phase with --seed and --max_samples
+    makes. Found in the store instead when already evaluated. JSON on stdout, a table on stderr."""
+    from seqgen.evaluate import beside_table, evaluate_baselines
+
+    if model_uri is not None and (max_samples is not None or seed is not None):
+        raise config.ConfigError("--model brings its own split: leave out --seed and --max_samples")
+    found = evaluate_baselines(
+        data_dir,
+        split_name,
+        model_uri,
+        seed or 0,
+        max_samples,
+        n_components=n_components,
+        n_params=n_params,
+        reuse=not refit,
+        **_lag(max_lag),
+    )
+    click.echo(json.dumps(found, indent=2, default=str))
+    click.echo(beside_table(split_name, {f"{n} baseline": b for n, b in found.items()}), err=True)
 
 
 @main.command()

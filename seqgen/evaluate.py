@@ -1,22 +1,31 @@
-"""Free-running evaluation of a trained model on one split, in the data's original units.
+"""Free-running evaluation of a trained model on one split, in the data's original units, with the
+baselines it must beat scored beside it on the same samples.
 
 Every sequence of the split is generated from its parameters alone and measured against the
 truth: MAE/RMSE (overall, per component, against time step), autocorrelation error (per sequence
 and pooled), log-spectral distance, relative L2 error of the PCA-reconstructed fields (where the
-data folder has a basis) and the gap to teacher-forced MAE.
+data folder has a basis) and the gap to teacher-forced MAE. The baselines of seqgen.baselines
+(mean, knn, direct) are fitted on the same split's training part and measured by the same code
+(without the teacher-forced entries, which they have no use for).
 
-Results go to a separate MLflow *evaluation run* in the evaluated model's experiment, not onto the
-model's own run: a phase run stays a record of training only, a model can be evaluated again (on
-another split or data folder) without colliding metric keys, and the analysis finds evaluations
-with one tag (kind=evaluation) and links them back through `evaluated_run_id`.
+Results go to separate MLflow *evaluation runs*, not onto the model's own run: a phase run stays
+a record of training only, a model can be evaluated again (on another split or data folder)
+without colliding metric keys, and the analysis finds evaluations with one tag (kind=evaluation),
+links a model's back through `evaluated_run_id` and pairs it with the baselines through
+`split_fingerprint`. A baseline's evaluation is logged once per (data, split, seed, settings) and
+found again in the store by those tags, so each further model evaluation costs no refit.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +33,25 @@ import pandas as pd
 import torch
 
 from seqgen import metrics, tracking
+from seqgen.baselines import BASELINES, baseline_version, fit_baseline
 from seqgen.bundle import Bundle
-from seqgen.data import load_sequences
-from seqgen.errors import ConfigError
+from seqgen.data import SequenceData, load_sequences
+from seqgen.errors import ConfigError, DataError
 from seqgen.generate import GENERATION_BATCH, generate_original
+from seqgen.split import Split, make_split
 from seqgen.synth import PCABasis, load_pca
 
 SWEEP_POINTS = 5  # generated trajectories per swept parameter
 GENERATED_FILE = "generated.npz"
 PER_SAMPLE_FILE = "per_sample.csv"
 BY_STEP_FILE = "error_by_step.csv"
+SUMMARY_FILE = "summary.json"
+# What `seqgen evaluate` and `seqgen baselines` print side by side (without the split prefix).
+BESIDE_COLUMNS = ("mae", "rmse", "acf_error", "spectral_error", "field_rel_l2")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)  # stdout is the JSON answer
 
 
 @dataclass
@@ -53,7 +71,7 @@ def metric_name(text: str) -> str:
 def measure(
     pred: np.ndarray,
     true: np.ndarray,
-    pred_tf: np.ndarray,
+    pred_tf: np.ndarray | None,
     files: list[str],
     params: np.ndarray,
     param_names: list[str],
@@ -62,7 +80,8 @@ def measure(
     max_lag: int,
     pca: PCABasis | None = None,
 ) -> Measures:
-    """pred, true, pred_tf (N, T, K) original units; params (N, P); steps (T,) -> Measures."""
+    """pred, true, pred_tf (N, T, K) original units; params (N, P); steps (T,) -> Measures.
+    Without pred_tf (a baseline) the teacher-forced MAE and the gap to it are left out."""
     overall = metrics.mae_rmse(pred, true)
     comp = [metric_name(c) for c in component_names]
     summary = {"mae": overall["mae"], "rmse": overall["rmse"]}
@@ -80,7 +99,8 @@ def measure(
     per_sample["rmse"] = metrics.per_sequence_rmse(pred, true)
     per_sample["acf_error"] = metrics.acf_error_per_sequence(pred, true, max_lag)
     per_sample["spectral_error"] = metrics.spectral_error_per_sequence(pred, true)
-    per_sample["mae_teacher_forced"] = metrics.per_sequence_mae(pred_tf, true)
+    if pred_tf is not None:
+        per_sample["mae_teacher_forced"] = metrics.per_sequence_mae(pred_tf, true)
     summary["acf_error"] = float(per_sample["acf_error"].mean())
     summary["acf_error_pooled"] = metrics.pooled_acf_error(pred, true, max_lag)
     summary["spectral_error"] = float(per_sample["spectral_error"].mean())
@@ -91,8 +111,9 @@ def measure(
             pca.reconstruct(pred), pca.reconstruct(true)
         )
         summary["field_rel_l2"] = float(per_sample["field_rel_l2"].mean())
-    summary["mae_teacher_forced"] = metrics.mae_rmse(pred_tf, true)["mae"]
-    summary["tf_gap"] = summary["mae"] - summary["mae_teacher_forced"]
+    if pred_tf is not None:
+        summary["mae_teacher_forced"] = metrics.mae_rmse(pred_tf, true)["mae"]
+        summary["tf_gap"] = summary["mae"] - summary["mae_teacher_forced"]
 
     by_step = pd.DataFrame({"step": np.asarray(steps), "mae": metrics.error_by_step(pred, true)})
     for k, c in enumerate(comp):
@@ -134,26 +155,268 @@ def sweep_params(all_params: np.ndarray, n_points: int = SWEEP_POINTS) -> np.nda
     return out.astype(np.float32)
 
 
+# ---- what is evaluated: one part of a split of a data folder -----------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """The samples an evaluation scores (one part of a split of a data folder) and how."""
+
+    data: SequenceData  # the whole folder; the split names the samples
+    split: Split
+    part: str  # train, val or test
+    max_lag: int  # ACF lags 1..max_lag
+    pca: PCABasis | None
+    folder: Path
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_lag < self.data.seq_len:
+            raise ConfigError(
+                f"--max_lag must be in 1..{self.data.seq_len - 1} for sequences of "
+                f"{self.data.seq_len} steps, got {self.max_lag}"
+            )
+        if len(self.idx) == 0:
+            raise DataError(f"the {self.part} split is empty: nothing to evaluate")
+
+    @cached_property
+    def idx(self) -> np.ndarray:  # (N,) positions of the part's files in the data
+        return self.split.indices(self.data.files, self.part)
+
+    @property
+    def files(self) -> list[str]:
+        return [self.data.files[i] for i in self.idx]
+
+    @property
+    def params(self) -> np.ndarray:  # (N, P) original units
+        return self.data.params[self.idx]
+
+    @property
+    def true(self) -> np.ndarray:  # (N, T, K) original units
+        return self.data.components[self.idx]
+
+    def measure(self, pred: np.ndarray, pred_tf: np.ndarray | None = None) -> Measures:
+        d = self.data
+        return measure(
+            pred,
+            self.true,
+            pred_tf,
+            self.files,
+            self.params,
+            list(d.param_names),
+            list(d.component_names),
+            d.steps,
+            self.max_lag,
+            self.pca,
+        )
+
+    def sweeps(self) -> np.ndarray:
+        return sweep_params(self.data.params)  # (P, S, P)
+
+    def arrays(self, pred: np.ndarray, sweeps: np.ndarray, sweep_pred: np.ndarray) -> dict:
+        """generated.npz: the part's sequences and names, the sweeps, the PCA basis.
+        pred (N, T, K); sweeps (P, S, P); sweep_pred (P * S, T, K)."""
+        d = self.data
+        out = {
+            "files": np.array(self.files),
+            "params": self.params,
+            "pred": pred,
+            "true": self.true,
+            "steps": d.steps,
+            "param_names": np.array(d.param_names),
+            "component_names": np.array(d.component_names),
+            "sweep_params": sweeps,
+            "sweep_pred": sweep_pred.reshape(*sweeps.shape[:2], *pred.shape[1:]),
+        }
+        if self.pca is not None:
+            p = self.pca
+            out |= {"pca_basis": p.basis, "pca_mean": p.mean, "pca_x": p.x, "pca_t": p.t}
+        return out
+
+    def tags(self) -> dict[str, str]:
+        """What identifies the samples and the measures: any two runs that share these scored
+        the same sequences the same way."""
+        return {
+            "split": self.part,
+            "dataset_fingerprint": self.data.fingerprint,
+            "split_fingerprint": self.split.fingerprint,
+            "max_lag": str(self.max_lag),
+        }
+
+
+def log_evaluation(
+    run_name: str,
+    tags: dict,
+    params: dict,
+    es: EvalSet,
+    found: Measures,
+    arrays: dict[str, np.ndarray],
+    step: int,
+    experiment_id: str | None,
+    extra_metrics: dict[str, float] | None = None,
+    extra_summary: dict | None = None,
+) -> dict:
+    """One evaluation run (tag kind=evaluation): tags, params, `{part}_{quantity}` metrics at
+    `step`, per_sample.csv, error_by_step.csv, generated.npz and summary.json; returns the
+    summary."""
+    found_metrics = {f"{es.part}_{k}": v for k, v in found.summary.items()}
+    all_tags = {"kind": "evaluation", **es.tags(), **tags}
+    with tracking.tracked_run(run_name, all_tags, in_experiment=experiment_id) as run:
+        tracking.log_params(
+            {"data_dir": str(es.folder), "split": es.part, "max_lag": es.max_lag}
+            | {"n_samples": len(es.idx)}
+            | params
+        )
+        tracking.log_metrics(found_metrics | (extra_metrics or {}), step=step)
+        summary = {
+            "run_id": run.info.run_id,
+            **(extra_summary or {}),
+            "split": es.part,
+            "n_samples": len(es.idx),
+            "metrics": found_metrics,
+        }
+        with tempfile.TemporaryDirectory(prefix="seqgen-eval-") as tmp:
+            out = Path(tmp)
+            found.per_sample.to_csv(out / PER_SAMPLE_FILE, index=False)
+            found.by_step.rename(columns={"step": es.data.step_name}).to_csv(
+                out / BY_STEP_FILE, index=False
+            )
+            np.savez_compressed(out / GENERATED_FILE, **arrays)
+            (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+            for name in (PER_SAMPLE_FILE, BY_STEP_FILE, GENERATED_FILE, SUMMARY_FILE):
+                tracking.log_artifact(out / name)
+    return summary
+
+
+# ---- baselines ---------------------------------------------------------------------------------
+
+
+def baseline_key(es: EvalSet, name: str, seed: int) -> dict[str, str]:
+    """The tags a baseline evaluation is found again by: same data, split, part, lags, seed and
+    baseline settings, same numbers."""
+    return {
+        "kind": "evaluation",
+        "baseline": name,
+        **es.tags(),
+        "seed": str(seed),
+        "baseline_version": baseline_version(name),
+    }
+
+
+@dataclass
+class PendingBaselines:
+    """Baselines looked up in the store and fitted, not yet logged."""
+
+    seed: int
+    names: tuple[str, ...]
+    found: dict[str, dict]  # name -> summary of the evaluation found in the store
+    fitted: dict[str, tuple]  # name -> (Baseline, pred (N, T, K), predict seconds, sweep_pred)
+    sweeps: np.ndarray  # (P, S, P)
+
+
+def prepare_baselines(
+    es: EvalSet,
+    seed: int,
+    experiment_id: str | None = None,
+    names: tuple[str, ...] = tuple(BASELINES),
+    reuse: bool = True,
+    log: Callable[[str], None] = _say,
+) -> PendingBaselines:
+    """Find each baseline's evaluation on `es` in the store, fit (on the split's training part)
+    and predict those not found. Opens no run, so bad input leaves nothing half-written."""
+    where = tracking.target_experiment(experiment_id)
+    found: dict[str, dict] = {}
+    for name in names:
+        hit = tracking.find_finished_run(where, baseline_key(es, name, seed)) if reuse else None
+        if hit is not None:
+            prefix = f"{es.part}_"
+            found[name] = {
+                "run_id": hit["run_id"],
+                "reused": True,
+                "fit_seconds": hit["metrics"].get("fit_seconds"),
+                "metrics": {k: v for k, v in hit["metrics"].items() if k.startswith(prefix)},
+            }
+    sweeps = es.sweeps()
+    fitted = {}
+    for name in [n for n in names if n not in found]:
+        log(f"fitting the {name} baseline ({len(es.split.train)} training samples, seed {seed})")
+        baseline = fit_baseline(name, es.data, es.split, seed)
+        started = time.perf_counter()
+        pred = baseline.predict(es.params)
+        predict_seconds = time.perf_counter() - started
+        sweep_pred = baseline.predict(sweeps.reshape(-1, sweeps.shape[-1]))
+        fitted[name] = (baseline, pred, predict_seconds, sweep_pred)
+    return PendingBaselines(seed, tuple(names), found, fitted, sweeps)
+
+
+def log_baselines(
+    es: EvalSet, pending: PendingBaselines, experiment_id: str | None = None
+) -> dict[str, dict]:
+    """Log each fitted baseline as its own evaluation run (tag baseline=<name>); returns every
+    baseline's summary, found or logged, in the order asked."""
+    out = dict(pending.found)
+    seed = pending.seed
+    for name, (baseline, pred, predict_seconds, sweep_pred) in pending.fitted.items():
+        info = dict(baseline.info)
+        fit_seconds = float(info.pop("fit_seconds"))
+        val_mae = info.pop("val_mae", None)
+        timing = {"fit_seconds": fit_seconds, "predict_seconds": predict_seconds}
+        out[name] = log_evaluation(
+            f"baseline-{name}-s{seed}",
+            baseline_key(es, name, seed),
+            {"baseline": name, "seed": seed, **info},
+            es,
+            es.measure(pred),
+            es.arrays(pred, pending.sweeps, sweep_pred),
+            0,
+            experiment_id,
+            extra_metrics=timing | ({} if val_mae is None else {"fit_val_mae": val_mae}),
+            extra_summary={"baseline": name, "reused": False, "fit_seconds": fit_seconds},
+        )
+    return {n: out[n] for n in pending.names}
+
+
+def ensure_baselines(
+    es: EvalSet,
+    seed: int,
+    experiment_id: str | None = None,
+    names: tuple[str, ...] = tuple(BASELINES),
+    reuse: bool = True,
+    log: Callable[[str], None] = _say,
+) -> dict[str, dict]:
+    """Each baseline's evaluation on `es`: found in the store (reused: True), else fitted,
+    measured and logged as its own evaluation run. Every fit runs before any run is opened."""
+    pending = prepare_baselines(es, seed, experiment_id, names, reuse, log)
+    return log_baselines(es, pending, experiment_id)
+
+
+def beside_table(split_name: str, rows: dict[str, dict]) -> str:
+    """A plain-text table of evaluation summaries: rows {label: summary with 'metrics'}."""
+    cols = [
+        c for c in BESIDE_COLUMNS if any(f"{split_name}_{c}" in r["metrics"] for r in rows.values())
+    ]
+    width = max(len(label) for label in rows) + 2
+    lines = [f"{'':<{width}}" + "".join(f"{c:>16}" for c in cols) + f"{'fit s':>10}"]
+    for label, r in rows.items():
+        values = [r["metrics"].get(f"{split_name}_{c}", float("nan")) for c in cols]
+        fit = r.get("fit_seconds")
+        fit_text = f"{fit:>10.3g}" if fit is not None else f"{'':>10}"
+        lines.append(f"{label:<{width}}" + "".join(f"{v:>16.5g}" for v in values) + fit_text)
+    return "\n".join(lines)
+
+
+# ---- entry points ------------------------------------------------------------------------------
+
+
 def _data_folder(data_dir: str | None, bundle: Bundle) -> Path:
     folder = Path(data_dir or bundle.data.data_dir)
     if not folder.is_dir():
-        where = "--data" if data_dir else "the model's training data folder"
+        where = "--data_dir" if data_dir else "the model's training data folder"
         raise ConfigError(f"{where} {folder} does not exist here: pass --data_dir DIR")
     return folder
 
 
-def evaluate_model(
-    model_uri: str,
-    data_dir: str | None = None,
-    split_name: str = "test",
-    max_lag: int = metrics.ACF_MAX_LAG,
-) -> dict:
-    """Generate `split_name` free-running, measure it, log an evaluation run; return a summary."""
-    tracking.check_tracking_store()
-    # An alias is resolved once: the version loaded is the version recorded, even if the alias
-    # moves while this evaluation runs.
-    exact_uri = tracking.exact_model_uri(model_uri)
-    bundle = tracking.load_bundle(exact_uri)
+def _model_eval_set(bundle: Bundle, data_dir: str | None, split_name: str, max_lag: int) -> EvalSet:
+    """The model's own split of the data folder (given, else the one it was trained on)."""
     folder = _data_folder(data_dir, bundle)
     cfg = bundle.model_config
     data = load_sequences(folder, cfg.n_components, cfg.n_params)
@@ -162,101 +425,112 @@ def evaluate_model(
             f"{folder} has parameters {list(data.param_names)}, the model was "
             f"trained on {list(bundle.data.param_names)}"
         )
-    if not 1 <= max_lag < data.seq_len:
-        raise ConfigError(
-            f"--max-lag must be in 1..{data.seq_len - 1} for sequences of "
-            f"{data.seq_len} steps, got {max_lag}"
-        )
-    idx = bundle.split.indices(data.files, split_name)
-    if len(idx) == 0:
-        raise ConfigError(f"the model's {split_name} split is empty")
-    files = [data.files[i] for i in idx]
-    params, true = data.params[idx], data.components[idx]
+    return EvalSet(data, bundle.split, split_name, max_lag, load_pca(folder), folder)
+
+
+def evaluate_model(
+    model_uri: str,
+    data_dir: str | None = None,
+    split_name: str = "test",
+    max_lag: int = metrics.ACF_MAX_LAG,
+    baselines: bool = True,
+    log: Callable[[str], None] = _say,
+) -> dict:
+    """Generate `split_name` free-running, measure it, log an evaluation run with the baselines'
+    beside it (fitted once per split, then found in the store); return a summary."""
+    tracking.check_tracking_store()
+    # An alias is resolved once: the version loaded is the version recorded, even if the alias
+    # moves while this evaluation runs.
+    exact_uri = tracking.exact_model_uri(model_uri)
+    bundle = tracking.load_bundle(exact_uri)
+    es = _model_eval_set(bundle, data_dir, split_name, max_lag)
 
     model = bundle.build_model()
-    pred = generate_original(model, bundle, params)  # (N, T, K)
-    pred_tf = teacher_forced_original(model, bundle, params, true)
-    pca = load_pca(folder)
-    found = measure(
-        pred,
-        true,
-        pred_tf,
-        files,
-        params,
-        list(data.param_names),
-        list(data.component_names),
-        data.steps,
-        max_lag,
-        pca,
-    )
-    sweeps = sweep_params(data.params)  # (P, S, P)
+    pred = generate_original(model, bundle, es.params)  # (N, T, K)
+    pred_tf = teacher_forced_original(model, bundle, es.params, es.true)
+    found = es.measure(pred, pred_tf)
+    sweeps = es.sweeps()
     sweep_pred = generate_original(model, bundle, sweeps.reshape(-1, sweeps.shape[-1]))
 
     source = tracking.model_source(exact_uri, bundle.run_id)
-    run_name = f"eval-{bundle.strategy}-p{bundle.phase}-s{bundle.seed}"
+    experiment = source.get("experiment_id")
+    names = tuple(BASELINES) if baselines else ()
+    pending = prepare_baselines(es, bundle.seed, experiment, names, log=log)
     tags = {
-        "kind": "evaluation",
         "model_uri": model_uri,
         "evaluated_model_uri": exact_uri,
         "strategy": bundle.strategy,
         "phase": bundle.phase,
         "seed": bundle.seed,
         "preset": bundle.preset,
-        "split": split_name,
-        "dataset_fingerprint": data.fingerprint,
-        "same_data_as_training": data.fingerprint == bundle.data.fingerprint,
+        "same_data_as_training": es.data.fingerprint == bundle.data.fingerprint,
         **{k: v for k, v in source.items() if k != "experiment_id"},
     }
-    with tracking.tracked_run(run_name, tags, in_experiment=source.get("experiment_id")) as run:
-        run_id = run.info.run_id
-        tracking.log_params(
-            {
-                "model_uri": model_uri,
-                "data_dir": str(folder),
-                "split": split_name,
-                "max_lag": max_lag,
-                "n_samples": len(idx),
-            }
-        )
-        # step = the global epoch of the evaluated weights, so evaluations line up with training
-        tracking.log_metrics(
-            {f"{split_name}_{k}": v for k, v in found.summary.items()}, step=bundle.epoch
-        )
-        with tempfile.TemporaryDirectory(prefix="seqgen-eval-") as tmp:
-            out = Path(tmp)
-            found.per_sample.to_csv(out / PER_SAMPLE_FILE, index=False)
-            found.by_step.rename(columns={"step": data.step_name}).to_csv(
-                out / BY_STEP_FILE, index=False
-            )
-            arrays = {
-                "files": np.array(files),
-                "params": params,
-                "pred": pred,
-                "true": true,
-                "steps": data.steps,
-                "param_names": np.array(data.param_names),
-                "component_names": np.array(data.component_names),
-                "sweep_params": sweeps,
-                "sweep_pred": sweep_pred.reshape(*sweeps.shape[:2], *pred.shape[1:]),
-            }
-            if pca is not None:
-                arrays |= {
-                    "pca_basis": pca.basis,
-                    "pca_mean": pca.mean,
-                    "pca_x": pca.x,
-                    "pca_t": pca.t,
-                }
-            np.savez_compressed(out / GENERATED_FILE, **arrays)
-            summary = {
-                "run_id": run_id,
-                "model_uri": model_uri,
-                "evaluated_model_uri": exact_uri,
-                "split": split_name,
-                "n_samples": len(idx),
-                "epoch": bundle.epoch,
-                "metrics": {f"{split_name}_{k}": v for k, v in found.summary.items()},
-            }
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
-            for name in (PER_SAMPLE_FILE, BY_STEP_FILE, GENERATED_FILE, "summary.json"):
-                tracking.log_artifact(out / name)
-    return summary
+    summary = log_evaluation(
+        f"eval-{bundle.strategy}-p{bundle.phase}-s{bundle.seed}",
+        tags,
+        {"model_uri": model_uri},
+        es,
+        found,
+        es.arrays(pred, sweeps, sweep_pred),
+        bundle.epoch,  # the global epoch of the evaluated weights: lines up with training
+        experiment,
+        extra_summary={
+            "model_uri": model_uri,
+            "evaluated_model_uri": exact_uri,
+            "epoch": bundle.epoch,
+        },
+    )
+    # Logged after the model's run, which under `mlflow run` is the run the launcher made.
+    return summary | {"baselines": log_baselines(es, pending, experiment)}
+
+
+def evaluate_baselines(
+    data_dir: str | None,
+    split_name: str = "test",
+    model_uri: str | None = None,
+    seed: int = 0,
+    max_samples: int | None = None,
+    max_lag: int = metrics.ACF_MAX_LAG,
+    n_components: int | None = None,
+    n_params: int | None = None,
+    reuse: bool = True,
+    log: Callable[[str], None] = _say,
+) -> dict[str, dict]:
+    """The baselines alone, on a model's split (model_uri) or on the split training makes of
+    data_dir's first max_samples files with `seed`; logged (or found) as evaluation runs."""
+    tracking.check_tracking_store()
+    if model_uri is not None:
+        exact_uri = tracking.exact_model_uri(model_uri)
+        bundle = tracking.load_bundle(exact_uri)
+        es = _model_eval_set(bundle, data_dir, split_name, max_lag)
+        experiment = tracking.model_source(exact_uri, bundle.run_id).get("experiment_id")
+        return _baselines_alone(es, bundle.seed, experiment, reuse, log)
+    if not data_dir:
+        raise ConfigError("pass --data_dir DIR (or --model URI to use a model's data and split)")
+    if max_samples is not None and max_samples < 3:
+        raise ConfigError(f"--max_samples must be at least 3, got {max_samples}")
+    if seed < 0:
+        raise ConfigError(f"--seed must be a non-negative integer, got {seed}")
+    shape = {"n_components": n_components, "n_params": n_params}
+    data = load_sequences(data_dir, **{k: v for k, v in shape.items() if v is not None})
+    # The same split a phase of this seed and --max_samples makes, so its evaluations pair.
+    files = data.files[:max_samples] if max_samples else data.files
+    split = make_split(files, seed)
+    folder = Path(data_dir)
+    es = EvalSet(data, split, split_name, max_lag, load_pca(folder), folder)
+    return _baselines_alone(es, seed, None, reuse, log)
+
+
+def _baselines_alone(
+    es: EvalSet, seed: int, experiment_id: str | None, reuse: bool, log: Callable[[str], None]
+) -> dict[str, dict]:
+    """ensure_baselines; under `mlflow run`, the launcher's run becomes their parent (tag
+    kind=baselines, naming every baseline's evaluation run), so it is not left empty."""
+    pending = prepare_baselines(es, seed, experiment_id, reuse=reuse, log=log)
+    if not tracking.launched_by_mlflow_run():
+        return log_baselines(es, pending, experiment_id)
+    with tracking.tracked_run(f"baselines-s{seed}", {"kind": "baselines", **es.tags()}):
+        found = log_baselines(es, pending, experiment_id)
+        tracking.set_tags({f"{n}_run_id": b["run_id"] for n, b in found.items()})
+    return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,16 @@ class Split:
         if name not in ("train", "val", "test"):
             raise ValueError(f"unknown split part {name!r}: use train, val or test")
         return getattr(self, name)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the three file lists (16 hex chars): runs on the same samples share it.
+
+        A data folder's fingerprint does not tell splits apart (seeds, or --max_samples, which
+        keeps the whole folder's fingerprint), so evaluations are paired on this one.
+        """
+        parts = [list(self.train), list(self.val), list(self.test)]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     def indices(self, files: list[str] | tuple[str, ...], name: str) -> np.ndarray:
         """Positions of one part's files in `files` (the dataset's file order)."""

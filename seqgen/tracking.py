@@ -127,6 +127,35 @@ def experiment_name(experiment_id: str) -> str:
     return mlflow.get_experiment(experiment_id).name
 
 
+def launched_by_mlflow_run() -> bool:
+    """Whether `mlflow run` made a run for this process to take up (MLFLOW_RUN_ID, until the
+    first start_run takes it)."""
+    return bool(os.environ.get("MLFLOW_RUN_ID"))
+
+
+def target_experiment(in_experiment: str | None = None) -> str:
+    """The experiment a tracked_run(..., in_experiment) opened now logs to: the active run's
+    (it becomes a child), else in_experiment, else experiment_id()."""
+    run = mlflow.active_run()
+    return run.info.experiment_id if run else in_experiment or experiment_id()
+
+
+def find_finished_run(exp_id: str, tags: dict[str, Any]) -> dict[str, Any] | None:
+    """The newest FINISHED run of the experiment carrying every one of `tags`: its run_id,
+    metrics (latest values) and params; None when there is none."""
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = _client().search_runs(
+        [exp_id],
+        f"{where} and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    run = runs[0]
+    return {"run_id": run.info.run_id, "metrics": run.data.metrics, "params": run.data.params}
+
+
 # ---- phase runs: explicit run ids, safe from a background thread or a Ray worker --------------
 #
 # A phase run is found again by its identity (tag phase_key: the settings that define what is

@@ -10,7 +10,7 @@ from conftest import use_store
 from matplotlib.figure import Figure
 
 from analysis import plots, query, tables
-from analysis.answer import conclusions
+from analysis.answer import baseline_verdicts, conclusions
 from analysis.report import build_report
 from seqgen.cli import main
 
@@ -27,6 +27,7 @@ FIGURES = (
     "sweep_amplitude",
     "error_by_step",
     "paired",
+    "versus_baselines",
 )
 
 
@@ -91,6 +92,8 @@ def test_compare_writes_report_tables_and_figures(compared):
         "paired.csv",
         "per_sample.csv",
         "excluded.csv",
+        "baselines.csv",
+        "versus_baselines.csv",
         *(f"{f}.png" for f in FIGURES),
     ):
         assert (out / name).stat().st_size > 0, name
@@ -116,6 +119,31 @@ def test_paired_comparison_on_the_same_samples(compared):
     assert (paired["n"] == 2 * 4).all()  # 2 seeds x 4 test samples, paired by (seed, file)
     assert (paired["ci_low"] <= paired["ci_high"]).all()
     assert not paired["real"].any()  # 8 pairs is below MIN_PAIRS: never called real
+
+
+def test_strategies_beside_the_baselines_on_the_same_samples(compared):
+    out = compared[0] / "report"
+    beside = pd.read_csv(out / "baselines.csv")
+    assert beside["name"].tolist() == [*STRATEGIES, "mean", "knn", "direct"]
+    assert beside["kind"].tolist() == ["strategy"] * 3 + ["baseline"] * 3
+    assert (beside["n"] == 2).all()  # each baseline fitted once per seed's split
+    assert beside["test_mae_mean"].notna().all() and (beside["seconds_mean"] > 0).all()
+    assert beside["test_mae_pc1_mean"].notna().all()  # per component, for strategies and baselines
+    vs = pd.read_csv(out / "versus_baselines.csv")
+    assert len(vs) == 3 * 5  # 3 strategies x (mae, rmse, acf_error, spectral_error, field_rel_l2)
+    assert (vs["n"] == 2 * 4).all()  # the same (seed, test file) pairs as between strategies
+    assert not vs["real"].any()  # 8 pairs is below MIN_PAIRS
+    np.testing.assert_allclose(vs["strategy_mean"] - vs["baseline_mean"], vs["mean_diff"])
+    means = beside.set_index("name")
+    for r in vs.itertuples():  # the best baseline of each measure: the lowest over seeds
+        column = f"test_{r.metric}_mean"
+        assert means.loc[r.baseline, column] == means.loc[["mean", "knn", "direct"], column].min()
+    md = (out / "report.md").read_text()
+    assert "## Is it worth training? Against the baselines" in md
+    assert "- **Worth training?** " in md.split("## Is it worth training?")[0]  # in the answer
+    for strategy in STRATEGIES:
+        assert f"- **{strategy}** (phase 2) beats the best baseline on" in md
+    assert "| knn baseline | 2 |" in md and "fit " in md and "versus_baselines.png" in md
 
 
 def test_report_states_setup_answer_and_left_out_runs(compared):
@@ -150,6 +178,7 @@ def test_analysis_run_holds_the_report(in_store):
     assert run.info.run_name == "compare"
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"report.md", "report.html", "summary.csv", "val_loss.png"} <= files
+    assert run.data.tags["baseline_runs"] == "6"  # 3 baselines x 2 seeds' splits
 
 
 def test_filters_and_a_report_without_evaluations(in_store):
@@ -341,3 +370,99 @@ def test_one_evaluated_strategy_names_no_winner():
     per_sample = _per_sample({"combined": 0.0}).query("strategy == 'combined'")
     lines = conclusions(per_sample, pd.DataFrame(), chosen, per_run)
     assert lines == ["Only combined has a test evaluation; evaluate mae to compare."]
+
+
+def _verdict_frames(shift: dict[str, float], baselines: dict[str, float]):
+    """Per-sample MAE of strategies (shift) and baselines (offsets) around one base error."""
+    per_sample = _per_sample(shift | baselines, n=12)
+    is_b = per_sample["strategy"].isin(list(baselines))
+    return (
+        per_sample[~is_b],
+        per_sample[is_b].rename(columns={"strategy": "baseline"}),
+    )
+
+
+def test_versus_baselines_pairs_each_strategy_with_the_best_baseline():
+    models, bl = _verdict_frames({"mae": 0.0, "autocorr": 0.6}, {"mean": 1.0, "knn": 0.3})
+    assert tables.best_baselines(bl) == {"mae": "knn"}
+    vs = tables.versus_baselines(models, bl).set_index("strategy")
+    assert (vs["baseline"] == "knn").all() and (vs["n"] == 24).all()
+    assert vs.loc["mae", "mean_diff"] == pytest.approx(-0.3, abs=0.01) and vs.loc["mae", "real"]
+    assert vs.loc["autocorr", "mean_diff"] == pytest.approx(0.3, abs=0.01)
+    assert vs.loc["mae", "rel_diff"] == pytest.approx(
+        -0.3 / vs.loc["mae", "baseline_mean"], rel=0.05
+    )
+    beside = pd.DataFrame(
+        {
+            "name": ["mae", "autocorr", "knn"],
+            "kind": ["strategy", "strategy", "baseline"],
+            "phase": [5, 5, None],
+            "seconds_mean": [600.0, 660.0, 0.2],
+        }
+    )
+    lines = baseline_verdicts(vs.reset_index(), beside)
+    assert lines[0].startswith("**Worth training?** Yes: mae beats the best baseline on every")
+    assert "; autocorr does not." in lines[0]
+    assert "training mae 10 min, autocorr 11 min; fitting the baselines knn 0.2 s" in lines[0]
+    assert lines[1].startswith("**mae** (phase 5) beats the best baseline on every measure: MAE ")
+    assert "against knn's" in lines[1] and "lower; difference -0.3" in lines[1]
+    assert lines[2].startswith("**autocorr** (phase 5) beats the best baseline on no measure: ")
+    assert "it is worse on MAE" in lines[2] and "higher" in lines[2]
+    few = tables.versus_baselines(models[models["file"].isin(["f0", "f1"])], bl)
+    assert "Not as trained here" in baseline_verdicts(few, beside)[0]  # 4 pairs: nothing real
+    assert "only 4 pairs" in baseline_verdicts(few, beside)[1]
+
+
+def test_baselines_pair_with_evaluations_by_split_fingerprint():
+    chosen = pd.DataFrame(
+        {
+            "strategy": ["mae", "combined", "mae"],
+            "seed": [0, 0, 1],
+            "split_fingerprint": ["aaa", "aaa", "bbb"],
+            "max_lag": [20.0, 20.0, 20.0],
+        }
+    )
+    baselines = pd.DataFrame(
+        {
+            "run_id": ["r1", "r2", "r3", "r4"],
+            "baseline": ["knn", "mean", "knn", "knn"],
+            "seed": [0, 0, 1, 0],
+            "split_fingerprint": ["aaa", "aaa", "bbb", "ccc"],  # ccc: no evaluation's split
+            "max_lag": [20.0, 20.0, 20.0, 20.0],
+        }
+    )
+    side = tables.baselines_at_seeds(chosen, baselines)
+    assert list(zip(side["baseline"], side["seed"], side["run_id"], strict=True)) == [
+        ("mean", 0, "r2"),
+        ("knn", 0, "r1"),
+        ("knn", 1, "r3"),
+    ]
+    old = chosen.assign(split_fingerprint="")  # evaluated before baselines: nothing pairs
+    assert tables.baselines_at_seeds(old, baselines.iloc[0:0]).empty
+
+
+def test_figures_draw_the_baselines_dashed():
+    true = np.zeros((1, 5, 2))
+    fig = plots.sequences_figure(
+        true, {"mae": true + 1}, np.arange(5), ["a", "b"], ["s0"], {"knn": true + 2}
+    )
+    labels = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
+    assert labels == {"true", "mae", "knn baseline"}
+    [knn] = [line for line in fig.axes[0].get_lines() if line.get_label() == "knn baseline"]
+    assert knn.get_linestyle() == "--" and knn.get_color() == plots.baseline_color("knn")
+    by_step = pd.DataFrame({"strategy": "mae", "seed": 0, "step": [0, 1], "value": [1.0, 2.0]})
+    fig = plots.error_by_step_figure(
+        by_step, by_step.drop(columns="strategy").assign(baseline="direct")
+    )
+    assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} == {
+        "mae",
+        "direct baseline",
+    }
+    per_sample = pd.DataFrame({"strategy": "mae", "nu": [0.1, 1.0], "mae": [0.1, 0.2]})
+    fig = plots.param_error_figure(
+        per_sample, ["nu"], baselines=per_sample.drop(columns="strategy").assign(baseline="knn")
+    )
+    assert [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()] == [
+        "mae",
+        "knn baseline",
+    ]

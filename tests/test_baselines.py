@@ -8,6 +8,7 @@ import torch
 from seqgen.baselines import (
     BASELINES,
     DirectSettings,
+    baseline_version,
     fit_baseline,
     fit_direct,
     fit_knn,
@@ -296,3 +297,15 @@ def test_bad_registry_input():
     moved = Split(("gone.csv", *data.files[1:20]), split.val, split.test, seed=0)
     with pytest.raises(SeqgenError, match=r"^the saved split names 1 file\(s\) not in the data"):
         fit_baseline("mean", data, moved)
+
+
+def test_baseline_version_follows_every_setting():
+    # the digest an evaluation is found again by: defaults spelt out change nothing
+    assert baseline_version("knn") == baseline_version("knn", candidates=None)
+    assert baseline_version("knn") != baseline_version("knn", candidates=[1, 2])
+    assert baseline_version("direct") == baseline_version("direct", settings=DirectSettings())
+    assert baseline_version("direct") != baseline_version("direct", settings=QUICK)
+    assert len({baseline_version(n) for n in BASELINES}) == len(BASELINES)
+    assert len(baseline_version("mean")) == 16
+    with pytest.raises(ConfigError, match="unknown baseline 'nope': use mean, knn, direct"):
+        baseline_version("nope")

@@ -1,15 +1,34 @@
 """Evaluation: the assembly of metrics against hand-computed values, then a real evaluation run of
-a smoke model in a temporary sqlite store, and every bad input's message."""
+a smoke model in a temporary sqlite store with the baselines beside it (found again, not refitted),
+`seqgen baselines`, and every bad input's message."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import SMOKE_SAMPLES, use_store
+from conftest import REPO, SMOKE_SAMPLES, subprocess_env, use_store
 
+from seqgen.baselines import baseline_version
+from seqgen.bundle import Bundle
 from seqgen.cli import main
-from seqgen.evaluate import evaluate_model, measure, metric_name, sweep_params
+from seqgen.data import load_sequences
+from seqgen.errors import DataError
+from seqgen.evaluate import (
+    EvalSet,
+    ensure_baselines,
+    evaluate_model,
+    measure,
+    metric_name,
+    sweep_params,
+)
+from seqgen.split import Split, make_split
 from seqgen.synth import PCABasis
 from seqgen.tracking import TrackingError
 
@@ -63,6 +82,35 @@ def test_measure_by_hand():
     np.testing.assert_allclose(m.by_step["mae"], [1.0] * 4)
     np.testing.assert_allclose(m.by_step["mae_pc_1"], [1.0] * 4)
     assert m.by_step["step"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_measure_without_teacher_forcing_leaves_its_entries_out():
+    m = measure(
+        PRED,
+        TRUE,
+        None,
+        ["a.csv", "b.csv"],
+        np.zeros((2, 1)),
+        ["nu"],
+        ["PC 1"],
+        np.arange(4.0),
+        max_lag=2,
+    )
+    assert m.summary["mae"] == pytest.approx(1.0)
+    assert "mae_teacher_forced" not in m.summary and "tf_gap" not in m.summary
+    assert "mae_teacher_forced" not in m.per_sample
+
+
+def test_split_fingerprint_tells_splits_apart():
+    files = [f"s{i:02d}.csv" for i in range(20)]
+    a = make_split(files, seed=0)
+    assert len(a.fingerprint) == 16
+    assert make_split(list(reversed(files)), seed=0).fingerprint == a.fingerprint
+    assert Split.from_dict(a.to_dict()).fingerprint == a.fingerprint  # survives the model file
+    assert make_split(files, seed=1).fingerprint != a.fingerprint
+    moved = Split(a.train[1:], a.val + a.train[:1], a.test, a.seed)  # same files, one moved
+    assert moved.fingerprint != a.fingerprint
+    assert make_split(files[:19], seed=0).fingerprint != a.fingerprint  # --max_samples
 
 
 def test_measure_field_error_through_the_basis():
@@ -208,11 +256,11 @@ def test_missing_model_is_a_clear_error(in_store):
         (["--model", "models:/seqgen-nope/1"], "error: no model at models:/seqgen-nope/1"),
         (
             ["--model", "models:/seqgen-mae-smoke/1", "--data", "no-such-folder"],
-            "error: --data no-such-folder does not exist here: pass --data_dir DIR",
+            "error: --data_dir no-such-folder does not exist here: pass --data_dir DIR",
         ),
         (
             ["--model", "models:/seqgen-mae-smoke/1", "--max-lag", "151"],
-            "error: --max-lag must be in 1..150 for sequences of 151 steps, got 151",
+            "error: --max_lag must be in 1..150 for sequences of 151 steps, got 151",
         ),
     ],
 )
@@ -221,3 +269,192 @@ def test_cli_bad_input(in_store, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+# ---- baselines beside the model ----------------------------------------------------------------
+
+
+def _download(run_id: str, name: str):
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name)
+
+
+def _n_runs() -> int:
+    return len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
+
+
+def test_baselines_beside_the_model_on_the_same_samples_and_found_again(in_store, smoke_data):
+    first = evaluate_model("models:/seqgen-mae-smoke@phase-1")
+    before = _n_runs()
+    again = evaluate_model("models:/seqgen-mae-smoke@phase-1")
+    assert _n_runs() == before + 1  # the model's evaluation only: no baseline refitted
+    assert list(first["baselines"]) == ["mean", "knn", "direct"]
+    assert all(b["reused"] for b in again["baselines"].values())
+    ids = {n: b["run_id"] for n, b in first["baselines"].items()}
+    assert {n: b["run_id"] for n, b in again["baselines"].items()} == ids
+
+    client = mlflow.MlflowClient()
+    model_tags = client.get_run(first["run_id"]).data.tags
+    model_files = pd.read_csv(_download(first["run_id"], "per_sample.csv"))["file"]
+    for name, run_id in ids.items():
+        run = client.get_run(run_id)
+        tags, m = run.data.tags, run.data.metrics
+        assert (tags["kind"], tags["baseline"], run.info.run_name) == (
+            "evaluation",
+            name,
+            f"baseline-{name}-s0",
+        )
+        for key in ("split", "dataset_fingerprint", "split_fingerprint", "seed", "max_lag"):
+            assert tags[key] == model_tags[key], key
+        assert tags["baseline_version"] == baseline_version(name)
+        assert "evaluated_run_id" not in tags and "strategy" not in tags  # never a model's
+        assert run.info.experiment_id == client.get_run(first["run_id"]).info.experiment_id
+        assert m["fit_seconds"] >= 0 and "test_tf_gap" not in m
+        table = pd.read_csv(_download(run_id, "per_sample.csv"))
+        assert table["file"].tolist() == model_files.tolist()  # the same samples, in order
+        assert table["mae"].mean() == pytest.approx(m["test_mae"])
+        assert again["baselines"][name]["metrics"] == pytest.approx(
+            {k: v for k, v in m.items() if k.startswith("test_")}
+        )
+    assert client.get_run(ids["knn"]).data.params["k"] in {"1", "2", "4", "8", "16", "32"}
+
+    # the mean baseline predicts the per-step mean of the model's own training split
+    bundle = Bundle.load(f"{in_store.output_dir}/best_model.pth")
+    data = load_sequences(smoke_data)
+    train_mean = data.components[bundle.split.indices(data.files, "train")].mean(axis=0)
+    with np.load(_download(ids["mean"], "generated.npz")) as z:
+        np.testing.assert_allclose(
+            z["pred"], np.broadcast_to(train_mean, z["pred"].shape), rtol=1e-5
+        )
+        assert z["sweep_pred"].shape == (2, 5, 151, 5)  # drawn in the sweep figures
+
+
+def test_evaluate_without_baselines(in_store):
+    before = _n_runs()
+    summary = evaluate_model("models:/seqgen-mae-smoke/1", baselines=False)
+    assert summary["baselines"] == {} and _n_runs() == before + 1
+
+
+def test_baselines_command_finds_the_models_split_and_refits_on_request(in_store, smoke_data):
+    model = evaluate_model("models:/seqgen-mae-smoke/1")
+    ids = {n: b["run_id"] for n, b in model["baselines"].items()}
+    runner = CliRunner()
+    by_data = runner.invoke(main, ["baselines", "--data_dir", str(smoke_data), "--seed", "0"])
+    assert by_data.exit_code == 0, by_data.output
+    found = json.loads(by_data.stdout)
+    # the split a seed-0 phase makes of the same folder: the same runs, not a refit
+    assert {n: b["run_id"] for n, b in found.items()} == ids
+    assert all(b["reused"] for b in found.values())
+    assert "knn baseline" in by_data.stderr and "test_mae" not in by_data.stderr
+    by_model = runner.invoke(main, ["baselines", "--model", "models:/seqgen-mae-smoke/1"])
+    assert {n: b["run_id"] for n, b in json.loads(by_model.stdout).items()} == ids
+
+    refit = runner.invoke(main, ["baselines", "--data_dir", str(smoke_data), "--refit"])
+    assert refit.exit_code == 0, refit.output
+    fresh = json.loads(refit.stdout)
+    assert not any(b["reused"] for b in fresh.values())
+    assert not {b["run_id"] for b in fresh.values()} & set(ids.values())
+    for name in ("mean", "knn"):  # deterministic fits: the same numbers again
+        assert fresh[name]["metrics"] == pytest.approx(model["baselines"][name]["metrics"])
+
+    other = runner.invoke(main, ["baselines", "--data_dir", str(smoke_data), "--seed", "1"])
+    assert other.exit_code == 0, other.output
+    assert not {b["run_id"] for b in json.loads(other.stdout).values()} & set(ids.values())
+
+
+def test_evaluate_command_prints_the_model_beside_the_baselines(in_store):
+    result = CliRunner().invoke(main, ["evaluate", "--model", "models:/seqgen-mae-smoke/1"])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)["baselines"]) == {"mean", "knn", "direct"}
+    lines = result.stderr.strip().splitlines()
+    assert [line.split()[0] for line in lines[-4:]] == ["model", "mean", "knn", "direct"]
+    assert lines[-5].split()[:2] == ["mae", "rmse"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--data_dir", "{data}", "--max_samples", "3"],  # 1 train / 1 val / 1 test
+            "error: knn baseline needs at least 2 training samples to choose k, got 1",
+        ),
+        (["--data_dir", "{data}", "--max_samples", "2"], "error: --max_samples must be at least 3"),
+        (["--seed", "1"], "error: pass --data_dir DIR (or --model URI"),
+        (
+            ["--model", "models:/seqgen-mae-smoke/1", "--seed", "1"],
+            "error: --model brings its own split: leave out --seed and --max_samples",
+        ),
+        (
+            ["--data_dir", "{data}", "--max_lag", "151"],
+            "error: --max_lag must be in 1..150 for sequences of 151 steps, got 151",
+        ),
+        (["--data_dir", "no-such-folder"], "error: data folder 'no-such-folder' does not exist"),
+    ],
+)
+def test_baselines_bad_input_is_one_line_and_logs_nothing(in_store, smoke_data, args, message):
+    before = _n_runs()
+    args = [a.replace("{data}", str(smoke_data)) for a in args]
+    result = CliRunner().invoke(main, ["baselines", *args])
+    assert result.exit_code == 2, result.output
+    *progress, last = result.stderr.strip().splitlines()  # progress: "fitting the ... baseline"
+    assert last.startswith(message) and "Traceback" not in result.output
+    assert all(line.startswith("fitting the ") for line in progress)
+    assert _n_runs() == before
+
+
+def test_a_split_without_validation_samples_is_refused_before_any_run(
+    in_store, smoke_data, tmp_path
+):
+    bundle = Bundle.load(f"{in_store.output_dir}/best_model.pth")
+    s = bundle.split
+    no_val = dataclasses.replace(bundle, split=Split(s.train, (), s.val + s.test, s.seed))
+    no_val.save(tmp_path / "no_val.pth")
+    before = _n_runs()
+    result = CliRunner().invoke(main, ["baselines", "--model", str(tmp_path / "no_val.pth")])
+    assert result.exit_code == 2, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "error: knn baseline chooses k on the validation split, which is empty"
+    data = load_sequences(smoke_data)
+    es = EvalSet(data, no_val.split, "test", 20, None, smoke_data)
+    with pytest.raises(DataError, match="direct baseline early-stops on the validation split"):
+        ensure_baselines(es, 0, names=("mean", "direct"))
+    assert _n_runs() == before  # mean fitted fine, but nothing was logged
+
+
+# ---- the MLproject entry points ----------------------------------------------------------------
+
+
+def _mlflow_run(uri: str, entry: str, *params: str, cwd: Path) -> None:
+    args = [str(Path(sys.executable).with_name("mlflow")), "run", str(REPO), "-e", entry]
+    args += ["--env-manager", "local", *[a for p in params for a in ("-P", p)]]
+    proc = subprocess.run(
+        args, capture_output=True, text=True, env=subprocess_env(uri), cwd=cwd, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_mlflow_run_baselines_is_their_parent(store, smoke_data, tmp_path):
+    _mlflow_run(store, "baselines", f"data_dir={smoke_data}", "max_samples=30", cwd=tmp_path)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    [parent] = [r for r in runs if r.data.tags.get("kind") == "baselines"]
+    assert parent.data.tags["mlflow.project.entryPoint"] == "baselines"
+    assert parent.data.params["max_samples"] == "30"  # as `mlflow run` logged the -P value
+    children = {r.data.tags["baseline"]: r for r in runs if r.data.tags.get("baseline")}
+    assert set(children) == {"mean", "knn", "direct"} and len(runs) == 4
+    for name, run in children.items():
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED" and run.data.params["n_samples"] == "3"  # 24/3/3
+        assert parent.data.tags[f"{name}_run_id"] == run.info.run_id
+
+
+@pytest.mark.slow
+def test_mlflow_run_evaluate_gives_the_launchers_run_to_the_model(trained, tmp_path):
+    uri, result, folder = trained
+    _mlflow_run(uri, "evaluate", f"model={result.model_uri}", cwd=folder)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    [run] = client.search_runs(
+        [client.get_run(result.run_id).info.experiment_id],
+        "tags.`mlflow.project.entryPoint` = 'evaluate'",
+    )
+    assert run.data.tags["kind"] == "evaluation" and run.data.tags["strategy"] == "mae"
+    assert "baseline" not in run.data.tags and "test_mae" in run.data.metrics

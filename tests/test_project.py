@@ -145,7 +145,13 @@ def test_demo_end_to_end_and_again(store, smoke_data, tmp_path):
     assert (tmp_path / "reports" / "report.md").is_file()
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     kinds = sorted(r.data.tags.get("kind") for r in runs)
-    assert kinds.count("phase") == 15 and kinds.count("evaluation") == 6
+    # 3 model evaluations per demo, and 3 baselines fitted by the first, found by the second
+    assert kinds.count("phase") == 15 and kinds.count("evaluation") == 6 + 3
+    assert sorted(r.data.tags.get("baseline", "") for r in runs if r.data.tags.get("baseline")) == [
+        "direct",
+        "knn",
+        "mean",
+    ]
     assert kinds.count("demo") == 2 and kinds.count("analysis") == 2
     assert all(r.info.status == "FINISHED" for r in runs)
 
