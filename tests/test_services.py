@@ -101,9 +101,10 @@ def test_postgres_stops_without_leftovers():
     assert live(processes) == [] and not pg.dir.exists()
 
 
-def test_local_ray_gives_tasks_their_cpus_and_leaves_nothing():
+def test_local_ray_gives_tasks_their_cpus_and_leaves_nothing(monkeypatch):
     import ray
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # Ray keeps a value the shell set
     auth_before = os.environ.get("RAY_AUTH_MODE")
     with local_ray(num_cpus=2):
         node = ray._private.worker._global_node
