@@ -3,7 +3,8 @@
 Training never waits for the tracking server. The training loop hands each epoch's checkpoint,
 metrics and files to a Courier; one background thread delivers them in the order given. When the
 server is away the thread keeps the queue and probes until it is back, then delivers what waited,
-still in order. A metric step that may have landed before a failure is looked up before it is
+still in order. A second thread watches while delivery is stalled, so an outage is reported even
+while a call waits inside MLflow's own retries (minutes, by MLflow's defaults). A metric step that may have landed before a failure is looked up before it is
 sent again, so no step is logged twice. The same thread renews this process's lease on the run,
 and notices when another process has taken the run over.
 """
@@ -73,9 +74,13 @@ class Courier:
         self._error: str | None = None  # why delivery stopped for good
         self._lost_to: str | None = None  # the process that took the run over
         self._down_since: float | None = None
+        self._health_lock = threading.Lock()
+        self._closed = threading.Event()
         self._renewed = 0.0
         self._thread = threading.Thread(target=self._run, name="seqgen-courier", daemon=True)
         self._thread.start()
+        self._watcher = threading.Thread(target=self._watch, name="seqgen-watch", daemon=True)
+        self._watcher.start()
 
     # ---- what the training loop calls ----------------------------------------------------------
 
@@ -123,7 +128,9 @@ class Courier:
         with self._cv:
             self._closing = True
             self._cv.notify_all()
+        self._closed.set()
         self._thread.join(timeout=10)
+        self._watcher.join(timeout=10)
 
     # ---- the delivery thread -------------------------------------------------------------------
 
@@ -176,24 +183,39 @@ class Courier:
                 with self._cv:
                     self._items.popleft()
                     self._cv.notify_all()
+            if self._down_since is not None:  # a call went through: the server is back
+                self._note_health(up=True)
 
     def _wait_for_server(self) -> bool:
-        """Probe until the server answers; say when it went away and when it came back."""
+        """Probe until the server answers."""
         while not tracking.server_is_up():
-            if self._down_since is None:
-                self._down_since = time.monotonic()
-                waiting = self._pending()
-                self.log(f"tracking server unreachable: training goes on, {waiting} record(s) wait")
+            self._note_health(up=False)
             with self._cv:
                 if self._closing:
                     return False
                 self._cv.wait(PROBE_EVERY)
-        if self._down_since is not None:
-            away = time.monotonic() - self._down_since
-            waiting = self._pending()
-            self.log(f"tracking server back after {away:.0f} s: delivering {waiting} record(s)")
-            self._down_since = None
+        self._note_health(up=True)
         return True
+
+    def _watch(self) -> None:
+        """Probe the server while delivery is stalled (the oldest record waits longer than a
+        probe interval) or the server is known to be away."""
+        while not self._closed.wait(PROBE_EVERY):
+            if self._down_since is not None or self.behind_seconds() > PROBE_EVERY:
+                self._note_health(up=tracking.server_is_up())
+
+    def _note_health(self, up: bool) -> None:
+        """Say once when the server went away and once when it came back."""
+        with self._health_lock:
+            if not up and self._down_since is None:
+                self._down_since = time.monotonic()
+                waiting = self._pending()
+                self.log(f"tracking server unreachable: training goes on, {waiting} record(s) wait")
+            elif up and self._down_since is not None:
+                away = time.monotonic() - self._down_since
+                waiting = self._pending()
+                self.log(f"tracking server back after {away:.0f} s: delivering {waiting} record(s)")
+                self._down_since = None
 
     def _pending(self) -> int:
         with self._cv:

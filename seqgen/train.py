@@ -395,13 +395,15 @@ def run_epoch(ph: Phase, tr: Training, loss_fn, epoch: int) -> tuple[EpochStats,
 def save_epoch(ph: Phase, tr: Training, improved: bool) -> None:
     """The epoch's files: last_checkpoint.pth always (any interruption can resume from it), a
     checkpoint_epoch_N.pth every save_every epochs and at the end, best_model.pth when it
-    improved. Written here first, then queued for the store."""
+    improved. Written here first, then queued for the store, the best model before the
+    checkpoint: a phase taken up on another machine finds both there."""
     s, out_dir, stats = ph.s, ph.out_dir, tr.progress.history[-1]
     epoch = stats["epoch"]
     bundle = ph.bundle(tr.model, epoch, stats["val"][0], tr.run_id)
     if improved:
         bundle.save(out_dir / "best_model.pth")
         outputs.copy_atomic(out_dir / "best_model.pth", out_dir / "best_model_combined.pth")
+        tr.courier.artifact(out_dir / "best_model.pth")
     Checkpoint(
         bundle=bundle,
         optimizer=tr.optimizer.state_dict(),
@@ -427,7 +429,12 @@ def finish_phase(
     last = progress.history[-1]["epoch"]
     best_path = out_dir / "best_model.pth"
     if not best_path.is_file():  # trained on another machine: its files are in the store
-        tracking.download(tr.run_id, "best_model.pth", out_dir)
+        if tracking.download(tr.run_id, "best_model.pth", out_dir) is None:
+            raise TrainingError(
+                f"{s.run_name}: run {tr.run_id} has no best_model.pth in the store and {out_dir} "
+                "has none: run the same command on the machine that trained it, or delete the "
+                "run to train the phase again"
+            )
     # The best model learns the phase's real last epoch (an early stop ends before the plan's),
     # so the next phase's global epochs follow on from it.
     dataclasses.replace(Bundle.load(best_path), last_epoch=last).save(best_path)

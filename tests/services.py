@@ -449,9 +449,19 @@ class RayCluster:
         return node
 
     def remove_node(self, node, graceful: bool = True) -> None:
-        """End a node's processes (graceful=False: SIGKILL, like a machine lost) and its workers."""
+        """End a node's processes and its workers. graceful=False is a machine lost: every process
+        of the node stops at once (SIGSTOP, so no worker goes on while the raylet is killed), then
+        all are killed."""
         pids = _ray_node_pids(node)
+        if not graceful:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
         self._cluster.remove_node(node, allow_graceful=graceful)
+        if not graceful:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         end_for_sure(pids, "Ray node")
 
     def connect(self) -> None:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -60,6 +61,38 @@ def test_a_batch_that_landed_before_its_call_failed_is_not_sent_again(run_id, mo
     courier.close()
     assert calls == [1, 2]  # step 1 was not sent a second time
     assert [m.step for m in MlflowClient().get_metric_history(rid, "val_loss")] == [1, 2]
+
+
+def test_an_outage_is_reported_while_a_call_waits_inside_mlflows_retries(run_id, monkeypatch):
+    """MLflow's client retries a refused call for minutes: the courier still says soon that the
+    server is away, and that it is back, while the call waits."""
+    rid, owner = run_id
+    server_up, entered, released = threading.Event(), threading.Event(), threading.Event()
+    real = tracking.log_metrics_at
+
+    def held_call(run, metrics, step):  # the call MLflow keeps retrying while the server is away
+        entered.set()
+        assert released.wait(timeout=60)
+        real(run, metrics, step)
+
+    monkeypatch.setattr(tracking, "server_is_up", lambda timeout=3.0: server_up.is_set())
+    monkeypatch.setattr(tracking, "log_metrics_at", held_call)
+    server_up.set()
+    lines = []
+    courier = Courier(rid, owner, log=lines.append)
+    courier.metrics({"val_loss": 1.0}, 1)
+    assert entered.wait(timeout=10)
+    server_up.clear()  # the server goes away while the call is under way
+    deadline = time.monotonic() + 10
+    while not lines and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert lines == ["tracking server unreachable: training goes on, 1 record(s) wait"]
+    server_up.set()
+    released.set()
+    assert courier.drain(timeout=60)
+    courier.close()
+    assert len(lines) == 2 and lines[1].startswith("tracking server back after ")
+    assert [m.step for m in MlflowClient().get_metric_history(rid, "val_loss")] == [1]
 
 
 def test_a_run_taken_over_stops_this_process(run_id):

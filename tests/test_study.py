@@ -57,7 +57,7 @@ def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None
         if proc is not None and proc.poll() is not None:
             output = proc.stdout.read()[-3000:] if proc.stdout else ""
             raise AssertionError(f"the process ended ({proc.returncode}) before {what}:\n{output}")
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -210,7 +210,7 @@ def test_a_lost_node_is_retried_on_another_and_the_chain_finishes(on_server, smo
             "--phases",
             "1",
             "--epochs",
-            "8",
+            "12",
             "--data_dir",
             str(smoke_data),
             "--ray-address",
@@ -220,16 +220,16 @@ def test_a_lost_node_is_retried_on_another_and_the_chain_finishes(on_server, smo
         run = wait_for(lambda: epochs_logged(client, 2), 300, "two epochs on a node", driver)
         node_prefix = Path(run.data.params["output_dir"]).parts[1].removeprefix("node-")
         [busy] = [n for n in nodes if n.node_id.startswith(node_prefix)]
-        cluster.remove_node(busy, graceful=False)  # the machine is lost
+        cluster.remove_node(busy, graceful=False)  # the machine is lost in the middle of the phase
         out, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, out
     [finished] = in_experiment(client, tmp_path.name)
     assert finished.info.run_id == run.info.run_id and finished.info.status == "FINISHED"
-    assert_each_epoch_once(client, finished, 1, 8)
+    assert_each_epoch_once(client, finished, 1, 12)
     # the other node took the phase up from the store's checkpoint, not from epoch 1
     [other] = [n for n in nodes if n is not busy]
-    folder = tmp_path / "outputs" / f"node-{other.node_id[:8]}" / "smoke-s0" / "100mae_1_8"
-    assert (folder / "checkpoint_epoch_8.pth").exists()
+    folder = tmp_path / "outputs" / f"node-{other.node_id[:8]}" / "smoke-s0" / "100mae_1_12"
+    assert (folder / "checkpoint_epoch_12.pth").exists()
     assert not (folder / "checkpoint_epoch_1.pth").exists()
 
     # equal to an undisturbed run (one thread, as the chain trains)
@@ -237,7 +237,7 @@ def test_a_lost_node_is_retried_on_another_and_the_chain_finishes(on_server, smo
     torch.set_num_threads(1)
     os.environ["MLFLOW_EXPERIMENT_NAME"] = f"{tmp_path.name}-undisturbed"
     try:
-        s = resolve("mae", 1, "smoke", data_dir=str(smoke_data), epochs=8, outputs_root="ref")
+        s = resolve("mae", 1, "smoke", data_dir=str(smoke_data), epochs=12, outputs_root="ref")
         reference = train_phase(s, log=lambda *a: None)
     finally:
         torch.set_num_threads(threads)
@@ -267,14 +267,17 @@ def test_a_server_outage_neither_stops_training_nor_loses_a_record(on_server, sm
     ]
     proc = start(cmd, env, tmp_path)
     wait_for(lambda: epochs_logged(client, 2), 300, "two epochs", proc)
+    os.kill(proc.pid, signal.SIGSTOP)  # held while the server stops, so the phase is mid-way
     on_server.stop()
+    os.kill(proc.pid, signal.SIGCONT)
     time.sleep(20)
     on_server.start()
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     lines = out.splitlines()
-    away = next(i for i, line in enumerate(lines) if "tracking server unreachable" in line)
-    back = next(i for i, line in enumerate(lines) if "tracking server back after" in line)
+    away = next((i for i, line in enumerate(lines) if "tracking server unreachable" in line), None)
+    back = next((i for i, line in enumerate(lines) if "tracking server back after" in line), None)
+    assert away is not None and back is not None, out
     trained_meanwhile = [line for line in lines[away:back] if "] epoch " in line]
     assert trained_meanwhile, out  # training went on while the server was away
     [run] = in_experiment(client, tmp_path.name)
@@ -288,7 +291,9 @@ def test_a_server_outage_neither_stops_training_nor_loses_a_record(on_server, sm
     longer[longer.index("24")] = "80"  # long enough that the outage outlasts --max_outage
     proc = start(longer, env, tmp_path)
     wait_for(lambda: epochs_logged(client, 2), 300, "two epochs", proc)
+    os.kill(proc.pid, signal.SIGSTOP)
     on_server.stop()
+    os.kill(proc.pid, signal.SIGCONT)
     try:
         out, _ = proc.communicate(timeout=300)
     finally:

@@ -11,6 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from seqgen import tracking
+from seqgen.bundle import Bundle
 from seqgen.config import ConfigError, resolve
 from seqgen.generate import generate_original
 from seqgen.outputs import COMPONENT_COLUMNS
@@ -171,6 +172,26 @@ def test_resume_equals_uninterrupted(store, smoke_data, tmp_path, monkeypatch):
     assert resumed.best_val == full.best_val
     again = train_phase(b, log=quiet)  # and once more: registered, nothing to train
     assert (again.status, again.run_id, again.version) == ("skipped", run.info.run_id, "2")
+
+
+def test_a_phase_taken_up_elsewhere_registers_its_best_model_from_the_store(
+    store, smoke_data, tmp_path
+):
+    """Paused on one machine, finished on another whose folder is empty, with no new best after
+    the resume: the best model (epoch 1) comes from the store, not from the first machine's disk."""
+    still = dict(epochs=4, start_lr=1e-12, min_lr=1e-12, dropout=0.0, noise_level=0.0)
+    paused = train_phase(
+        settings("mae", 1, smoke_data, outputs_root="here", **still), stop_at_epoch=2, log=quiet
+    )
+    assert (paused.status, paused.best_epoch) == ("paused", 1)
+    there = settings("mae", 1, smoke_data, outputs_root="there", **still)
+    done = train_phase(there, log=quiet)
+    assert (done.status, done.run_id, done.best_epoch) == ("registered", paused.run_id, 1)
+    first = Bundle.load(tmp_path / "here/smoke-s0/100mae_1_4/best_model.pth")
+    registered = tracking.load_bundle(done.model_uri)
+    assert registered.epoch == 1
+    for name, weights in first.state_dict.items():
+        assert torch.equal(weights, registered.state_dict[name]), name
 
 
 def test_a_phase_continues_from_its_own_seed(store, smoke_data):
