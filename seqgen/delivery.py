@@ -3,10 +3,11 @@
 Training never waits for the tracking server. The training loop hands each epoch's checkpoint,
 metrics and files to a Courier; one background thread delivers them in the order given. When the
 server is away the thread keeps the queue and probes until it is back, then delivers what waited,
-still in order. A second thread watches while delivery is stalled, so an outage is reported even
-while a call waits inside MLflow's own retries (minutes, by MLflow's defaults). A metric step that may have landed before a failure is looked up before it is
+still in order. A metric step that may have landed before a failure is looked up before it is
 sent again, so no step is logged twice. The same thread renews this process's lease on the run,
-and notices when another process has taken the run over.
+and notices when another process has taken the run over. A second thread watches while delivery
+is stalled, so an outage is reported even while a call waits inside MLflow's own retries
+(minutes, by MLflow's defaults).
 """
 
 from __future__ import annotations
