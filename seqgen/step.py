@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -58,6 +59,82 @@ def load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> str:
 
 
 @dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    params: torch.Tensor  # static inputs: each step's batch is copied in
+    targets: torch.Tensor
+    result: LossResult  # static outputs, rewritten by every replay
+    grads: list[torch.Tensor | None]  # the gradients the replay writes
+
+
+class StepGraphs:
+    """CUDA: the forward and backward of a training step captured as a CUDA graph and replayed,
+    so a step's thousands of small kernels (151 steps x layers, forward and backward) launch from
+    one call instead of one Python call each. One graph per batch size, captured afresh each epoch
+    (the teacher-forcing ratio is part of it); random draws (sampling, noise, dropout) are drawn
+    anew at every replay. The optimiser step, clipping and the GradScaler stay outside the graph.
+    Gradient accumulation runs eagerly."""
+
+    def __init__(self, model, loss_fn, precision: Precision, noise_level: float) -> None:
+        self.model, self.loss_fn, self.precision = model, loss_fn, precision
+        self.noise_level = noise_level
+        self.parameters = list(model.parameters())
+        self.graphs: dict[int, _Graph] = {}
+        self.ratio: float | None = None
+        self.warmed = False
+
+    def new_epoch(self, ratio: float) -> None:
+        """Graphs of the last epoch are dropped: every epoch captures at the same points, so a
+        resumed phase draws the same random numbers as an uninterrupted one."""
+        self.graphs, self.ratio = {}, ratio
+
+    def forward_backward(self, params: torch.Tensor, targets: torch.Tensor) -> LossResult:
+        g = self.graphs.get(len(params))
+        if g is None:
+            g = self.graphs[len(params)] = self._capture(params, targets)
+        g.params.copy_(params)
+        g.targets.copy_(targets)
+        g.graph.replay()
+        for p, grad in zip(self.parameters, g.grads, strict=True):
+            p.grad = grad
+        return g.result
+
+    def _run(self, params: torch.Tensor, targets: torch.Tensor) -> LossResult:
+        with self.precision.autocast():
+            predictions = self.model(params, targets, self.ratio, self.noise_level)
+            result = self.loss_fn(predictions, targets)
+        self.precision.scaler.scale(result.total).backward()
+        return result
+
+    def _capture(self, params: torch.Tensor, targets: torch.Tensor) -> _Graph:
+        static_params, static_targets = params.clone(), targets.clone()
+        if not self.warmed:  # lazy initialisation (cuBLAS, the scaler) must happen outside
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.random.fork_rng(devices=[params.device]), torch.cuda.stream(side):
+                for _ in range(2):
+                    self._run(static_params, static_targets)
+            torch.cuda.current_stream().wait_stream(side)
+            self.warmed = True
+        for p in self.parameters:
+            p.grad = None  # the graph's backward allocates the gradients it writes
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            result = self._run(static_params, static_targets)
+        grads = [p.grad for p in self.parameters]
+        return _Graph(graph, static_params, static_targets, result, grads)
+
+
+def cuda_graphs_wanted(device: torch.device, grad_accum_steps: int) -> bool:
+    """CUDA graphs on CUDA for single-batch steps, unless SEQGEN_CUDA_GRAPHS=0."""
+    return (
+        device.type == "cuda"
+        and grad_accum_steps == 1
+        and os.environ.get("SEQGEN_CUDA_GRAPHS", "1") != "0"
+    )
+
+
+@dataclass
 class StepResult:
     loss: float
     mae: float
@@ -75,15 +152,21 @@ def optimizer_step(
     ratio: float,
     noise_level: float,
     clip_grad_norm: float,
+    graphs: StepGraphs | None = None,
 ) -> StepResult:
-    """One optimiser step over micro-batches [(params (B,P), targets (B,T,K))], accumulated."""
-    optimizer.zero_grad(set_to_none=True)
-    totals = torch.zeros(3)
-    for params, targets in micro_batches:
-        with precision.autocast():
-            result = loss_fn(model(params, targets, ratio, noise_level), targets)
-        precision.scaler.scale(result.total / len(micro_batches)).backward()
-        totals += torch.stack([r.detach().float().cpu() for r in result]) / len(micro_batches)
+    """One optimiser step over micro-batches [(params (B,P), targets (B,T,K))], accumulated;
+    a single batch through CUDA graphs when given them."""
+    if graphs is not None and len(micro_batches) == 1:
+        result = graphs.forward_backward(*micro_batches[0])
+        totals = torch.stack([r.detach().float() for r in result]).cpu()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        totals = torch.zeros(3)
+        for params, targets in micro_batches:
+            with precision.autocast():
+                result = loss_fn(model(params, targets, ratio, noise_level), targets)
+            precision.scaler.scale(result.total / len(micro_batches)).backward()
+            totals += torch.stack([r.detach().float().cpu() for r in result]) / len(micro_batches)
     precision.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm).item()
     # Under fp16 an overflowing gradient is the GradScaler's business (it skips and rescales);

@@ -45,7 +45,9 @@ from seqgen.start import (
 )
 from seqgen.step import (
     Precision,
+    StepGraphs,
     choose_precision,
+    cuda_graphs_wanted,
     evaluate_loss,
     load_scaler_state,
     optimizer_step,
@@ -146,6 +148,7 @@ class Training:
     progress: Progress
     run_id: str
     courier: Courier
+    graphs: StepGraphs | None = None  # CUDA: each training step replayed as a CUDA graph
 
 
 def prepare_phase(s: PhaseSettings, data: SequenceData | None = None) -> Phase:
@@ -235,6 +238,9 @@ def train_epochs(ph: Phase, tr: Training, stop_at_epoch, max_outage, log, on_epo
     if tr.progress.stopped:  # stopped early, then interrupted before it was registered
         return finish_phase(ph, tr, max_outage, log, tr.progress.stopped)
     loss_fn = make_loss(s.alpha, s.max_lag)
+    if cuda_graphs_wanted(ph.device, s.grad_accum_steps):
+        tr.graphs = StepGraphs(tr.model, loss_fn, tr.precision, s.noise_level)
+        log(f"[{s.run_name}] CUDA graphs: one replay per training step (SEQGEN_CUDA_GRAPHS=0: off)")
     done, started = len(tr.progress.history), time.perf_counter()
     for epoch in range(done, s.epochs):
         global_epoch = ph.start.first_epoch + epoch
@@ -337,6 +343,8 @@ def run_epoch(ph: Phase, tr: Training, loss_fn, epoch: int) -> tuple[EpochStats,
         )
     for group in tr.optimizer.param_groups:
         group["lr"] = lr
+    if tr.graphs is not None:
+        tr.graphs.new_epoch(ratio)
 
     # Train.
     train_params, train_targets = ph.parts["train"]
@@ -355,6 +363,7 @@ def run_epoch(ph: Phase, tr: Training, loss_fn, epoch: int) -> tuple[EpochStats,
             ratio,
             s.noise_level,
             s.clip_grad_norm,
+            tr.graphs,
         )
         outputs.show_progress(f"epoch {global_epoch}", step + 1, steps, started)
         if not r.finite:
