@@ -459,7 +459,18 @@ def log_dataset(run_id: str, folder: str | Path, fingerprint: str, sizes: dict[s
         )
     tags = [InputTag("mlflow.data.context", "training")]
     tags += [InputTag(f"{split}_samples", str(n)) for split, n in sizes.items()]
-    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), tags)])
+    entry = DatasetInput(dataset._to_mlflow_entity(), tags)
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, [entry])
+            return
+        except MlflowException:
+            # Chains that start together race to create the one dataset row (a unique key);
+            # the loser finds the row there on its next attempt.
+            if client.get_run(run_id).inputs.dataset_inputs:
+                return
+            if attempt == 2:
+                raise
 
 
 def model_descriptions(

@@ -1,0 +1,45 @@
+"""The store under chains that run at once: what several processes log together lands for each."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from conftest import subprocess_env
+from mlflow.tracking import MlflowClient
+
+from seqgen import tracking
+
+LOG_AT = """
+import sys, time
+from seqgen import tracking
+run_id, at = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, at - time.time()))
+tracking.log_dataset(run_id, "data", "f1ngerpr1nt", {"train": 4400, "val": 550, "test": 50})
+"""
+
+
+def test_chains_logging_the_same_data_at_once_each_record_it(store, tmp_path):
+    """Each phase run records its data as a dataset input; chains that start together race to
+    create the one dataset row, and every one of them must still record it."""
+    exp = tracking.experiment_id()
+    runs = [tracking.create_run(exp, f"chain-{i}", {}, None) for i in range(8)]
+    at = time.time() + 8  # after every process has imported mlflow
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOG_AT, run_id, str(at)],
+            env=subprocess_env(store),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for run_id in runs
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(runs), outputs
+    client = MlflowClient()
+    for run_id in runs:
+        [logged] = client.get_run(run_id).inputs.dataset_inputs
+        assert (logged.dataset.name, logged.dataset.digest) == ("data", "f1ngerpr1nt")
