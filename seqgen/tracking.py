@@ -362,10 +362,22 @@ def register_phase_model(
         source = f"runs:/{run_id}/{MODEL_NAME_IN_RUN}"
         version = str(client.create_model_version(name, source, run_id=run_id).version)
     for alias in aliases:
-        client.set_registered_model_alias(name, alias, version)
+        despite_races(client.set_registered_model_alias, name, alias, version)
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, str(value))
     return version
+
+
+def despite_races(call, *args):
+    """An idempotent call that can lose a race with another process on a unique key (two seeds'
+    chains setting the alias phase-2 at once): tried again, 3 times in all."""
+    for attempt in range(3):
+        try:
+            return call(*args)
+        except MlflowException:
+            if attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def load_bundle(uri: str, first_phase_hint: str | None = None) -> Bundle:

@@ -6,7 +6,9 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import subprocess_env
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from seqgen import tracking
@@ -43,3 +45,27 @@ def test_chains_logging_the_same_data_at_once_each_record_it(store, tmp_path):
     for run_id in runs:
         [logged] = client.get_run(run_id).inputs.dataset_inputs
         assert (logged.dataset.name, logged.dataset.digest) == ("data", "f1ngerpr1nt")
+
+
+def test_a_call_that_lost_a_race_is_tried_again_and_a_real_error_still_surfaces():
+    """Two seeds' chains set the alias phase-2 at once: the loser's insert fails on the unique key
+    (seen in `benchmarks/study_vs_pipeline.py` on sqlite) and succeeds when tried again."""
+    attempts = []
+
+    def loses_twice(alias):
+        attempts.append(alias)
+        if len(attempts) <= 2:
+            raise MlflowException("UNIQUE constraint failed: registered_model_aliases.alias")
+        return alias
+
+    assert tracking.despite_races(loses_twice, "phase-2") == "phase-2"
+    assert attempts == ["phase-2"] * 3
+
+    def always_fails():
+        attempts.append("bad")
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: no such model")
+
+    attempts.clear()
+    with pytest.raises(MlflowException, match="no such model"):
+        tracking.despite_races(always_fails)
+    assert len(attempts) == 3
