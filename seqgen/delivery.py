@@ -184,7 +184,9 @@ class Courier:
                 with self._cv:
                     self._items.popleft()
                     self._cv.notify_all()
-            if self._down_since is not None:  # a call went through: the server is back
+            # A call went through while the server counted as away: back, if it also answers a
+            # new connection (a server shutting down finishes the calls it had already taken).
+            if self._down_since is not None and tracking.server_is_up():
                 self._note_health(up=True)
 
     def _wait_for_server(self) -> bool:
