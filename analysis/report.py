@@ -263,25 +263,19 @@ def _sample_figures(
             )
         )
 
-    by_step = pd.concat(
-        [
+    def error_by_step(runs, label: str) -> pd.DataFrame:
+        """Each run's MAE against time step, labelled by its strategy or baseline and seed."""
+        frames = [
             files[r.run_id]
             .by_step.iloc[:, :2]
             .set_axis(["step", "value"], axis=1)
-            .assign(strategy=r.strategy, seed=r.seed)
-            for r in chosen.itertuples()
+            .assign(**{label: getattr(r, label)}, seed=r.seed)
+            for r in runs.itertuples()
         ]
-    )
-    b_by_step = pd.concat(
-        [
-            files[r.run_id]
-            .by_step.iloc[:, :2]
-            .set_axis(["step", "value"], axis=1)
-            .assign(baseline=r.baseline, seed=r.seed)
-            for r in side.itertuples()
-        ]
-        or [pd.DataFrame(columns=["step", "value", "baseline", "seed"])]
-    )
+        return pd.concat(frames or [pd.DataFrame(columns=["step", "value", label, "seed"])])
+
+    by_step = error_by_step(chosen, "strategy")
+    b_by_step = error_by_step(side, "baseline")
     figs.append(
         (
             "error_by_step.png",
