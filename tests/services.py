@@ -425,6 +425,9 @@ class RayCluster:
 
         os.environ.update(RAY_ENV)
         self.temp_dir = tempfile.mkdtemp(prefix="seqgen-ray-")
+        # Cluster writes the head's address to <tmp>/ray/ray_current_cluster whatever temp_dir
+        # says; on a machine where Ray never ran, that folder does not exist yet.
+        Path(tempfile.gettempdir(), "ray").mkdir(exist_ok=True)
         self._cluster = Cluster(
             initialize_head=True,
             head_node_args={
