@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import tables
-from seqgen import metrics
+from seqgen.evaluation import metrics
 
 
 def fmt(x: float) -> str:

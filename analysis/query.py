@@ -15,8 +15,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from seqgen.errors import SelectionError, redact
-from seqgen.evaluate import BY_STEP_FILE, GENERATED_FILE, PER_SAMPLE_FILE
-from seqgen.tracking import default_experiment
+from seqgen.evaluation.evaluate import BY_STEP_FILE, GENERATED_FILE, PER_SAMPLE_FILE
+from seqgen.runs.tracking import default_experiment
 
 HISTORY_KEYS = (
     "val_loss",

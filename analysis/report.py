@@ -17,8 +17,9 @@ import pandas as pd
 from analysis import plots, query, tables
 from analysis.answer import baseline_verdicts, conclusions, duration, fmt, pm
 from analysis.document import Doc
-from seqgen import metrics, tracking
 from seqgen.errors import ConfigError
+from seqgen.evaluation import metrics
+from seqgen.runs import tracking
 from seqgen.version import code_version as seqgen_code_version
 
 REPORT_SUFFIXES = {".png", ".csv", ".md", ".html"}  # everything a report folder holds

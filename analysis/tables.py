@@ -8,8 +8,8 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
-from seqgen import metrics
-from seqgen.baselines import BASELINES
+from seqgen.evaluation import metrics
+from seqgen.evaluation.baselines import BASELINES
 
 STRATEGY_ORDER = ("mae", "autocorr", "combined")
 # Per-sample errors compared between strategies, with what each answers.

@@ -1,6 +1,6 @@
 """Fits the three baselines on the embedded Burgers data at the demo size (the first 1000 files,
 800/100/100) and the full size (5500 files, 4400/550/550), both split by make_split(seed=0) as
-training does, and scores each on the test split with seqgen.evaluate.measure.
+training does, and scores each on the test split with seqgen.evaluation.evaluate.measure.
 
     python benchmarks/baselines.py [--data /tmp/burgers] [--seeds 0,1,2] [--sizes demo,full]
         [--direct-modes 32,755]
@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seqgen.baselines import BASELINES, DirectSettings, fit_baseline
-from seqgen.data import load_sequences
-from seqgen.evaluate import measure
-from seqgen.metrics import ACF_MAX_LAG
-from seqgen.split import make_split
-from seqgen.synth import load_pca, synthesize
+from seqgen.data.sequences import load_sequences
+from seqgen.data.split import make_split
+from seqgen.data.synth import load_pca, synthesize
+from seqgen.evaluation.baselines import BASELINES, DirectSettings, fit_baseline
+from seqgen.evaluation.evaluate import measure
+from seqgen.evaluation.metrics import ACF_MAX_LAG
 
 SIZES = {"demo": 1000, "full": 5500}  # demo = the demo preset's max_samples
 COLUMNS = ["mae", "rmse", "acf_error", "spectral_error", "field_rel_l2"]

@@ -21,10 +21,16 @@ import mlflow
 import numpy as np
 from mlflow.entities import Metric
 
-from seqgen.data import load_sequences
-from seqgen.evaluate import BY_STEP_FILE, GENERATED_FILE, PER_SAMPLE_FILE, measure, sweep_params
-from seqgen.progress import PER_EPOCH_METRICS
-from seqgen.synth import load_pca, synthesize
+from seqgen.data.sequences import load_sequences
+from seqgen.data.synth import load_pca, synthesize
+from seqgen.evaluation.evaluate import (
+    BY_STEP_FILE,
+    GENERATED_FILE,
+    PER_SAMPLE_FILE,
+    measure,
+    sweep_params,
+)
+from seqgen.training.epochs import PER_EPOCH_METRICS
 
 SCALE = {"mae": 0.10, "autocorr": 0.14, "combined": 0.09}
 

@@ -9,9 +9,10 @@ NVIDIA H200. Checks, each an assertion:
 
 1. the recurrence on CUDA equals the same on the CPU (float32, 1e-5), and passes a float64
    gradcheck on CUDA;
-2. a step through CUDA graphs (`seqgen.step.StepGraphs`, what the trainer uses on CUDA) equals an
-   eager step on the same batch, with nothing random in it (dropout 0, noise 0, teacher forcing 1):
-   the same loss and gradients, in float32 and under fp16 autocast with a GradScaler;
+2. a step through CUDA graphs (`seqgen.training.step.StepGraphs`, what the trainer uses on
+   CUDA) equals an eager step on the same batch, with nothing random in it (dropout 0, noise 0,
+   teacher forcing 1): the same loss and gradients, in float32 and under fp16 autocast with a
+   GradScaler;
 3. fp16 + GradScaler through the graph: a scale so large that the gradients overflow skips the
    step (weights unchanged) and backs off, until steps go through and the weights move.
 
@@ -33,10 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from seqgen.config import resolve  # noqa: E402
-from seqgen.losses import make_loss  # noqa: E402
-from seqgen.model import ModelConfig, StreamlinedSequenceGenerator  # noqa: E402
-from seqgen.recurrence import python_lstm  # noqa: E402
-from seqgen.step import Precision, StepGraphs, choose_precision, optimizer_step  # noqa: E402
+from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator  # noqa: E402
+from seqgen.model.recurrence import python_lstm  # noqa: E402
+from seqgen.training.losses import make_loss  # noqa: E402
+from seqgen.training.step import Precision, StepGraphs, choose_precision, optimizer_step  # noqa: E402
 
 T, K, P, N_TRAIN, RATIO = 151, 5, 2, 4400, 0.7
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from seqgen.config import resolve
-from seqgen.data import CACHE_NAME, load_sequences
-from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
-from seqgen.synth import synthesize
+from seqgen.data.sequences import CACHE_NAME, load_sequences
+from seqgen.data.synth import synthesize
+from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ import torch
 
 from seqgen.bench import _training_step, cpu_name, run_bench
 from seqgen.config import resolve
-from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
-from seqgen.step import choose_precision
+from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
+from seqgen.training.step import choose_precision
 
 
 def category(event) -> str:

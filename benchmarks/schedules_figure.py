@@ -1,5 +1,5 @@
 """Draws docs/schedules.png: the learning-rate and teacher-forcing schedules of the full plan, as
-the trainer computes them (seqgen.schedules on the settings of experiments/phases.toml).
+the trainer computes them (seqgen.training.schedules on the settings of experiments/phases.toml).
 
     python benchmarks/schedules_figure.py [--out docs/schedules.png]
 """
@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from seqgen.config import N_PHASES, resolve  # noqa: E402
-from seqgen.schedules import learning_rate, teacher_forcing_ratio  # noqa: E402
+from seqgen.training.schedules import learning_rate, teacher_forcing_ratio  # noqa: E402
 
 STYLE = {"mae": ("tab:blue", "-"), "autocorr": ("tab:orange", "--"), "combined": ("tab:green", ":")}
 

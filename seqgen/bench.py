@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from seqgen.config import resolve
-from seqgen.losses import make_loss
-from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
-from seqgen.recurrence import gemm_plan, run_gemms, uses_native
-from seqgen.step import choose_precision, optimizer_step
-from seqgen.synth import N_SNAPSHOTS
+from seqgen.data.synth import N_SNAPSHOTS
+from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
+from seqgen.model.recurrence import gemm_plan, run_gemms, uses_native
+from seqgen.training.losses import make_loss
+from seqgen.training.step import choose_precision, optimizer_step
 
 SEQ_LEN, N_COMPONENTS, N_PARAMS = N_SNAPSHOTS, 5, 2  # the users' data: 151 steps
 RATIO = 0.7  # per-step scheduled sampling as in phase 1

@@ -141,7 +141,7 @@ def phase_config(strategy, phase, preset, **kwargs):
 @_clean_errors
 def train(strategy, phase, preset, resume, stop_at_epoch, max_outage, **kwargs):
     """Train one phase of one strategy (phase N >= 2 continues from phase N-1's model)."""
-    from seqgen.train import train_phase
+    from seqgen.training.train import train_phase
 
     overrides = _overrides(kwargs)
     settings = config.resolve(strategy, phase, preset, **overrides)
@@ -160,7 +160,7 @@ def train(strategy, phase, preset, resume, stop_at_epoch, max_outage, **kwargs):
 @_clean_errors
 def pipeline(strategy, phases, seeds, preset, max_outage, **kwargs):
     """Train consecutive phases of one strategy as child runs of one parent run, per seed."""
-    from seqgen.pipeline import parse_phases, parse_seeds, parse_strategies, run_pipeline
+    from seqgen.study.chain import parse_phases, parse_seeds, parse_strategies, run_pipeline
 
     overrides = _overrides(kwargs)
     if "seed" in overrides:
@@ -192,7 +192,7 @@ def pipeline(strategy, phases, seeds, preset, max_outage, **kwargs):
 def study(strategy, seeds, phases, preset, ray_address, threads_per_chain, max_outage, **kwargs):
     """Every chain (strategy x seed) as a Ray task, its phases in order, one tracking store.
     Rerun the same command after any interruption: it continues where the study stopped."""
-    from seqgen.pipeline import parse_phases, parse_seeds, parse_strategies
+    from seqgen.study.chain import parse_phases, parse_seeds, parse_strategies
 
     overrides = _overrides(kwargs)
     if "seed" in overrides:
@@ -201,7 +201,7 @@ def study(strategy, seeds, phases, preset, ray_address, threads_per_chain, max_o
     phase_list = parse_phases(phases)
     if threads_per_chain is not None and threads_per_chain < 1:
         raise config.ConfigError(f"--threads_per_chain must be at least 1, got {threads_per_chain}")
-    from seqgen.study import THREADS_PER_CHAIN, run_study
+    from seqgen.study.cluster import THREADS_PER_CHAIN, run_study
 
     outcomes = run_study(
         strategies,
@@ -224,7 +224,7 @@ def study(strategy, seeds, phases, preset, ray_address, threads_per_chain, max_o
 @_clean_errors
 def demo(data_dir, preset, seeds, report_dir):
     """The main job: Burgers data if missing, 3 strategies x 5 phases, evaluation and report."""
-    from seqgen.pipeline import parse_seeds, run_demo
+    from seqgen.study.chain import parse_seeds, run_demo
 
     run_demo(data_dir, preset, parse_seeds(seeds), report_dir)
 
@@ -237,7 +237,7 @@ def demo(data_dir, preset, seeds, report_dir):
 @_clean_errors
 def synth(out_dir, n_samples, seed, overwrite):
     """Make the embedded dataset: viscous Burgers runs compressed to 5 PCA components."""
-    from seqgen.synth import synthesize
+    from seqgen.data.synth import synthesize
 
     given = {k: v for k, v in {"n_samples": n_samples, "seed": seed}.items() if v is not None}
     summary = synthesize(out_dir, overwrite=overwrite, **given)  # defaults live in synthesize
@@ -295,7 +295,7 @@ def _lag(max_lag: int | None) -> dict:
 def evaluate(model_uri, data_dir, split_name, max_lag, baselines):
     """Generate a split free-running and measure it in original units, beside the baselines on
     the same samples; log evaluation runs. JSON on stdout, a table on stderr."""
-    from seqgen.evaluate import beside_table, evaluate_model
+    from seqgen.evaluation.evaluate import beside_table, evaluate_model
 
     summary = evaluate_model(model_uri, data_dir, split_name, baselines=baselines, **_lag(max_lag))
     click.echo(json.dumps(summary, indent=2, default=str))
@@ -323,7 +323,7 @@ def baselines(
     """Fit the baselines (mean, knn, direct) on a split's training part and evaluate them like a
     model; the split is a model's (--model) or the one a phase with --seed and --max_samples
     makes. Found in the store instead when already evaluated. JSON on stdout, a table on stderr."""
-    from seqgen.evaluate import beside_table, evaluate_baselines
+    from seqgen.evaluation.evaluate import beside_table, evaluate_baselines
 
     if model_uri is not None and (max_samples is not None or seed is not None):
         raise config.ConfigError("--model brings its own split: leave out --seed and --max_samples")

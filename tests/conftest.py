@@ -24,7 +24,7 @@ SMOKE_SAMPLES = 40
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory) -> Path:
     """40 Burgers samples (151 steps x 5 components, nu and amplitude) made by the real pipeline."""
-    from seqgen.synth import synthesize
+    from seqgen.data.synth import synthesize
 
     out = tmp_path_factory.mktemp("smoke") / "data"
     synthesize(out, n_samples=SMOKE_SAMPLES, seed=0, progress=False)

@@ -34,8 +34,8 @@ FIGURES = (
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, smoke_data, migrated_db):
     """The store, and `seqgen compare --out report` run on it; yields (folder, CLI result)."""
-    from seqgen.evaluate import evaluate_model
-    from seqgen.pipeline import run_pipeline
+    from seqgen.evaluation.evaluate import evaluate_model
+    from seqgen.study.chain import run_pipeline
 
     folder = tmp_path_factory.mktemp("analysis-store")
     with pytest.MonkeyPatch.context() as mp:

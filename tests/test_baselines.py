@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from seqgen.baselines import (
+from seqgen.data.sequences import SequenceData
+from seqgen.data.split import Split
+from seqgen.errors import ConfigError, DataError, SeqgenError
+from seqgen.evaluation.baselines import (
     BASELINES,
     DirectSettings,
     baseline_version,
@@ -17,9 +20,6 @@ from seqgen.baselines import (
     knn_candidates,
     sequence_basis,
 )
-from seqgen.data import SequenceData
-from seqgen.errors import ConfigError, DataError, SeqgenError
-from seqgen.split import Split
 
 # Small enough for a test to run in a second or two; the defaults are for the real data.
 QUICK = DirectSettings(hidden=64, layers=2, lr=3e-3, batch_size=32, max_epochs=300, patience=20)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from seqgen.bundle import Bundle, BundleError, Checkpoint, DataInfo
-from seqgen.data import Normalizer
-from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
-from seqgen.split import make_split
+from seqgen.data.sequences import Normalizer
+from seqgen.data.split import make_split
+from seqgen.model.bundle import Bundle, BundleError, Checkpoint, DataInfo
+from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
 
 
 def small_bundle(hidden: int = 4) -> Bundle:

@@ -214,7 +214,7 @@ def test_a_broken_table_is_one_line_from_any_command(table_file, store, edit, me
 
 
 def test_a_new_strategy_is_a_table_section_and_nothing_else(table_file, store, smoke_data):
-    from seqgen.train import train_phase
+    from seqgen.training.train import train_phase
 
     table_file.write_text(
         table_file.read_text()

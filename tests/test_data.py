@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from seqgen import data as data_module
-from seqgen.data import CACHE_NAME, DataError, Normalizer, SequenceData, load_sequences
+from seqgen.data import sequences as data_module
+from seqgen.data.sequences import CACHE_NAME, DataError, Normalizer, SequenceData, load_sequences
 
 HEADER = ["step", "pc1", "pc2", "pc3", "pc4", "pc5", "nu", "amplitude"]
 

@@ -12,9 +12,9 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from seqgen import tracking
-from seqgen.delivery import Courier, new_owner, owner_is_alive
 from seqgen.errors import TrackingError
+from seqgen.runs import tracking
+from seqgen.runs.delivery import Courier, new_owner, owner_is_alive
 
 
 @pytest.fixture

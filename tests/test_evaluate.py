@@ -15,12 +15,13 @@ import pytest
 from click.testing import CliRunner
 from conftest import REPO, SMOKE_SAMPLES, subprocess_env, use_store
 
-from seqgen.baselines import baseline_version
-from seqgen.bundle import Bundle
 from seqgen.cli import main
-from seqgen.data import load_sequences
+from seqgen.data.sequences import load_sequences
+from seqgen.data.split import Split, make_split
+from seqgen.data.synth import PCABasis
 from seqgen.errors import DataError
-from seqgen.evaluate import (
+from seqgen.evaluation.baselines import baseline_version
+from seqgen.evaluation.evaluate import (
     EvalSet,
     ensure_baselines,
     evaluate_model,
@@ -28,9 +29,8 @@ from seqgen.evaluate import (
     metric_name,
     sweep_params,
 )
-from seqgen.split import Split, make_split
-from seqgen.synth import PCABasis
-from seqgen.tracking import TrackingError
+from seqgen.model.bundle import Bundle
+from seqgen.runs.tracking import TrackingError
 
 # ---- measure() on inputs small enough to work out by hand -------------------------------------
 
@@ -147,7 +147,7 @@ def test_sweep_params_by_hand():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, smoke_data, migrated_db):
     """One smoke phase of `mae` in its own store; yields (store uri, phase result, folder)."""
-    from seqgen.pipeline import run_pipeline
+    from seqgen.study.chain import run_pipeline
 
     folder = tmp_path_factory.mktemp("eval-store")
     with pytest.MonkeyPatch.context() as mp:

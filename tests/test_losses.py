@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from seqgen.config import resolve
-from seqgen.losses import (
+from seqgen.training.losses import (
     AutocorrelationLoss,
     CombinedMAEAutocorrLoss,
     autocorrelation,

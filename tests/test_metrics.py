@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from seqgen import metrics as m
+from seqgen.evaluation import metrics as m
 
 
 def seqs(*rows: list[float]) -> np.ndarray:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
-from seqgen.recurrence import AutoregressiveLSTM
+from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
+from seqgen.model.recurrence import AutoregressiveLSTM
 
 
 def reference_recurrence(pre0, y_teacher, use_truth, h0, c0, drop, w_y, w_out, b_out, *layer_w):

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from seqgen import native
-from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
-from seqgen.recurrence import (
+from seqgen.model import native
+from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
+from seqgen.model.recurrence import (
     gemm_plan,
     native_lstm,
     python_lstm,
@@ -132,7 +132,7 @@ def test_gemm_plan_is_exactly_the_gemms_the_native_recurrence_runs():
 
 SNIPPET = """
 import json, sys, torch
-from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
+from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
 torch.manual_seed(0)
 cfg = ModelConfig(n_components=3, n_params=2, hidden_size=16, num_layers=2, dropout=0.3)
 model = StreamlinedSequenceGenerator(cfg).train()

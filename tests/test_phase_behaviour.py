@@ -20,15 +20,15 @@ from mlflow.tracking import MlflowClient
 
 from analysis import query, tables
 from seqgen import config
-from seqgen.bundle import Bundle, Checkpoint
 from seqgen.cli import main
-from seqgen.data import load_sequences
-from seqgen.losses import LossResult, make_loss
-from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
-from seqgen.schedules import learning_rate
-from seqgen.split import make_split
-from seqgen.step import Precision, load_scaler_state, optimizer_step
-from seqgen.train import train_phase
+from seqgen.data.sequences import load_sequences
+from seqgen.data.split import make_split
+from seqgen.model.bundle import Bundle, Checkpoint
+from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
+from seqgen.training.losses import LossResult, make_loss
+from seqgen.training.schedules import learning_rate
+from seqgen.training.step import Precision, load_scaler_state, optimizer_step
+from seqgen.training.train import train_phase
 
 SEQGEN = str(Path(sys.executable).with_name("seqgen"))
 quiet = lambda *a: None  # noqa: E731
@@ -444,7 +444,7 @@ def test_an_integer_setting_given_nan_is_one_line_in_a_real_process(store):
 def test_evaluate_records_the_version_it_loaded_even_if_the_alias_moves(
     store, smoke_data, monkeypatch
 ):
-    from seqgen import evaluate
+    from seqgen.evaluation import evaluate
 
     train_phase(settings("mae", 1, smoke_data, epochs=1), log=quiet)
     latest = train_phase(settings("mae", 1, smoke_data, epochs=1, seed=1), log=quiet)

@@ -2,7 +2,12 @@
 
 import pytest
 
-from seqgen.schedules import learning_rate, linear_lr, teacher_forcing_ratio, warmup_cosine_lr
+from seqgen.training.schedules import (
+    learning_rate,
+    linear_lr,
+    teacher_forcing_ratio,
+    warmup_cosine_lr,
+)
 
 
 def test_teacher_forcing_original_formula():

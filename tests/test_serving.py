@@ -23,11 +23,11 @@ from conftest import free_port, subprocess_env, use_store
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from seqgen import tracking
 from seqgen.config import resolve
-from seqgen.data import load_sequences
-from seqgen.generate import OUTSIDE_RANGE, InputError, generate_frame
-from seqgen.train import train_phase
+from seqgen.data.sequences import load_sequences
+from seqgen.model.generate import OUTSIDE_RANGE, InputError, generate_frame
+from seqgen.runs import tracking
+from seqgen.training.train import train_phase
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 MODEL = "seqgen-mae-smoke"

@@ -22,8 +22,8 @@ from services import MlflowServer, PostgresServer, RayCluster, group_members
 
 from seqgen.cli import main
 from seqgen.config import resolve
-from seqgen.progress import PER_EPOCH_METRICS
-from seqgen.train import train_phase
+from seqgen.training.epochs import PER_EPOCH_METRICS
+from seqgen.training.train import train_phase
 
 SEQGEN = str(Path(sys.executable).with_name("seqgen"))
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seqgen import synth
+from seqgen.data import synth
+from seqgen.data.split import make_split
 from seqgen.errors import ConfigError
-from seqgen.split import make_split
 
 NU_LO, NU_HI = synth.NU_RANGE
 A_LO, A_HI = synth.AMPLITUDE_RANGE

@@ -11,11 +11,11 @@ from conftest import subprocess_env
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from seqgen import tracking
+from seqgen.runs import tracking
 
 LOG_AT = """
 import sys, time
-from seqgen import tracking
+from seqgen.runs import tracking
 run_id, at = sys.argv[1], float(sys.argv[2])
 time.sleep(max(0.0, at - time.time()))
 tracking.log_dataset(run_id, "data", "f1ngerpr1nt", {"train": 4400, "val": 550, "test": 50})

@@ -10,14 +10,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from seqgen import tracking
-from seqgen.bundle import Bundle
 from seqgen.config import ConfigError, resolve
-from seqgen.generate import generate_original
-from seqgen.outputs import COMPONENT_COLUMNS
-from seqgen.progress import PER_EPOCH_METRICS
-from seqgen.tracking import TrackingError
-from seqgen.train import train_phase
+from seqgen.model.bundle import Bundle
+from seqgen.model.generate import generate_original
+from seqgen.runs import tracking
+from seqgen.runs.tracking import TrackingError
+from seqgen.training.epochs import PER_EPOCH_METRICS
+from seqgen.training.outputs import COMPONENT_COLUMNS
+from seqgen.training.train import train_phase
 
 quiet = lambda *a: None  # noqa: E731
 
@@ -230,9 +230,9 @@ def test_early_stopping_on_plateau_is_logged(store, smoke_data):
 
 
 def test_non_finite_loss_skips_the_step():
-    from seqgen.losses import LossResult
-    from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
-    from seqgen.step import choose_precision, optimizer_step
+    from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
+    from seqgen.training.losses import LossResult
+    from seqgen.training.step import choose_precision, optimizer_step
 
     model = StreamlinedSequenceGenerator(ModelConfig(2, 2, 4, 1, 0.0))
     before = [p.detach().clone() for p in model.parameters()]

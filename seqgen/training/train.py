@@ -1,6 +1,6 @@
 """Training one phase of one strategy. Start reading at `train_phase`: set up (or take the phase
 up where it stopped), then each epoch train, evaluate, checkpoint, log; then finish (final model,
-registry). Everything the tracking store is told goes through a Courier (seqgen/delivery.py), so
+registry). Everything the tracking store is told goes through a Courier (seqgen/runs/delivery.py), so
 a tracking server that is away does not stop training."""
 
 from __future__ import annotations
@@ -14,15 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seqgen import outputs, tracking
-from seqgen.bundle import Bundle, Checkpoint, DataInfo
 from seqgen.config import MAX_OUTAGE, N_PHASES, PhaseSettings
-from seqgen.data import SequenceData
-from seqgen.delivery import Courier, new_owner
+from seqgen.data.sequences import SequenceData
 from seqgen.errors import TrackingError, TrainingError
-from seqgen.losses import make_loss
-from seqgen.model import StreamlinedSequenceGenerator
-from seqgen.phase_run import (
+from seqgen.model.bundle import Bundle, Checkpoint, DataInfo
+from seqgen.model.generator import StreamlinedSequenceGenerator
+from seqgen.runs import tracking
+from seqgen.runs.delivery import Courier, new_owner
+from seqgen.runs.phase_run import (
     LAST_CHECKPOINT,
     catch_up,
     claim_run,
@@ -31,9 +30,11 @@ from seqgen.phase_run import (
     newest_checkpoint,
     release_run,
 )
-from seqgen.progress import EpochStats, Progress, stop_reason
-from seqgen.schedules import learning_rate, teacher_forcing_ratio
-from seqgen.start import (
+from seqgen.training import outputs
+from seqgen.training.epochs import EpochStats, Progress, stop_reason
+from seqgen.training.losses import make_loss
+from seqgen.training.schedules import learning_rate, teacher_forcing_ratio
+from seqgen.training.start import (
     Start,
     choose_device,
     identity,
@@ -43,7 +44,7 @@ from seqgen.start import (
     resume_from,
     split_tensors,
 )
-from seqgen.step import (
+from seqgen.training.step import (
     Precision,
     StepGraphs,
     choose_precision,

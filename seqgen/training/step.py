@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from seqgen.losses import LossResult
-from seqgen.model import StreamlinedSequenceGenerator
+from seqgen.model.generator import StreamlinedSequenceGenerator
+from seqgen.training.losses import LossResult
 
 EVAL_BATCH = 512
 

@@ -1,8 +1,8 @@
 """Baselines the surrogate must beat: parameters (N, P) -> whole sequences (N, T, K).
 
 Each is fitted on the training split (and the validation split where it chooses something) and
-predicts in the data's original units, so `seqgen.evaluate.measure` scores it by the same code
-and on the same samples as a trained model:
+predicts in the data's original units, so `seqgen.evaluation.evaluate.measure` scores it by the
+same code and on the same samples as a trained model:
 
 - `mean`: the per-step mean training sequence, whatever the parameters: the floor any surrogate
   must clear by far.
@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from seqgen.data import Normalizer, SequenceData
+from seqgen.data.sequences import Normalizer, SequenceData
+from seqgen.data.split import Split
 from seqgen.errors import ConfigError, DataError
-from seqgen.split import Split
 
 # Raise when a fit changes in a way its settings do not show: evaluations logged by an older
 # revision are then fitted anew instead of reused from the store.

@@ -30,12 +30,13 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
-from seqgen.bundle import Bundle
 from seqgen.errors import TrackingError, redact
+from seqgen.model.bundle import Bundle
 
 DEFAULT_EXPERIMENT = "Default"  # MLflow's own, where `mlflow run` puts runs unless told otherwise
 MODEL_NAME_IN_RUN = "model"
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+PACKAGE = Path(__file__).resolve().parent.parent  # seqgen/, shipped with every logged model
+PYFUNC_CODE = PACKAGE / "model" / "pyfunc.py"
 
 
 def check_tracking_store() -> str:
@@ -350,7 +351,7 @@ def register_phase_model(
                     Path(tmp) / MODEL_NAME_IN_RUN,
                     python_model=str(PYFUNC_CODE),
                     artifacts={"bundle": str(bundle_path)},
-                    code_paths=[str(Path(__file__).resolve().parent)],
+                    code_paths=[str(PACKAGE)],
                     signature=signature,
                     pip_requirements=_requirements(),
                 )

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from seqgen.data import Normalizer
+from seqgen.data.sequences import Normalizer
+from seqgen.data.split import Split
 from seqgen.errors import SeqgenError
-from seqgen.model import ModelConfig, StreamlinedSequenceGenerator
-from seqgen.split import Split
+from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
 
 FORMAT = "seqgen-bundle-2"
 READABLE_FORMATS = ("seqgen-bundle-1", FORMAT)

@@ -23,13 +23,13 @@ class SeqgenPyfunc(mlflow.pyfunc.PythonModel):
     """One row per parameter set in, generated sequences (long format) in original units out."""
 
     def load_context(self, context) -> None:
-        from seqgen.bundle import Bundle
+        from seqgen.model.bundle import Bundle
 
         self.bundle = Bundle.load(Path(context.artifacts["bundle"]))
         self.model = self.bundle.build_model()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from seqgen.generate import InputError, generate_frame
+        from seqgen.model.generate import InputError, generate_frame
 
         try:
             return generate_frame(self.model, self.bundle, model_input)

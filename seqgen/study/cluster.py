@@ -2,7 +2,7 @@
 chain in order, every task logging to the one tracking server.
 
 Ray runs the tasks and retries one whose process or node died (bounded); everything else is the
-phase's own restart logic (seqgen/train.py): a task that starts again finds its phases in the
+phase's own restart logic (seqgen/training/train.py): a task that starts again finds its phases in the
 tracking store, skips the registered ones and takes the interrupted one up from its checkpoint.
 So rerunning the same command after any interruption continues where the study stopped.
 """
@@ -21,13 +21,13 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from seqgen import tracking
 from seqgen.config import MAX_OUTAGE, resolve
-from seqgen.data import SequenceData, load_sequences
-from seqgen.delivery import LEASE_SECONDS
+from seqgen.data.sequences import SequenceData, load_sequences
 from seqgen.errors import ConfigError, SeqgenError, redact
-from seqgen.outputs import format_eta
-from seqgen.start import load_phase_data
+from seqgen.runs import tracking
+from seqgen.runs.delivery import LEASE_SECONDS
+from seqgen.training.outputs import format_eta
+from seqgen.training.start import load_phase_data
 from seqgen.version import code_digest
 
 CHAIN_RETRIES = 2  # Ray reruns a chain whose process or node died this many times
@@ -168,7 +168,7 @@ def run_chain(chain: Chain, data: SequenceData, ctx: Context, board) -> list[dic
     import mlflow
     import torch
 
-    from seqgen.train import train_phase
+    from seqgen.training.train import train_phase
 
     if code_digest() != ctx.code:
         raise ConfigError(

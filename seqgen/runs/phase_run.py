@@ -14,12 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from seqgen import tracking
-from seqgen.bundle import Checkpoint
-from seqgen.delivery import LEASE_SECONDS, Courier, owner_is_alive
 from seqgen.errors import ConfigError, TrackingError
-from seqgen.progress import EpochStats, Progress
-from seqgen.tracking import PhaseRecord
+from seqgen.model.bundle import Checkpoint
+from seqgen.runs import tracking
+from seqgen.runs.delivery import LEASE_SECONDS, Courier, owner_is_alive
+from seqgen.runs.tracking import PhaseRecord
+from seqgen.training.epochs import EpochStats, Progress
 
 LAST_CHECKPOINT = "last_checkpoint.pth"  # written every epoch: any interruption can resume
 

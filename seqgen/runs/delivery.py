@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from seqgen import tracking
 from seqgen.errors import TrackingError
+from seqgen.runs import tracking
 
 LEASE_SECONDS = 60.0  # a lease not renewed for this long belongs to a dead process
 RENEW_EVERY = 15.0

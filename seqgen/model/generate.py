@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from seqgen.bundle import Bundle
 from seqgen.errors import SeqgenError
+from seqgen.model.bundle import Bundle
 
 GENERATION_BATCH = 1024
 OUTSIDE_RANGE = "outside_training_range"  # output column: a parameter outside the trained range

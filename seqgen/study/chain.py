@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from seqgen import tracking
 from seqgen.config import MAX_OUTAGE, N_PHASES, resolve, strategies
 from seqgen.errors import ConfigError, redact
-from seqgen.train import PhaseResult, train_phase
+from seqgen.runs import tracking
+from seqgen.training.train import PhaseResult, train_phase
 
 
 def parse_phases(text: str) -> list[int]:
@@ -95,8 +95,8 @@ def run_demo(data_dir: str, preset: str, seeds: list[int], report_dir: str, log=
     from pathlib import Path
 
     from analysis.report import build_report
-    from seqgen.evaluate import evaluate_model
-    from seqgen.synth import synthesize
+    from seqgen.data.synth import synthesize
+    from seqgen.evaluation.evaluate import evaluate_model
 
     for strategy in strategies():  # the table is checked before any data is made
         for phase in range(1, N_PHASES + 1):

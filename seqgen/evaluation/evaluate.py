@@ -4,9 +4,9 @@ baselines it must beat scored beside it on the same samples.
 Every sequence of the split is generated from its parameters alone and measured against the
 truth: MAE/RMSE (overall, per component, against time step), autocorrelation error (per sequence
 and pooled), log-spectral distance, relative L2 error of the PCA-reconstructed fields (where the
-data folder has a basis) and the gap to teacher-forced MAE. The baselines of seqgen.baselines
-(mean, knn, direct) are fitted on the same split's training part and measured by the same code
-(without the teacher-forced entries, which they have no use for).
+data folder has a basis) and the gap to teacher-forced MAE. The baselines of
+seqgen.evaluation.baselines (mean, knn, direct) are fitted on the same split's training part and
+measured by the same code (without the teacher-forced entries, which they have no use for).
 
 Results go to separate MLflow *evaluation runs*, not onto the model's own run: a phase run stays
 a record of training only, a model can be evaluated again (on another split or data folder)
@@ -32,14 +32,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from seqgen import metrics, tracking
-from seqgen.baselines import BASELINES, baseline_version, fit_baseline
-from seqgen.bundle import Bundle
-from seqgen.data import SequenceData, load_sequences
+from seqgen.data.sequences import SequenceData, load_sequences
+from seqgen.data.split import Split, make_split
+from seqgen.data.synth import PCABasis, load_pca
 from seqgen.errors import ConfigError, DataError
-from seqgen.generate import GENERATION_BATCH, generate_original
-from seqgen.split import Split, make_split
-from seqgen.synth import PCABasis, load_pca
+from seqgen.evaluation import metrics
+from seqgen.evaluation.baselines import BASELINES, baseline_version, fit_baseline
+from seqgen.model.bundle import Bundle
+from seqgen.model.generate import GENERATION_BATCH, generate_original
+from seqgen.runs import tracking
 
 SWEEP_POINTS = 5  # generated trajectories per swept parameter
 GENERATED_FILE = "generated.npz"

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from seqgen import tracking
-from seqgen.bundle import Checkpoint
 from seqgen.config import PhaseSettings
-from seqgen.data import Normalizer, SequenceData, load_sequences
+from seqgen.data.sequences import Normalizer, SequenceData, load_sequences
+from seqgen.data.split import Split, make_split
 from seqgen.errors import ConfigError
-from seqgen.model import ModelConfig
-from seqgen.split import Split, make_split
+from seqgen.model.bundle import Checkpoint
+from seqgen.model.generator import ModelConfig
+from seqgen.runs import tracking
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from seqgen.recurrence import autoregressive_lstm
+from seqgen.model.recurrence import autoregressive_lstm
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from seqgen.config import PHASES_FILE, PhaseSettings, table
-from seqgen.data import Normalizer
+from seqgen.data.sequences import Normalizer
+from seqgen.data.split import Split
 from seqgen.errors import ConfigError
-from seqgen.split import Split
 
 METRICS_CSV = "training_metrics.csv"
 # The original scripts' training_metrics.csv, column for column: one loss, or its components.

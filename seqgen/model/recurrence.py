@@ -9,7 +9,7 @@ and (b) forms every weight gradient once per sequence as one large GEMM over all
 Gate layout per layer: [i, f, o, g] (sigmoid on the first 3H columns at once, tanh on the last H).
 
 `autoregressive_lstm` is what the model calls. On CPU it runs the same recurrence with its time
-loop in C++ (seqgen/native/recurrence.cpp: per layer-step one GEMM and one fused pass of gate
+loop in C++ (seqgen/model/native/recurrence.cpp: per layer-step one GEMM and one fused pass of gate
 math over the batch); where the native part is not built or does not apply (CUDA, fp16) it runs
 the Python loop of AutoregressiveLSTM below.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from seqgen import native
+from seqgen.model import native
 
 # (state dtype, GEMM dtype) pairs the native recurrence implements
 NATIVE_DTYPES = {

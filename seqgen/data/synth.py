@@ -49,8 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from seqgen.data.split import make_split
 from seqgen.errors import ConfigError
-from seqgen.split import make_split
 
 N_X = 128
 N_SNAPSHOTS = 151
