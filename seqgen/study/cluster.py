@@ -2,7 +2,8 @@
 chain in order, every task logging to the one tracking server.
 
 Ray runs the tasks and retries one whose process or node died (bounded); everything else is the
-phase's own restart logic (seqgen/training/train.py): a task that starts again finds its phases in the
+phase's own restart logic (seqgen/training/train.py):
+a task that starts again finds its phases in the
 tracking store, skips the registered ones and takes the interrupted one up from its checkpoint.
 So rerunning the same command after any interruption continues where the study stopped.
 """

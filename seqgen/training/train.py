@@ -1,6 +1,7 @@
 """Training one phase of one strategy. Start reading at `train_phase`: set up (or take the phase
 up where it stopped), then each epoch train, evaluate, checkpoint, log; then finish (final model,
-registry). Everything the tracking store is told goes through a Courier (seqgen/runs/delivery.py), so
+registry). Everything the tracking store is told goes through a Courier
+(seqgen/runs/delivery.py), so
 a tracking server that is away does not stop training."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// The autoregressive stacked-LSTM recurrence of seqgen/recurrence.py, with its time loop in C++.
+// The autoregressive stacked-LSTM recurrence of seqgen/model/recurrence.py, with its time loop in C++.
 //
 // Why: scheduled sampling makes every step's input depend on the previous step's output, so the
 // T-step loop cannot be batched over time. In Python each layer-step costs ~20 small ATen ops
@@ -528,7 +528,7 @@ Dims dims_of(const Tensor& x0, const Tensor& y_teacher, const Tensor& c0) {
 }
 
 // y_hat (T, B, K) and, with save, what backward needs: act, C, TC, Htop, Y_in, A[0..L), W[0..L).
-// Arguments as NativeAutoregressiveLSTM.forward in seqgen/recurrence.py.
+// Arguments as NativeAutoregressiveLSTM.forward in seqgen/model/recurrence.py.
 std::vector<Tensor> forward(const Tensor& x0, const Tensor& w_x, const Tensor& b_x,
                             const Tensor& y_teacher, const Tensor& use_truth, const Tensor& h0,
                             const Tensor& c0, const std::optional<Tensor>& drop,
