@@ -20,6 +20,13 @@ def redact(text: str) -> str:
     return _CREDENTIALS.sub(hide, text)
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none),
+    redacted and cut to `limit` characters: how a foreign error is named in one line."""
+    lines = [x.strip() for x in str(error).strip().splitlines() if x.strip()]
+    return redact(lines[0] if lines else type(error).__name__)[:limit]
+
+
 class SeqgenError(Exception):
     """Bad input or a state the user can fix; str(e) is one line that says what and where."""
 

@@ -10,6 +10,7 @@ import torch
 
 from seqgen.data.sequences import Normalizer
 from seqgen.data.split import make_split
+from seqgen.files import WriteError
 from seqgen.model.bundle import Bundle, BundleError, Checkpoint, DataInfo
 from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
 
@@ -105,7 +106,7 @@ def test_a_write_that_fails_keeps_the_last_good_file(tmp_path):
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
     resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 1000, hard))
     try:
-        with pytest.raises(BundleError, match=f"cannot write {path}: File too large"):
+        with pytest.raises(WriteError, match=f"cannot write {path}: File too large"):
             bigger.save(path)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from seqgen.errors import DataError
+from seqgen.files import WriteError, write_atomic
 
 CACHE_NAME = ".seqgen-cache.npz"
 _CACHE_VERSION = 1  # bump when the cache layout or the parsing rules change
@@ -393,7 +393,7 @@ def _load_cache(folder: Path, key: str) -> SequenceData | None:
 
 
 def _save_cache(folder: Path, key: str, data: SequenceData) -> None:
-    """Write the cache atomically (temp file + os.replace) to the first location that works."""
+    """Write the cache atomically to the first location that works."""
     arrays: dict[str, Any] = {
         "key": np.array(key),
         "files": np.array(data.files, dtype=str),
@@ -405,20 +405,15 @@ def _save_cache(folder: Path, key: str, data: SequenceData) -> None:
         "param_names": np.array(data.param_names, dtype=str),
         "fingerprint": np.array(data.fingerprint),
     }
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
     for path in _cache_paths(folder):
-        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; others sharing the data may read it
-            os.replace(tmp, path)
+            write_atomic(path, buffer.getvalue())
             return
-        except OSError:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+        except (OSError, WriteError):
+            continue
     warnings.warn(
         f"could not write a data cache for '{folder}'; the next load re-reads the CSVs",
         stacklevel=3,  # point at the caller of load_sequences

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,8 @@ import torch
 
 from seqgen.data.sequences import Normalizer
 from seqgen.data.split import Split
-from seqgen.errors import SeqgenError
+from seqgen.errors import SeqgenError, first_line
+from seqgen.files import write_atomic
 from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
 
 FORMAT = "seqgen-bundle-2"
@@ -172,7 +172,7 @@ def _read(path: str | Path, what: str) -> dict[str, Any]:
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickled classes, not a torch file at all: all foreign
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        reason = first_line(e, 120)
         raise BundleError(f"{path} is not a readable seqgen {what} file ({reason})") from None
     if not isinstance(d, dict) or d.get("format") not in READABLE_FORMATS:
         found = d.get("format") if isinstance(d, dict) else type(d).__name__
@@ -184,17 +184,8 @@ def _read(path: str | Path, what: str) -> dict[str, Any]:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """Serialise in memory, write to a temporary file, flush it to disk, then rename: a crash or
-    a full disk never leaves a half-written file where a good one was (the good one stays)."""
+    """Serialise in memory (torch's own writer hides a failed write behind a zip error), then
+    write atomically: a crash or a full disk never leaves half a file where a good one was."""
     buffer = io.BytesIO()
-    torch.save(obj, buffer)  # torch's own writer hides a failed write behind a zip error
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise BundleError(f"cannot write {path}: {e.strerror or e}") from None
+    torch.save(obj, buffer)
+    write_atomic(path, buffer.getvalue())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import resource
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from seqgen.config import PHASES_FILE, PhaseSettings, table
 from seqgen.data.sequences import Normalizer
 from seqgen.data.split import Split
 from seqgen.errors import ConfigError
+from seqgen.files import write_atomic
 
 METRICS_CSV = "training_metrics.csv"
 # The original scripts' training_metrics.csv, column for column: one loss, or its components.
@@ -67,27 +67,6 @@ def prepare_folder(path: Path, run_id: str | None) -> None:
 
 def mark_folder(path: Path, run_id: str) -> None:
     write_atomic(path / RUN_MARKER, run_id + "\n")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write then rename, so a crash or a full disk never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-def copy_atomic(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        shutil.copyfile(source, tmp)
-        tmp.replace(target)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"cannot write {target}: {e.strerror or e}") from None
 
 
 def write_setup_files(

@@ -18,6 +18,7 @@ import torch
 from seqgen.config import MAX_OUTAGE, N_PHASES, PhaseSettings
 from seqgen.data.sequences import SequenceData
 from seqgen.errors import TrackingError, TrainingError
+from seqgen.files import copy_atomic
 from seqgen.model.bundle import Bundle, Checkpoint, DataInfo
 from seqgen.model.generator import StreamlinedSequenceGenerator
 from seqgen.runs import tracking
@@ -413,7 +414,7 @@ def save_epoch(ph: Phase, tr: Training, improved: bool) -> None:
     bundle = ph.bundle(tr.model, epoch, stats["val"][0], tr.run_id)
     if improved:
         bundle.save(out_dir / "best_model.pth")
-        outputs.copy_atomic(out_dir / "best_model.pth", out_dir / "best_model_combined.pth")
+        copy_atomic(out_dir / "best_model.pth", out_dir / "best_model_combined.pth")
         tr.courier.artifact(out_dir / "best_model.pth")
     Checkpoint(
         bundle=bundle,
@@ -427,7 +428,7 @@ def save_epoch(ph: Phase, tr: Training, improved: bool) -> None:
     tr.courier.artifact(out_dir / LAST_CHECKPOINT, "checkpoints")
     if epoch % s.save_every == 0 or epoch == ph.last_epoch:
         periodic = out_dir / f"checkpoint_epoch_{epoch}.pth"
-        outputs.copy_atomic(out_dir / LAST_CHECKPOINT, periodic)
+        copy_atomic(out_dir / LAST_CHECKPOINT, periodic)
         tr.courier.artifact(periodic, "checkpoints")
 
 
@@ -449,7 +450,7 @@ def finish_phase(
     # The best model learns the phase's real last epoch (an early stop ends before the plan's),
     # so the next phase's global epochs follow on from it.
     dataclasses.replace(Bundle.load(best_path), last_epoch=last).save(best_path)
-    outputs.copy_atomic(best_path, out_dir / "best_model_combined.pth")
+    copy_atomic(best_path, out_dir / "best_model_combined.pth")
     final = ph.bundle(tr.model, last, progress.history[-1]["val"][0], tr.run_id)
     final.save(out_dir / "final_model.pth")
     for name in outputs.FINAL_FILES:
