@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test postgres lint bench clean
+.PHONY: setup demo test test-fast postgres lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,13 @@ test: setup postgres
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+
+# The quick loop while changing code: lint and every test not marked slow (no servers, clusters,
+# subprocesses of the real entry points).
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -m "not slow"
 
 # The tests start their own PostgreSQL servers: install Debian's if it is missing (needs root).
 postgres:

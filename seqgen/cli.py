@@ -16,7 +16,10 @@ import sys
 import click
 
 from seqgen import config
+from seqgen import log as seqgen_log
 from seqgen.errors import SeqgenError, redact
+
+TRAINING = ("train", "pipeline", "study", "demo")  # commands whose interruption keeps checkpoints
 
 
 def _clean_errors(fn):
@@ -31,10 +34,8 @@ def _clean_errors(fn):
             click.echo(f"error: {redact(str(e)) or type(e).__name__}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            kept = (
-                "; checkpoints are kept: continue with --resume" if fn.__name__ == "train" else ""
-            )
-            click.echo(f"interrupted{kept}", err=True)
+            kept = "; checkpoints are kept: run the same command again to go on"
+            click.echo(f"interrupted{kept if fn.__name__ in TRAINING else ''}", err=True)
             sys.exit(130)
 
     return wrapper
@@ -105,9 +106,25 @@ preset_option = click.option(
 )
 
 
+retrain_option = click.option(
+    "--retrain",
+    type=click.BOOL,
+    is_flag=False,
+    flag_value=True,  # `--retrain`, and `--retrain true` as `mlflow run -P retrain=true` passes it
+    default=False,
+    help="train phases that are registered already anew, as new versions (the old ones stay)",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-def main():
+@click.option("--quiet", "-q", is_flag=True, help="warnings and errors only")
+@click.option("--verbose", "-v", is_flag=True, help="also debugging detail")
+def main(quiet, verbose):
     """seqgen: an autoregressive LSTM surrogate for PCA-compressed simulations (MLflow-tracked)."""
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose contradict each other")
+    level = seqgen_log.QUIET if quiet else seqgen_log.VERBOSE if verbose else seqgen_log.NORMAL
+    seqgen_log.setup(level)
 
 
 @main.command("phase-config")
@@ -129,25 +146,36 @@ def phase_config(strategy, phase, preset, **kwargs):
 @strategy_option
 @click.option("--phase", type=int, required=True, help="1..5")
 @preset_option
-@click.option("--resume", is_flag=True, help="continue this phase from its last checkpoint")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="insist on taking up an interrupted run of this phase (the plain command does it too)",
+)
 @click.option(
     "--stop_at_epoch",
     type=int,
     default=None,
-    help="pause after this global epoch (continue later with --resume)",
+    help="pause after this global epoch (run the same command again to go on)",
 )
+@retrain_option
 @max_outage_option
 @setting_options
 @_clean_errors
-def train(strategy, phase, preset, resume, stop_at_epoch, max_outage, **kwargs):
+def train(strategy, phase, preset, resume, stop_at_epoch, retrain, max_outage, **kwargs):
     """Train one phase of one strategy (phase N >= 2 continues from phase N-1's model)."""
+    from seqgen.runs.keeper import RunOptions
     from seqgen.training.train import train_phase
 
     overrides = _overrides(kwargs)
     settings = config.resolve(strategy, phase, preset, **overrides)
     if overrides:
         click.echo(f"overrides: {json.dumps(overrides)}", err=True)
-    train_phase(settings, resume=resume, stop_at_epoch=stop_at_epoch, max_outage=max_outage)
+    if resume and retrain:
+        raise config.ConfigError("--resume takes a run up, --retrain starts a new one: pick one")
+    options = RunOptions(
+        resume=resume, retrain=retrain, stop_at_epoch=stop_at_epoch, max_outage=max_outage
+    )
+    train_phase(settings, options)
 
 
 @main.command()
@@ -155,20 +183,21 @@ def train(strategy, phase, preset, resume, stop_at_epoch, max_outage, **kwargs):
 @click.option("--phases", default="1-5", show_default=True, help="a range such as 1-5 or 3-5")
 @click.option("--seeds", default="0", show_default=True, help="comma-separated seeds")
 @preset_option
+@retrain_option
 @max_outage_option
 @setting_options
 @_clean_errors
-def pipeline(strategy, phases, seeds, preset, max_outage, **kwargs):
+def pipeline(strategy, phases, seeds, preset, retrain, max_outage, **kwargs):
     """Train consecutive phases of one strategy as child runs of one parent run, per seed."""
+    from seqgen.runs.keeper import RunOptions
     from seqgen.study.chain import parse_phases, parse_seeds, parse_strategies, run_pipeline
 
     overrides = _overrides(kwargs)
     if "seed" in overrides:
         raise config.ConfigError("pipeline takes --seeds (comma-separated), not --seed")
+    options = RunOptions(retrain=retrain, max_outage=max_outage)
     for name in parse_strategies(strategy):
-        run_pipeline(
-            name, parse_phases(phases), parse_seeds(seeds), preset, overrides, max_outage=max_outage
-        )
+        run_pipeline(name, parse_phases(phases), parse_seeds(seeds), preset, overrides, options)
 
 
 @main.command()
@@ -186,12 +215,16 @@ def pipeline(strategy, phases, seeds, preset, max_outage, **kwargs):
 @click.option(
     "--threads_per_chain", type=int, default=None, help="CPU threads (Ray CPUs) per chain [1]"
 )
+@retrain_option
 @max_outage_option
 @setting_options
 @_clean_errors
-def study(strategy, seeds, phases, preset, ray_address, threads_per_chain, max_outage, **kwargs):
+def study(
+    strategy, seeds, phases, preset, ray_address, threads_per_chain, retrain, max_outage, **kwargs
+):
     """Every chain (strategy x seed) as a Ray task, its phases in order, one tracking store.
     Rerun the same command after any interruption: it continues where the study stopped."""
+    from seqgen.runs.keeper import RunOptions
     from seqgen.study.chain import parse_phases, parse_seeds, parse_strategies
 
     overrides = _overrides(kwargs)
@@ -211,6 +244,7 @@ def study(strategy, seeds, phases, preset, ray_address, threads_per_chain, max_o
         overrides,
         ray_address or None,
         threads_per_chain or THREADS_PER_CHAIN,
+        RunOptions(retrain=retrain, max_outage=max_outage),
     )
     if any(o.status != "done" for o in outcomes):
         sys.exit(1)
@@ -221,12 +255,14 @@ def study(strategy, seeds, phases, preset, ray_address, threads_per_chain, max_o
 @click.option("--preset", default="demo", show_default=True, help="demo, smoke or full")
 @click.option("--seeds", default="0", show_default=True, help="comma-separated seeds")
 @click.option("--out", "report_dir", default="reports", show_default=True, help="report folder")
+@retrain_option
 @_clean_errors
-def demo(data_dir, preset, seeds, report_dir):
+def demo(data_dir, preset, seeds, report_dir, retrain):
     """The main job: Burgers data if missing, 3 strategies x 5 phases, evaluation and report."""
-    from seqgen.study.chain import parse_seeds, run_demo
+    from seqgen.study.chain import parse_seeds
+    from seqgen.study.demo import run_demo
 
-    run_demo(data_dir, preset, parse_seeds(seeds), report_dir)
+    run_demo(data_dir, preset, parse_seeds(seeds), report_dir, retrain)
 
 
 @main.command()

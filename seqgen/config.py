@@ -234,13 +234,6 @@ def presets() -> tuple[str, ...]:
     return tuple(table()["presets"])
 
 
-def table_keys() -> set[str]:
-    """Every setting the phase table or a preset sets."""
-    t = table()
-    sections = [t["shared"], *t["strategies"].values(), *t["presets"].values()]
-    return {key for section in sections for key in section}
-
-
 def resolve_table_value(name: str, strategy: str, phase: int, preset: str) -> Any:
     """One setting of (strategy, phase, preset): preset, else strategy, else shared section."""
     t = table()

@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
+
+from rich.progress import track
 
 from seqgen.errors import redact
+
+T = TypeVar("T")
 
 ROOT = "seqgen"
 QUIET, NORMAL, VERBOSE = logging.WARNING, logging.INFO, logging.DEBUG
@@ -20,13 +26,31 @@ class _Redact(logging.Filter):
         return True
 
 
-def setup(level: int = NORMAL, stream=None) -> None:
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a message comes (a test runner swaps it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def setup(level: int = NORMAL) -> None:
     """Messages of `level` and above, as they are (no prefix), on stderr: stdout stays for the
     answers commands print (JSON, tables). Calling it again replaces the handler."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.addFilter(_Redact())
     logger = logging.getLogger(ROOT)
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
+
+
+def progress_bar(items: Sequence[T], label: str) -> Iterator[T]:
+    """The items, with a transient progress bar on stderr when it is a terminal and progress is
+    shown (the normal level); plain iteration otherwise (logs, pipes, Ray workers, tests)."""
+    logger = logging.getLogger(ROOT)
+    if not (sys.stderr.isatty() and logger.isEnabledFor(NORMAL)):
+        yield from items
+        return
+    yield from track(items, description=label, total=len(items), transient=True)

@@ -48,7 +48,6 @@ def compared(tmp_path_factory, smoke_data, migrated_db):
                 [0, 1],
                 "smoke",
                 {"data_dir": str(smoke_data)},
-                log=lambda *a: None,
             )
             for r in results:
                 if r.phase == 2:

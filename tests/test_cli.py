@@ -45,6 +45,7 @@ def broken_data(tmp_path, smoke_data):
     return folder
 
 
+@pytest.mark.slow
 def test_usage_errors_are_one_line_too():
     proc = subprocess.run(
         [SEQGEN, "train", "--strategy", "mae", "--phase", "1", "--hiden_size", "3"],
@@ -87,6 +88,7 @@ def test_cuda_without_cuda_is_a_clear_error(store, smoke_data):
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
+@pytest.mark.slow
 def test_sigterm_ends_the_run_killed(store, smoke_data, tmp_path):
     proc = subprocess.Popen(
         [
@@ -213,6 +215,7 @@ def test_model_uri_that_does_not_exist(store, smoke_data):
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
+@pytest.mark.slow
 def test_data_that_fails_the_contract_in_a_real_process(store, broken_data):
     proc = subprocess.run(
         [SEQGEN, *SMOKE_TRAIN, "--data_dir", str(broken_data)],

@@ -228,7 +228,7 @@ def test_a_new_strategy_is_a_table_section_and_nothing_else(table_file, store, s
         10,
         True,
     )
-    result = train_phase(s, log=lambda *a: None)
+    result = train_phase(s)
     assert result.model_uri == "models:/seqgen-mostly_mae-smoke/1"
     folder = store_folder = s.folder(1)
     assert folder.name == "80mae_20auto_1_2" and (store_folder / "checkpoint_epoch_1.pth").exists()

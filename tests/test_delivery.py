@@ -21,24 +21,24 @@ from seqgen.runs.delivery import Courier, new_owner, owner_is_alive
 def run_id(store):
     exp = tracking.experiment_id()
     owner = new_owner()
-    rid = tracking.create_run(exp, "t-p1-s0", {"lease_owner": owner}, None)
+    rid = tracking.create_run(exp, "t-p1-s0", {tracking.LEASE_OWNER: owner}, None)
     return rid, owner
 
 
 def test_records_arrive_in_order_and_all_of_them(run_id, tmp_path):
     rid, owner = run_id
-    courier = Courier(rid, owner, log=lambda *a: None)
+    courier = Courier(rid, owner)
     (tmp_path / "a.txt").write_text("first")
     for step in range(1, 6):
         courier.metrics({"val_loss": 1.0 / step, "lr": 0.1}, step)
     courier.artifact(tmp_path / "a.txt", "files")
-    courier.tags({"phase_state": "trained"})
-    assert courier.drain(timeout=60)
+    courier.tags({tracking.PHASE_STATE: "trained"})
+    assert courier.drain(max_outage=60)
     courier.close()
     history = MlflowClient().get_metric_history(rid, "val_loss")
     assert [(m.step, m.value) for m in history] == [(s, 1.0 / s) for s in range(1, 6)]
     assert [a.path for a in MlflowClient().list_artifacts(rid, "files")] == ["files/a.txt"]
-    assert tracking.run_tags(rid)["phase_state"] == "trained"
+    assert tracking.run_tags(rid)[tracking.PHASE_STATE] == "trained"
 
 
 def test_a_batch_that_landed_before_its_call_failed_is_not_sent_again(run_id, monkeypatch):
@@ -54,16 +54,16 @@ def test_a_batch_that_landed_before_its_call_failed_is_not_sent_again(run_id, mo
             raise ConnectionError("the answer was lost")
 
     monkeypatch.setattr(tracking, "log_metrics_at", lands_then_fails)
-    courier = Courier(rid, owner, log=lambda *a: None)
+    courier = Courier(rid, owner)
     courier.metrics({"val_loss": 0.5}, 1)
     courier.metrics({"val_loss": 0.25}, 2)
-    assert courier.drain(timeout=60)
+    assert courier.drain(max_outage=60)
     courier.close()
     assert calls == [1, 2]  # step 1 was not sent a second time
     assert [m.step for m in MlflowClient().get_metric_history(rid, "val_loss")] == [1, 2]
 
 
-def test_an_outage_is_reported_while_a_call_waits_inside_mlflows_retries(run_id, monkeypatch):
+def test_an_outage_is_reported_while_a_call_waits_inside_mlflows_retries(run_id, monkeypatch, said):
     """MLflow's client retries a refused call for minutes: the courier still says soon that the
     server is away, and that it is back, while the call waits."""
     rid, owner = run_id
@@ -78,8 +78,8 @@ def test_an_outage_is_reported_while_a_call_waits_inside_mlflows_retries(run_id,
     monkeypatch.setattr(tracking, "server_is_up", lambda timeout=3.0: server_up.is_set())
     monkeypatch.setattr(tracking, "log_metrics_at", held_call)
     server_up.set()
-    lines = []
-    courier = Courier(rid, owner, log=lines.append)
+    lines = said
+    courier = Courier(rid, owner)
     courier.metrics({"val_loss": 1.0}, 1)
     assert entered.wait(timeout=10)
     server_up.clear()  # the server goes away while the call is under way
@@ -89,7 +89,7 @@ def test_an_outage_is_reported_while_a_call_waits_inside_mlflows_retries(run_id,
     assert lines == ["tracking server unreachable: training goes on, 1 record(s) wait"]
     server_up.set()
     released.set()
-    assert courier.drain(timeout=60)
+    assert courier.drain(max_outage=60)
     courier.close()
     assert len(lines) == 2 and lines[1].startswith("tracking server back after ")
     assert [m.step for m in MlflowClient().get_metric_history(rid, "val_loss")] == [1]
@@ -97,8 +97,8 @@ def test_an_outage_is_reported_while_a_call_waits_inside_mlflows_retries(run_id,
 
 def test_a_run_taken_over_stops_this_process(run_id):
     rid, owner = run_id
-    courier = Courier(rid, owner, log=lambda *a: None, renew_every=0.3)
-    tracking.set_run_tags(rid, {"lease_owner": "elsewhere:1:abc"})
+    courier = Courier(rid, owner, renew_every=0.3)
+    tracking.set_run_tags(rid, {tracking.LEASE_OWNER: "elsewhere:1:abc"})
     deadline = time.monotonic() + 30
     with pytest.raises(TrackingError, match="was taken over by elsewhere:1:abc"):
         while time.monotonic() < deadline:

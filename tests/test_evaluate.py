@@ -152,9 +152,7 @@ def trained(tmp_path_factory, smoke_data, migrated_db):
     folder = tmp_path_factory.mktemp("eval-store")
     with pytest.MonkeyPatch.context() as mp:
         uri = use_store(folder, migrated_db, mp)
-        [result] = run_pipeline(
-            "mae", [1], [0], "smoke", {"data_dir": str(smoke_data)}, log=lambda *a: None
-        )
+        [result] = run_pipeline("mae", [1], [0], "smoke", {"data_dir": str(smoke_data)})
         yield uri, result, folder
 
 

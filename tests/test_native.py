@@ -154,6 +154,7 @@ def run_snippet(**env):
     return json.loads(done.stdout), done.stderr
 
 
+@pytest.mark.slow
 def test_fallback_with_seqgen_native_0_says_so_once_and_trains_the_same():
     """Dropout masks, noise and scheduled sampling come from the same seeded draws in model.py,
     so the two paths train the same model."""
@@ -172,7 +173,7 @@ def test_fallback_with_seqgen_native_0_says_so_once_and_trains_the_same():
 def test_two_processes_starting_at_once_build_it_once(tmp_path):
     """A fresh cache folder and two processes that both need the library: one compiles, the other
     waits on the lock and loads the same build (about a minute on 2 cores)."""
-    code = "from seqgen import native; assert native.ops() is not None"
+    code = "from seqgen.model import native; assert native.ops() is not None"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     env.pop("SEQGEN_NATIVE", None)
     procs = [
@@ -201,6 +202,7 @@ def test_bench_reports_rates_beside_their_gemm_only_limits():
         assert r[f"{what}_fraction_of_gemm_limit"] == pytest.approx(rate / limit, abs=0.01)
 
 
+@pytest.mark.slow
 def test_without_a_compiler_the_python_path_runs_and_says_so_once(tmp_path):
     result, err = run_snippet(CXX=str(tmp_path / "no-such-g++"), TORCH_EXTENSIONS_DIR=str(tmp_path))
     said = [line for line in err.splitlines() if line.startswith("seqgen:")]

@@ -31,7 +31,6 @@ from seqgen.training.step import Precision, load_scaler_state, optimizer_step
 from seqgen.training.train import train_phase
 
 SEQGEN = str(Path(sys.executable).with_name("seqgen"))
-quiet = lambda *a: None  # noqa: E731
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -127,7 +126,8 @@ def test_printed_next_phase_command_carries_every_override_and_trains_that_phase
     assert run.info.run_name == "combined-30mae_70auto-p2-s0"
     assert run.data.tags["strategy"] == "combined-30mae_70auto"
     p = run.data.params
-    assert (p["phase"], p["alpha"], p["hidden_size"], p["epochs"]) == ("2", "0.3", "12", "3")
+    assert (p["alpha"], p["hidden_size"], p["epochs"]) == ("0.3", "12", "3")
+    assert run.data.tags["phase"] == "2" and "phase" not in p  # a tag, not also a param
     assert p["start_lr"] == "0.0005"  # phase 2's own, from the table
     assert run.data.tags["continued_from"] == f"models:/{variant}/1"  # the exact version
     trained = Bundle.load(tmp_path / "outputs/smoke-s0/30mae_70auto_4_6/best_model.pth")
@@ -184,10 +184,10 @@ def test_continued_phase_refuses_another_shape_and_records_what_it_trained(
 def test_next_phase_follows_the_real_last_epoch_after_an_early_stop(store, smoke_data, tmp_path):
     plateau = dict(start_lr=1e-12, min_lr=1e-12, dropout=0.0, noise_level=0.0)
     first = train_phase(
-        settings("mae", 1, smoke_data, epochs=6, early_stopping_patience=1, **plateau), log=quiet
+        settings("mae", 1, smoke_data, epochs=6, early_stopping_patience=1, **plateau),
     )
     assert first.stop_reason == "validation_plateau" and steps_of(first.run_id) == [1, 2, 3]
-    second = train_phase(settings("mae", 2, smoke_data), log=quiet)  # 2 epochs at smoke scale
+    second = train_phase(settings("mae", 2, smoke_data))  # 2 epochs at smoke scale
     folder = tmp_path / "outputs/smoke-s0/100mae_4_5"
     assert Path(second.output_dir) == Path("outputs/smoke-s0/100mae_4_5")
     assert tables_epochs_agree(second.run_id, folder)
@@ -219,15 +219,14 @@ def test_schedules_follow_the_parent_not_the_phase_number(store, smoke_data, tmp
     assert expected["warmup_cosine"][2] != pytest.approx(expected["warmup_linear"][2])
     assert expected["linear"][0] != pytest.approx(expected["warmup_linear"][0])
 
-    new = train_phase(settings("mae", 1, smoke_data, epochs=5, **lr), log=quiet)
+    new = train_phase(settings("mae", 1, smoke_data, epochs=5, **lr))
     assert lr_history(new.run_id) == pytest.approx(expected["warmup_cosine"])
-    auto = train_phase(settings("autocorr", 1, smoke_data, epochs=5, **lr), log=quiet)
+    auto = train_phase(settings("autocorr", 1, smoke_data, epochs=5, **lr))
     assert lr_history(auto.run_id) == pytest.approx(expected["warmup_linear"])
     # phase 1 given a parent continues a model: linear decay, no warm-up
     parent = str(tmp_path / "outputs/smoke-s0/100mae_1_5/best_model.pth")
     continued = train_phase(
         settings("mae", 1, smoke_data, epochs=5, existing_model=parent, outputs_root="c", **lr),
-        log=quiet,
     )
     assert lr_history(continued.run_id) == pytest.approx(expected["linear"])
     assert MlflowClient().get_run(continued.run_id).data.params["schedule"] == "linear"
@@ -247,7 +246,7 @@ def test_overfit_gap_stops_when_validation_drifts_from_training(store, smoke_dat
         frame[components] *= 10
         frame.to_csv(data / name, index=False)
     s = settings("mae", 1, data, epochs=3, overfit_gap=0.5)
-    result = train_phase(s, log=quiet)
+    result = train_phase(s)
     assert result.stop_reason == "overfitting" and steps_of(result.run_id) == [1]
     history = MlflowClient().get_run(result.run_id).data.metrics
     gap = (history["val_loss_teacher_forced"] - history["train_loss"]) / history["train_loss"]
@@ -256,7 +255,7 @@ def test_overfit_gap_stops_when_validation_drifts_from_training(store, smoke_dat
 
 def test_grad_explosion_norm_stops_on_a_large_gradient(store, smoke_data):
     result = train_phase(
-        settings("mae", 1, smoke_data, epochs=3, grad_explosion_norm=1e-6), log=quiet
+        settings("mae", 1, smoke_data, epochs=3, grad_explosion_norm=1e-6),
     )
     assert result.stop_reason == "gradient_explosion" and steps_of(result.run_id) == [1]
     run = MlflowClient().get_run(result.run_id)
@@ -271,7 +270,7 @@ def test_grad_accum_steps_accumulates_micro_batches_into_one_update(store, smoke
     )
     runs = {
         name: train_phase(
-            settings("mae", 1, smoke_data, outputs_root=name, **exact, **kw), log=quiet
+            settings("mae", 1, smoke_data, outputs_root=name, **exact, **kw),
         )
         for name, kw in {
             "accumulated": dict(batch_size=8, grad_accum_steps=2),
@@ -424,6 +423,7 @@ def test_every_number_setting_refuses_nan_and_inf(value):
         assert (code, out) == (2, f"error: --{name} must be a finite number, got {float(value)}")
 
 
+@pytest.mark.slow
 def test_an_integer_setting_given_nan_is_one_line_in_a_real_process(store):
     proc = subprocess.run(
         [SEQGEN, "phase-config", "--strategy", "mae", "--phase", "1", "--epochs", "nan"],
@@ -446,8 +446,8 @@ def test_evaluate_records_the_version_it_loaded_even_if_the_alias_moves(
 ):
     from seqgen.evaluation import evaluate
 
-    train_phase(settings("mae", 1, smoke_data, epochs=1), log=quiet)
-    latest = train_phase(settings("mae", 1, smoke_data, epochs=1, seed=1), log=quiet)
+    train_phase(settings("mae", 1, smoke_data, epochs=1))
+    latest = train_phase(settings("mae", 1, smoke_data, epochs=1, seed=1))
     client = MlflowClient()
     assert str(client.get_model_version_by_alias("seqgen-mae-smoke", "phase-1").version) == "2"
 

@@ -15,6 +15,9 @@ from services import MlflowServer
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
+# Every test here runs the real entry points as processes (mlflow run, a server, the demo).
+pytestmark = pytest.mark.slow
+
 
 def mlflow_run(uri, entry, *params, cwd=REPO):
     args = [MLFLOW, "run", str(REPO), "-e", entry, "--env-manager", "local"]
@@ -137,8 +140,8 @@ def test_demo_end_to_end_and_again(store, smoke_data, tmp_path):
     phase is found registered and nothing is trained again."""
     from seqgen.study.chain import run_demo
 
-    first = run_demo(str(smoke_data), "smoke", [0], "reports", log=lambda *a: None)
-    second = run_demo(str(smoke_data), "smoke", [0], "reports", log=lambda *a: None)
+    first = run_demo(str(smoke_data), "smoke", [0], "reports")
+    second = run_demo(str(smoke_data), "smoke", [0], "reports")
     assert [r.status for r in first["results"]] == ["registered"] * 15
     assert [r.status for r in second["results"]] == ["skipped"] * 15
     assert [r.model_uri for r in second["results"]] == [r.model_uri for r in first["results"]]
@@ -156,7 +159,6 @@ def test_demo_end_to_end_and_again(store, smoke_data, tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
-@pytest.mark.slow
 def test_a_plain_pip_install_finds_the_phase_table(tmp_path):
     """`pip install .` (not editable) in a fresh venv, then seqgen from another folder: the phase
     table ships inside the package. The fresh venv sees this venv's dependencies through a .pth

@@ -44,7 +44,6 @@ def registered(tmp_path_factory, smoke_data, migrated_db):
         results = [
             train_phase(
                 resolve("mae", phase, "smoke", data_dir=str(smoke_data), epochs=1),
-                log=lambda *a: None,
             )
             for phase in (1, 2)
         ]

@@ -22,6 +22,7 @@ tracking.log_dataset(run_id, "data", "f1ngerpr1nt", {"train": 4400, "val": 550, 
 """
 
 
+@pytest.mark.slow
 def test_chains_logging_the_same_data_at_once_each_record_it(store, tmp_path):
     """Each phase run records its data as a dataset input; chains that start together race to
     create the one dataset row, and every one of them must still record it."""

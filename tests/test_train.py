@@ -14,12 +14,11 @@ from seqgen.config import ConfigError, resolve
 from seqgen.model.bundle import Bundle
 from seqgen.model.generate import generate_original
 from seqgen.runs import tracking
+from seqgen.runs.keeper import RunOptions
+from seqgen.runs.outputs import COMPONENT_COLUMNS
 from seqgen.runs.tracking import TrackingError
 from seqgen.training.epochs import PER_EPOCH_METRICS
-from seqgen.training.outputs import COMPONENT_COLUMNS
 from seqgen.training.train import train_phase
-
-quiet = lambda *a: None  # noqa: E731
 
 
 def settings(strategy, phase, data, **kw):
@@ -27,8 +26,8 @@ def settings(strategy, phase, data, **kw):
 
 
 def test_phase_one_then_two_hand_off_through_the_registry(store, smoke_data, tmp_path):
-    first = train_phase(settings("combined", 1, smoke_data), log=quiet)
-    second = train_phase(settings("combined", 2, smoke_data), log=quiet)
+    first = train_phase(settings("combined", 1, smoke_data))
+    second = train_phase(settings("combined", 2, smoke_data))
     client = MlflowClient()
 
     run = client.get_run(second.run_id)
@@ -41,7 +40,7 @@ def test_phase_one_then_two_hand_off_through_the_registry(store, smoke_data, tmp
         "preset": "smoke",
     }
     assert len(run.data.tags["dataset_fingerprint"]) >= 16
-    assert json.loads(run.data.tags["overrides"]) == {"data_dir": str(smoke_data)}
+    assert json.loads(run.data.tags["seqgen.overrides"]) == {"data_dir": str(smoke_data)}
     p = run.data.params
     assert (p["epochs"], p["start_lr"], p["max_lag"], p["alpha"]) == ("2", "0.0005", "15", "0.5")
     assert p["existing_model"] == "models:/seqgen-combined-smoke@phase-1-s0"
@@ -96,14 +95,14 @@ def test_phase_one_then_two_hand_off_through_the_registry(store, smoke_data, tmp
 
 
 def test_single_loss_csv_has_the_original_columns(store, smoke_data, tmp_path):
-    train_phase(settings("mae", 1, smoke_data, epochs=1), log=quiet)
+    train_phase(settings("mae", 1, smoke_data, epochs=1))
     path = tmp_path / "outputs" / "smoke-s0" / "100mae_1_1" / "training_metrics.csv"
     header = path.read_text().splitlines()[0]
     assert header == "Epoch,Train Loss,Validation Loss,Test Loss,Learning Rate"
 
 
 def test_logged_model_is_a_pyfunc_in_original_units_and_a_trainable_module(store, smoke_data):
-    result = train_phase(settings("autocorr", 1, smoke_data), log=quiet)
+    result = train_phase(settings("autocorr", 1, smoke_data))
     uri = "models:/seqgen-autocorr-smoke@phase-1"
     frame = pd.DataFrame({"nu": [0.01, 0.1, 0.3], "amplitude": [0.6, 1.0, 1.4]})
     out = mlflow.pyfunc.load_model(uri).predict(frame)
@@ -141,12 +140,12 @@ def test_logged_model_is_a_pyfunc_in_original_units_and_a_trainable_module(store
 
 def test_resume_equals_uninterrupted(store, smoke_data, tmp_path, monkeypatch):
     full = train_phase(
-        settings("mae", 1, smoke_data, epochs=6, outputs_root="a", save_every=2), log=quiet
+        settings("mae", 1, smoke_data, epochs=6, outputs_root="a", save_every=2),
     )
     # the same phase in another experiment (in the same one it would be skipped as registered)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "interrupted")
     b = settings("mae", 1, smoke_data, epochs=6, outputs_root="b", save_every=2)
-    paused = train_phase(b, stop_at_epoch=3, log=quiet)  # 3 is not a periodic checkpoint epoch
+    paused = train_phase(b, RunOptions(stop_at_epoch=3))  # 3 is not a periodic checkpoint epoch
     assert paused.paused_at == 3
     client = MlflowClient()
     assert client.get_run(paused.run_id).info.status == "KILLED"  # left out of comparisons
@@ -154,10 +153,10 @@ def test_resume_equals_uninterrupted(store, smoke_data, tmp_path, monkeypatch):
     other = settings("mae", 1, smoke_data, epochs=6, outputs_root="c", noise_level=0.2)
     differs = r"differs in: noise_level \(0.05 then, 0.2 now\), save_every \(2 then, 1 now\)"
     with pytest.raises(ConfigError, match=differs):
-        train_phase(other, resume=True, log=quiet)
+        train_phase(other, RunOptions(resume=True))
     assert client.get_run(paused.run_id).info.status == "KILLED"  # untouched by the refusal
 
-    resumed = train_phase(b, log=quiet)  # the same command again takes the phase up
+    resumed = train_phase(b)  # the same command again takes the phase up
     assert resumed.run_id == paused.run_id  # continued into the same run
     run = client.get_run(resumed.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["stop_reason"] == "completed"
@@ -170,7 +169,7 @@ def test_resume_equals_uninterrupted(store, smoke_data, tmp_path, monkeypatch):
     csv_b = (tmp_path / "b/smoke-s0/100mae_1_6/training_metrics.csv").read_text()
     assert csv_a == csv_b
     assert resumed.best_val == full.best_val
-    again = train_phase(b, log=quiet)  # and once more: registered, nothing to train
+    again = train_phase(b)  # and once more: registered, nothing to train
     assert (again.status, again.run_id, again.version) == ("skipped", run.info.run_id, "2")
 
 
@@ -181,11 +180,11 @@ def test_a_phase_taken_up_elsewhere_registers_its_best_model_from_the_store(
     the resume: the best model (epoch 1) comes from the store, not from the first machine's disk."""
     still = dict(epochs=4, start_lr=1e-12, min_lr=1e-12, dropout=0.0, noise_level=0.0)
     paused = train_phase(
-        settings("mae", 1, smoke_data, outputs_root="here", **still), stop_at_epoch=2, log=quiet
+        settings("mae", 1, smoke_data, outputs_root="here", **still), RunOptions(stop_at_epoch=2)
     )
     assert (paused.status, paused.best_epoch) == ("paused", 1)
     there = settings("mae", 1, smoke_data, outputs_root="there", **still)
-    done = train_phase(there, log=quiet)
+    done = train_phase(there)
     assert (done.status, done.run_id, done.best_epoch) == ("registered", paused.run_id, 1)
     first = Bundle.load(tmp_path / "here/smoke-s0/100mae_1_4/best_model.pth")
     registered = tracking.load_bundle(done.model_uri)
@@ -195,17 +194,17 @@ def test_a_phase_taken_up_elsewhere_registers_its_best_model_from_the_store(
 
 
 def test_a_phase_continues_from_its_own_seed(store, smoke_data):
-    first_s0 = train_phase(settings("mae", 1, smoke_data, epochs=1), log=quiet)
-    train_phase(settings("mae", 1, smoke_data, epochs=1, seed=1), log=quiet)  # moves phase-1
+    first_s0 = train_phase(settings("mae", 1, smoke_data, epochs=1))
+    train_phase(settings("mae", 1, smoke_data, epochs=1, seed=1))  # moves phase-1
     client = MlflowClient()
     assert client.get_model_version_by_alias("seqgen-mae-smoke", "phase-1").version == 2
-    second_s0 = train_phase(settings("mae", 2, smoke_data, epochs=1), log=quiet)
+    second_s0 = train_phase(settings("mae", 2, smoke_data, epochs=1))
     run = client.get_run(second_s0.run_id)
     assert run.data.tags["continued_from"] == first_s0.model_uri  # seed 0's, not seed 1's
     v = client.get_model_version_by_alias("seqgen-mae-smoke", "phase-2-s0")
     assert v.tags["continued_from"] == "seqgen-mae-smoke/1"
     with pytest.raises(TrackingError, match="run phase 1 of mae with seed 2 first"):
-        train_phase(settings("mae", 2, smoke_data, epochs=1, seed=2), log=quiet)
+        train_phase(settings("mae", 2, smoke_data, epochs=1, seed=2))
 
 
 def test_early_stopping_on_plateau_is_logged(store, smoke_data):
@@ -220,7 +219,7 @@ def test_early_stopping_on_plateau_is_logged(store, smoke_data):
         noise_level=0.0,
         early_stopping_patience=2,
     )
-    result = train_phase(s, log=quiet)
+    result = train_phase(s)
     assert result.stop_reason == "validation_plateau"
     run = MlflowClient().get_run(result.run_id)
     assert run.data.tags["stop_reason"] == "validation_plateau"
@@ -250,3 +249,35 @@ def test_non_finite_loss_skips_the_step():
     )
     assert not r.finite
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_retrain_trains_a_registered_phase_anew_as_a_new_version(store, smoke_data):
+    first = train_phase(settings("mae", 1, smoke_data, epochs=1))
+    skipped = train_phase(settings("mae", 1, smoke_data, epochs=1))
+    assert (skipped.status, skipped.version, skipped.run_id) == (
+        "skipped",
+        first.version,
+        first.run_id,
+    )
+    retrained = train_phase(settings("mae", 1, smoke_data, epochs=1), RunOptions(retrain=True))
+    assert retrained.status == "registered" and retrained.run_id != first.run_id
+    assert int(retrained.version) == int(first.version) + 1
+    client = MlflowClient()
+    alias = client.get_model_version_by_alias("seqgen-mae-smoke", "phase-1-s0")
+    assert str(alias.version) == retrained.version
+    assert client.get_model_version("seqgen-mae-smoke", first.version).run_id == first.run_id
+    # the plain command again finds the new run registered: nothing is trained a third time
+    again = train_phase(settings("mae", 1, smoke_data, epochs=1))
+    assert (again.status, again.run_id) == ("skipped", retrained.run_id)
+
+
+def test_a_phase_registered_by_other_code_is_said_when_skipped(store, smoke_data, said):
+    first = train_phase(settings("mae", 1, smoke_data, epochs=1))
+    said.clear()
+    assert train_phase(settings("mae", 1, smoke_data, epochs=1)).status == "skipped"
+    assert not any("other seqgen code" in line for line in said)  # same code: nothing to say
+    tracking.set_run_tags(first.run_id, {tracking.CODE_DIGEST: "0123456789ab"})
+    said.clear()
+    assert train_phase(settings("mae", 1, smoke_data, epochs=1)).status == "skipped"
+    [line] = [x for x in said if "other seqgen code" in x]
+    assert "(0123456789ab; this is " in line and "--retrain" in line

@@ -39,9 +39,9 @@ All fields of a run are held in memory in float64 until the basis is known (~155
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -52,6 +52,7 @@ import numpy as np
 from seqgen.data.split import make_split
 from seqgen.errors import ConfigError
 
+log = logging.getLogger(__name__)
 N_X = 128
 N_SNAPSHOTS = 151
 T_FINAL = 3.0
@@ -211,7 +212,7 @@ class PCABasis:
             return cls(**{name: z[name] for name in cls.__dataclass_fields__})
 
 
-class _SnapshotMoments:
+class SnapshotMoments:
     """Running count, sum and Gram matrix of snapshots, so PCA never needs them all at once."""
 
     def __init__(self, n_x: int) -> None:
@@ -247,22 +248,6 @@ class _SnapshotMoments:
         total_var = eigval.sum()
         ratio = eigval[:k] / total_var if total_var > 0 else np.zeros(k)
         return PCABasis(basis, self.shift + centre, eigval[:k], ratio, np.asarray(x), np.asarray(t))
-
-
-def fit_pca(
-    snapshots: np.ndarray,
-    k: int = N_COMPONENTS,
-    x: np.ndarray | None = None,
-    t: np.ndarray | None = None,
-) -> PCABasis:
-    """Top-k principal components of snapshots (M, n_x); x defaults to grid(n_x), t to empty."""
-    snapshots = np.asarray(snapshots, dtype=np.float64)
-    if snapshots.ndim != 2:
-        raise ValueError(f"snapshots must be (M, n_x), got shape {snapshots.shape}")
-    moments = _SnapshotMoments(snapshots.shape[1])
-    moments.add(snapshots)
-    x = grid(snapshots.shape[1]) if x is None else x
-    return moments.fit(k, x, np.empty(0) if t is None else t)
 
 
 def load_pca(data_dir: str | Path) -> PCABasis | None:
@@ -319,7 +304,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
 
 def _log(progress: bool, message: str) -> None:
     if progress:
-        print(f"synth: {message}", file=sys.stderr, flush=True)
+        log.info(f"synth: {message}")
 
 
 def synthesize(
@@ -331,7 +316,8 @@ def synthesize(
     *,
     n_x: int = N_X,
 ) -> dict:
-    """Simulate, fit the PCA on seed 0's training files, write sample_*.csv, pca.npz, synth.json."""
+    """Simulate, fit the PCA on seed 0's training files, write sample_*.csv, pca.npz, synth.json.
+    The folder appears whole or not at all: it is written beside the target, then renamed."""
     start = time.perf_counter()
     out = Path(os.path.abspath(out_dir))  # so out.name is never empty ('.')
     _check_target(out, overwrite)
@@ -340,62 +326,21 @@ def synthesize(
     nu, amplitude = burgers_params(n_samples, np.random.default_rng(seed))
     width = max(5, len(str(n_samples - 1)))  # fixed width: sorted names = sample order
     files = [f"sample_{i:0{width}d}.csv" for i in range(n_samples)]
-    is_train = np.zeros(n_samples, dtype=bool)
-    is_train[make_split(files, PCA_SPLIT_SEED).indices(files, "train")] = True
-    t = np.linspace(0.0, T_FINAL, N_SNAPSHOTS)
-
     out.parent.mkdir(parents=True, exist_ok=True)
     # beside the target (same file system, so the final rename is atomic), hidden from globs
     token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = out.parent / f".{out.name}.tmp-{token}"
     tmp.mkdir()
     try:
-        fields = np.empty((n_samples, N_SNAPSHOTS, n_x))  # (N, T, n_x)
-        moments = _SnapshotMoments(n_x)
-        for lo in range(0, n_samples, CHUNK):
-            hi = min(lo + CHUNK, n_samples)
-            fields[lo:hi] = simulate_burgers(nu[lo:hi], amplitude[lo:hi], n_x, N_SNAPSHOTS, T_FINAL)
-            moments.add(fields[lo:hi][is_train[lo:hi]].reshape(-1, n_x))
-            _log(
-                progress,
-                f"simulated {hi}/{n_samples} samples ({time.perf_counter() - start:.1f} s)",
-            )
-        pca = moments.fit(N_COMPONENTS, grid(n_x), t)
-        pcs = np.concatenate(
-            [pca.project(fields[lo : lo + CHUNK]) for lo in range(0, n_samples, CHUNK)]
-        )
-        del fields
-
+        pca, pcs = _simulate_and_compress(files, nu, amplitude, n_x, progress, start)
         steps = np.arange(N_SNAPSHOTS)
         for i, name in enumerate(files):
             _write_text(tmp / name, _csv_text(steps, pcs[i], nu[i], amplitude[i]))
         pca.save(tmp / PCA_FILE)
-        settings = {
-            "n_samples": n_samples,
-            "seed": seed,
-            "nu_range": list(NU_RANGE),
-            "amplitude_range": list(AMPLITUDE_RANGE),
-            "initial_condition": f"{MEAN_U} + amplitude * (sin(x) + 0.5 * sin(2 x + 1))",
-            "n_x": n_x,
-            "n_snapshots": N_SNAPSHOTS,
-            "t_final": T_FINAL,
-            "n_components": N_COMPONENTS,
-            "pca_split_seed": PCA_SPLIT_SEED,
-            "explained_variance_ratio": pca.explained_variance_ratio.tolist(),
-        }
+        settings = _settings(n_samples, seed, n_x, pca)
         _write_text(tmp / SETTINGS_FILE, json.dumps(settings, indent=1) + "\n")
-
         _check_target(out, overwrite)  # the folder may have filled while we simulated
-        old = out.parent / f".{out.name}.old-{token}"
-        if out.exists():
-            out.replace(old)
-        try:
-            tmp.replace(out)
-        except BaseException:
-            if old.exists():
-                old.replace(out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        _swap_in(tmp, out, token)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):  # a full disk, a read-only folder: one line, old data kept
@@ -409,3 +354,57 @@ def synthesize(
         "explained_variance_ratio": pca.explained_variance_ratio.tolist(),
         "out_dir": str(out),
     }
+
+
+def _simulate_and_compress(
+    files: list[str], nu, amplitude, n_x: int, progress: bool, start: float
+) -> tuple[PCABasis, np.ndarray]:
+    """Every sample simulated in chunks; the PCA fitted on seed 0's training files' snapshots;
+    the components (N, T, K) of every sample."""
+    n_samples = len(files)
+    is_train = np.zeros(n_samples, dtype=bool)
+    is_train[make_split(files, PCA_SPLIT_SEED).indices(files, "train")] = True
+    fields = np.empty((n_samples, N_SNAPSHOTS, n_x))  # (N, T, n_x)
+    moments = SnapshotMoments(n_x)
+    for lo in range(0, n_samples, CHUNK):
+        hi = min(lo + CHUNK, n_samples)
+        fields[lo:hi] = simulate_burgers(nu[lo:hi], amplitude[lo:hi], n_x, N_SNAPSHOTS, T_FINAL)
+        moments.add(fields[lo:hi][is_train[lo:hi]].reshape(-1, n_x))
+        elapsed = time.perf_counter() - start
+        _log(progress, f"simulated {hi}/{n_samples} samples ({elapsed:.1f} s)")
+    pca = moments.fit(N_COMPONENTS, grid(n_x), np.linspace(0.0, T_FINAL, N_SNAPSHOTS))
+    pcs = np.concatenate(
+        [pca.project(fields[lo : lo + CHUNK]) for lo in range(0, n_samples, CHUNK)]
+    )
+    return pca, pcs
+
+
+def _settings(n_samples: int, seed: int, n_x: int, pca: PCABasis) -> dict:
+    """synth.json: how the data was made."""
+    return {
+        "n_samples": n_samples,
+        "seed": seed,
+        "nu_range": list(NU_RANGE),
+        "amplitude_range": list(AMPLITUDE_RANGE),
+        "initial_condition": f"{MEAN_U} + amplitude * (sin(x) + 0.5 * sin(2 x + 1))",
+        "n_x": n_x,
+        "n_snapshots": N_SNAPSHOTS,
+        "t_final": T_FINAL,
+        "n_components": N_COMPONENTS,
+        "pca_split_seed": PCA_SPLIT_SEED,
+        "explained_variance_ratio": pca.explained_variance_ratio.tolist(),
+    }
+
+
+def _swap_in(tmp: Path, out: Path, token: str) -> None:
+    """The finished folder takes the target's place; an old one is removed only afterwards."""
+    old = out.parent / f".{out.name}.old-{token}"
+    if out.exists():
+        out.replace(old)
+    try:
+        tmp.replace(out)
+    except BaseException:
+        if old.exists():
+            old.replace(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -12,6 +12,7 @@ is stalled, so an outage is reported even while a call waits inside MLflow's own
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -22,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from seqgen.errors import TrackingError
+from seqgen.errors import TrackingError, first_line
 from seqgen.runs import tracking
+
+log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 60.0  # a lease not renewed for this long belongs to a dead process
 RENEW_EVERY = 15.0
@@ -65,14 +68,13 @@ class _Item:
 class Courier:
     """Ordered, background, exactly-once delivery of one run's records; holds its lease."""
 
-    def __init__(
-        self, run_id: str, owner: str, log=print, renew_every: float = RENEW_EVERY
-    ) -> None:
-        self.run_id, self.owner, self.log, self.renew_every = run_id, owner, log, renew_every
+    def __init__(self, run_id: str, owner: str, renew_every: float = RENEW_EVERY) -> None:
+        self.run_id, self.owner, self.renew_every = run_id, owner, renew_every
         self._items: deque[_Item] = deque()
         self._cv = threading.Condition()
         self._closing = False
         self._error: str | None = None  # why delivery stopped for good
+        self._bug: Exception | None = None  # an unexpected error of the thread, raised by check()
         self._lost_to: str | None = None  # the process that took the run over
         self._down_since: float | None = None
         self._health_lock = threading.Lock()
@@ -106,21 +108,33 @@ class Courier:
                 f"run {self.run_id} was taken over by {self._lost_to} while this process was "
                 "out of touch with the tracking server: this process stops training it"
             )
+        if self._bug is not None:
+            raise self._bug
         if self._error:
             raise TrackingError(f"delivering to the tracking store failed: {self._error}")
 
-    def drain(self, timeout: float) -> bool:
-        """Wait until everything queued is delivered; False if that took longer than timeout."""
-        deadline = time.monotonic() + timeout
+    def outage_seconds(self) -> float:
+        """How long the tracking server has been unreachable, without a break (0 when it
+        answers). A server that answers but is slow, with records queued behind a burst of fast
+        epochs, is not an outage: delivery is merely behind."""
+        with self._health_lock:
+            return 0.0 if self._down_since is None else time.monotonic() - self._down_since
+
+    def drain(self, max_outage: float, within: float | None = None) -> bool:
+        """Wait until everything queued is delivered, however long that takes while the server
+        answers (or at most `within` seconds); False once the server has been unreachable for
+        more than max_outage seconds, or `within` passed."""
+        deadline = None if within is None else time.monotonic() + within
         with self._cv:
             while self._items and not (self._error or self._lost_to):
                 if not self._thread.is_alive():
                     self._error = "the delivery thread ended with records left"
                     break
-                left = deadline - time.monotonic()
-                if left <= 0:
+                if self.outage_seconds() > max_outage:
                     return False
-                self._cv.wait(min(left, 1.0))
+                if deadline is not None and time.monotonic() > deadline:
+                    return False
+                self._cv.wait(0.5)
         self.check()
         return True
 
@@ -143,11 +157,11 @@ class Courier:
     def _run(self) -> None:
         try:
             self._loop()
-        except Exception as e:  # a bug here must not leave the trainer waiting on a dead thread
+        except Exception as e:  # a bug: the trainer raises it, traceback and all (check())
             with self._cv:
+                self._bug = e
                 self._error = f"{type(e).__name__}: {e}"
                 self._cv.notify_all()
-            raise
 
     def _loop(self) -> None:
         failures = 0  # in a row, with the server up
@@ -166,7 +180,7 @@ class Courier:
                     self._deliver(item)
             except _Stop:
                 return
-            except Exception as e:  # the server went away mid-call, or a real error
+            except (TrackingError, OSError) as e:  # the server went away mid-call, or refused
                 if item is not None:
                     item.tried = True
                 if not tracking.server_is_up():
@@ -174,7 +188,7 @@ class Courier:
                 failures += 1
                 if failures >= ATTEMPTS_WHILE_UP:
                     with self._cv:
-                        self._error = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                        self._error = first_line(e)
                         self._cv.notify_all()
                     return
                 time.sleep(PROBE_EVERY)
@@ -213,11 +227,15 @@ class Courier:
             if not up and self._down_since is None:
                 self._down_since = time.monotonic()
                 waiting = self._pending()
-                self.log(f"tracking server unreachable: training goes on, {waiting} record(s) wait")
+                log.warning(
+                    f"tracking server unreachable: training goes on, {waiting} record(s) wait"
+                )
             elif up and self._down_since is not None:
                 away = time.monotonic() - self._down_since
                 waiting = self._pending()
-                self.log(f"tracking server back after {away:.0f} s: delivering {waiting} record(s)")
+                log.warning(
+                    f"tracking server back after {away:.0f} s: delivering {waiting} record(s)"
+                )
                 self._down_since = None
 
     def _pending(self) -> int:
@@ -231,14 +249,14 @@ class Courier:
         due = time.monotonic() - self._renewed >= self.renew_every
         if not due and (item is None or item.kind != "metrics"):
             return
-        holder = tracking.run_tags(self.run_id).get("lease_owner", "")
+        holder = tracking.run_tags(self.run_id).get(tracking.LEASE_OWNER, "")
         if holder != self.owner:
             with self._cv:
                 self._lost_to = holder or "another process"
                 self._cv.notify_all()
             raise _Stop
         if due:
-            lease = {"lease_expires": f"{time.time() + LEASE_SECONDS:.0f}"}
+            lease = {tracking.LEASE_EXPIRES: f"{time.time() + LEASE_SECONDS:.0f}"}
             tracking.set_run_tags(self.run_id, lease)
             self._renewed = time.monotonic()
 

@@ -5,12 +5,22 @@ plain values: state dict, model config, normaliser, data names, split). That avo
 modules and the pt2 format (which since MLflow 3.14 reloads as a fixed-length, non-trainable
 GraphModule): `load_bundle` rebuilds a trainable StreamlinedSequenceGenerator from any model URI,
 and the pyfunc generates sequences in original units.
+
+Phase runs are addressed by explicit run ids (safe from a background thread or a Ray worker);
+the parent runs of pipelines, demos, evaluations and analyses use MLflow's active run of the
+calling thread (`tracked_run`), because that is how a run opened by `mlflow run` is taken up.
+
+A store call that fails reaches the caller as a TrackingError of one line, with the URI's
+credentials redacted (never the `user:password@` of MLflow's own messages); a server that asks
+for credentials, or refuses this user an operation, is said so in so many words.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -27,16 +37,92 @@ import requests
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_DOES_NOT_EXIST,
+    ErrorCode,
+)
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
-from seqgen.errors import TrackingError, redact
+from seqgen.errors import TrackingError, first_line, redact
 from seqgen.model.bundle import Bundle
+from seqgen.runs.descriptions import model_descriptions
 
 DEFAULT_EXPERIMENT = "Default"  # MLflow's own, where `mlflow run` puts runs unless told otherwise
 MODEL_NAME_IN_RUN = "model"
 PACKAGE = Path(__file__).resolve().parent.parent  # seqgen/, shipped with every logged model
 PYFUNC_CODE = PACKAGE / "model" / "pyfunc.py"
+
+# Bookkeeping tags: what seqgen reads back to find, lease and resume a phase run. One prefix, so
+# that in `mlflow ui` the tags a person filters on (kind, strategy, phase, seed, preset,
+# stop_reason, continued_from, model_version) stand out from them.
+PHASE_KEY = "seqgen.phase_key"  # digest of the phase's identity: finds the run on any node
+PHASE_SETTINGS = "seqgen.phase_settings"  # the identity itself (JSON): says what differs
+PHASE_STATE = "seqgen.phase_state"  # training, trained, registered
+LEASE_OWNER = "seqgen.lease_owner"  # host:pid:token of the process that trains the run now
+LEASE_EXPIRES = "seqgen.lease_expires"  # unix seconds
+PAUSED_AT = "seqgen.paused_at_epoch"
+CODE_DIGEST = "seqgen.code_digest"  # which seqgen code trained it (seqgen/version.py)
+OVERRIDES = "seqgen.overrides"  # the settings the command line changed (JSON)
+# Runs made before the prefix carry the same tags without it; they are read, never written.
+_LEGACY = {PHASE_KEY, PHASE_SETTINGS, PHASE_STATE, LEASE_OWNER, LEASE_EXPIRES}
+
+
+def _tag(tags: dict[str, str], name: str, default: str = "") -> str:
+    if name in tags:
+        return tags[name]
+    return tags.get(name.removeprefix("seqgen."), default) if name in _LEGACY else default
+
+
+# ---- one line for a failed store call ----------------------------------------------------------
+
+_NO_ALIAS = ErrorCode.Name(INVALID_PARAMETER_VALUE)
+_HTTP_STATUS = re.compile(r"error code (\d{3}) != 200")
+
+
+def _status(error: Exception) -> int | None:
+    """The HTTP status a tracking server answered, when the error says."""
+    if isinstance(error, requests.HTTPError) and error.response is not None:
+        return error.response.status_code
+    if m := _HTTP_STATUS.search(str(error)):
+        return int(m.group(1))
+    code = getattr(error, "error_code", "")
+    return {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}.get(code)
+
+
+def store_error(error: Exception, doing: str) -> TrackingError:
+    """A failed store call as one line: who refused what, or what failed and why."""
+    uri = redact(mlflow.get_tracking_uri())
+    status = _status(error)
+    if status == 401:
+        return TrackingError(
+            f"the tracking server at {uri} needs credentials: set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD"
+        )
+    if status == 403:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "this user"
+        return TrackingError(
+            f"the tracking server at {uri} does not let {user} {doing} (permission denied): "
+            "ask its admin for that permission"
+        )
+    return TrackingError(f"the tracking store at {uri} failed to {doing}: {first_line(error)}")
+
+
+def _store_call(doing: str):
+    """Decorate a function that calls the store: its MLflow and HTTP errors become store_error."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (MlflowException, requests.RequestException) as e:
+                raise store_error(e, doing) from None
+
+        return call
+
+    return decorate
 
 
 def check_tracking_store() -> str:
@@ -57,12 +143,28 @@ def check_tracking_store() -> str:
     try:  # a database store: opening it also runs its migrations once
         MlflowClient().search_experiments(max_results=1)
     except Exception as e:  # missing driver, unreadable file, bad URI: all mean "cannot use it"
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise TrackingError(f"cannot open the MLflow tracking store {uri}: {first_line}") from None
+        raise TrackingError(
+            f"cannot open the MLflow tracking store {uri}: {first_line(e, 200)}"
+        ) from None
     return uri
 
 
-# ---- runs -----------------------------------------------------------------------------------
+def server_is_up(timeout: float = 3.0) -> bool:
+    """A quick liveness probe of the tracking store (GET /health for a server)."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        return requests.get(uri.rstrip("/") + "/health", timeout=timeout).ok
+    except requests.RequestException:
+        return False
+
+
+def _client() -> MlflowClient:
+    return MlflowClient()
+
+
+# ---- experiments and runs of the calling thread (parents, evaluations, analyses) ---------------
 
 
 def default_experiment() -> str:
@@ -72,6 +174,27 @@ def default_experiment() -> str:
     if experiment_id := os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return mlflow.get_experiment(experiment_id).name
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+@_store_call("find or create the experiment")
+def experiment_id(name: str | None = None) -> str:
+    """The id of the experiment seqgen logs to (created if missing): `mlflow run`'s, else
+    default_experiment()."""
+    if launcher := os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return launcher
+    name = name or default_experiment()
+    found = _client().get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return _client().create_experiment(name)
+    except MlflowException:  # another process made it meanwhile
+        return _client().get_experiment_by_name(name).experiment_id
+
+
+@_store_call("read the experiment")
+def experiment_name(experiment_id: str) -> str:
+    return mlflow.get_experiment(experiment_id).name
 
 
 @contextmanager
@@ -84,8 +207,13 @@ def tracked_run(run_name: str, tags: dict[str, Any], in_experiment: str | None =
     """
     nested = mlflow.active_run() is not None
     where = {} if nested else {"experiment_id": in_experiment or experiment_id()}
-    run = mlflow.start_run(run_name=run_name, nested=nested, **where)
-    mlflow.set_tags({"mlflow.runName": run_name, **{k: str(v) for k, v in tags.items()}})
+    try:
+        run = mlflow.start_run(run_name=run_name, nested=nested, **where)
+        mlflow.set_tags({"mlflow.runName": run_name, **{k: str(v) for k, v in tags.items()}})
+    except (MlflowException, requests.RequestException) as e:
+        if mlflow.active_run() is not None and not nested:
+            mlflow.end_run("FAILED")
+        raise store_error(e, f"create the run {run_name}") from None
     try:
         yield run
     except KeyboardInterrupt:
@@ -97,35 +225,10 @@ def tracked_run(run_name: str, tags: dict[str, Any], in_experiment: str | None =
     mlflow.end_run("FINISHED")
 
 
-def log_params(params: dict[str, Any]) -> None:
-    """Log the resolved settings. Keys already on the run stay as they are: `mlflow run` logged
-    its -P values there (as typed), and a resumed phase logged them when it started."""
-    run_id = mlflow.active_run().info.run_id
-    existing = MlflowClient().get_run(run_id).data.params
-    new = {k: "None" if v is None else str(v) for k, v in params.items() if k not in existing}
-    if new:
-        mlflow.log_params(new)
-
-
-def log_metrics(metrics: dict[str, float], step: int) -> None:
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-
-
-def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    mlflow.log_artifact(str(path), artifact_path)
-
-
-def end_run(status: str) -> None:
-    """End the active run early with `status` (tracked_run's own end is then a no-op)."""
-    mlflow.end_run(status)
-
-
-def set_tags(tags: dict[str, Any]) -> None:
-    mlflow.set_tags({k: str(v) for k, v in tags.items()})
-
-
-def experiment_name(experiment_id: str) -> str:
-    return mlflow.get_experiment(experiment_id).name
+def active_run_id() -> str | None:
+    """The run a `with tracked_run(...)` block opened in this thread (a pipeline's), if any."""
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
 
 
 def launched_by_mlflow_run() -> bool:
@@ -141,6 +244,27 @@ def target_experiment(in_experiment: str | None = None) -> str:
     return run.info.experiment_id if run else in_experiment or experiment_id()
 
 
+def log_params(params: dict[str, Any]) -> None:
+    """log_params_once on the active run."""
+    log_params_once(mlflow.active_run().info.run_id, params)
+
+
+def log_metrics(metrics: dict[str, float], step: int) -> None:
+    """log_metrics_at on the active run."""
+    log_metrics_at(mlflow.active_run().info.run_id, metrics, step)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    """upload to the active run."""
+    upload(mlflow.active_run().info.run_id, Path(path), artifact_path)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    """set_run_tags on the active run."""
+    set_run_tags(mlflow.active_run().info.run_id, tags)
+
+
+@_store_call("search runs")
 def find_finished_run(exp_id: str, tags: dict[str, Any]) -> dict[str, Any] | None:
     """The newest FINISHED run of the experiment carrying every one of `tags`: its run_id,
     metrics (latest values) and params; None when there is none."""
@@ -157,18 +281,11 @@ def find_finished_run(exp_id: str, tags: dict[str, Any]) -> dict[str, Any] | Non
     return {"run_id": run.info.run_id, "metrics": run.data.metrics, "params": run.data.params}
 
 
-# ---- phase runs: explicit run ids, safe from a background thread or a Ray worker --------------
-#
-# A phase run is found again by its identity (tag phase_key: the settings that define what is
-# trained, the exact parent model and the data fingerprint), carries how far it got (tag
-# phase_state: training, trained, registered) and who trains it now (tags lease_owner and
-# lease_expires: a live trainer renews its lease; a dead one's lapses or its pid is gone).
-
-PHASE_STATES = ("training", "trained", "registered")
+# ---- runs by id: phase runs, from any thread, process or Ray worker ---------------------------
 
 
 @dataclass(frozen=True)
-class PhaseRecord:
+class RunRecord:
     """What the store knows about one phase run."""
 
     run_id: str
@@ -177,40 +294,41 @@ class PhaseRecord:
     owner: str  # host:pid:token of the process that holds the lease, or ""
     lease_expires: float  # unix seconds
     model_version: str
-    settings: dict[str, Any]  # the identity settings (tag phase_settings)
+    code_digest: str  # of the code that trained it ("" for runs made before it was recorded)
+    settings: dict[str, Any]  # the identity settings (tag seqgen.phase_settings)
 
 
-def _client() -> MlflowClient:
-    return MlflowClient()
-
-
-def experiment_id(name: str | None = None) -> str:
-    """The id of the experiment seqgen logs to (created if missing): `mlflow run`'s, else
-    default_experiment()."""
-    if launcher := os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return launcher
-    name = name or default_experiment()
-    found = _client().get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return _client().create_experiment(name)
-    except MlflowException:  # another process made it meanwhile
-        return _client().get_experiment_by_name(name).experiment_id
-
-
-def find_phase_run(exp_id: str, phase_key: str) -> PhaseRecord | None:
-    """The latest run of this phase identity, or None."""
-    runs = _client().search_runs(
-        [exp_id],
-        f"tags.phase_key = '{phase_key}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
+def _record(run) -> RunRecord:
+    tags = run.data.tags
+    return RunRecord(
+        run_id=run.info.run_id,
+        status=run.info.status,
+        state=_tag(tags, PHASE_STATE),
+        owner=_tag(tags, LEASE_OWNER),
+        lease_expires=float(_tag(tags, LEASE_EXPIRES, "0") or 0),
+        model_version=tags.get("model_version", ""),
+        code_digest=tags.get(CODE_DIGEST, tags.get("code_digest", "")),
+        settings=json.loads(_tag(tags, PHASE_SETTINGS, "{}")),
     )
-    return _record(runs[0]) if runs else None
 
 
-def find_phase_runs_like(exp_id: str, run_name: str) -> list[PhaseRecord]:
+@_store_call("search for the phase's run")
+def find_phase_run(exp_id: str, phase_key: str) -> RunRecord | None:
+    """The latest run of this phase identity, or None (runs of earlier versions included)."""
+    for tag in (PHASE_KEY, PHASE_KEY.removeprefix("seqgen.")):
+        runs = _client().search_runs(
+            [exp_id],
+            f"tags.`{tag}` = '{phase_key}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if runs:
+            return _record(runs[0])
+    return None
+
+
+@_store_call("search runs")
+def find_phase_runs_like(exp_id: str, run_name: str) -> list[RunRecord]:
     """Runs of the same strategy, phase and seed under any settings (to say what differs)."""
     runs = _client().search_runs(
         [exp_id],
@@ -221,19 +339,7 @@ def find_phase_runs_like(exp_id: str, run_name: str) -> list[PhaseRecord]:
     return [_record(r) for r in runs]
 
 
-def _record(run) -> PhaseRecord:
-    tags = run.data.tags
-    return PhaseRecord(
-        run_id=run.info.run_id,
-        status=run.info.status,
-        state=tags.get("phase_state", ""),
-        owner=tags.get("lease_owner", ""),
-        lease_expires=float(tags.get("lease_expires", 0) or 0),
-        model_version=tags.get("model_version", ""),
-        settings=json.loads(tags.get("phase_settings", "{}")),
-    )
-
-
+@_store_call("create a run")
 def create_run(exp_id: str, run_name: str, tags: dict[str, Any], parent_run_id: str | None) -> str:
     """A new run; under `mlflow run`, the run its launcher made (MLFLOW_RUN_ID) instead."""
     tags = {k: str(v) for k, v in tags.items()} | {"mlflow.runName": run_name}
@@ -246,12 +352,7 @@ def create_run(exp_id: str, run_name: str, tags: dict[str, Any], parent_run_id: 
     return _client().create_run(exp_id, run_name=run_name, tags=tags).info.run_id
 
 
-def active_run_id() -> str | None:
-    """The run a `with tracked_run(...)` block opened in this thread (a pipeline's), if any."""
-    run = mlflow.active_run()
-    return run.info.run_id if run else None
-
-
+@_store_call("change a run's status")
 def set_run_status(run_id: str, status: str) -> None:
     """RUNNING to take a run up again; FINISHED, FAILED or KILLED to end it."""
     if status == "RUNNING":
@@ -260,14 +361,17 @@ def set_run_status(run_id: str, status: str) -> None:
         _client().set_terminated(run_id, status)
 
 
+@_store_call("set a run's tags")
 def set_run_tags(run_id: str, tags: dict[str, Any]) -> None:
     _client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+@_store_call("read a run")
 def run_tags(run_id: str) -> dict[str, str]:
     return _client().get_run(run_id).data.tags
 
 
+@_store_call("log a run's params")
 def log_params_once(run_id: str, params: dict[str, Any]) -> None:
     """Log settings not on the run yet: `mlflow run` logged its -P values there, and a resumed
     phase logged them when it started (logging a key again with another value fails)."""
@@ -279,6 +383,7 @@ def log_params_once(run_id: str, params: dict[str, Any]) -> None:
         _client().log_batch(run_id, params=new[i : i + 100])
 
 
+@_store_call("log metrics")
 def log_metrics_at(run_id: str, metrics: dict[str, float], step: int) -> None:
     """All of one step's metrics in one request, so a step lands whole or not at all."""
     now = int(time.time() * 1000)
@@ -286,31 +391,23 @@ def log_metrics_at(run_id: str, metrics: dict[str, float], step: int) -> None:
     _client().log_batch(run_id, metrics=batch)
 
 
+@_store_call("read a metric's history")
 def logged_steps(run_id: str, key: str) -> set[int]:
     return {m.step for m in _client().get_metric_history(run_id, key)}
 
 
+@_store_call("upload an artifact")
 def upload(run_id: str, path: Path, artifact_path: str | None = None) -> None:
     _client().log_artifact(run_id, str(path), artifact_path)
 
 
+@_store_call("download an artifact")
 def download(run_id: str, artifact_path: str, dst: Path) -> Path | None:
     """One artifact of a run into dst, or None when the run has no such artifact."""
     folder, _, name = artifact_path.rpartition("/")
     if name not in {Path(a.path).name for a in _client().list_artifacts(run_id, folder or None)}:
         return None
     return Path(_client().download_artifacts(run_id, artifact_path, str(dst)))
-
-
-def server_is_up(timeout: float = 3.0) -> bool:
-    """A quick liveness probe of the tracking store (GET /health for a server)."""
-    uri = mlflow.get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return True
-    try:
-        return requests.get(uri.rstrip("/") + "/health", timeout=timeout).ok
-    except requests.RequestException:
-        return False
 
 
 # ---- the model --------------------------------------------------------------------------------
@@ -323,6 +420,7 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "mlflow", "numpy", "pandas")]
 
 
+@_store_call("register the model")
 def register_phase_model(
     run_id: str, bundle_path: Path, name: str, aliases: list[str], version_tags: dict[str, Any]
 ) -> str:
@@ -393,8 +491,9 @@ def load_bundle(uri: str, first_phase_hint: str | None = None) -> Bundle:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
         except (MlflowException, OSError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TrackingError(f"no model at {uri} ({first_line[:200]}){hint}") from None
+            if _status(e) in (401, 403):
+                raise store_error(e, f"read {uri}") from None
+            raise TrackingError(f"no model at {uri} ({first_line(e, 200)}){hint}") from None
         if local.is_file():
             return Bundle.load(local)
         candidates = sorted(local.rglob("*.pth"))
@@ -405,21 +504,28 @@ def load_bundle(uri: str, first_phase_hint: str | None = None) -> Bundle:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@_store_call("resolve a model alias")
 def exact_model_uri(uri: str) -> str:
     """models:/name@alias -> models:/name/<the version it points at now>; others unchanged.
 
     A phase records and loads the exact version, so an alias moved by a run started meanwhile
-    cannot change what it continued from."""
+    cannot change what it continued from. An alias or model that does not exist stays as given
+    (load_bundle then says it is missing, with a hint); any other failure is the store's."""
     if not (uri.startswith("models:/") and "@" in uri):
         return uri
     name, alias = uri[len("models:/") :].split("@", 1)
     try:
         version = MlflowClient().get_model_version_by_alias(name, alias).version
-    except MlflowException:
-        return uri  # load_bundle reports the missing model with a hint
+    except MlflowException as e:
+        # a missing model is RESOURCE_DOES_NOT_EXIST, a missing alias INVALID_PARAMETER_VALUE
+        missing = e.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), _NO_ALIAS)
+        if missing and "not found" in str(e):
+            return uri
+        raise
     return f"models:/{name}/{version}"
 
 
+@_store_call("look up the model's source")
 def model_source(uri: str, bundle_run_id: str | None = None) -> dict[str, str]:
     """Registry name/version, run and experiment a model URI comes from; for a local .pth, the
     run recorded in the bundle when this store has it."""
@@ -456,6 +562,7 @@ def model_source(uri: str, bundle_run_id: str | None = None) -> dict[str, str]:
 # ---- what a run trained on, and what a registered model is -------------------------------------
 
 
+@_store_call("record the dataset input")
 def log_dataset(run_id: str, folder: str | Path, fingerprint: str, sizes: dict[str, int]) -> None:
     """The run's data as an MLflow dataset input (once): named after the folder, the folder as
     source, the content fingerprint as digest, the split sizes as a small table and as tags.
@@ -486,46 +593,7 @@ def log_dataset(run_id: str, folder: str | Path, fingerprint: str, sizes: dict[s
                 raise
 
 
-def model_descriptions(
-    bundle: Bundle, name: str, version: str, continued_from: str
-) -> tuple[str, str]:
-    """(registered model description, version description): what the model generates, its input
-    columns and their trained ranges, the phase and what it continued from, how to load it."""
-    d = bundle.data
-    ranges = list(zip(d.param_names, d.param_ranges, strict=True)) if d.param_ranges else []
-    example = {n: [round((lo + hi) / 2, 6)] for n, (lo, hi) in ranges}
-    example = example or {n: [0.0] for n in d.param_names}
-    params, comps = ", ".join(d.param_names), ", ".join(d.component_names)
-
-    def load(uri: str) -> str:
-        return (
-            "```python\nimport mlflow, pandas as pd\n"
-            f'mlflow.pyfunc.load_model("{uri}").predict(pd.DataFrame({example}))\n```'
-        )
-
-    latest = f"models:/{name}@phase-{bundle.phase}"
-    model_text = (
-        f"seqgen `{bundle.strategy}` ({bundle.preset} preset): generates sequences of "
-        f"{d.seq_len} steps of {len(d.component_names)} components ({comps}) from "
-        f"{len(d.param_names)} simulation parameters ({params}), free-running, in the data's "
-        f"original units.\n\nInput: one row per parameter set, columns {params}; other columns "
-        f"are ignored. Output: long format, columns sample, {d.step_name}, {comps}, "
-        "outside_training_range. Aliases `phase-N` (latest of any seed) and `phase-N-s<seed>`."
-        f"\n\nLoad the latest phase {bundle.phase}:\n\n{load(latest)}"
-    )
-    span = "; ".join(f"{n} in [{lo:.6g}, {hi:.6g}]" for n, (lo, hi) in ranges)
-    parent = continued_from.removeprefix("models:/") or "nothing (new training)"
-    version_text = (
-        f"Phase {bundle.phase} of `{bundle.strategy}`, seed {bundle.seed}, best validation loss "
-        f"{bundle.val_loss:.6g} at epoch {bundle.epoch} (last epoch {bundle.last_epoch}); "
-        f"continued from {parent}; run {bundle.run_id}.\n\nTrained on {d.data_dir} (fingerprint "
-        f"{d.fingerprint}); parameter ranges of the training split: {span or 'not recorded'}. "
-        f"Inputs outside them are answered and flagged (outside_training_range).\n\n"
-        f"{load(f'models:/{name}/{version}')}"
-    )
-    return model_text, version_text
-
-
+@_store_call("describe the registered model")
 def describe_model(name: str, version: str, bundle: Bundle, continued_from: str) -> None:
     """Set the registry page texts of the model and of this version (model_descriptions)."""
     model_text, version_text = model_descriptions(bundle, name, version, continued_from)

@@ -1,11 +1,22 @@
-"""The batch-file chain as one command: phases of one strategy as child runs of one parent run."""
+"""A chain: the phases of one strategy and seed, in order, each continuing from the exact model
+version its predecessor registered (the original's five batch files of one strategy). `seqgen
+pipeline` runs chains one after another under a parent run each; `seqgen study` runs them as Ray
+tasks (seqgen/study/cluster.py); both through `run_chain`."""
 
 from __future__ import annotations
 
-from seqgen.config import MAX_OUTAGE, N_PHASES, resolve, strategies
-from seqgen.errors import ConfigError, redact
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from seqgen.config import N_PHASES, resolve, strategies
+from seqgen.data.sequences import SequenceData
+from seqgen.errors import ConfigError
 from seqgen.runs import tracking
-from seqgen.training.train import PhaseResult, train_phase
+from seqgen.runs.keeper import PhaseResult, RunOptions
+from seqgen.training.train import train_phase
+
+log = logging.getLogger(__name__)
 
 
 def parse_phases(text: str) -> list[int]:
@@ -50,17 +61,43 @@ def parse_strategies(text: str) -> list[str]:
     return names
 
 
+def run_chain(
+    strategy: str,
+    seed: int,
+    phases: list[int],
+    preset: str,
+    overrides: dict,
+    options: RunOptions,
+    data: SequenceData | None = None,
+    on_phase: Callable[[int, PhaseResult | None], None] | None = None,
+) -> list[PhaseResult]:
+    """The phases of one chain in order; phase N continues from the exact version phase N-1
+    registered (never through the alias, which another chain may move meanwhile).
+    on_phase(phase, None) before a phase starts and (phase, result) after it ends."""
+    previous = overrides.get("existing_model")
+    results = []
+    for phase in phases:
+        chain = overrides | {"seed": seed, "existing_model": previous}
+        settings = resolve(strategy, phase, preset, **chain)
+        if on_phase is not None:
+            on_phase(phase, None)
+        result = train_phase(settings, dataclasses.replace(options, hint_next=False), data)
+        previous = result.model_uri
+        results.append(result)
+        if on_phase is not None:
+            on_phase(phase, result)
+    return results
+
+
 def run_pipeline(
     strategy: str,
     phases: list[int],
     seeds: list[int],
     preset: str,
     overrides: dict,
-    log=print,
-    max_outage: float = MAX_OUTAGE,
+    options: RunOptions | None = None,
 ) -> list[PhaseResult]:
-    """Each phase continues from the exact model version the previous phase registered, so two
-    pipelines running at once never pick up each other's models through the alias."""
+    """The chains of one strategy, seed after seed, each under a parent run (kind=pipeline)."""
     for phase in phases:  # every phase's settings are checked before the first run starts
         resolve(strategy, phase, preset, **overrides)
     tracking.check_tracking_store()
@@ -72,53 +109,13 @@ def run_pipeline(
             "seed": str(seed),
             "preset": preset,
             "phases": f"{phases[0]}-{phases[-1]}",
-            "pipeline": "true",
         }
         with tracking.tracked_run(f"{strategy}-pipeline-s{seed}", tags):
-            previous = overrides.get("existing_model")
-            for phase in phases:
-                settings = resolve(
-                    strategy,
-                    phase,
-                    preset,
-                    **(overrides | {"seed": seed, "existing_model": previous}),
-                )
-                log(f"== {strategy} phase {phase}/{phases[-1]} (seed {seed}) ==")
-                result = train_phase(settings, log=log, hint_next=False, max_outage=max_outage)
-                previous = result.model_uri
-                results.append(result)
+
+            def say(phase: int, result: PhaseResult | None, seed: int = seed) -> None:
+                if result is None:
+                    log.info(f"== {strategy} phase {phase}/{phases[-1]} (seed {seed}) ==")
+
+            opts = options or RunOptions()
+            results += run_chain(strategy, seed, phases, preset, overrides, opts, on_phase=say)
     return results
-
-
-def run_demo(data_dir: str, preset: str, seeds: list[int], report_dir: str, log=print) -> dict:
-    """The README's main job: data if missing, 3 strategies x 5 phases, evaluation, report."""
-    from pathlib import Path
-
-    from analysis.report import build_report
-    from seqgen.data.synth import synthesize
-    from seqgen.evaluation.evaluate import evaluate_model
-
-    for strategy in strategies():  # the table is checked before any data is made
-        for phase in range(1, N_PHASES + 1):
-            resolve(strategy, phase, preset, data_dir=data_dir)
-    if not Path(data_dir).is_dir() or not any(Path(data_dir).glob("*.csv")):
-        log(f"== making the embedded Burgers dataset in {data_dir} ==")
-        synthesize(data_dir)
-    tracking.check_tracking_store()
-    with tracking.tracked_run(f"demo-{preset}", {"kind": "demo", "preset": preset}) as run:
-        overrides = {"data_dir": data_dir}  # a second demo finds its phases registered
-        results = []
-        for strategy in strategies():
-            phases = list(range(1, N_PHASES + 1))
-            results += run_pipeline(strategy, phases, seeds, preset, overrides, log=log)
-        for r in results:
-            if r.phase == N_PHASES:
-                log(f"== evaluating {r.model_uri} ==")
-                evaluate_model(r.model_uri, None, "test", log=log)
-        experiment = tracking.experiment_name(run.info.experiment_id)
-        report = build_report(report_dir, experiment=experiment, preset=preset, seeds=tuple(seeds))
-    log(
-        f"\nReport: {report}\nBrowse the runs: mlflow ui --backend-store-uri "
-        f"{redact(tracking.check_tracking_store())}  (then open http://127.0.0.1:5000)"
-    )
-    return {"report": str(report), "results": results}

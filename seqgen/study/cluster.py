@@ -11,6 +11,7 @@ So rerunning the same command after any interruption continues where the study s
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
 import sys
@@ -21,13 +22,20 @@ from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
 
-from seqgen.config import MAX_OUTAGE, resolve
+from seqgen.config import resolve
 from seqgen.data.sequences import SequenceData, load_sequences
-from seqgen.errors import ConfigError, SeqgenError, redact
+from seqgen.errors import ConfigError, SeqgenError, first_line
+from seqgen.log import setup as log_setup
 from seqgen.runs import tracking
 from seqgen.runs.delivery import LEASE_SECONDS
-from seqgen.training.outputs import format_eta
+from seqgen.runs.keeper import PhaseResult, RunOptions
+from seqgen.runs.outputs import format_eta
+from seqgen.study.chain import run_chain
+from seqgen.training.epochs import EpochRecord
 from seqgen.training.start import load_phase_data
 from seqgen.version import code_digest
 
@@ -161,16 +169,17 @@ class Context:
     code: str
     threads: int
     max_outage: float
+    retrain: bool
+    log_level: int
 
 
-def run_chain(chain: Chain, data: SequenceData, ctx: Context, board) -> list[dict]:
-    """The phases of one chain in order, each continuing from the exact version its predecessor
-    registered. Runs in a Ray worker: no shared filesystem, the data comes from the driver."""
+def chain_task(chain: Chain, data: SequenceData, ctx: Context, board) -> list[dict]:
+    """One chain's phases in a Ray worker (seqgen/study/chain.py): no shared filesystem, the data
+    comes from the driver, progress goes to the board."""
     import mlflow
     import torch
 
-    from seqgen.training.train import train_phase
-
+    log_setup(ctx.log_level)  # the worker's stderr: Ray's worker log on that node
     if code_digest() != ctx.code:
         raise ConfigError(
             f"node {socket.gethostname()} runs other seqgen code ({code_digest()}) than the "
@@ -186,35 +195,31 @@ def run_chain(chain: Chain, data: SequenceData, ctx: Context, board) -> list[dic
     node = ray.get_runtime_context().get_node_id()
     board.report.remote(chain.name, node=node, host=socket.gethostname(), status="running")
     # Each node writes its own folder: nothing assumes a filesystem shared between nodes.
-    overrides = ctx.overrides | {
-        "outputs_root": f"{ctx.overrides.get('outputs_root', 'outputs')}/node-{node[:8]}",
-        "seed": chain.seed,
-    }
-    previous = overrides.get("existing_model")
-    results = []
-    for phase in ctx.phases:
-        s = resolve(chain.strategy, phase, ctx.preset, **(overrides | {"existing_model": previous}))
+    root = ctx.overrides.get("outputs_root", "outputs")
+    overrides = ctx.overrides | {"outputs_root": f"{root}/node-{node[:8]}"}
+    done: list[PhaseResult] = []
 
-        def on_epoch(stats, last_epoch, eta, phase=phase):
-            board.report.remote(
-                chain.name, phase=phase, epoch=stats.epoch, last_epoch=last_epoch, eta=eta
-            )
+    def on_phase(phase: int, result: PhaseResult | None) -> None:
+        if result is None:
+            board.report.remote(chain.name, phase=phase, epoch=None)
+            return
+        done.append(result)
+        board.report.remote(chain.name, phases_done=len(done), model=result.model_uri)
 
-        board.report.remote(chain.name, phase=phase, epoch=None)
-        result = train_phase(
-            s,
-            log=lambda *a: print(*a, flush=True),
-            hint_next=False,
-            data=data,
-            parent_run_id=ctx.study_run_id,
-            lease_wait=LEASE_SECONDS + 30,
-            max_outage=ctx.max_outage,
-            on_epoch=on_epoch,
-        )
-        previous = result.model_uri
-        results.append(dataclasses.asdict(result))
-        board.report.remote(chain.name, phases_done=len(results), model=result.model_uri)
-    return results
+    def on_epoch(record: EpochRecord, last_epoch: int, eta: float) -> None:
+        board.report.remote(chain.name, epoch=record.epoch, last_epoch=last_epoch, eta=eta)
+
+    options = RunOptions(
+        parent_run_id=ctx.study_run_id,
+        lease_wait=LEASE_SECONDS + 30,  # a retried task waits out its dead predecessor's lease
+        max_outage=ctx.max_outage,
+        retrain=ctx.retrain,
+        on_epoch=on_epoch,
+    )
+    results = run_chain(
+        chain.strategy, chain.seed, list(ctx.phases), ctx.preset, overrides, options, data, on_phase
+    )
+    return [dataclasses.asdict(r) for r in results]
 
 
 # ---- the driver ----------------------------------------------------------------------------------
@@ -228,85 +233,77 @@ def run_study(
     overrides: dict,
     ray_address: str | None = None,
     threads: int = THREADS_PER_CHAIN,
-    max_outage: float = MAX_OUTAGE,
+    options: RunOptions | None = None,
     out=sys.stderr,
 ) -> list[ChainOutcome]:
     """Run every chain as a Ray task; show one live line per chain; end with a table."""
+    options = options or RunOptions()
     chains = [Chain(st, seed) for st in strategies for seed in seeds]
     probe(ray_address)
     uri = absolute_store(check_tracking_for_cluster(ray_address))
     data = load_study_data(chains, phases, preset, overrides)
     connect(ray_address)
     try:
-        return drive(chains, data, phases, preset, overrides, uri, threads, max_outage, out)
+        exp_id = tracking.experiment_id()
+        tags = {
+            "kind": "study",
+            "preset": preset,
+            "phases": f"{phases[0]}-{phases[-1]}",
+            "chains": ",".join(c.name for c in chains),
+        }
+        study_run = tracking.create_run(exp_id, f"study-{preset}", tags, None)
+        ctx = Context(
+            tuple(phases), preset, overrides, data.fingerprint, uri, exp_id, study_run,
+            code_digest(), threads, options.max_outage, options.retrain,
+            logging.getLogger("seqgen").getEffectiveLevel(),
+        )  # fmt: skip
+        outcomes = drive(chains, data, ctx, Screen(out, [c.name for c in chains], len(phases)))
+        failed = [o.chain for o in outcomes if o.status != "done"]
+        tracking.set_run_tags(study_run, {"failed_chains": ",".join(failed)})
+        tracking.set_run_status(study_run, "FAILED" if failed else "FINISHED")
+        return outcomes
     finally:
         ray.shutdown()
 
 
 def drive(
-    chains, data, phases, preset, overrides, uri, threads, max_outage, out
+    chains: list[Chain], data: SequenceData, ctx: Context, screen: Screen
 ) -> list[ChainOutcome]:
-    exp_id = tracking.experiment_id()
-    tags = {
-        "kind": "study",
-        "preset": preset,
-        "phases": f"{phases[0]}-{phases[-1]}",
-        "chains": ",".join(c.name for c in chains),
-    }
-    study_run = tracking.create_run(exp_id, f"study-{preset}", tags, None)
-    ctx = Context(
-        tuple(phases),
-        preset,
-        overrides,
-        data.fingerprint,
-        uri,
-        exp_id,
-        study_run,
-        code_digest(),
-        threads,
-        max_outage,
-    )
+    """Start a task per chain and watch them to the end: the board redrawn every second."""
     here = ray.get_runtime_context().get_node_id()
     board = Board.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
     ).remote()
     gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    task = ray.remote(run_chain).options(
-        num_cpus=threads, num_gpus=1 if gpu else 0, max_retries=CHAIN_RETRIES
+    task = ray.remote(chain_task).options(
+        num_cpus=ctx.threads, num_gpus=1 if gpu else 0, max_retries=CHAIN_RETRIES
     )
     data_ref = ray.put(data)
     started = {c.name: time.monotonic() for c in chains}
     pending = {task.remote(c, data_ref, ctx, board): c for c in chains}
     outcomes: dict[str, ChainOutcome] = {}
-    screen = Screen(out, [c.name for c in chains], len(phases))
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1, timeout=REFRESH_SECONDS)
         for ref in done:
             chain = pending.pop(ref)
             seconds = time.monotonic() - started[chain.name]
-            try:
-                results = ray.get(ref)
-                last = results[-1]["model_uri"] if results else ""
-                outcomes[chain.name] = ChainOutcome(
-                    chain.name, len(results), len(phases), last, seconds, "done"
-                )
-            except Exception as e:  # the chain failed for good: say why, let the others finish
-                state = ray.get(board.snapshot.remote()).get(chain.name, {})
-                outcomes[chain.name] = ChainOutcome(
-                    chain.name,
-                    state.get("phases_done", 0),
-                    len(phases),
-                    state.get("model", ""),
-                    seconds,
-                    f"failed: {reason(e)}",
-                )
+            outcomes[chain.name] = outcome(chain, ref, board, len(ctx.phases), seconds)
         screen.draw(ray.get(board.snapshot.remote()), outcomes)
     ordered = [outcomes[c.name] for c in chains]
-    failed = [o for o in ordered if o.status != "done"]
-    tracking.set_run_tags(study_run, {"failed_chains": ",".join(o.chain for o in failed)})
-    tracking.set_run_status(study_run, "FAILED" if failed else "FINISHED")
     screen.table(ordered)
     return ordered
+
+
+def outcome(chain: Chain, ref, board, n_phases: int, seconds: float) -> ChainOutcome:
+    """A finished task's line: done, or failed with its one-line reason (the others go on)."""
+    try:
+        results = ray.get(ref)
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayError) as e:
+        state = ray.get(board.snapshot.remote()).get(chain.name, {})
+        done, model = state.get("phases_done", 0), state.get("model", "")
+        return ChainOutcome(chain.name, done, n_phases, model, seconds, f"failed: {reason(e)}")
+    last = results[-1]["model_uri"] if results else ""
+    return ChainOutcome(chain.name, len(results), n_phases, last, seconds, "done")
 
 
 def reason(e: BaseException) -> str:
@@ -314,19 +311,20 @@ def reason(e: BaseException) -> str:
     cause = getattr(e, "cause", None) or e
     if isinstance(cause, SeqgenError):
         return str(cause)
-    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-    return redact(f"{type(cause).__name__}: {first}"[:300])
+    return f"{type(cause).__name__}: {first_line(cause)}"
 
 
 class Screen:
-    """One live line per chain (redrawn in place on a terminal, printed on change otherwise),
-    then the final table."""
+    """One live line per chain (redrawn in place on a terminal by rich, printed on change
+    otherwise), then the final table."""
 
     def __init__(self, out, chains: list[str], n_phases: int) -> None:
-        self.out, self.chains, self.n_phases = out, chains, n_phases
-        self.tty = hasattr(out, "isatty") and out.isatty()
+        self.console = Console(file=out, highlight=False)
+        self.chains, self.n_phases = chains, n_phases
+        self.live = (
+            Live(console=self.console, auto_refresh=False) if self.console.is_terminal else None
+        )
         self.shown: dict[str, str] = {}
-        self.drawn = False
 
     def line(self, chain: str, state: dict, outcome: ChainOutcome | None) -> str:
         if outcome is not None:
@@ -341,19 +339,19 @@ class Screen:
 
     def draw(self, board: dict, outcomes: dict) -> None:
         lines = {c: self.line(c, board.get(c, {}), outcomes.get(c)) for c in self.chains}
-        if self.tty:
-            if self.drawn:
-                self.out.write(f"\x1b[{len(self.chains)}F")
-            self.out.write("".join(f"\x1b[2K{lines[c]}\n" for c in self.chains))
-            self.drawn = True
+        if self.live is not None:
+            if not self.live.is_started:
+                self.live.start()
+            self.live.update(Text("\n".join(lines[c] for c in self.chains)), refresh=True)
         else:
             for c in self.chains:
                 if self.shown.get(c) != lines[c]:
-                    self.out.write(lines[c] + "\n")
+                    self.console.out(lines[c])
         self.shown = lines
-        self.out.flush()
 
     def table(self, outcomes: list[ChainOutcome]) -> None:
+        if self.live is not None and self.live.is_started:
+            self.live.stop()
         rows = [("chain", "phases", "model", "time", "status")]
         rows += [
             (
@@ -366,8 +364,7 @@ class Screen:
             for o in outcomes
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        self.out.write("\n")
+        self.console.out("")
         for r in rows:
-            self.out.write("  ".join(v.ljust(w) for v, w in zip(r[:4], widths, strict=True)))
-            self.out.write(f"  {r[4]}\n")
-        self.out.flush()
+            cells = "  ".join(v.ljust(w) for v, w in zip(r[:4], widths, strict=True))
+            self.console.out(f"{cells}  {r[4]}")

@@ -1,4 +1,5 @@
-"""Training one phase: where it starts (start), one epoch's train/evaluate steps under the
-device's precision (step), what an epoch produced and early stopping (epochs), the loss of every
-strategy (losses), pure schedules (schedules), the phase's local folder with the original file
-names (outputs), and the loop that ties them together (train)."""
+"""Training one phase, the machine learning only: where it starts and what it trains on (start),
+one optimiser step and one evaluation pass under the device's precision (step), what an epoch
+produced and early stopping (epochs), the loss of every strategy (losses), pure schedules
+(schedules), and the loop that ties them together (train). Its bookkeeping is the run keeper's
+(seqgen/runs/keeper.py)."""

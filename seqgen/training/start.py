@@ -1,12 +1,14 @@
-"""Where a phase starts: new training, the previous phase's registered model, or its own
-checkpoint; and the data it trains on, split and standardised."""
+"""Where a phase starts (new training, the previous phase's registered model, or its own
+checkpoint), the data it trains on, split and standardised, and its identity in the store: the
+Setup of a phase, decided before anything is tracked, so bad input fails before a run exists."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,7 +17,7 @@ from seqgen.config import PhaseSettings
 from seqgen.data.sequences import Normalizer, SequenceData, load_sequences
 from seqgen.data.split import Split, make_split
 from seqgen.errors import ConfigError
-from seqgen.model.bundle import Checkpoint
+from seqgen.model.bundle import Bundle, Checkpoint, DataInfo
 from seqgen.model.generator import ModelConfig
 from seqgen.runs import tracking
 
@@ -31,51 +33,124 @@ class Start:
     parent_uri: str | None  # exact models:/name/version, or the file/URI given
     first_epoch: int  # global epoch of this phase's first epoch
     schedule: str  # the learning-rate schedule: new training or continued
-    checkpoint: Checkpoint | None = None
 
 
-def load_phase_data(s: PhaseSettings, data: SequenceData | None = None) -> SequenceData:
-    """The phase's samples: read from s.data_dir, or the arrays a cluster driver handed over."""
+@dataclass
+class Setup:
+    """Everything decided before the first epoch of a phase."""
+
+    settings: PhaseSettings
+    data: SequenceData
+    start: Start
+    identity: dict  # what defines this phase (settings, exact parent, data fingerprint)
+    key: str  # its digest, the run's phase-key tag: finds the run again on any node
+    experiment_id: str
+    device: torch.device
+    parts: dict = field(default_factory=dict)  # {split: (params (N,P), components (N,T,K))}
+
+    @property
+    def out_dir(self) -> Path:
+        return self.settings.folder(self.start.first_epoch)
+
+    @property
+    def last_epoch(self) -> int:
+        return self.start.first_epoch + self.settings.epochs - 1
+
+    def global_epoch(self, epoch: int) -> int:
+        """The global epoch of the phase's 0-based epoch `epoch`."""
+        return self.start.first_epoch + epoch
+
+    def bundle(self, state_dict: dict, epoch: int, val_loss: float, run_id: str) -> Bundle:
+        """The model file of these weights: with the normaliser, data names, split, ranges."""
+        settings, data = self.settings, self.data
+        train_params = data.params[self.start.split.indices(data.files, "train")]
+        lows, highs = train_params.min(axis=0), train_params.max(axis=0)
+        ranges = tuple((float(lo), float(hi)) for lo, hi in zip(lows, highs, strict=True))
+        return Bundle(
+            model_config=self.start.model_config,
+            state_dict=state_dict,
+            normalizer=self.start.norm,
+            data=DataInfo(
+                step_name=data.step_name,
+                component_names=data.component_names,
+                param_names=data.param_names,
+                steps=tuple(data.steps.tolist()),
+                fingerprint=data.fingerprint,
+                data_dir=str(settings.data_dir),
+                param_ranges=ranges,
+            ),
+            split=self.start.split,
+            strategy=settings.variant,
+            phase=settings.phase,
+            seed=settings.seed,
+            preset=settings.preset,
+            epoch=epoch,
+            val_loss=val_loss,
+            run_id=run_id,
+            last_epoch=epoch,  # so far; the keeper writes the real last into the best model
+        )
+
+    def resume_from(self, checkpoint: Checkpoint) -> None:
+        """Go on from the phase's own checkpoint (its weights, split, statistics, first epoch)."""
+        b = checkpoint.bundle
+        self.start = dataclasses.replace(
+            self.start,
+            split=b.split,
+            norm=b.normalizer,
+            model_config=b.model_config,
+            state_dict=b.state_dict,
+            first_epoch=checkpoint.first_epoch,
+        )
+
+    def load_tensors(self) -> None:
+        """The split's standardised tensors on the device (after any resume_from)."""
+        self.parts = split_tensors(self.data, self.start, self.device)
+
+
+def prepare(settings: PhaseSettings, data: SequenceData | None = None) -> Setup:
+    """Data, starting point, identity and device: every check on input happens here."""
+    tracking.check_tracking_store()
+    data = load_phase_data(settings, data)
+    start = resolve_start(settings, data)
+    ident = identity(settings, start, data.fingerprint)
+    exp_id = tracking.experiment_id()
+    return Setup(settings, data, start, ident, phase_key(ident), exp_id, choose_device(settings))
+
+
+def load_phase_data(settings: PhaseSettings, data: SequenceData | None = None) -> SequenceData:
+    """The phase's samples: read from the data folder, or the arrays a cluster driver sent."""
     if data is None:
-        data = load_sequences(s.data_dir, s.n_components, s.n_params)
-    if (data.n_components, data.n_params) != (s.n_components, s.n_params):
+        data = load_sequences(settings.data_dir, settings.n_components, settings.n_params)
+    if (data.n_components, data.n_params) != (settings.n_components, settings.n_params):
         raise ConfigError(
             f"the data has {data.n_components} components and {data.n_params} parameters; "
-            f"the settings say {s.n_components} and {s.n_params}"
+            f"the settings say {settings.n_components} and {settings.n_params}"
         )
-    if s.max_samples is not None and s.max_samples < data.n_samples:
-        data = data.subset(np.arange(s.max_samples))
-    if s.max_lag >= data.seq_len:
+    if settings.max_samples is not None and settings.max_samples < data.n_samples:
+        data = data.subset(np.arange(settings.max_samples))
+    if settings.max_lag >= data.seq_len:
         raise ConfigError(
-            f"--max_lag {s.max_lag} must be below the sequence length {data.seq_len} of "
-            f"{s.data_dir}"
+            f"--max_lag {settings.max_lag} must be below the sequence length {data.seq_len} of "
+            f"{settings.data_dir}"
         )
     return data
 
 
-def resolve_start(s: PhaseSettings, data: SequenceData) -> Start:
+def resolve_start(settings: PhaseSettings, data: SequenceData) -> Start:
     """Phase 1 fits the split and statistics; a continued phase reuses its parent's."""
-    if s.continues_from:
-        return start_from_parent(s, data)
-    split = make_split(data.files, s.seed)
+    if settings.continues_from:
+        return start_from_parent(settings, data)
+    split = make_split(data.files, settings.seed)
     train = split.indices(data.files, "train")
     norm = Normalizer.fit(data.components[train], data.params[train])
-    model_config = ModelConfig(s.n_components, s.n_params, s.hidden_size, s.num_layers, s.dropout)
-    return Start(split, norm, model_config, None, None, 1, s.new_training_schedule)
-
-
-def resume_from(start: Start, checkpoint: Checkpoint) -> Start:
-    """The same start, continued from the phase's own checkpoint."""
-    b = checkpoint.bundle
-    return dataclasses.replace(
-        start,
-        split=b.split,
-        norm=b.normalizer,
-        model_config=b.model_config,
-        state_dict=b.state_dict,
-        first_epoch=checkpoint.first_epoch,
-        checkpoint=checkpoint,
+    model_config = ModelConfig(
+        settings.n_components,
+        settings.n_params,
+        settings.hidden_size,
+        settings.num_layers,
+        settings.dropout,
     )
+    return Start(split, norm, model_config, None, None, 1, settings.new_training_schedule)
 
 
 # Settings that say where and how a phase runs, not what it trains: a phase resumed on another
@@ -83,10 +158,10 @@ def resume_from(start: Start, checkpoint: Checkpoint) -> Start:
 NOT_IDENTITY = ("data_dir", "outputs_root", "output_dir", "device", "num_workers", "existing_model")
 
 
-def identity(s: PhaseSettings, start: Start, fingerprint: str) -> dict:
+def identity(settings: PhaseSettings, start: Start, fingerprint: str) -> dict:
     """What defines a phase run: the settings that shape training, the exact model it continues
     and the data's fingerprint. Its digest (phase_key) finds the run again on any node."""
-    settings = {k: v for k, v in s.to_dict().items() if k not in NOT_IDENTITY}
+    settings = {k: v for k, v in settings.to_dict().items() if k not in NOT_IDENTITY}
     return settings | {"parent": start.parent_uri or "", "data_fingerprint": fingerprint}
 
 
@@ -94,21 +169,22 @@ def phase_key(ident: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def start_from_parent(s: PhaseSettings, data: SequenceData) -> Start:
+def start_from_parent(settings: PhaseSettings, data: SequenceData) -> Start:
     """A continued phase: the parent's exact registry version, its split, statistics and weights."""
-    parent_uri = tracking.exact_model_uri(s.continues_from)
+    parent_uri = tracking.exact_model_uri(settings.continues_from)
     hint = None
-    if not s.existing_model:
+    if not settings.existing_model:
         hint = (
-            f"run phase {s.phase - 1} of {s.variant} with seed {s.seed} first (seqgen train "
-            f"--strategy {s.strategy} --phase {s.phase - 1} --preset {s.preset} --seed {s.seed})"
+            f"run phase {settings.phase - 1} of {settings.variant} with seed {settings.seed} "
+            f"first (seqgen train --strategy {settings.strategy} --phase {settings.phase - 1} "
+            f"--preset {settings.preset} --seed {settings.seed})"
         )
     parent = tracking.load_bundle(parent_uri, hint)
-    if not s.existing_model and parent.data.fingerprint != data.fingerprint:
+    if not settings.existing_model and parent.data.fingerprint != data.fingerprint:
         raise ConfigError(
             f"{parent_uri} was trained on other data (fingerprint {parent.data.fingerprint}, "
-            f"{s.data_dir} has {data.fingerprint}): pass --existing_model to continue on this "
-            "data deliberately"
+            f"{settings.data_dir} has {data.fingerprint}): pass --existing_model to continue on "
+            "this data deliberately"
         )
     if list(parent.data.param_names) != list(data.param_names):
         raise ConfigError(
@@ -117,18 +193,19 @@ def start_from_parent(s: PhaseSettings, data: SequenceData) -> Start:
         )
     shape = parent.model_config
     for name in ("hidden_size", "num_layers", "n_components", "n_params"):
-        if getattr(s, name) != getattr(shape, name):
+        if getattr(settings, name) != getattr(shape, name):
             raise ConfigError(
-                f"--{name} {getattr(s, name)} differs from the model it continues ({parent_uri} "
-                f"has {name} {getattr(shape, name)}): a continued phase keeps its parent's shape"
+                f"--{name} {getattr(settings, name)} differs from the model it continues "
+                f"({parent_uri} has {name} {getattr(shape, name)}): a continued phase keeps its "
+                "parent's shape"
             )
     # Dropout is a training setting, not a shape: the continued phase applies its own.
-    model_config = dataclasses.replace(shape, dropout=s.dropout)
+    model_config = dataclasses.replace(shape, dropout=settings.dropout)
     if parent.last_epoch is not None:
         first_epoch = parent.last_epoch + 1
     else:  # a format-1 model: assume the parent ran its table epochs
-        first_epoch = s.planned_first_epoch
-        if s.existing_model:
+        first_epoch = settings.planned_first_epoch
+        if settings.existing_model:
             first_epoch = parent.epoch + 1
     return Start(
         parent.split,
@@ -137,7 +214,7 @@ def start_from_parent(s: PhaseSettings, data: SequenceData) -> Start:
         parent.state_dict,
         parent_uri,
         first_epoch,
-        s.continued_schedule,
+        settings.continued_schedule,
     )
 
 
@@ -152,9 +229,9 @@ def split_tensors(data: SequenceData, start: Start, device: torch.device) -> dic
     return parts
 
 
-def choose_device(s: PhaseSettings) -> torch.device:
-    if s.device == "cuda" and not torch.cuda.is_available():
+def choose_device(settings: PhaseSettings) -> torch.device:
+    if settings.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but this torch build sees no CUDA device")
-    if s.device == "auto":
+    if settings.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(s.device)
+    return torch.device(settings.device)

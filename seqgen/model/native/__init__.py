@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import sys
@@ -30,8 +31,13 @@ AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mprefer-vecto
 ISA_FLAGS = {"AVX512": ["-mavx2", "-mfma", *AVX512], "AVX2": ["-mavx2", "-mfma"]}
 
 
+log = logging.getLogger(__name__)
+
+
 def _say(line: str) -> None:
-    print(f"seqgen: {line}", file=sys.stderr, flush=True)
+    """A warning: shown on stderr whether or not the caller set logging up (Python's last
+    resort handler prints warnings), so a slower fallback never goes unnoticed."""
+    log.warning(f"seqgen: {line}")
 
 
 def build_dir() -> Path:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import resource
 import shlex
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +61,14 @@ def prepare_folder(path: Path, run_id: str | None) -> None:
             "this phase, with other settings or data: pass --output_dir or --outputs_root for "
             "a new folder"
         )
+
+
+def set_aside(path: Path, run_id: str) -> None:
+    """A phase trained anew (--retrain): the folder of the run it replaces moves to
+    <folder>.run-<id>, so the new run gets the original name and nothing of the old is lost."""
+    marker = path / RUN_MARKER
+    if marker.is_file() and marker.read_text().strip() == run_id:
+        path.replace(path.with_name(f"{path.name}.run-{run_id[:8]}"))
 
 
 def mark_folder(path: Path, run_id: str) -> None:
@@ -133,15 +139,3 @@ def format_eta(seconds: float) -> str:
     m, sec = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
-
-
-def show_progress(prefix: str, done: int, total: int, started: float) -> None:
-    """A progress bar over the batches of an epoch, on a terminal only."""
-    if not sys.stderr.isatty():
-        return
-    width, rate = 24, done / max(time.perf_counter() - started, 1e-9)
-    bar = "#" * int(width * done / total) + "." * (width - int(width * done / total))
-    sys.stderr.write(f"\r{prefix} [{bar}] {done}/{total} batches ({rate:.1f}/s)")
-    if done == total:
-        sys.stderr.write("\r" + " " * (len(prefix) + width + 40) + "\r")
-    sys.stderr.flush()
