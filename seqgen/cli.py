@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from seqgen import config
+from seqgen import config, log
 from seqgen.errors import SeqgenError, redact
 
 
@@ -297,6 +297,7 @@ def evaluate(model_uri, data_dir, split_name, max_lag, baselines):
     the same samples; log evaluation runs. JSON on stdout, a table on stderr."""
     from seqgen.evaluation.evaluate import beside_table, evaluate_model
 
+    log.setup()  # progress on stderr; stdout is the JSON answer
     summary = evaluate_model(model_uri, data_dir, split_name, baselines=baselines, **_lag(max_lag))
     click.echo(json.dumps(summary, indent=2, default=str))
     if summary["baselines"]:
@@ -325,6 +326,7 @@ def baselines(
     makes. Found in the store instead when already evaluated. JSON on stdout, a table on stderr."""
     from seqgen.evaluation.evaluate import beside_table, evaluate_baselines
 
+    log.setup()
     if model_uri is not None and (max_samples is not None or seed is not None):
         raise config.ConfigError("--model brings its own split: leave out --seed and --max_samples")
     found = evaluate_baselines(
@@ -360,6 +362,7 @@ def compare(experiment, strategy, phase, preset, seed, tag, out_dir):
     """Pull runs from MLflow and write comparison figures, a summary table and report.md."""
     from analysis.report import build_report
 
+    log.setup()
     path = build_report(
         out_dir,
         experiment=experiment,

@@ -114,7 +114,7 @@ def run_demo(data_dir: str, preset: str, seeds: list[int], report_dir: str, log=
         for r in results:
             if r.phase == N_PHASES:
                 log(f"== evaluating {r.model_uri} ==")
-                evaluate_model(r.model_uri, None, "test", log=log)
+                evaluate_model(r.model_uri, None, "test")
         experiment = tracking.experiment_name(run.info.experiment_id)
         report = build_report(report_dir, experiment=experiment, preset=preset, seeds=tuple(seeds))
     log(
