@@ -9,22 +9,38 @@ from matplotlib import colors as mcolors
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 
-from analysis.tables import band, strategy_order
+from analysis.tables import band, baseline_order, strategy_order
+from seqgen import config
+from seqgen.evaluation import measures
+from seqgen.evaluation.baselines import BASELINES
 
 # Figures are made as bare Figure objects (no pyplot state to leak) and saved as files; Agg is
 # also what pyplot gets if a caller imports it, so nothing tries to open a display.
 matplotlib.use("Agg")
 
-_FIXED = {"mae": "tab:blue", "autocorr": "tab:orange", "combined": "tab:green"}
-_SPARE = ["tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+# Strategies take these by their position in the phase table, then variants and others by
+# their position in the figure; baselines take theirs by position in BASELINES, dashed. The two
+# palettes share no colour, so a figure tells strategies and baselines apart at a glance.
+STRATEGY_COLORS = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+)
+BASELINE_COLORS = ("tab:gray", "tab:purple", "tab:brown")
+OTHER_BASELINE_COLOR = "darkslategray"
 TRUE_COLOR = "black"
-# Baselines are dashed, in colours no strategy uses: a figure tells them apart at a glance.
-BASELINE_COLORS = {"mean": "tab:gray", "knn": "tab:purple", "direct": "tab:brown"}
 BASELINE_LS = "--"
 
 
 def baseline_color(name: str) -> str:
-    return BASELINE_COLORS.get(name, "tab:olive")
+    known = list(BASELINES)
+    if name in known and known.index(name) < len(BASELINE_COLORS):
+        return BASELINE_COLORS[known.index(name)]
+    return OTHER_BASELINE_COLOR
 
 
 def baseline_label(name: str) -> str:
@@ -32,11 +48,15 @@ def baseline_label(name: str) -> str:
 
 
 def strategy_color(name: str, names: list[str]) -> str:
-    """The same colour for a strategy in every figure."""
-    if name in _FIXED:
-        return _FIXED[name]
-    others = [n for n in names if n not in _FIXED]
-    return _SPARE[others.index(name) % len(_SPARE)] if name in others else "gray"
+    """The same colour for a strategy in every figure: by its position in the phase table;
+    a variant or a strategy the table lacks by its position among those in `names`."""
+    table = config.strategies()
+    if name in table:
+        return STRATEGY_COLORS[table.index(name) % len(STRATEGY_COLORS)]
+    others = [n for n in names if n not in table]
+    if name not in others:
+        return "gray"
+    return STRATEGY_COLORS[(len(table) + others.index(name)) % len(STRATEGY_COLORS)]
 
 
 def _mark_phases(ax, boundaries: list[float]) -> None:
@@ -94,12 +114,8 @@ def components_figure(curves: pd.DataFrame, boundaries: list[float]) -> Figure:
     curves (strategy, seed, key, step, value)."""
     fig = Figure(figsize=(12, 4.5), layout="constrained")
     names = strategy_order(curves["strategy"].unique())
-    for ax, part, label in zip(
-        fig.subplots(1, 2),
-        ("mae", "autocorr"),
-        ("MAE (standardised)", "autocorrelation loss"),
-        strict=True,
-    ):
+    terms = measures.LOSS_TERMS
+    for ax, (part, label) in zip(fig.subplots(1, len(terms)), terms.items(), strict=True):
         n = _curves(ax, curves[curves["key"] == f"val_{part}"], names)
         _curves(ax, curves[curves["key"] == f"train_{part}"], names, "--", label=False)
         _mark_phases(ax, boundaries)
@@ -120,14 +136,11 @@ def schedules_figure(curves: pd.DataFrame, boundaries: list[float]) -> Figure:
     """Learning rate (log) and teacher-forcing ratio against epoch, per strategy."""
     fig = Figure(figsize=(12, 4), layout="constrained")
     names = strategy_order(curves["strategy"].unique())
-    for ax, key, label in zip(
-        fig.subplots(1, 2),
-        ("lr", "teacher_forcing_ratio"),
-        ("learning rate", "teacher-forcing ratio"),
-        strict=True,
-    ):
+    schedules = measures.SCHEDULES
+    for ax, (key, label) in zip(fig.subplots(1, len(schedules)), schedules.items(), strict=True):
         _curves(ax, curves[curves["key"] == key], names)
         _mark_phases(ax, boundaries)
+        # the learning rate spans decades; the teacher-forcing ratio falls to 0
         if key == "lr" and _positive(curves.loc[curves["key"] == key, "value"]):
             ax.set_yscale("log")
         ax.set(xlabel="epoch", ylabel=label, title=f"{label} schedule")
@@ -258,7 +271,7 @@ def _log_axis(values: np.ndarray) -> bool:
 def param_error_figure(
     per_sample: pd.DataFrame,
     param_names: list[str],
-    metric: str = "mae",
+    metric: str = measures.HEADLINE,
     baselines: pd.DataFrame | None = None,
 ) -> Figure:
     """Per-sample error over the parameter plane, one panel per strategy (first row) and per
@@ -270,8 +283,7 @@ def param_error_figure(
     ]
     rows = [panels]
     if baselines is not None and len(baselines):
-        order = [b for b in BASELINE_COLORS if b in set(baselines["baseline"])]
-        order += sorted(set(baselines["baseline"]) - set(order))
+        order = baseline_order(baselines["baseline"].unique())
         rows.append([(baseline_label(b), baselines[baselines["baseline"] == b]) for b in order])
     n_cols = max(len(r) for r in rows)
     fig = Figure(figsize=(4.2 * n_cols + 1, 3.8 * len(rows)), layout="constrained")
@@ -302,7 +314,7 @@ def param_error_figure(
                 ax.set_xscale("log")
             if py and _log_axis(every[py].to_numpy(dtype=float)):
                 ax.set_yscale("log")
-    label = metric.upper() if metric in ("mae", "rmse") else metric.replace("_", " ")
+    label = measures.BY_KEY[metric].name if metric in measures.BY_KEY else metric
     fig.colorbar(sc, ax=axes.ravel().tolist(), label=f"test {label} per sample")
     fig.suptitle(f"Test {label} over the parameter plane (all evaluated seeds pooled)")
     return fig

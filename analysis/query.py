@@ -15,20 +15,10 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from seqgen.errors import SelectionError, redact
+from seqgen.evaluation import measures
 from seqgen.evaluation.evaluate import BY_STEP_FILE, GENERATED_FILE, PER_SAMPLE_FILE
 from seqgen.runs.tracking import default_experiment
 
-HISTORY_KEYS = (
-    "val_loss",
-    "train_loss",
-    "val_mae",
-    "val_autocorr",
-    "train_mae",
-    "train_autocorr",
-    "lr",
-    "teacher_forcing_ratio",
-)
-SUMMARY_METRICS = ("best_val_loss", "best_epoch", "phase_seconds", "peak_memory_mb")
 # One call per run and key. On sqlite threads gain nothing (45 runs x 8 keys: 0.8 s either way);
 # through a tracking server each call is a round trip, and threads overlap those.
 HISTORY_THREADS = 4
@@ -139,9 +129,34 @@ def select_runs(
     """Finished phase runs matching the filters, their latest test evaluations, and the runs
     left out (failed, killed, still running, superseded by a later run of the same phase)."""
     # Empty values mean "no filter", so an MLproject can pass its string defaults straight on.
-    strategies = tuple(s for s in strategies if s)
-    tag_filters = parse_tag_filters(tuple(t for t in tags if t))
+    filters = {
+        "strategy": [s for s in strategies if s],
+        "phase": [int(p) for p in phases],
+        "preset": preset,
+        "seed": [int(s) for s in seeds],
+        "tags": parse_tag_filters(tuple(t for t in tags if t)),
+    }
     name = experiment or default_experiment()
+    exp, raw = _experiment_runs(name)
+    runs = _frame(raw)
+    matched = _matching_phases(name, raw, runs, filters)
+    finished, excluded = _finished_phases(raw, matched)
+    evaluations, left = _test_evaluations(raw, runs, finished)
+    baselines, left_too = _baselines_on_splits(raw, runs, evaluations)
+    left_out = pd.concat([*excluded, *left, *left_too])
+    return Selection(
+        name,
+        exp.experiment_id,
+        finished.reset_index(drop=True),
+        evaluations.reset_index(drop=True),
+        baselines.reset_index(drop=True),
+        left_out[["run_id", "run_name", "kind", "status", "reason"]].reset_index(drop=True),
+        filters,
+    )
+
+
+def _experiment_runs(name: str):
+    """The experiment called `name` and every run in it (search_runs columns)."""
     exp = MlflowClient().get_experiment_by_name(name)
     if exp is None:
         known = [e.name for e in MlflowClient().search_experiments()]
@@ -155,8 +170,13 @@ def select_runs(
             f"experiment {name!r} has no runs: train some first "
             "(seqgen pipeline --strategy all --seeds 0,1,2)"
         )
-    runs = _frame(raw)
-    metrics = pd.DataFrame({m: _metric(raw, m) for m in SUMMARY_METRICS})
+    return exp, raw
+
+
+def _matching_phases(name: str, raw: pd.DataFrame, runs: pd.DataFrame, filters: dict):
+    """The phase runs (with their end-of-phase metrics and where they ran) that the filters
+    keep, whatever their status."""
+    metrics = pd.DataFrame({m: _metric(raw, m) for m in measures.PHASE_END})
     phase = runs[runs["kind"] == "phase"].join(metrics)
     for p in ("first_epoch", "last_epoch", "data_dir"):
         phase[p] = _param(raw, p)[phase.index]
@@ -166,31 +186,26 @@ def select_runs(
             "(tag kind=phase): train some first"
         )
     keep = pd.Series(True, index=phase.index)
-    if strategies:
-        keep &= phase["strategy"].isin(strategies)
-    if phases:
-        keep &= phase["phase"].isin([int(p) for p in phases])
-    if preset:
-        keep &= phase["preset"] == preset
-    if seeds:
-        keep &= phase["seed"].isin([int(s) for s in seeds])
-    for key, value in tag_filters.items():
+    if filters["strategy"]:
+        keep &= phase["strategy"].isin(filters["strategy"])
+    if filters["phase"]:
+        keep &= phase["phase"].isin(filters["phase"])
+    if filters["preset"]:
+        keep &= phase["preset"] == filters["preset"]
+    if filters["seed"]:
+        keep &= phase["seed"].isin(filters["seed"])
+    for key, value in filters["tags"].items():
         keep &= _tag(raw, key)[phase.index] == value
-    filters = {
-        "strategy": list(strategies),
-        "phase": [int(p) for p in phases],
-        "preset": preset,
-        "seed": [int(s) for s in seeds],
-        "tags": tag_filters,
-    }
-    matched = phase[keep]
-    if matched.empty:
-        said = describe_filters(filters)
+    if not keep.any():
         raise SelectionError(
-            f"no phase runs in experiment {name!r} match {said}; "
+            f"no phase runs in experiment {name!r} match {describe_filters(filters)}; "
             f"the experiment has {_describe(phase)}"
         )
+    return phase[keep]
 
+
+def _finished_phases(raw: pd.DataFrame, matched: pd.DataFrame):
+    """The latest finished run of each (strategy, phase, seed), and the runs left out with why."""
     # A phase paused with --stop_at_epoch is unfinished work, even when `mlflow run` marked it
     # FINISHED on exit.
     paused = _tag(raw, "stop_reason")[matched.index] == "paused"
@@ -214,21 +229,35 @@ def select_runs(
     finished = finished.sort_values("start_time")
     latest = ~finished.duplicated(["strategy", "phase", "seed"], keep="last")
     excluded.append(finished[~latest].assign(reason="superseded by a later run"))
-    finished = finished[latest]
+    return finished[latest], excluded
 
+
+def _test_metrics(raw: pd.DataFrame, index: pd.Index) -> pd.DataFrame:
+    """Every test_* metric of the runs at `index`, named without the `metrics.` prefix."""
+    test_cols = sorted(c for c in raw.columns if c.startswith("metrics.test_"))
+    return raw.loc[index, test_cols].rename(columns=lambda c: c[len("metrics.") :])
+
+
+def _test_evaluations(raw: pd.DataFrame, runs: pd.DataFrame, finished: pd.DataFrame):
+    """The latest finished test-split evaluation of each finished phase run, with its metrics
+    and what it scored; and the unfinished ones, left out."""
     ev = runs[(runs["kind"] == "evaluation")].copy()
     ev["evaluated_run_id"] = _tag(raw, "evaluated_run_id")[ev.index]
     ev["split"] = _tag(raw, "split")[ev.index]
     ev = ev[ev["evaluated_run_id"].isin(finished["run_id"]) & (ev["split"] == "test")]
-    excluded.append(ev[ev["status"] != "FINISHED"].assign(reason="not finished"))
+    excluded = [ev[ev["status"] != "FINISHED"].assign(reason="not finished")]
     ev = ev[ev["status"] == "FINISHED"].sort_values("start_time")
     ev = ev[~ev.duplicated("evaluated_run_id", keep="last")]
-    test_cols = sorted(c for c in raw.columns if c.startswith("metrics.test_"))
-    ev = ev.join(raw.loc[ev.index, test_cols].rename(columns=lambda c: c[len("metrics.") :]))
+    ev = ev.join(_test_metrics(raw, ev.index))
     ev["max_lag"] = pd.to_numeric(_param(raw, "max_lag")[ev.index], errors="coerce")
     ev["n_samples"] = pd.to_numeric(_param(raw, "n_samples")[ev.index], errors="coerce")
     ev["split_fingerprint"] = _tag(raw, "split_fingerprint")[ev.index]
+    return ev, excluded
 
+
+def _baselines_on_splits(raw: pd.DataFrame, runs: pd.DataFrame, ev: pd.DataFrame):
+    """The latest finished evaluation of each baseline on each evaluation's test split and lags,
+    with its metrics and fitting times; and the unfinished ones, left out."""
     # Baselines scored the same samples as an evaluation when they share its split fingerprint
     # and lags (evaluations made before baselines existed have no fingerprint: none pair).
     bl = runs[(runs["kind"] == "evaluation") & (_tag(raw, "baseline") != "")].copy()
@@ -241,26 +270,14 @@ def select_runs(
         for f, lag in zip(bl["split_fingerprint"], bl["max_lag"], strict=True)
     ]
     bl = bl[np.array(on_split, dtype=bool) & (_tag(raw, "split")[bl.index] == "test")]
-    excluded.append(bl[bl["status"] != "FINISHED"].assign(reason="not finished"))
+    excluded = [bl[bl["status"] != "FINISHED"].assign(reason="not finished")]
     bl = bl[bl["status"] == "FINISHED"].sort_values("start_time")
     bl = bl[~bl.duplicated(["baseline", "split_fingerprint", "max_lag"], keep="last")]
-    timing = {c: _metric(raw, c)[bl.index] for c in ("fit_seconds", "predict_seconds")}
-    bl = bl.join(raw.loc[bl.index, test_cols].rename(columns=lambda c: c[len("metrics.") :]))
-    bl = bl.assign(**timing)
-
-    left_out = pd.concat(excluded)[["run_id", "run_name", "kind", "status", "reason"]]
-    return Selection(
-        name,
-        exp.experiment_id,
-        finished.reset_index(drop=True),
-        ev.reset_index(drop=True),
-        bl.reset_index(drop=True),
-        left_out.reset_index(drop=True),
-        filters,
-    )
+    timing = {c: _metric(raw, c)[bl.index] for c in measures.FIT_METRICS}
+    return bl.join(_test_metrics(raw, bl.index)).assign(**timing), excluded
 
 
-def metric_histories(run_ids: list[str], keys: tuple[str, ...] = HISTORY_KEYS) -> pd.DataFrame:
+def metric_histories(run_ids: list[str], keys: tuple[str, ...] = measures.DRAWN) -> pd.DataFrame:
     """Every logged value of `keys` for each run: long DataFrame (run_id, key, step, value),
     one row per step. A step logged twice (an interrupted phase resumed by code older than the
     exactly-once delivery) keeps its latest value: the one the finished phase went on from."""

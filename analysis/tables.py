@@ -8,42 +8,23 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
-from seqgen.evaluation import metrics
+from seqgen import config
+from seqgen.evaluation import measures, metrics
 from seqgen.evaluation.baselines import BASELINES
 
-STRATEGY_ORDER = ("mae", "autocorr", "combined")
-# Per-sample errors compared between strategies, with what each answers.
-PAIRED_METRICS = {
-    "mae": "pointwise accuracy (MAE)",
-    "acf_error": "temporal structure (ACF error)",
-    "spectral_error": "frequency content (log-spectral distance)",
-    "field_rel_l2": "reconstructed fields (relative L2)",
-}
-RUN_METRICS = (
-    "best_val_loss",
-    "val_mae_at_best",
-    "val_autocorr_at_best",
-    "phase_seconds",
-    "peak_memory_mb",
-)
 # Below this many (seed, sample) pairs a percentile bootstrap CI is too narrow to trust.
 MIN_PAIRS = 10
-EVAL_METRICS = (
-    "test_mae",
-    "test_rmse",
-    "test_acf_error",
-    "test_acf_error_pooled",
-    "test_spectral_error",
-    "test_field_rel_l2",
-    "test_mae_teacher_forced",
-    "test_tf_gap",
-)
 
 
 def strategy_order(names) -> list[str]:
-    """The three known strategies first in their usual order, then any others sorted."""
-    names = set(names)
-    return [s for s in STRATEGY_ORDER if s in names] + sorted(names - set(STRATEGY_ORDER))
+    """The phase table's strategies in its order, each followed by its variants (a strategy
+    trained with another --alpha, `combined-30mae_70auto`), then any others sorted."""
+    names, out = set(names), []
+    table = config.strategies()
+    for base in table:
+        variants = sorted(n for n in names if n.startswith(f"{base}-") and n not in table)
+        out += [n for n in [base, *variants] if n in names and n not in out]
+    return out + sorted(names - set(out))
 
 
 def stitch(histories: pd.DataFrame, phases: pd.DataFrame) -> pd.DataFrame:
@@ -81,26 +62,28 @@ def per_run_table(
     phases: pd.DataFrame, evaluations: pd.DataFrame, curves: pd.DataFrame
 ) -> pd.DataFrame:
     """One row per phase run: training numbers and, where evaluated, the test metrics."""
-    rows = phases[
-        ["run_id", "strategy", "phase", "seed", "best_val_loss", "phase_seconds", "peak_memory_mb"]
-    ].copy()
-    rows["val_mae_at_best"] = _at_best(curves, phases, "val_mae")
-    rows["val_autocorr_at_best"] = _at_best(curves, phases, "val_autocorr")
-    present = [m for m in EVAL_METRICS if m in evaluations]
+    logged = [c.key for c in measures.RUN_COLUMNS if not c.at_best]
+    rows = phases[["run_id", "strategy", "phase", "seed", *logged]].copy()
+    for c in measures.RUN_COLUMNS:
+        if c.at_best:
+            rows[c.key] = _at_best(curves, phases, c.at_best)
+    present = [m for m in measures.logged() if m in evaluations]
     ev = evaluations[["evaluated_run_id", *present]].rename(columns={"evaluated_run_id": "run_id"})
     return rows.merge(ev, on="run_id", how="left")
 
 
 def summary_table(per_run: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds per strategy and phase: columns {metric}_mean, {metric}_std."""
-    cols = [m for m in (*RUN_METRICS, *EVAL_METRICS) if m in per_run]
+    run_cols = [c.key for c in measures.RUN_COLUMNS]
+    cols = [m for m in (*run_cols, *measures.logged()) if m in per_run]
+    headline = f"test_{measures.HEADLINE}"
     rows = []
     for (strategy, phase), g in per_run.groupby(["strategy", "phase"]):
         row = {
             "strategy": strategy,
             "phase": int(phase),
             "n_seeds": len(g),
-            "n_evaluated": int(g["test_mae"].notna().sum()) if "test_mae" in g else 0,
+            "n_evaluated": int(g[headline].notna().sum()) if headline in g else 0,
         }
         for m in cols:
             values = g[m].dropna()
@@ -178,7 +161,7 @@ def paired_comparison(per_sample: pd.DataFrame, n_boot: int = 2000) -> pd.DataFr
     """
     rows = []
     names = strategy_order(per_sample["strategy"].unique())
-    for metric in [m for m in PAIRED_METRICS if m in per_sample]:
+    for metric in [m for m in measures.paired() if m in per_sample]:
         for a, b in combinations(names, 2):
             pa = per_sample.loc[per_sample["strategy"] == a, ["seed", "file", metric]]
             pb = per_sample.loc[per_sample["strategy"] == b, ["seed", "file", metric]]
@@ -190,28 +173,11 @@ def paired_comparison(per_sample: pd.DataFrame, n_boot: int = 2000) -> pd.DataFr
 
 # ---- against the baselines ---------------------------------------------------------------------
 
-BASELINE_ORDER = tuple(BASELINES)
-# Per-sample errors each strategy is compared on against the best baseline, as said in a sentence.
-BASELINE_METRICS = {
-    "mae": "MAE",
-    "rmse": "RMSE (per sequence)",
-    "acf_error": "ACF error",
-    "spectral_error": "spectral distance",
-    "field_rel_l2": "field relative L2",
-}
-BESIDE_METRICS = (  # the table of strategies beside baselines: test metrics in original units
-    "test_mae",
-    "test_rmse",
-    "test_acf_error",
-    "test_acf_error_pooled",
-    "test_spectral_error",
-    "test_field_rel_l2",
-)
-
 
 def baseline_order(names) -> list[str]:
+    """The known baselines in their registry's order, then any others sorted."""
     names = set(names)
-    return [b for b in BASELINE_ORDER if b in names] + sorted(names - set(BASELINE_ORDER))
+    return [b for b in BASELINES if b in names] + sorted(names - set(BASELINES))
 
 
 def baselines_at_seeds(chosen: pd.DataFrame, baselines: pd.DataFrame) -> pd.DataFrame:
@@ -234,11 +200,12 @@ def _means_over_seeds(per_sample: pd.DataFrame, who: str, metric: str) -> pd.Ser
 
 
 def best_baselines(baseline_per_sample: pd.DataFrame) -> dict[str, str]:
-    """Per metric, the baseline with the lowest mean (over seeds of per-seed means)."""
+    """Per measure paired against the baselines, the baseline with the best mean (over seeds of
+    per-seed means)."""
     out = {}
-    for metric in BASELINE_METRICS:
-        if metric in baseline_per_sample and baseline_per_sample[metric].notna().any():
-            out[metric] = str(_means_over_seeds(baseline_per_sample, "baseline", metric).idxmin())
+    for m in measures.select(versus=True):
+        if m.key in baseline_per_sample and baseline_per_sample[m.key].notna().any():
+            out[m.key] = str(m.best(_means_over_seeds(baseline_per_sample, "baseline", m.key)))
     return out
 
 
@@ -282,12 +249,8 @@ def beside_baselines(
     """Strategies (their chosen phase) and baselines side by side: per row the mean and std over
     seeds of every test metric (columns {metric}_mean, {metric}_std), `n` seeds, and `seconds`:
     training (the selected phases summed) or fitting."""
-    comp = sorted(
-        c
-        for c in [*chosen.columns, *baselines.columns]
-        if c.startswith("test_mae_") and c != "test_mae_teacher_forced"
-    )
-    cols = [*BESIDE_METRICS, *dict.fromkeys(comp)]
+    comp = measures.component_columns([*chosen.columns, *baselines.columns])
+    cols = [*measures.logged(beside=True), *comp]
     train = per_run.groupby(["strategy", "seed"])["phase_seconds"].sum()
     rows = []
     for strategy in strategy_order(chosen["strategy"].unique()):

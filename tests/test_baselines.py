@@ -1,6 +1,8 @@
 """Baselines: the mean and the inverse-distance weights by hand, what knn reproduces and which k
 it picks, what the direct network learns and when it stops, and every bad input's message."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -214,11 +216,29 @@ def _sequence_data(n: int = 30, t: int = 6) -> SequenceData:
 def test_every_baseline_predicts_whole_sequences_from_a_split(name):
     data = _sequence_data()
     split = Split(data.files[:20], data.files[20:25], data.files[25:], seed=0)
+    started = time.perf_counter()
     fitted = fit_baseline(name, data, split)
+    wall = time.perf_counter() - started
     pred = fitted.predict(data.params[25:])
     assert fitted.name == name
     assert pred.shape == (5, 6, 2) and pred.dtype == np.float32 and np.isfinite(pred).all()
-    assert fitted.info["fit_seconds"] >= 0 and fitted.info["val_mae"] >= 0
+    # fit_seconds is the time the fit took: inside the wall clock around it, and not nothing
+    assert 0 < fitted.info["fit_seconds"] <= wall
+    # val_mae is the fitted model's MAE on the validation samples (the ones it chose by)
+    val = fitted.predict(data.params[20:25])
+    assert fitted.info["val_mae"] == pytest.approx(_mae(val, data.components[20:25]), rel=1e-5)
+
+
+def test_fit_seconds_covers_the_whole_fit():
+    # The direct network's training is nearly all of a fit: fit_seconds must be most of the
+    # wall clock around it, not the time of some part of it.
+    train_p, val_p, _ = _toy_splits()
+    started = time.perf_counter()
+    fitted = fit_direct(
+        train_p, smooth_family(train_p), val_p, smooth_family(val_p), settings=QUICK
+    )
+    wall = time.perf_counter() - started
+    assert 0.9 * wall <= fitted.info["fit_seconds"] <= wall
 
 
 # ---- bad input ---------------------------------------------------------------------------------

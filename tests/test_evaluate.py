@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -20,9 +21,11 @@ from seqgen.data.sequences import load_sequences
 from seqgen.data.split import Split, make_split
 from seqgen.data.synth import PCABasis
 from seqgen.errors import DataError
+from seqgen.evaluation import measures
 from seqgen.evaluation.baselines import baseline_version
 from seqgen.evaluation.evaluate import (
     EvalSet,
+    beside_table,
     ensure_baselines,
     evaluate_model,
     measure,
@@ -124,6 +127,55 @@ def test_measure_field_error_through_the_basis():
     assert m.summary["field_rel_l2"] == pytest.approx((2 / np.sqrt(30) + 2 / np.sqrt(120)) / 2)
 
 
+PCA_1 = PCABasis(
+    np.array([[1.0, 0.0]]), np.zeros(2), np.ones(1), np.ones(1), np.arange(2.0), np.arange(4.0)
+)
+
+
+def test_the_registry_names_what_measure_computes():
+    # every measure of the registry is computed, and nothing else but the per-component values
+    components = {"mae_pc_1", "rmse_pc_1"}
+    model = _measure(PCA_1)
+    assert set(model.summary) == set(measures.BY_KEY) | components
+    per_sample = set(model.per_sample.columns) - {"file", "nu"}
+    assert per_sample == {m.key for m in measures.select(per_sample=True)}
+    # a baseline (no teacher forcing) gets exactly the measures the registry gives baselines
+    baseline = measure(
+        PRED, TRUE, None, ["a.csv", "b.csv"], np.zeros((2, 1)), ["nu"], ["PC 1"],
+        np.arange(4.0), max_lag=2, pca=PCA_1,
+    )  # fmt: skip
+    assert set(baseline.summary) == {m.key for m in measures.select(baselines=True)} | components
+    per_sample = set(baseline.per_sample.columns) - {"file", "nu"}
+    assert per_sample == {m.key for m in measures.select(per_sample=True, baselines=True)}
+
+
+def test_the_registry_per_epoch_names_are_what_training_logs():
+    from seqgen.training.epochs import PER_EPOCH_METRICS
+
+    assert tuple(m.key for m in measures.PER_EPOCH) == PER_EPOCH_METRICS
+    assert set(measures.DRAWN) < set(PER_EPOCH_METRICS)
+    # the per-run values at the best epoch are read from the histories the analysis pulls
+    assert {c.at_best for c in measures.RUN_COLUMNS if c.at_best} <= set(measures.DRAWN)
+    assert {f"{split}_{term}" for split in ("train", "val") for term in measures.LOSS_TERMS} <= set(
+        measures.DRAWN
+    )
+    with pytest.raises(ValueError, match="measure x: better must be 'lower' or 'higher'"):
+        measures.Measure("x", "x", "x", better="smaller")
+
+
+def test_beside_table_shows_the_measures_paired_against_the_baselines():
+    rows = {
+        "model": {"metrics": {"test_mae": 0.5, "test_rmse": 0.75, "test_acf_error_pooled": 9.0}},
+        "knn baseline": {"metrics": {"test_mae": 0.125, "test_rmse": 0.25}, "fit_seconds": 0.02},
+    }
+    header, model, knn = beside_table("test", rows).splitlines()
+    # the columns any row has, of the measures compared with the baselines sample by sample:
+    # no pooled ACF error (one number per split), no spectral error (no row has it)
+    assert header.split() == ["mae", "rmse", "fit", "s"]
+    assert model.split() == ["model", "0.5", "0.75"]
+    assert knn.split() == ["knn", "baseline", "0.125", "0.25", "0.02"]
+
+
 def test_metric_name_is_a_safe_key():
     assert metric_name("PC 1") == "pc_1"
     assert metric_name("u(x=0)") == "u_x_0"
@@ -165,6 +217,7 @@ def in_store(trained, monkeypatch):
     return result
 
 
+@pytest.mark.slow
 def test_evaluation_run_records_model_metrics_and_tables(in_store):
     summary = evaluate_model("models:/seqgen-mae-smoke@phase-1")
     n_test = SMOKE_SAMPLES - 32 - 4  # 80/10/10 fallback split of 40 samples
@@ -229,6 +282,7 @@ def test_evaluation_run_records_model_metrics_and_tables(in_store):
     assert table["field_rel_l2"].mean() == pytest.approx(m["test_field_rel_l2"])
 
 
+@pytest.mark.slow
 def test_pth_and_runs_uris_give_the_same_numbers(in_store):
     by_registry = evaluate_model("models:/seqgen-mae-smoke/1")["metrics"]
     pth = f"{in_store.output_dir}/best_model.pth"
@@ -241,6 +295,7 @@ def test_pth_and_runs_uris_give_the_same_numbers(in_store):
     assert "model_name" not in mlflow.MlflowClient().get_run(by_file["run_id"]).data.tags
 
 
+@pytest.mark.slow
 def test_missing_model_is_a_clear_error(in_store):
     with pytest.raises(TrackingError, match=r"no model at models:/seqgen-nope/1 \("):
         evaluate_model("models:/seqgen-nope/1")
@@ -248,6 +303,7 @@ def test_missing_model_is_a_clear_error(in_store):
         evaluate_model("nowhere.pth")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -280,6 +336,7 @@ def _n_runs() -> int:
     return len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
 
 
+@pytest.mark.slow
 def test_baselines_beside_the_model_on_the_same_samples_and_found_again(in_store, smoke_data):
     first = evaluate_model("models:/seqgen-mae-smoke@phase-1")
     before = _n_runs()
@@ -306,7 +363,8 @@ def test_baselines_beside_the_model_on_the_same_samples_and_found_again(in_store
         assert tags["baseline_version"] == baseline_version(name)
         assert "evaluated_run_id" not in tags and "strategy" not in tags  # never a model's
         assert run.info.experiment_id == client.get_run(first["run_id"]).info.experiment_id
-        assert m["fit_seconds"] >= 0 and "test_tf_gap" not in m
+        assert "test_tf_gap" not in m and "test_mae_teacher_forced" not in m
+        assert set(measures.FIT_METRICS) <= set(m) and m["predict_seconds"] > 0
         table = pd.read_csv(_download(run_id, "per_sample.csv"))
         assert table["file"].tolist() == model_files.tolist()  # the same samples, in order
         assert table["mae"].mean() == pytest.approx(m["test_mae"])
@@ -314,6 +372,9 @@ def test_baselines_beside_the_model_on_the_same_samples_and_found_again(in_store
             {k: v for k, v in m.items() if k.startswith("test_")}
         )
     assert client.get_run(ids["knn"]).data.params["k"] in {"1", "2", "4", "8", "16", "32"}
+    # the direct network trains for epochs, the mean is one average: their times say so
+    fit = {n: client.get_run(r).data.metrics["fit_seconds"] for n, r in ids.items()}
+    assert fit["direct"] > 100 * fit["mean"] > 0
 
     # the mean baseline predicts the per-step mean of the model's own training split
     bundle = Bundle.load(f"{in_store.output_dir}/best_model.pth")
@@ -326,12 +387,14 @@ def test_baselines_beside_the_model_on_the_same_samples_and_found_again(in_store
         assert z["sweep_pred"].shape == (2, 5, 151, 5)  # drawn in the sweep figures
 
 
+@pytest.mark.slow
 def test_evaluate_without_baselines(in_store):
     before = _n_runs()
     summary = evaluate_model("models:/seqgen-mae-smoke/1", baselines=False)
     assert summary["baselines"] == {} and _n_runs() == before + 1
 
 
+@pytest.mark.slow
 def test_baselines_command_finds_the_models_split_and_refits_on_request(in_store, smoke_data):
     model = evaluate_model("models:/seqgen-mae-smoke/1")
     ids = {n: b["run_id"] for n, b in model["baselines"].items()}
@@ -346,10 +409,19 @@ def test_baselines_command_finds_the_models_split_and_refits_on_request(in_store
     by_model = runner.invoke(main, ["baselines", "--model", "models:/seqgen-mae-smoke/1"])
     assert {n: b["run_id"] for n, b in json.loads(by_model.stdout).items()} == ids
 
+    started = time.perf_counter()
     refit = runner.invoke(main, ["baselines", "--data_dir", str(smoke_data), "--refit"])
+    wall = time.perf_counter() - started
     assert refit.exit_code == 0, refit.output
     fresh = json.loads(refit.stdout)
     assert not any(b["reused"] for b in fresh.values())
+    # each fit's time is a real duration: the fits happen one after another inside the command
+    fits = [b["fit_seconds"] for b in fresh.values()]
+    assert min(fits) > 0 and sum(fits) < wall
+    # progress through the seqgen logger, on stderr; stdout is the JSON alone
+    assert [line for line in refit.stderr.splitlines() if line.startswith("fitting")] == [
+        f"fitting the {n} baseline (32 training samples, seed 0)" for n in ("mean", "knn", "direct")
+    ]
     assert not {b["run_id"] for b in fresh.values()} & set(ids.values())
     for name in ("mean", "knn"):  # deterministic fits: the same numbers again
         assert fresh[name]["metrics"] == pytest.approx(model["baselines"][name]["metrics"])
@@ -359,15 +431,25 @@ def test_baselines_command_finds_the_models_split_and_refits_on_request(in_store
     assert not {b["run_id"] for b in json.loads(other.stdout).values()} & set(ids.values())
 
 
+@pytest.mark.slow
 def test_evaluate_command_prints_the_model_beside_the_baselines(in_store):
     result = CliRunner().invoke(main, ["evaluate", "--model", "models:/seqgen-mae-smoke/1"])
     assert result.exit_code == 0, result.output
-    assert set(json.loads(result.stdout)["baselines"]) == {"mean", "knn", "direct"}
+    summary = json.loads(result.stdout)
+    assert set(summary["baselines"]) == {"mean", "knn", "direct"}
     lines = result.stderr.strip().splitlines()
     assert [line.split()[0] for line in lines[-4:]] == ["model", "mean", "knn", "direct"]
-    assert lines[-5].split()[:2] == ["mae", "rmse"]
+    keys = [m.key for m in measures.select(versus=True)]
+    assert lines[-5].split() == [*keys, "fit", "s"]
+    # the rows are the JSON's numbers (5 significant digits), model and baselines alike
+    rows = {"model": summary, **summary["baselines"]}
+    for line, who in zip(lines[-4:], rows, strict=True):
+        shown = [float(v) for v in line.split()[1 if who == "model" else 2 :]][: len(keys)]
+        logged = [rows[who]["metrics"][f"test_{k}"] for k in keys]
+        assert shown == pytest.approx(logged, rel=1e-4), who
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -399,6 +481,7 @@ def test_baselines_bad_input_is_one_line_and_logs_nothing(in_store, smoke_data, 
     assert _n_runs() == before
 
 
+@pytest.mark.slow
 def test_a_split_without_validation_samples_is_refused_before_any_run(
     in_store, smoke_data, tmp_path
 ):

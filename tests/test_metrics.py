@@ -223,6 +223,36 @@ def test_paired_bootstrap_detects_better_strategy():
     assert r["ci_low"] != m.paired_bootstrap(a, b, seed=4)["ci_low"]
 
 
+def test_paired_bootstrap_width_is_that_of_the_paired_differences():
+    # A known answer: for n normal differences the 95% percentile interval of the resampled
+    # means is mean +- 1.96 sd / sqrt(n) to within a few percent, and it is the differences'
+    # spread that counts, not the (much larger) spread the two strategies share per sample.
+    rng = np.random.default_rng(5)
+    n = 400
+    shared = rng.uniform(0, 50, n)  # per-sample difficulty, sd about 14
+    diff = rng.normal(0.5, 2.0, n)
+    r = m.paired_bootstrap(shared + diff, shared, n_boot=4000)
+    se = diff.std(ddof=1) / np.sqrt(n)
+    assert r["mean_diff"] == pytest.approx(diff.mean(), abs=1e-12)
+    assert r["ci_high"] - r["ci_low"] == pytest.approx(2 * 1.96 * se, rel=0.08)
+    assert (r["ci_low"] + r["ci_high"]) / 2 == pytest.approx(diff.mean(), abs=0.1 * se)
+    half = m.paired_bootstrap(shared + diff, shared, n_boot=4000, level=0.5)
+    assert half["ci_high"] - half["ci_low"] == pytest.approx(2 * 0.6745 * se, rel=0.1)
+
+
+def test_paired_bootstrap_ci_covers_the_true_difference():
+    # 300 seeded data sets whose true mean difference is 0.3: the 95% interval must hold it in
+    # about 95% of them (a too narrow interval covers far less, a too wide one nearly always).
+    rng = np.random.default_rng(6)
+    covered = 0
+    for i in range(300):
+        b = rng.uniform(1, 5, 40)
+        a = b + rng.normal(0.3, 1.0, 40)
+        r = m.paired_bootstrap(a, b, n_boot=1000, seed=i)
+        covered += r["ci_low"] <= 0.3 <= r["ci_high"]
+    assert 0.90 <= covered / 300 <= 0.985
+
+
 def test_paired_bootstrap_bad_input():
     with pytest.raises(ValueError, match=r"equal length, got shapes \(3,\) and \(2,\)"):
         m.paired_bootstrap(np.zeros(3), np.zeros(2))

@@ -19,11 +19,10 @@ found again in the store by those tags, so each further model evaluation costs n
 from __future__ import annotations
 
 import json
+import logging
 import re
-import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -36,7 +35,7 @@ from seqgen.data.sequences import SequenceData, load_sequences
 from seqgen.data.split import Split, make_split
 from seqgen.data.synth import PCABasis, load_pca
 from seqgen.errors import ConfigError, DataError
-from seqgen.evaluation import metrics
+from seqgen.evaluation import measures, metrics
 from seqgen.evaluation.baselines import BASELINES, baseline_version, fit_baseline
 from seqgen.model.bundle import Bundle
 from seqgen.model.generate import GENERATION_BATCH, generate_original
@@ -47,12 +46,8 @@ GENERATED_FILE = "generated.npz"
 PER_SAMPLE_FILE = "per_sample.csv"
 BY_STEP_FILE = "error_by_step.csv"
 SUMMARY_FILE = "summary.json"
-# What `seqgen evaluate` and `seqgen baselines` print side by side (without the split prefix).
-BESIDE_COLUMNS = ("mae", "rmse", "acf_error", "spectral_error", "field_rel_l2")
 
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)  # stdout is the JSON answer
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -320,7 +315,6 @@ def prepare_baselines(
     experiment_id: str | None = None,
     names: tuple[str, ...] = tuple(BASELINES),
     reuse: bool = True,
-    log: Callable[[str], None] = _say,
 ) -> PendingBaselines:
     """Find each baseline's evaluation on `es` in the store, fit (on the split's training part)
     and predict those not found. Opens no run, so bad input leaves nothing half-written."""
@@ -339,7 +333,12 @@ def prepare_baselines(
     sweeps = es.sweeps()
     fitted = {}
     for name in [n for n in names if n not in found]:
-        log(f"fitting the {name} baseline ({len(es.split.train)} training samples, seed {seed})")
+        logger.info(
+            "fitting the %s baseline (%d training samples, seed %d)",
+            name,
+            len(es.split.train),
+            seed,
+        )
         baseline = fit_baseline(name, es.data, es.split, seed)
         started = time.perf_counter()
         pred = baseline.predict(es.params)
@@ -360,7 +359,7 @@ def log_baselines(
         info = dict(baseline.info)
         fit_seconds = float(info.pop("fit_seconds"))
         val_mae = info.pop("val_mae", None)
-        timing = {"fit_seconds": fit_seconds, "predict_seconds": predict_seconds}
+        timing = dict(zip(measures.FIT_METRICS, (fit_seconds, predict_seconds), strict=True))
         out[name] = log_evaluation(
             f"baseline-{name}-s{seed}",
             baseline_key(es, name, seed),
@@ -382,19 +381,18 @@ def ensure_baselines(
     experiment_id: str | None = None,
     names: tuple[str, ...] = tuple(BASELINES),
     reuse: bool = True,
-    log: Callable[[str], None] = _say,
 ) -> dict[str, dict]:
     """Each baseline's evaluation on `es`: found in the store (reused: True), else fitted,
     measured and logged as its own evaluation run. Every fit runs before any run is opened."""
-    pending = prepare_baselines(es, seed, experiment_id, names, reuse, log)
+    pending = prepare_baselines(es, seed, experiment_id, names, reuse)
     return log_baselines(es, pending, experiment_id)
 
 
 def beside_table(split_name: str, rows: dict[str, dict]) -> str:
-    """A plain-text table of evaluation summaries: rows {label: summary with 'metrics'}."""
-    cols = [
-        c for c in BESIDE_COLUMNS if any(f"{split_name}_{c}" in r["metrics"] for r in rows.values())
-    ]
+    """A plain-text table of evaluation summaries, rows {label: summary with 'metrics'}: the
+    measures a model is paired against the baselines on."""
+    versus = [m.key for m in measures.select(versus=True)]
+    cols = [c for c in versus if any(f"{split_name}_{c}" in r["metrics"] for r in rows.values())]
     width = max(len(label) for label in rows) + 2
     lines = [f"{'':<{width}}" + "".join(f"{c:>16}" for c in cols) + f"{'fit s':>10}"]
     for label, r in rows.items():
@@ -435,7 +433,6 @@ def evaluate_model(
     split_name: str = "test",
     max_lag: int = metrics.ACF_MAX_LAG,
     baselines: bool = True,
-    log: Callable[[str], None] = _say,
 ) -> dict:
     """Generate `split_name` free-running, measure it, log an evaluation run with the baselines'
     beside it (fitted once per split, then found in the store); return a summary."""
@@ -456,7 +453,7 @@ def evaluate_model(
     source = tracking.model_source(exact_uri, bundle.run_id)
     experiment = source.get("experiment_id")
     names = tuple(BASELINES) if baselines else ()
-    pending = prepare_baselines(es, bundle.seed, experiment, names, log=log)
+    pending = prepare_baselines(es, bundle.seed, experiment, names)
     tags = {
         "model_uri": model_uri,
         "evaluated_model_uri": exact_uri,
@@ -496,7 +493,6 @@ def evaluate_baselines(
     n_components: int | None = None,
     n_params: int | None = None,
     reuse: bool = True,
-    log: Callable[[str], None] = _say,
 ) -> dict[str, dict]:
     """The baselines alone, on a model's split (model_uri) or on the split training makes of
     data_dir's first max_samples files with `seed`; logged (or found) as evaluation runs."""
@@ -506,7 +502,7 @@ def evaluate_baselines(
         bundle = tracking.load_bundle(exact_uri)
         es = _model_eval_set(bundle, data_dir, split_name, max_lag)
         experiment = tracking.model_source(exact_uri, bundle.run_id).get("experiment_id")
-        return _baselines_alone(es, bundle.seed, experiment, reuse, log)
+        return _baselines_alone(es, bundle.seed, experiment, reuse)
     if not data_dir:
         raise ConfigError("pass --data_dir DIR (or --model URI to use a model's data and split)")
     if max_samples is not None and max_samples < 3:
@@ -520,15 +516,15 @@ def evaluate_baselines(
     split = make_split(files, seed)
     folder = Path(data_dir)
     es = EvalSet(data, split, split_name, max_lag, load_pca(folder), folder)
-    return _baselines_alone(es, seed, None, reuse, log)
+    return _baselines_alone(es, seed, None, reuse)
 
 
 def _baselines_alone(
-    es: EvalSet, seed: int, experiment_id: str | None, reuse: bool, log: Callable[[str], None]
+    es: EvalSet, seed: int, experiment_id: str | None, reuse: bool
 ) -> dict[str, dict]:
     """ensure_baselines; under `mlflow run`, the launcher's run becomes their parent (tag
     kind=baselines, naming every baseline's evaluation run), so it is not left empty."""
-    pending = prepare_baselines(es, seed, experiment_id, reuse=reuse, log=log)
+    pending = prepare_baselines(es, seed, experiment_id, reuse=reuse)
     if not tracking.launched_by_mlflow_run():
         return log_baselines(es, pending, experiment_id)
     with tracking.tracked_run(f"baselines-s{seed}", {"kind": "baselines", **es.tags()}):

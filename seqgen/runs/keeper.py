@@ -102,7 +102,8 @@ class RunKeeper:
         furthest checkpoint, or new. The folder is checked before anything is tracked."""
         record = find_run(setup, options)
         if record is not None and record.state == "registered" and options.retrain:
-            log.info(f"[{setup.settings.run_name}] --retrain: a new run (run {record.run_id} stays)")
+            name = setup.settings.run_name
+            log.info(f"[{name}] --retrain: a new run (run {record.run_id} stays as it is)")
             outputs.set_aside(setup.out_dir, record.run_id)
             record = None
         keeper = cls(setup, options, record)

@@ -1,0 +1,178 @@
+"""The registry of what is measured and how it is shown: one entry per quantity, read by the
+evaluation, analysis/tables.py, analysis/report.py and analysis/query.py instead of lists of
+their own.
+
+- `MEASURES`: what an evaluation logs as `{split}_{key}` (test_mae), in the order every table
+  shows them: its label, which way is better, whether the baselines have it, whether it is shown
+  beside the baselines, paired between strategies, and summarised.
+- `PER_EPOCH`: what a phase run logs at every epoch (step = global epoch), and which of them the
+  analysis draws; `PHASE_END`: what it logs once at its end.
+- `RUN_COLUMNS`: the per-phase-run numbers of per_run.csv and summary.csv.
+
+A new measure is one entry here and its computation in `seqgen.evaluation.evaluate.measure`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pandas as pd
+
+LOWER, HIGHER = "lower", "higher"
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One quantity of an evaluation run, logged as `{split}_{key}`."""
+
+    key: str  # as logged, without the split prefix
+    label: str  # column header in the report's tables
+    name: str  # in sentences and figure titles
+    better: str = LOWER  # which way is better
+    per_sample: bool = True  # one value per sequence in per_sample.csv, so it pairs by sample
+    baselines: bool = True  # the baselines are scored on it (the teacher-forced ones they are not)
+    beside: bool = True  # a column of the table of strategies beside the baselines
+    need: str = ""  # the need it answers when strategies are paired on it; "" = not paired
+    summary: bool = True  # a column of the report's summary table (summary.csv holds them all)
+
+    def __post_init__(self) -> None:
+        if self.better not in (LOWER, HIGHER):
+            raise ValueError(f"measure {self.key}: better must be {LOWER!r} or {HIGHER!r}")
+
+    @property
+    def versus(self) -> bool:
+        """Each strategy is paired against the best baseline on it (and `seqgen evaluate` prints
+        it beside the baselines): the baselines have it, sample by sample."""
+        return self.baselines and self.per_sample
+
+    def improves(self, diff: float) -> bool:
+        """Whether a difference a - b says a is better."""
+        return diff < 0 if self.better == LOWER else diff > 0
+
+    def best(self, values: pd.Series):
+        """The index of the best of `values`."""
+        return values.idxmin() if self.better == LOWER else values.idxmax()
+
+
+MEASURES: tuple[Measure, ...] = (
+    Measure("mae", "test MAE", "MAE", need="pointwise accuracy (MAE)"),
+    Measure("rmse", "test RMSE", "RMSE (per sequence)"),
+    Measure("acf_error", "ACF err", "ACF error", need="temporal structure (ACF error)"),
+    # Pooled over the split: one number per evaluation, nothing to pair.
+    Measure("acf_error_pooled", "ACF err pooled", "pooled ACF error", per_sample=False),
+    Measure(
+        "spectral_error",
+        "spectral dist",
+        "spectral distance",
+        need="frequency content (log-spectral distance)",
+    ),
+    Measure(
+        "field_rel_l2",
+        "field rel L2",
+        "field relative L2",
+        need="reconstructed fields (relative L2)",
+    ),
+    Measure(
+        "mae_teacher_forced",
+        "TF MAE",
+        "teacher-forced MAE",
+        baselines=False,
+        beside=False,
+        summary=False,
+    ),
+    Measure(
+        "tf_gap",
+        "TF gap",
+        "free-running minus teacher-forced MAE",
+        per_sample=False,
+        baselines=False,
+        beside=False,
+    ),
+)
+BY_KEY = {m.key: m for m in MEASURES}
+# The measure a model is judged by first: its per-component values are shown beside the
+# baselines, it is drawn over the parameter plane and along the sequence, and the fields figure
+# shows the baseline that is best on it.
+HEADLINE = "mae"
+# Logged on a baseline's evaluation run beside its measures.
+FIT_METRICS = ("fit_seconds", "predict_seconds")
+
+
+def logged(split: str = "test", **flags: bool) -> list[str]:
+    """Metric keys `{split}_{key}` of the measures whose flags all have the given values:
+    logged(beside=True) -> ['test_mae', 'test_rmse', ...]."""
+    return [f"{split}_{m.key}" for m in select(**flags)]
+
+
+def select(**flags: bool) -> list[Measure]:
+    """The measures, in table order, whose attributes have the given values."""
+    return [m for m in MEASURES if all(getattr(m, k) == v for k, v in flags.items())]
+
+
+def paired() -> dict[str, str]:
+    """Measures compared between strategies sample by sample: {key: the need it answers}."""
+    return {m.key: m.need for m in MEASURES if m.need}
+
+
+def component_columns(columns: Iterable[str], key: str = HEADLINE, split: str = "test") -> list:
+    """The per-component columns of measure `key` among `columns` ('test_mae_pc1', ...), sorted:
+    those named `{split}_{key}_*` that are not another measure's."""
+    start = f"{split}_{key}_"
+    return sorted({c for c in columns if c.startswith(start) and c[len(split) + 1 :] not in BY_KEY})
+
+
+# ---- training runs -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EpochMetric:
+    """A number a phase run logs at every epoch, at step = global epoch."""
+
+    key: str
+    drawn: bool = False  # the analysis pulls its history for the comparison's curves
+
+
+# The loss terms every strategy logs per split ({split}_{term}), so strategies compare on the
+# same axes whatever their own loss weighs; with their labels in figures.
+LOSS_TERMS = {"mae": "MAE (standardised)", "autocorr": "autocorrelation loss"}
+# Schedules drawn against the epoch, with their labels.
+SCHEDULES = {"lr": "learning rate", "teacher_forcing_ratio": "teacher-forcing ratio"}
+
+# In the order seqgen.training.epochs.EpochStats.metrics() logs them.
+PER_EPOCH: tuple[EpochMetric, ...] = (
+    *(
+        EpochMetric(f"{split}_{q}", drawn=split != "test")
+        for split in ("train", "val", "test")
+        for q in ("loss", *LOSS_TERMS)
+    ),
+    EpochMetric("val_loss_teacher_forced"),
+    *(EpochMetric(k, drawn=True) for k in SCHEDULES),
+    EpochMetric("grad_norm"),
+    EpochMetric("epoch_seconds"),
+    EpochMetric("nonfinite_steps"),
+)
+DRAWN = tuple(m.key for m in PER_EPOCH if m.drawn)  # the histories the analysis pulls
+# Logged once when a phase ends.
+PHASE_END = ("best_val_loss", "best_epoch", "phase_seconds", "peak_memory_mb")
+
+
+@dataclass(frozen=True)
+class RunColumn:
+    """A number per phase run: a column of per_run.csv, and of summary.csv as mean and std over
+    seeds."""
+
+    key: str
+    label: str  # column header in the report's summary table
+    at_best: str = ""  # read from this per-epoch metric at the run's best epoch; "" = PHASE_END
+    cost: bool = False  # what training cost, shown after the test measures (else how it trained)
+    per: float = 1.0  # the report shows the value divided by this (60: seconds as minutes)
+
+
+RUN_COLUMNS: tuple[RunColumn, ...] = (
+    RunColumn("best_val_loss", "best val loss"),
+    RunColumn("val_mae_at_best", "val MAE@best", at_best="val_mae"),
+    RunColumn("val_autocorr_at_best", "val autocorr@best", at_best="val_autocorr"),
+    RunColumn("phase_seconds", "train time (min)", cost=True, per=60.0),
+    RunColumn("peak_memory_mb", "peak MB", cost=True),
+)
