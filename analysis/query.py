@@ -3,7 +3,6 @@ artifacts into DataFrames and arrays, and log the analysis run."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from seqgen.errors import SelectionError, redact
 from seqgen.evaluation import measures
 from seqgen.evaluation.evaluate import BY_STEP_FILE, GENERATED_FILE, PER_SAMPLE_FILE
+from seqgen.runs import tracking
 from seqgen.runs.tracking import default_experiment
 
 # One call per run and key. On sqlite threads gain nothing (45 runs x 8 keys: 0.8 s either way);
@@ -331,17 +331,7 @@ def evaluation_files(run_ids: list[str]) -> dict[str, EvaluationFiles]:
 def log_analysis_run(out_dir: Path, experiment_id: str, params: dict, tags: dict) -> str:
     """An MLflow run `compare` (tag kind=analysis) with every file in out_dir as an artifact;
     under `mlflow run`, the launcher's run. Returns its id."""
-    nested = mlflow.active_run() is not None
-    kwargs = {} if nested or os.environ.get("MLFLOW_RUN_ID") else {"experiment_id": experiment_id}
-    with mlflow.start_run(run_name="compare", nested=nested, **kwargs) as run:
-        mlflow.set_tags(
-            {
-                "mlflow.runName": "compare",
-                "kind": "analysis",
-                **{k: str(v) for k, v in tags.items()},
-            }
-        )
-        existing = MlflowClient().get_run(run.info.run_id).data.params
-        mlflow.log_params({k: str(v) for k, v in params.items() if k not in existing})
-        mlflow.log_artifacts(str(out_dir))
+    with tracking.tracked_run("compare", {"kind": "analysis", **tags}, experiment_id) as run:
+        tracking.log_params(params)
+        tracking.log_artifacts(out_dir)
         return run.info.run_id

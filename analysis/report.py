@@ -30,7 +30,7 @@ N_FIELD_PLOTS = 2  # of which drawn as x-t fields
 DPI = 110
 
 
-def code_version() -> str:
+def made_by() -> str:
     """seqgen's version and the git commit of this checkout (+dirty), where git can tell."""
     return f"seqgen {version('seqgen')}, {seqgen_code_version()}"
 
@@ -571,7 +571,7 @@ def _document(c: Compared, figs: Figures, note: str, seconds: float) -> Doc:
     doc.h(1, f"seqgen: which loss strategy? ({c.sel.experiment})")
     doc.p(
         f"Made {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from {query.tracking_uri()} in "
-        f"{seconds:.1f} s, by {code_version()}."
+        f"{seconds:.1f} s, by {made_by()}."
     )
     _answer_section(doc, c)
     _compared_section(doc, c, note)

@@ -206,7 +206,9 @@ def tracked_run(run_name: str, tags: dict[str, Any], in_experiment: str | None =
     half-made run is left RUNNING.
     """
     nested = mlflow.active_run() is not None
-    where = {} if nested else {"experiment_id": in_experiment or experiment_id()}
+    # under `mlflow run` the launcher's run is taken up where it is
+    own = nested or launched_by_mlflow_run()
+    where = {} if own else {"experiment_id": in_experiment or experiment_id()}
     try:
         run = mlflow.start_run(run_name=run_name, nested=nested, **where)
         mlflow.set_tags({"mlflow.runName": run_name, **{k: str(v) for k, v in tags.items()}})
@@ -257,6 +259,12 @@ def log_metrics(metrics: dict[str, float], step: int) -> None:
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     """upload to the active run."""
     upload(mlflow.active_run().info.run_id, Path(path), artifact_path)
+
+
+def log_artifacts(folder: str | Path) -> None:
+    """Every file of a folder as artifacts of the active run."""
+    run_id = mlflow.active_run().info.run_id
+    _store_call("upload artifacts")(_client().log_artifacts)(run_id, str(folder))
 
 
 def set_tags(tags: dict[str, Any]) -> None:
