@@ -60,16 +60,11 @@ def batches(steps, seed=10, members=3, accumulate_at=(2,)):
     """Per step a list of micro-batches (params (M,B,P), targets (M,B,T,K)): every member its own
     samples; two micro-batches at the steps in accumulate_at."""
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for step in range(steps):
-        micro = 2 if step in accumulate_at else 1
-        out.append(
-            [
-                (torch.randn(members, B, P, generator=g), torch.randn(members, B, T, K, generator=g))
-                for _ in range(micro)
-            ]
-        )
-    return out
+
+    def one():
+        return torch.randn(members, B, P, generator=g), torch.randn(members, B, T, K, generator=g)
+
+    return [[one() for _ in range(2 if step in accumulate_at else 1)] for step in range(steps)]
 
 
 def single_model(chain: Chain) -> StreamlinedSequenceGenerator:
@@ -107,7 +102,7 @@ def make_stack(chains, models=None):
     return stack, optimizer, loss_fn
 
 
-def train_stack(chains, stack, optimizer, loss_fn, steps, epoch=0, precision=None, frozen=None):
+def train_stack(chains, stack, optimizer, loss_fn, steps, precision=None, frozen=None, epoch=0):
     precision = precision or stacked_precision(choose_precision(CPU, False), len(chains))
     generators = [sampling_generator(c.seed, epoch, CPU) for c in chains]
     return [
@@ -125,6 +120,10 @@ def train_stack(chains, stack, optimizer, loss_fn, steps, epoch=0, precision=Non
         )
         for micro in steps
     ]
+
+
+def scaled_precision(dtype=None):
+    return StackedPrecision(CPU, dtype, StackedGradScaler(3, CPU, enabled=True), str(dtype))
 
 
 def assert_member_equals(stack, m, model, atol=1e-5):
@@ -254,7 +253,8 @@ def test_stack_of_three_equals_three_chains_trained_alone():
         for i, state in theirs_state["state"].items():
             assert ours_state["state"][i]["step"] == state["step"] == 4
             for key in ("exp_avg", "exp_avg_sq"):
-                torch.testing.assert_close(ours_state["state"][i][key], state[key], atol=1e-5, rtol=1e-5)  # fmt: skip
+                got = ours_state["state"][i][key]
+                torch.testing.assert_close(got, state[key], atol=1e-5, rtol=1e-5)
     assert bool(results[-1].stepped.all())
     # the clipping really differed: the hard-clipped member's pre-clip norm is above its limit
     assert results[0].grad_norm[1] > CHAINS[1].clip
@@ -309,15 +309,20 @@ def _saved(obj):
 
 
 def test_frozen_member_is_untouched_and_the_others_go_on():
+    """Frozen: its weights, AdamW state and GradScaler state stay as they were (the scaler on,
+    in float32: it scales and unscales all the same)."""
     steps = batches(3)
     stack, optimizer, loss_fn = make_stack(CHAINS)
     free_stack, free_opt, _ = make_stack(CHAINS)
+    precision = scaled_precision()
     before = stack.member_state_dict(1)
-    results = train_stack(CHAINS, stack, optimizer, loss_fn, steps, frozen=[False, True, False])
-    train_stack(CHAINS, free_stack, free_opt, loss_fn, steps)
+    frozen = [False, True, False]
+    results = train_stack(CHAINS, stack, optimizer, loss_fn, steps, precision, frozen)
+    train_stack(CHAINS, free_stack, free_opt, loss_fn, steps, scaled_precision())
     for key, value in before.items():
         assert torch.equal(stack.weight(key)[1], value), key
     assert optimizer.member_state_dict(1)["state"] == {} and optimizer.steps[1] == 0
+    assert precision.scaler.growth_tracker.tolist() == [3, 0, 3]
     assert [r.stepped.tolist() for r in results] == [[True, False, True]] * 3
     for m in (0, 2):  # the others as if nothing were frozen
         for a, b in zip(stack.parameters(), free_stack.parameters(), strict=True):
@@ -345,10 +350,10 @@ def test_fp16_overflow_skips_only_that_member():
     huge = 2.0**40
     models = [single_model(c) for c in chains]
     stack, optimizer, loss_fn = make_stack(chains, [copy.deepcopy(m) for m in models])
-    scaler = StackedGradScaler(3, CPU, enabled=True)
+    precision = scaled_precision(torch.float16)
+    scaler = precision.scaler
     state = torch.amp.GradScaler("cpu", init_scale=huge).state_dict()
     assert scaler.load_member_state_dict(1, state) == ""
-    precision = StackedPrecision(CPU, torch.float16, scaler, "fp16")
     before = stack.member_state_dict(1)
     results = train_stack(chains, stack, optimizer, loss_fn, steps, precision=precision)
     assert [r.stepped.tolist() for r in results] == [[True, False, True]] * 3
@@ -389,9 +394,8 @@ def test_evaluate_stacked_is_evaluate_loss_per_member():
     params, targets = torch.randn(600, P), torch.randn(600, T, K)  # two evaluation batches
     precision = stacked_precision(choose_precision(CPU, False), 3)
     for ratio in (0.0, 1.0):
-        got = evaluate_stacked(
-            stack, loss_fn, params.expand(3, -1, -1), targets.expand(3, -1, -1, -1), ratio, precision
-        )
+        shared = params.expand(3, -1, -1), targets.expand(3, -1, -1, -1)
+        got = evaluate_stacked(stack, loss_fn, *shared, ratio, precision)
         assert stack.training
         for m, (chain, model) in enumerate(zip(CHAINS, models, strict=True)):
             loss = make_loss(chain.alpha, chain.max_lag)
