@@ -126,8 +126,12 @@ def scaled_precision(dtype=None):
     return StackedPrecision(CPU, dtype, StackedGradScaler(3, CPU, enabled=True), str(dtype))
 
 
-def assert_member_equals(stack, m, model, atol=1e-5):
+def assert_member_equals(stack, m, model, chain, atol=1e-5):
     for key, value in model.state_dict().items():
+        if key == "head.bias" and chain.alpha == 0.0:
+            # The autocorrelation does not see a constant shift: this gradient is zero up to
+            # rounding, and Adam turns rounding noise into steps of +-lr. Not comparable.
+            continue
         torch.testing.assert_close(stack.weight(key)[m], value, atol=atol, rtol=atol, msg=key)
 
 
@@ -247,7 +251,7 @@ def test_stack_of_three_equals_three_chains_trained_alone():
             assert ours.finite and theirs.finite
             for field in ("loss", "mae", "autocorr", "grad_norm"):
                 assert getattr(ours, field) == pytest.approx(getattr(theirs, field), rel=1e-5)
-        assert_member_equals(stack, m, model)
+        assert_member_equals(stack, m, model, chain)
         ours_state, theirs_state = optimizer.member_state_dict(m), single_opt.state_dict()
         assert ours_state["param_groups"] == theirs_state["param_groups"]
         for i, state in theirs_state["state"].items():
@@ -268,7 +272,7 @@ def test_stack_of_one_is_todays_step():
     results = train_stack([chain], stack, optimizer, loss_fn, steps)
     _, expected = train_single(chain, model, 0, steps)
     assert [r.members()[0].loss for r in results] == pytest.approx([r.loss for r in expected])
-    assert_member_equals(stack, 0, model, atol=1e-6)
+    assert_member_equals(stack, 0, model, chain, atol=1e-6)
 
 
 def test_resume_from_per_member_state_equals_uninterrupted():
@@ -366,7 +370,7 @@ def test_fp16_overflow_skips_only_that_member():
         single = Precision(CPU, torch.float16, single_scaler, "fp16")
         _, expected = train_single(chain, model, m, steps, precision=single)
         assert scaler.member_state_dict(m) == single_scaler.state_dict()
-        assert_member_equals(stack, m, model, atol=1e-4)
+        assert_member_equals(stack, m, model, chain, atol=1e-4)
     assert scaler.member_state_dict(1)["scale"] == huge / 8
 
 

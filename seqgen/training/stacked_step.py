@@ -329,11 +329,11 @@ def stacked_step(
     dev = precision.device
     frozen = frozen if frozen is not None else [False] * model.members
     frozen_t = member_tensor(frozen, torch.bool, dev)
-    ratio_t = member_tensor(ratio, torch.float32, dev)
     clip_t = member_tensor(clip_grad_norm, torch.float32, dev)
     if graphs is not None and len(micro_batches) == 1:
         params, targets = micro_batches[0]
         return graphs.step(params, targets, generators, ratio, noise_level, clip_t, frozen_t)
+    ratio_t = member_tensor(ratio, torch.float32, dev)
     for p in model.parameters():
         p.grad = None
     micro = [
@@ -380,8 +380,8 @@ class StackedStepGraphs:
         B, T = key
         draw(self.model, generators, B, T, noise_level, ratio, out=g.draws)
         g.graph.replay()
-        fields = dataclasses.astuple(g.result)  # (M,) tensors the next replay overwrites
-        return StackedStepResult(*(x.clone() for x in fields))
+        fields = [getattr(g.result, f.name) for f in dataclasses.fields(g.result)]
+        return StackedStepResult(*(x.clone() for x in fields))  # the next replay overwrites them
 
     def _capture(self, params: torch.Tensor, targets: torch.Tensor) -> _StackedGraph:
         M, dev = self.model.members, params.device
