@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -84,3 +85,52 @@ def make_loss(alpha: float, max_lag: int) -> Strategy:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be within 0..1, got {alpha}")
     return Strategy(alpha, max_lag)
+
+
+class StackedStrategies(nn.Module):
+    """The losses of a stack of M chains at once: member m's is make_loss(alpha[m], max_lag[m])
+    on its slice. Lags beyond a member's max_lag carry no weight; a pure MAE member (alpha 1)
+    reports its autocorrelation without training it, over the lags its sequence has, as
+    Strategy does. (M,B,T,K) predictions and targets -> LossResult of (M,) tensors."""
+
+    def __init__(self, alpha: Sequence[float], max_lag: Sequence[int]):
+        super().__init__()
+        for a in alpha:
+            if not 0.0 <= a <= 1.0:
+                raise ValueError(f"alpha must be within 0..1, got {a}")
+        if len(alpha) != len(max_lag):
+            raise ValueError(f"{len(alpha)} alpha values for {len(max_lag)} max_lag values")
+        self.alpha, self.max_lag = tuple(float(a) for a in alpha), tuple(int(k) for k in max_lag)
+        self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """alpha, 1 - alpha (each from the float, as Strategy computes it), trained (alpha < 1)
+        and max_lag, all (M,); made once per device, outside any CUDA-graph capture."""
+        if device not in self._constants:
+            self._constants[device] = (
+                torch.tensor(self.alpha, device=device),
+                torch.tensor([1 - a for a in self.alpha], device=device),
+                torch.tensor([a < 1.0 for a in self.alpha], device=device),
+                torch.tensor(self.max_lag, device=device),
+            )
+        return self._constants[device]
+
+    def forward(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> LossResult:
+        M, B, T, K = y_true.shape
+        top = 0  # the most lags any member counts
+        for a, lag in zip(self.alpha, self.max_lag, strict=True):
+            if a < 1.0 and lag >= T:
+                raise ValueError(f"max_lag {lag} must be below the sequence length {T}")
+            top = max(top, min(lag, T - 1))
+        alpha, one_minus, trained, max_lag = self.constants(y_pred.device)
+        lags = max_lag.clamp(max=T - 1)  # (M,) lags counted: trained members have all theirs
+        mae = (y_pred.float() - y_true.float()).abs().mean(dim=(1, 2, 3))
+        with torch.autocast(y_pred.device.type, enabled=False):
+            r_pred = autocorrelation(y_pred.reshape(M * B, T, K), top).view(M, B, top, K)
+            r_true = autocorrelation(y_true.reshape(M * B, T, K), top).view(M, B, top, K)
+            counted = torch.arange(1, top + 1, device=y_pred.device) <= lags.view(M, 1)
+            diff = torch.where(counted.view(M, 1, top, 1), (r_pred - r_true).abs(), 0.0)
+            autocorr = diff.sum(dim=(1, 2, 3)) / (lags * (B * K))
+        trained_autocorr = torch.where(trained, autocorr, autocorr.detach())
+        total = torch.where(trained, alpha * mae + one_minus * trained_autocorr, mae)
+        return LossResult(total, mae, trained_autocorr)
