@@ -15,7 +15,6 @@ from seqgen.training.stacked_step import (
     StackedGradScaler,
     StackedPrecision,
     evaluate_stacked,
-    sampling_generator,
     stacked_precision,
     stacked_step,
 )
@@ -24,6 +23,7 @@ from seqgen.training.step import (
     choose_precision,
     evaluate_loss,
     optimizer_step,
+    sampling_generator,
     seed_epoch,
 )
 
