@@ -157,21 +157,23 @@ inline T* member_ptr(const Tensor& x, int64_t m) {
 
 // run(m, split_rows) for every member m. Members are independent models, so where there are at
 // least as many as threads each thread runs whole members, GEMMs and gate math, like chains side
-// by side (1.6x the throughput of threads splitting one small GEMM, FACTS.md); with fewer,
-// members run one after another, each with its rows (and its GEMMs) split over the threads.
+// by side (1.6x the throughput of threads splitting one small GEMM, FACTS.md): as many members
+// per thread as divide evenly; the members left over (fewer than the threads) then run one after
+// another with their rows (and their GEMMs) split over the threads.
 template <typename F>
 void for_members(int64_t M, const F& run) {
-  if (M > 1 && M >= at::get_num_threads()) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t whole = M > 1 ? M / threads * threads : 0;  // run whole on one thread each
+  if (whole > 0) {
     // ATen calls on the worker threads need the caller's thread-local state: grad mode off (a
     // GEMM weight may be the caller's leaf tensor itself), dispatch keys, the profiler
     const at::ThreadLocalState caller;
-    at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    at::parallel_for(0, whole, 1, [&](int64_t m0, int64_t m1) {
       const at::ThreadLocalStateGuard guard(caller);
       for (int64_t m = m0; m < m1; ++m) run(m, false);
     });
-  } else {
-    for (int64_t m = 0; m < M; ++m) run(m, true);
   }
+  for (int64_t m = whole; m < M; ++m) run(m, true);
 }
 
 // rows(b0, b1) over one member's B rows: split over the threads, or all on this one.
