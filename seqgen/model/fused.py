@@ -25,6 +25,8 @@ Shapes and arguments as seqgen.model.recurrence.autoregressive_lstm; gates in th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -273,16 +275,30 @@ def _backward_step(
 # ---- launching -----------------------------------------------------------------------------------
 
 
-def _blocks(B: int, H: int, F: int, K: int) -> dict:
-    """Tile sizes: at least 16 wide (tl.dot's minimum), powers of two."""
+def _blocks(M: int, B: int, H: int, F: int, K: int, device: torch.device) -> dict:
+    """Tile sizes, powers of two at least 16 wide (tl.dot's minimum). Hidden units per program:
+    16 where 32 would leave streaming multiprocessors idle (few members: a layer-step is one
+    wave of programs), else 32 (untuned guesses: a GPU run of benchmarks/stacked_recurrence.py
+    is what tells)."""
     p2 = triton.next_power_of_2
+    block_b = min(64, max(16, p2(B)))
+    programs = M * triton.cdiv(B, block_b) * triton.cdiv(H, 32)
+    narrow = H <= 16 or programs < _processors(device)
     return {
-        "BLOCK_B": min(64, max(16, p2(B))),
-        "BLOCK_H": 16 if H <= 16 else 32,
+        "BLOCK_B": block_b,
+        "BLOCK_H": 16 if narrow else 32,
         "BLOCK_K": 16 if H <= 16 else 32,
         "FP": max(16, p2(F)),
         "KP": max(16, p2(K)),
     }
+
+
+@functools.cache
+def _processors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 for the interpreter's CPU tensors)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _grid(M: int, B: int, H: int, blocks: dict) -> tuple[int, int, int]:
@@ -312,7 +328,7 @@ def _forward(mm_dtype, x0, w_x, b_x, y_teacher, use_truth, h0, c0, drop, w_y, w_
     use_truth, w_y = use_truth.contiguous(), w_y.contiguous()
     w_out, b_out = w_out.contiguous(), b_out.contiguous()
     keep = drop.contiguous() if drop is not None else Hs
-    blocks = _blocks(B, H, F, K)
+    blocks = _blocks(M, B, H, F, K, x0.device)
     grid = _grid(M, B, H, blocks)
     for t in range(T):
         prev, now = (t, t + 1) if save else (t % 2, (t + 1) % 2)
@@ -344,7 +360,7 @@ def _backward(d_yhat, x0, w_x, use_truth, drop, w_y, w_out, Hs, Cs, act, TC, Y_i
     w_hh_t = [w.transpose(1, 2).contiguous() for w in w_hh]
     w_ih_t = [None] + [w.transpose(1, 2).contiguous() for w in w_ih[1:]]
     d_yhat = d_yhat.contiguous()
-    blocks = _blocks(B, H, F, K)
+    blocks = _blocks(M, B, H, F, K, d_yhat.device)
     grid = _grid(M, B, H, blocks)
     for t in range(T - 1, -1, -1):
         for layer in range(L - 1, -1, -1):
