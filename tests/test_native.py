@@ -107,6 +107,14 @@ def test_members_are_independent_models(members, threads):
             torch.testing.assert_close(got, ref_grad, atol=1e-5, rtol=1e-5)
 
 
+def test_a_member_count_that_disagrees_is_named():
+    """The C++ path indexes memory by these shapes: a wrong one stops before it runs."""
+    args = inputs(T=5, B=2, K=2, F=3, H=4, L=2, dtype=torch.float32, M=3)
+    args[11] = args[11][:2]  # w_hh_0 of two members only
+    with pytest.raises(ValueError, match=r"w_hh_0 has shape \(2, 4, 16\), expected \(3, 4, 16\)"):
+        native_lstm(None, *args)
+
+
 def test_gradcheck_native():
     args = inputs(T=4, B=2, K=2, F=2, H=3, L=2)
     assert torch.autograd.gradcheck(lambda *a: native_lstm(None, *a), args)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqgen.model.recurrence import _unpack, needs_grad
+from seqgen.model.recurrence import _unpack, check_shapes, needs_grad
 
 # ---- kernels -------------------------------------------------------------------------------------
 
@@ -437,6 +437,7 @@ class TritonAutoregressiveLSTM(torch.autograd.Function):
 def triton_lstm(mm_dtype, *args) -> torch.Tensor:
     """autoregressive_lstm in Triton kernels; without autograd (generation) it keeps two steps of
     state and saves nothing for a backward."""
+    check_shapes(args)
     if needs_grad(args):
         return TritonAutoregressiveLSTM.apply(mm_dtype, *args)
     return _forward(mm_dtype, *args, save=False)["y_hat"]

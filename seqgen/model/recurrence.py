@@ -108,6 +108,31 @@ def python_lstm(mm_dtype, x0, w_x, b_x, *args) -> torch.Tensor:
     return AutoregressiveLSTM.apply(mm_dtype, pre0, *args)
 
 
+NAMES = ("x0", "w_x", "b_x", "y_teacher", "use_truth", "h0", "c0", "drop", "w_y", "w_out", "b_out")
+
+
+def check_shapes(args) -> None:
+    """Raises ValueError naming the first argument of autoregressive_lstm (after mm_dtype) whose
+    shape disagrees with the others: the C++ and Triton paths index memory by these shapes."""
+    x0, h0, y_teacher = args[0], args[5], args[3]
+    M, T, B, F = x0.shape
+    L, H, K, G = h0.shape[1], h0.shape[3], y_teacher.shape[3], 4 * h0.shape[3]
+    want = [(M, T, B, F), (M, F, G), (M, G), (M, T, B, K), (M, T, B, 1), (M, L, B, H)]
+    want += [(M, L, B, H), (M, L - 1, T, B, H), (M, K, G), (M, H, K), (M, K), (M, H, G)]
+    names = [*NAMES, "w_hh_0"]
+    for layer in range(1, L):
+        want += [(M, H, G), (M, H, G), (M, G)]
+        names += [f"w_ih_{layer}", f"w_hh_{layer}", f"b_{layer}"]
+    if len(args) != len(want):
+        raise ValueError(f"autoregressive_lstm: {len(args)} tensors, {len(want)} for {L} layers")
+    for name, arg, shape in zip(names, args, want, strict=True):
+        if arg is not None and tuple(arg.shape) != shape:
+            raise ValueError(
+                f"autoregressive_lstm: {name} has shape {tuple(arg.shape)}, expected {shape} "
+                f"(M={M}, T={T}, B={B}, F={F}, L={L}, H={H}, K={K})"
+            )
+
+
 def needs_grad(args) -> bool:
     """True where a backward will follow: autograd on and some input tensor requires grad."""
     return torch.is_grad_enabled() and any(
@@ -117,6 +142,7 @@ def needs_grad(args) -> bool:
 
 def native_lstm(mm_dtype, *args) -> torch.Tensor:
     """autoregressive_lstm in C++; without autograd (generation) it keeps two steps of state."""
+    check_shapes(args)
     if needs_grad(args):
         return NativeAutoregressiveLSTM.apply(mm_dtype, *args)
     return _native_forward(mm_dtype, *args, save=False)[0]
