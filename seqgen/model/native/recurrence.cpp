@@ -86,10 +86,12 @@ inline int64_t grain(int64_t G) { return std::max<int64_t>(1, 16384 / G); }
 
 // ---- memory ------------------------------------------------------------------------------------
 
-// The saved activations and gradients of one training step are ~100 MB (full model). Fresh from
-// the OS every step, their page faults and zeroing took about a third of the step; so the large
-// buffers come from a cache of freed blocks, reused by size. The cache is never destroyed (a
-// tensor may give its block back during exit) and holds at most 1 GiB.
+// The saved activations and gradients of one training step are ~120 MB per member (full model).
+// Fresh from the OS every step, their page faults and zeroing took about a third of the step; so
+// the large buffers come from a cache of freed blocks, reused by size. The cache is never
+// destroyed (a tensor may give its block back during exit) and holds at most 4 GiB: a step's
+// buffers for 15 stacked members, and those of a second batch size (an epoch's last batch). With
+// 1 GiB, 9 stacked members trained at 0.8x the speed of 9 separate calls.
 class BlockCache {
  public:
   void* take(size_t bytes) {
@@ -115,7 +117,7 @@ class BlockCache {
   }
 
  private:
-  static constexpr size_t kMaxBytes = size_t(1) << 30;
+  static constexpr size_t kMaxBytes = size_t(4) << 30;
   std::mutex mutex_;
   std::multimap<size_t, void*> free_;
   size_t cached_ = 0;
