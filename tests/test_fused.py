@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from test_native import inputs, run
+from test_native import inputs, one_thread, run  # noqa: F401 (one_thread: autouse fixture)
 
 from seqgen.model.recurrence import python_lstm, uses_triton
 
