@@ -237,7 +237,7 @@ def test_fallback_with_seqgen_native_0_says_so_once_and_trains_the_same():
 def test_two_processes_starting_at_once_build_it_once(tmp_path):
     """A fresh cache folder and two processes that both need the library: one compiles, the other
     waits on the lock and loads the same build (about a minute on 2 cores)."""
-    code = "from seqgen import native; assert native.ops() is not None"
+    code = "from seqgen.model import native; assert native.ops() is not None"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     env.pop("SEQGEN_NATIVE", None)
     procs = [
