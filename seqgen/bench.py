@@ -19,7 +19,7 @@ from torch import nn
 from seqgen.config import resolve
 from seqgen.data.synth import N_SNAPSHOTS
 from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
-from seqgen.model.recurrence import gemm_plan, run_gemms, uses_native
+from seqgen.model.recurrence import gemm_plan, recurrence_name, run_gemms
 from seqgen.training.losses import make_loss
 from seqgen.training.step import choose_precision, optimizer_step
 
@@ -173,7 +173,7 @@ def run_bench(
         "threads": torch.get_num_threads(),
         "precision": precision.note,
         "gemm_dtype": str(gemm_dtype).removeprefix("torch."),
-        "recurrence": "native (C++)" if uses_native(precision.dtype, probe) else "python",
+        "recurrence": recurrence_name(precision.dtype, probe),
         **{key: round(value, 1) for key, value in rates.items()},
         "train_fraction_of_gemm_limit": round(
             rates["train_sequences_per_s"] / rates["gemm_limit_train_sequences_per_s"], 3
