@@ -315,12 +315,16 @@ def synth(out_dir, n_samples, seed, overwrite):
 @click.option("--baseline", is_flag=True, help="also time a plain nn.LSTMCell loop")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's)")
 @click.option("--mixed_precision/--no_mixed_precision", default=True)
+@click.option(
+    "--members", type=click.IntRange(min=1), default=1, show_default=True,
+    help="chains trained as one stack (seqgen study --batched)",
+)  # fmt: skip
 @_clean_errors
-def bench(preset, batches, as_json, baseline, threads, mixed_precision):
+def bench(preset, batches, as_json, baseline, threads, mixed_precision, members):
     """Training and generation throughput (sequences/s) through the trainer's own step."""
     from seqgen.bench import run_bench
 
-    result = run_bench(preset, batches, baseline, threads, mixed_precision)
+    result = run_bench(preset, batches, baseline, threads, mixed_precision, members)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
