@@ -98,6 +98,14 @@ max_outage_option = snake_option(
     show_default=True,
     help="seconds the tracking server may be away before a phase pauses (local checkpoint)",
 )
+checkpoint_option = snake_option(
+    "--checkpoint_seconds",
+    type=click.FloatRange(min=0),
+    default=config.CHECKPOINT_SECONDS,
+    show_default=True,
+    help="at most this long between a phase's checkpoints; metrics reach the store with them "
+    "(checkpoint_epoch_N files, stops and pauses always checkpoint)",
+)
 strategy_option = click.option(
     "--strategy", required=True, help="a strategy of experiments/phases.toml: mae, autocorr, ..."
 )
@@ -159,9 +167,20 @@ def phase_config(strategy, phase, preset, **kwargs):
 )
 @retrain_option
 @max_outage_option
+@checkpoint_option
 @setting_options
 @_clean_errors
-def train(strategy, phase, preset, resume, stop_at_epoch, retrain, max_outage, **kwargs):
+def train(
+    strategy,
+    phase,
+    preset,
+    resume,
+    stop_at_epoch,
+    retrain,
+    max_outage,
+    checkpoint_seconds,
+    **kwargs,
+):
     """Train one phase of one strategy (phase N >= 2 continues from phase N-1's model)."""
     from seqgen.runs.keeper import RunOptions
     from seqgen.training.train import train_phase
@@ -173,7 +192,11 @@ def train(strategy, phase, preset, resume, stop_at_epoch, retrain, max_outage, *
     if resume and retrain:
         raise config.ConfigError("--resume takes a run up, --retrain starts a new one: pick one")
     options = RunOptions(
-        resume=resume, retrain=retrain, stop_at_epoch=stop_at_epoch, max_outage=max_outage
+        resume=resume,
+        retrain=retrain,
+        stop_at_epoch=stop_at_epoch,
+        max_outage=max_outage,
+        checkpoint_seconds=checkpoint_seconds,
     )
     train_phase(settings, options)
 
@@ -185,9 +208,10 @@ def train(strategy, phase, preset, resume, stop_at_epoch, retrain, max_outage, *
 @preset_option
 @retrain_option
 @max_outage_option
+@checkpoint_option
 @setting_options
 @_clean_errors
-def pipeline(strategy, phases, seeds, preset, retrain, max_outage, **kwargs):
+def pipeline(strategy, phases, seeds, preset, retrain, max_outage, checkpoint_seconds, **kwargs):
     """Train consecutive phases of one strategy as child runs of one parent run, per seed."""
     from seqgen.runs.keeper import RunOptions
     from seqgen.study.chain import parse_phases, parse_seeds, parse_strategies, run_pipeline
@@ -195,7 +219,9 @@ def pipeline(strategy, phases, seeds, preset, retrain, max_outage, **kwargs):
     overrides = _overrides(kwargs)
     if "seed" in overrides:
         raise config.ConfigError("pipeline takes --seeds (comma-separated), not --seed")
-    options = RunOptions(retrain=retrain, max_outage=max_outage)
+    options = RunOptions(
+        retrain=retrain, max_outage=max_outage, checkpoint_seconds=checkpoint_seconds
+    )
     for name in parse_strategies(strategy):
         run_pipeline(name, parse_phases(phases), parse_seeds(seeds), preset, overrides, options)
 
@@ -225,6 +251,7 @@ def pipeline(strategy, phases, seeds, preset, retrain, max_outage, **kwargs):
 )
 @retrain_option
 @max_outage_option
+@checkpoint_option
 @setting_options
 @_clean_errors
 def study(
@@ -237,6 +264,7 @@ def study(
     batched,
     retrain,
     max_outage,
+    checkpoint_seconds,
     **kwargs,
 ):
     """Every chain (strategy x seed) as a Ray task, its phases in order, one tracking store.
@@ -251,7 +279,9 @@ def study(
     phase_list = parse_phases(phases)
     if threads_per_chain is not None and threads_per_chain < 1:
         raise config.ConfigError(f"--threads_per_chain must be at least 1, got {threads_per_chain}")
-    options = RunOptions(retrain=retrain, max_outage=max_outage)
+    options = RunOptions(
+        retrain=retrain, max_outage=max_outage, checkpoint_seconds=checkpoint_seconds
+    )
     if batched:
         if ray_address or threads_per_chain:
             raise config.ConfigError(

@@ -26,6 +26,7 @@ N_PHASES = 5
 SCHEDULES = ("warmup_cosine", "warmup_linear", "linear")
 SELECTORS = ("strategy", "phase", "preset")  # chosen on the command line, never by the table
 MAX_OUTAGE = 600.0  # seconds the tracking server may be away before a phase pauses
+CHECKPOINT_SECONDS = 30.0  # at most this long between checkpoints (and metrics sent) of a phase
 
 
 def _doc(text: str, **kw: Any) -> Any:

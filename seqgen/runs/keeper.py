@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from seqgen.config import MAX_OUTAGE, N_PHASES, PhaseSettings
+from seqgen.config import CHECKPOINT_SECONDS, MAX_OUTAGE, N_PHASES, PhaseSettings
 from seqgen.errors import ConfigError, TrackingError, TrainingError
 from seqgen.files import copy_atomic
 from seqgen.model.bundle import Bundle, Checkpoint
@@ -36,7 +36,7 @@ from seqgen.version import code_digest, code_version
 
 log = logging.getLogger(__name__)
 
-LAST_CHECKPOINT = "last_checkpoint.pth"  # written every epoch: any interruption can resume
+LAST_CHECKPOINT = "last_checkpoint.pth"  # what any interruption resumes from (see checkpoint_due)
 BEST_MODEL = "best_model.pth"
 
 
@@ -48,6 +48,7 @@ class RunOptions:
     retrain: bool = False  # a registered phase is trained anew, as a new version
     stop_at_epoch: int | None = None  # pause after this global epoch
     max_outage: float = MAX_OUTAGE  # seconds the tracking server may be away before a pause
+    checkpoint_seconds: float = CHECKPOINT_SECONDS  # at most this long between checkpoints
     lease_wait: float = 0.0  # seconds to wait for another process's lease (a retried task)
     parent_run_id: str | None = None  # the chain's run, for a phase of a study
     hint_next: bool = True  # say the next phase's command at the end
@@ -82,8 +83,30 @@ class Snapshot:
     scaler: dict[str, Any]  # torch.amp.GradScaler's state_dict
 
 
+class TrainingState(Protocol):
+    """One member's live training state, read only when the keeper needs it (copies cost time
+    on a GPU)."""
+
+    def weights(self) -> dict[str, Any]: ...  # a copy of the weights now, on their device
+
+    def snapshot(self) -> Snapshot: ...  # weights, optimiser and scaler, on the CPU
+
+
+def checkpoint_due(
+    epoch: int, save_every: int, last_epoch: int, seconds_since: float, every_seconds: float
+) -> bool:
+    """Whether this epoch ends with a checkpoint: the original's checkpoint_epoch_N files (every
+    save_every epochs and the last), and otherwise once every_seconds have passed since the last
+    one, so fast epochs do not bind on the disk and the store. Stops and pauses always do."""
+    return epoch % save_every == 0 or epoch == last_epoch or seconds_since >= every_seconds
+
+
 class RunKeeper:
-    """One phase's run in the store and its local folder, from finding it to registering it."""
+    """One phase's run in the store and its local folder, from finding it to registering it.
+
+    Metrics are held until the checkpoint that covers them is written and queued (the courier
+    delivers in order), so every epoch the store shows can be resumed from, here or elsewhere;
+    a kill loses at most the epochs since the last checkpoint, and they were never logged."""
 
     def __init__(self, setup: Setup, options: RunOptions, record: RunRecord | None) -> None:
         self.setup, self.options, self.record = setup, options, record
@@ -94,6 +117,9 @@ class RunKeeper:
         self.courier: Courier | None = None
         self._started = time.perf_counter()
         self._epochs_here = 0
+        self._held: list[EpochRecord] = []  # epochs not yet covered by a checkpoint
+        self._best: tuple[dict[str, Any], EpochRecord] | None = None  # improved, not yet written
+        self._checkpointed_at = time.monotonic()
 
     # ---- finding the run -----------------------------------------------------------------------
 
@@ -216,14 +242,28 @@ class RunKeeper:
                 self.courier.metrics(r.metrics(), step=r.epoch)
         self._write_csv(progress)
 
-    def epoch_done(self, progress: Progress, snapshot: Snapshot, improved: bool) -> None:
-        """An epoch is over: its files here and in the store (the checkpoint before the metrics,
-        so every logged epoch has one), its line, and a check that delivery can go on."""
+    def epoch_done(self, progress: Progress, state: TrainingState, improved: bool) -> None:
+        """An epoch is over: its line, and when a checkpoint is due (checkpoint_due, or the
+        phase stops, pauses or has lost the store for too long) its files here and in the store,
+        the checkpoint before the metrics it covers."""
         record = progress.last
-        self._save_files(progress, snapshot, improved)
-        self.courier.metrics(record.metrics(), step=record.epoch)
-        self._write_csv(progress)
-        self.courier.artifact(self.setup.out_dir / outputs.METRICS_CSV)
+        if improved:
+            self._best = (state.weights(), record)
+        self._held.append(record)
+        away = self.courier.outage_seconds()
+        if (
+            progress.stopped
+            or self.should_pause(record.epoch)
+            or away > self.options.max_outage
+            or checkpoint_due(
+                record.epoch,
+                self.settings.save_every,
+                self.setup.last_epoch,
+                time.monotonic() - self._checkpointed_at,
+                self.options.checkpoint_seconds,
+            )
+        ):
+            self._save_checkpoint(progress, state.snapshot())
         self._epochs_here += 1
         eta = (
             (time.perf_counter() - self._started)
@@ -234,24 +274,27 @@ class RunKeeper:
         if self.options.on_epoch is not None:
             self.options.on_epoch(self.settings, record, self.setup.last_epoch, eta)
         self.courier.check()
-        if (away := self.courier.outage_seconds()) > self.options.max_outage:
+        if away > self.options.max_outage:
             raise TrackingError(
                 f"the tracking server has been unreachable for {away:.0f} s: "
                 f"{self.settings.run_name} paused after epoch {record.epoch} with its checkpoint "
                 f"in {self.setup.out_dir}; run the same command again to resume"
             )
 
-    def _save_files(self, progress: Progress, snapshot: Snapshot, improved: bool) -> None:
-        """last_checkpoint.pth always (any interruption can resume from it), best_model.pth when
-        it improved, checkpoint_epoch_N.pth every save_every epochs and at the end. Written here
-        first, then queued for the store, the best model before the checkpoint: a phase taken
-        up on another machine finds both there."""
+    def _save_checkpoint(self, progress: Progress, snapshot: Snapshot) -> None:
+        """best_model.pth when it improved since the last checkpoint, last_checkpoint.pth,
+        checkpoint_epoch_N.pth every save_every epochs and at the end, then the held epochs'
+        metrics and the CSV. Written here first, then queued for the store in that order: a phase
+        taken up on another machine finds there the files of every epoch it was told of."""
         setup, out_dir, record = self.setup, self.setup.out_dir, progress.last
-        bundle = setup.bundle(snapshot.weights, record.epoch, record.val.loss, self.run_id)
-        if improved:
-            bundle.save(out_dir / BEST_MODEL)
+        if self._best is not None:
+            weights, best = self._best
+            cpu = {k: v.cpu() for k, v in weights.items()}
+            setup.bundle(cpu, best.epoch, best.val.loss, self.run_id).save(out_dir / BEST_MODEL)
             copy_atomic(out_dir / BEST_MODEL, out_dir / "best_model_combined.pth")
             self.courier.artifact(out_dir / BEST_MODEL)
+            self._best = None
+        bundle = setup.bundle(snapshot.weights, record.epoch, record.val.loss, self.run_id)
         Checkpoint(
             bundle=bundle,
             optimizer=snapshot.optimizer,
@@ -266,6 +309,12 @@ class RunKeeper:
             periodic = out_dir / f"checkpoint_epoch_{record.epoch}.pth"
             copy_atomic(out_dir / LAST_CHECKPOINT, periodic)
             self.courier.artifact(periodic, "checkpoints")
+        for held in self._held:
+            self.courier.metrics(held.metrics(), step=held.epoch)
+        self._held.clear()
+        self._write_csv(progress)
+        self.courier.artifact(out_dir / outputs.METRICS_CSV)
+        self._checkpointed_at = time.monotonic()
 
     def _write_csv(self, progress: Progress) -> None:
         two = self.settings.trains_two_terms

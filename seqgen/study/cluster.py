@@ -126,6 +126,7 @@ class Context:
     code: str
     threads: int
     max_outage: float
+    checkpoint_seconds: float
     retrain: bool
     log_level: int
 
@@ -170,6 +171,7 @@ def chain_task(chain: Chain, data: SequenceData, ctx: Context, board) -> list[di
         parent_run_id=ctx.study_run_id,
         lease_wait=LEASE_SECONDS + 30,  # a retried task waits out its dead predecessor's lease
         max_outage=ctx.max_outage,
+        checkpoint_seconds=ctx.checkpoint_seconds,
         retrain=ctx.retrain,
         on_epoch=on_epoch,
     )
@@ -211,7 +213,7 @@ def run_study(
         study_run = tracking.create_run(exp_id, f"study-{preset}", tags, None)
         ctx = Context(
             tuple(phases), preset, overrides, data.fingerprint, uri, exp_id, study_run,
-            code_digest(), threads, options.max_outage, options.retrain,
+            code_digest(), threads, options.max_outage, options.checkpoint_seconds, options.retrain,
             logging.getLogger("seqgen").getEffectiveLevel(),
         )  # fmt: skip
         outcomes = drive(chains, data, ctx, Screen(out, [c.name for c in chains], len(phases)))

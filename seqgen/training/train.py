@@ -73,6 +73,24 @@ class TrainingStack:
         scaler = self.precision.scaler.member_state_dict(m)
         return Snapshot(weights, self.optimizer.member_state_dict(m), scaler)
 
+    def member(self, m: int) -> MemberState:
+        return MemberState(self, m)
+
+
+@dataclass
+class MemberState:
+    """Member m's live state, for its keeper to copy when it writes files (keeper.TrainingState)."""
+
+    stack: TrainingStack
+    m: int
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        state = self.stack.model.member_state_dict(self.m)
+        return {k: v.detach().clone() for k, v in state.items()}
+
+    def snapshot(self) -> Snapshot:
+        return self.stack.snapshot(self.m)
+
 
 def train_phase(
     settings: PhaseSettings, options: RunOptions | None = None, data: SequenceData | None = None
@@ -123,7 +141,7 @@ def train_stack(setups: list[Setup], keepers: list[RunKeeper]) -> list[PhaseResu
                 progress = stack.progress[m]
                 improved = progress.add(record)
                 progress.stopped = stop_reason(setups[m].settings, progress, record)
-                keepers[m].epoch_done(progress, stack.snapshot(m), improved)
+                keepers[m].epoch_done(progress, stack.member(m), improved)
                 if keepers[m].should_pause(record.epoch) and not progress.stopped:
                     results[m] = keepers[m].pause(progress)
         for m, keeper in enumerate(keepers):
