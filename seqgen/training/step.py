@@ -1,4 +1,8 @@
-"""One optimiser step and one evaluation pass, under the precision the device supports."""
+"""The precision a device supports and the per-(seed, epoch) random streams, which the trainer
+uses; and one model's optimiser step, CUDA-graphed step and evaluation pass (`optimizer_step`,
+`StepGraphs`, `evaluate_loss`): the single-model reference that the stacked step the trainer runs
+(stacked_step.py) is tested against (tests/test_stacked.py) and benchmarked against
+(benchmarks/cuda_step.py, stacked_step.py, cuda_stacked_step.py)."""
 
 from __future__ import annotations
 
