@@ -613,7 +613,8 @@ def newest_checkpoint(out_dir: Path, run_id: str, run_name: str) -> Found:
                 reason = first_line(e).rpartition(" (")[2].rstrip(")")
                 log.warning(
                     f"[{run_name}] run {run_id}'s checkpoints/{LAST_CHECKPOINT} in the store "
-                    f"cannot be read ({reason}): not used; a readable one replaces it"
+                    f"cannot be read ({reason}): not used (a readable copy, if any, is sent in "
+                    "its place)"
                 )
                 unreadable, store_bad = unreadable + 1, True
     mine = [c for c in found if c.bundle.run_id == run_id]
