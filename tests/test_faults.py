@@ -4,9 +4,12 @@ a live trainer is never taken over, credentials are never printed (README: Fault
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +17,8 @@ import pytest
 import torch
 from conftest import subprocess_env
 from mlflow.tracking import MlflowClient
+from services import ApiProxy, MlflowServer, PostgresServer
+from test_study import assert_each_epoch_once, start, steps, wait_for
 
 from seqgen.config import resolve
 from seqgen.model.bundle import Bundle, Checkpoint
@@ -238,3 +243,86 @@ def test_a_live_run_is_not_taken_over_from_a_machine_whose_clock_disagrees(
     [run] = client.search_runs(["0"], "tags.kind = 'phase'")
     assert run.info.status == "FINISHED"
     assert steps_once(client, run.info.run_id)["val_loss"] == list(range(1, 401))
+
+
+# ---- a tracking server that fails: its API, its database ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg_server(tmp_path_factory):
+    """PostgreSQL behind a real `mlflow server`: (the database, the server)."""
+    folder = tmp_path_factory.mktemp("faults-server")
+    with PostgresServer() as db, MlflowServer(db.uri, folder / "artifacts") as server:
+        yield db, server
+
+
+def epochs_logged(client: MlflowClient, experiment: str, at_least: int):
+    """The experiment's RUNNING phase run once it has this many epochs in the store, or None."""
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], "tags.kind = 'phase'") if exp else []
+    for run in runs:
+        if run.info.status == "RUNNING" and len(steps(client, run.info.run_id)) >= at_least:
+            return run
+    return None
+
+
+def train_command(data: Path, epochs: int, *more: str) -> list[str]:
+    cmd = [SEQGEN, "train", "--strategy", "mae", "--phase", "1", "--preset", "smoke"]
+    return cmd + ["--epochs", str(epochs), "--data_dir", str(data), *more]
+
+
+@pytest.mark.slow
+def test_a_server_whose_api_fails_mid_phase_is_one_line_without_the_password(
+    pg_server, smoke_data, tmp_path
+):
+    """GET /health answers, every API call fails (500) from the middle of a phase on: the trainer
+    counts the server as away, and after --max_outage ends with one line that names the server
+    with its password redacted, exit code 2; the password is printed nowhere."""
+    _, server = pg_server
+    client = MlflowClient(server.uri)
+    with ApiProxy(server.port) as proxy:
+        uri = f"http://user:{SECRET}@127.0.0.1:{proxy.port}"
+        env = subprocess_env(uri) | {"MLFLOW_EXPERIMENT_NAME": tmp_path.name}
+        proc = start(train_command(smoke_data, 2000, "--max_outage", "5"), env, tmp_path)
+        wait_for(lambda: epochs_logged(client, tmp_path.name, 2), 300, "two epochs", proc)
+        proxy.fail_api_after(0)
+        with urllib.request.urlopen(f"http://127.0.0.1:{proxy.port}/health", timeout=10) as ok:
+            assert ok.status == 200  # the server looks alive
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"error: the tracking server at http://user:***@127.0.0.1:{proxy.port}")
+    assert "unreachable" in last or "stayed away" in last, last
+    assert "Traceback" not in out and SECRET not in out
+
+
+@pytest.mark.slow
+def test_a_database_outage_behind_a_live_server_loses_nothing(pg_server, smoke_data, tmp_path):
+    """PostgreSQL stops for 20 s in the middle of a phase while `mlflow server` (and its /health)
+    stays up: training goes on, the records wait, and every one lands once when it is back."""
+    db, server = pg_server
+    client = MlflowClient(server.uri)
+    env = subprocess_env(server.uri) | {"MLFLOW_EXPERIMENT_NAME": tmp_path.name}
+    proc = start(train_command(smoke_data, 40), env, tmp_path)
+    wait_for(lambda: epochs_logged(client, tmp_path.name, 2), 300, "two epochs", proc)
+    os.kill(proc.pid, signal.SIGSTOP)  # held while the database stops, so the phase is mid-way
+    try:
+        db.stop()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    time.sleep(20)
+    db.start()
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    lines = out.splitlines()
+    away = next(i for i, line in enumerate(lines) if "tracking server unreachable" in line)
+    back = max(i for i, line in enumerate(lines) if "tracking server back after" in line)
+    assert [line for line in lines[away:back] if "] epoch " in line], out  # trained meanwhile
+    [run] = client.search_runs(
+        [client.get_experiment_by_name(tmp_path.name).experiment_id], "tags.kind = 'phase'"
+    )
+    assert run.info.status == "FINISHED"
+    assert_each_epoch_once(client, run, 1, 40)
+    steps_once(client, run.info.run_id)
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert {f"checkpoints/checkpoint_epoch_{e}.pth" for e in range(1, 41)} <= names

@@ -401,7 +401,8 @@ class RunKeeper:
         self.courier.metrics(summary, last.epoch)
         if not self.courier.drain(self.options.max_outage):
             raise TrackingError(
-                f"the tracking server stayed away after {settings.run_name} finished training: its "
+                f"the tracking server at {tracking.redacted_uri()} stayed away after "
+                f"{settings.run_name} finished training: its "
                 f"files are in {out_dir}; run the same command again to register it"
             )
         self.courier.still_mine()
