@@ -155,6 +155,7 @@ def select_runs(
     )
 
 
+@tracking.store_call("read the experiment's runs")
 def _experiment_runs(name: str):
     """The experiment called `name` and every run in it (search_runs columns)."""
     exp = MlflowClient().get_experiment_by_name(name)
@@ -277,6 +278,7 @@ def _baselines_on_splits(raw: pd.DataFrame, runs: pd.DataFrame, ev: pd.DataFrame
     return bl.join(_test_metrics(raw, bl.index)).assign(**timing), excluded
 
 
+@tracking.store_call("read metric histories")
 def metric_histories(run_ids: list[str], keys: tuple[str, ...] = measures.DRAWN) -> pd.DataFrame:
     """Every logged value of `keys` for each run: long DataFrame (run_id, key, step, value),
     one row per step. A step logged twice (an interrupted phase resumed by code older than the
@@ -306,6 +308,7 @@ class EvaluationFiles:
     arrays: dict[str, np.ndarray]  # generated.npz: pred, true (N, T, K), files, params...
 
 
+@tracking.store_call("download the evaluations' files")
 def evaluation_files(run_ids: list[str]) -> dict[str, EvaluationFiles]:
     """Download and load each evaluation run's per-sample table, error curve and sequences."""
 

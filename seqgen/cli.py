@@ -12,6 +12,7 @@ import functools
 import json
 import signal
 import sys
+import traceback
 
 import click
 
@@ -96,7 +97,9 @@ max_outage_option = snake_option(
     type=click.FloatRange(min=0),
     default=config.MAX_OUTAGE,
     show_default=True,
-    help="seconds the tracking server may be away before a phase pauses (local checkpoint)",
+    help="seconds the tracking server may stay unreachable before a phase pauses (local "
+    "checkpoint). Unreachable: a probe (every second, 5 s to answer) got no answer or a server "
+    "error, so below about 15 s a slow server can count as away",
 )
 checkpoint_option = snake_option(
     "--checkpoint_seconds",
@@ -241,6 +244,13 @@ def pipeline(strategy, phases, seeds, preset, retrain, max_outage, checkpoint_se
 @click.option(
     "--threads_per_chain", type=int, default=None, help="CPU threads (Ray CPUs) per chain [1]"
 )
+@snake_option(
+    "--max_pending",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="seconds chains may wait for a node while none of the study's chains runs, before "
+    "they fail [1800]",
+)
 @click.option(
     "--batched",
     type=click.BOOL,
@@ -261,6 +271,7 @@ def study(
     preset,
     ray_address,
     threads_per_chain,
+    max_pending,
     batched,
     retrain,
     max_outage,
@@ -283,16 +294,16 @@ def study(
         retrain=retrain, max_outage=max_outage, checkpoint_seconds=checkpoint_seconds
     )
     if batched:
-        if ray_address or threads_per_chain:
+        if ray_address or threads_per_chain or max_pending:
             raise config.ConfigError(
-                "--batched trains every chain in this process: leave out --ray_address and "
-                "--threads_per_chain"
+                "--batched trains every chain in this process: leave out --ray_address, "
+                "--threads_per_chain and --max_pending"
             )
         from seqgen.study.batched import run_batched_study
 
         outcomes = run_batched_study(strategies, seed_list, phase_list, preset, overrides, options)
         sys.exit(1 if any(o.status != "done" for o in outcomes) else 0)
-    from seqgen.study.cluster import THREADS_PER_CHAIN, run_study
+    from seqgen.study.cluster import MAX_PENDING, THREADS_PER_CHAIN, run_study
 
     outcomes = run_study(
         strategies,
@@ -303,6 +314,7 @@ def study(
         ray_address or None,
         threads_per_chain or THREADS_PER_CHAIN,
         options,
+        max_pending=max_pending or MAX_PENDING,
     )
     if any(o.status != "done" for o in outcomes):
         sys.exit(1)
@@ -470,10 +482,17 @@ def compare(experiment, strategy, phase, preset, seed, tag, out_dir):
     click.echo(f"report: {path}")
 
 
+def _redacted_traceback(kind, error, tb) -> None:
+    """A bug's traceback as Python prints it, with any URI's credentials redacted: a foreign
+    error (MLflow's client names the URL it called) may hold the tracking URI's password."""
+    sys.stderr.write(redact("".join(traceback.format_exception(kind, error, tb))))
+
+
 def run() -> None:
     """Entry point: click usage errors as one line too, and SIGTERM handled like Ctrl-C so a
     killed job still ends its MLflow run (KILLED) instead of leaving it RUNNING."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sys.excepthook = _redacted_traceback
     try:
         main(standalone_mode=False)
     except click.exceptions.Abort:

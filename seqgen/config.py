@@ -91,9 +91,12 @@ class PhaseSettings:
 
     @property
     def loss_name(self) -> str:
-        """The original's folder prefix, from alpha: 100mae, 100auto, 50mae_50auto, 30mae_70auto."""
-        mae = round(100 * self.alpha)
-        return "100mae" if mae == 100 else "100auto" if mae == 0 else f"{mae}mae_{100 - mae}auto"
+        """The original's name of the loss, from alpha: 100mae, 100auto, 50mae_50auto,
+        30mae_70auto (a percentage that is not whole keeps its digits: 30.5mae_69.5auto)."""
+        mae = round(100 * self.alpha, 6)
+        if mae == 100 or mae == 0:
+            return "100mae" if mae == 100 else "100auto"
+        return f"{mae:g}mae_{round(100 - mae, 6):g}auto"
 
     @property
     def variant(self) -> str:
@@ -137,11 +140,33 @@ class PhaseSettings:
             for p in range(1, self.phase)
         )
 
+    @property
+    def folder_prefix(self) -> str:
+        """The folder's name before its epochs. The original's (100mae, 100auto, 50mae_50auto)
+        belongs to the first strategy of the table with that alpha, trained at it; any other
+        strategy or variant puts its name first (autocorr --alpha 0.5: autocorr-50mae_50auto,
+        combined --alpha 0.3: combined-30mae_70auto), so two strategies never share a folder."""
+        owner = next(
+            (
+                name
+                for name in strategies()
+                if math.isclose(
+                    resolve_table_value("alpha", name, self.phase, self.preset),
+                    self.alpha,
+                    abs_tol=1e-12,
+                )
+            ),
+            None,
+        )
+        if owner == self.strategy:
+            return self.loss_name
+        return f"{self.strategy}-{self.loss_name}"
+
     def folder(self, first_epoch: int) -> Path:
         """This phase's output folder, named as the original's: 50mae_50auto_101_200."""
         if self.output_dir:
             return Path(self.output_dir)
-        name = f"{self.loss_name}_{first_epoch}_{first_epoch + self.epochs - 1}"
+        name = f"{self.folder_prefix}_{first_epoch}_{first_epoch + self.epochs - 1}"
         return Path(self.outputs_root) / f"{self.preset}-s{self.seed}" / name
 
     def to_dict(self) -> dict[str, Any]:

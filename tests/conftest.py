@@ -22,6 +22,19 @@ REPO = Path(__file__).resolve().parent.parent
 SMOKE_SAMPLES = 40
 
 
+@pytest.fixture(autouse=True)
+def _environment_as_it_was():
+    """Every test leaves os.environ as it found it. Tests change it through monkeypatch; this
+    undoes what the code under test sets for its own process (seqgen bounds MLflow's retries and
+    turns MLflow's URL printing off there, Ray sets its auth mode), so one test cannot change
+    another's conditions."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory) -> Path:
     """40 Burgers samples (151 steps x 5 components, nu and amplitude) made by the real pipeline."""

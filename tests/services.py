@@ -13,6 +13,8 @@ this machine's interface; nothing is sent anywhere else (usage stats off, no das
 from __future__ import annotations
 
 import contextlib
+import http.client
+import http.server
 import os
 import shutil
 import signal
@@ -20,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -364,6 +367,111 @@ def _environ(pid: int) -> dict[str, str]:
         return {}
     items = raw.decode(errors="replace").split("\0")
     return dict(item.split("=", 1) for item in items if "=" in item)
+
+
+# ---------------------------------------------------------------------------- a proxy
+
+
+class ApiProxy:
+    """An HTTP proxy on 127.0.0.1 in front of a real `mlflow server`, for faults the server itself
+    does not make on demand: fail_api_after(n) answers 500 to every /api/ call after the next n
+    (GET /health still answers, as a server whose database is broken does); stop() and start()
+    cut this client off and back (a network partition), while other clients reach the server.
+    Basic-auth credentials in the client's URI are dropped on the way (the server has no auth).
+    """
+
+    def __init__(self, target_port: int, port: int | None = None):
+        self.target_port = target_port
+        self.port = port or free_port()
+        self.requests = 0  # /api/ calls seen
+        self._fail_after: int | None = None
+        self._lock = threading.Lock()
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def fail_api_after(self, n: int | None) -> None:
+        """From the (n+1)-th /api/ call on, answer 500 (None: forward again)."""
+        with self._lock:
+            self._fail_after = None if n is None else self.requests + n
+
+    def _failing(self, path: str) -> bool:
+        if not path.startswith(("/api/", "/ajax-api/")):
+            return False
+        with self._lock:
+            self.requests += 1
+            return self._fail_after is not None and self.requests > self._fail_after
+
+    def start(self) -> ApiProxy:
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if proxy._failing(self.path):
+                    reply = b'{"error_code": "INTERNAL_ERROR", "message": "database is gone"}'
+                    self._answer(500, {"Content-Type": "application/json"}, reply)
+                    return
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in ("host", "authorization", "connection")
+                }
+                conn = http.client.HTTPConnection("127.0.0.1", proxy.target_port, timeout=120)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    answer = conn.getresponse()
+                    data = answer.read()
+                    kept = {
+                        k: v
+                        for k, v in answer.getheaders()
+                        if k.lower() not in ("transfer-encoding", "connection", "content-length")
+                    }
+                    self._answer(answer.status, kept, data)
+                except OSError:
+                    self._answer(502, {}, b"")
+                finally:
+                    conn.close()
+
+            def _answer(self, status: int, headers: dict, data: bytes) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Refuse connections from now on (calls under way are finished)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(timeout=10)
+            self._server = self._thread = None
+
+    def __enter__(self) -> ApiProxy:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 # ---------------------------------------------------------------------------- Ray

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from seqgen import config
 from seqgen.cli import main
 from seqgen.config import ConfigError, load_table, resolve
+from seqgen.model.bundle import Bundle
 
 LR = [(0.001, 0.0005), (0.0005, 0.0001), (0.0001, 0.00005), (0.00005, 0.00001), (0.00001, 0.000005)]
 TF = [(0.7, 0.6), (0.6, 0.5), (0.5, 0.4), (0.4, 0.3), (0.3, 0.2)]
@@ -73,7 +74,7 @@ def test_presets_shrink_and_overrides_win():
     assert demo.planned_first_epoch == 9 and demo.registered_model == "seqgen-combined-demo"
     s = resolve("combined", 2, "smoke", epochs=3, alpha=0.3, hidden_size=8)
     assert (s.epochs, s.alpha, s.hidden_size) == (3, 0.3, 8)
-    assert s.folder(4).name == "30mae_70auto_4_6"
+    assert s.folder(4).name == "combined-30mae_70auto_4_6"
     assert s.overrides() == {"epochs": 3, "alpha": 0.3, "hidden_size": 8}
     # another alpha is another strategy variant: its own runs, model and aliases
     assert (s.variant, s.run_name) == ("combined-30mae_70auto", "combined-30mae_70auto-p2-s0")
@@ -236,3 +237,36 @@ def test_a_new_strategy_is_a_table_section_and_nothing_else(table_file, store, s
     assert header.count(",") == 10  # the two-term loss gets the component columns
     out = CliRunner().invoke(main, ["phase-config", "--strategy", "mostly_mae", "--phase", "2"])
     assert json.loads(out.output)["existing_model"] == "models:/seqgen-mostly_mae@phase-1-s0"
+
+
+def test_two_strategies_never_share_a_folder(table_file, store, smoke_data):
+    """The original folder names stay with the table's own strategies; a strategy trained at
+    another's alpha (--alpha, or a table section added with an existing alpha) gets its own, so
+    the two never refuse each other's folder nor write one best_model.pth."""
+    table_file.write_text(
+        table_file.read_text() + "\n[strategies.half]\nalpha = 0.5\nsave_every = 1\n"
+        "noise_level = 0.0\nclip_grad_norm = 1.0\n"
+    )
+    cases = {
+        ("mae", None): "100mae_1_2",
+        ("autocorr", None): "100auto_1_2",
+        ("combined", None): "50mae_50auto_1_2",
+        ("autocorr", 0.5): "autocorr-50mae_50auto_1_2",
+        ("half", None): "half-50mae_50auto_1_2",
+        ("combined", 0.3): "combined-30mae_70auto_1_2",
+        ("autocorr", 0.3): "autocorr-30mae_70auto_1_2",
+        ("combined", 0.305): "combined-30.5mae_69.5auto_1_2",
+    }
+    for (strategy, alpha), name in cases.items():
+        given = {} if alpha is None else {"alpha": alpha}
+        assert resolve(strategy, 1, "smoke", **given).folder(1).name == name, (strategy, alpha)
+
+    # trained one after the other, each has its folder and its model; a rerun skips each
+    from seqgen.training.train import train_phase
+
+    first = resolve("combined", 1, "smoke", data_dir=str(smoke_data), epochs=1)
+    second = resolve("autocorr", 1, "smoke", data_dir=str(smoke_data), epochs=1, alpha=0.5)
+    results = [train_phase(s) for s in (first, second, first, second)]
+    assert [r.status for r in results] == ["registered", "registered", "skipped", "skipped"]
+    for s, r in zip((first, second), results, strict=False):
+        assert Bundle.load(s.folder(1) / "best_model.pth").run_id == r.run_id

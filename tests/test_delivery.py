@@ -8,13 +8,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from seqgen.errors import TrackingError
 from seqgen.runs import tracking
-from seqgen.runs.delivery import Courier, new_owner, owner_is_alive
+from seqgen.runs.delivery import LEASE_SECONDS, Courier, LeaseWatch, new_owner
 
 
 @pytest.fixture
@@ -95,27 +96,97 @@ def test_an_outage_is_reported_while_a_call_waits_inside_mlflows_retries(run_id,
     assert [m.step for m in MlflowClient().get_metric_history(rid, "val_loss")] == [1]
 
 
-def test_a_run_taken_over_stops_this_process(run_id):
+def test_a_run_taken_over_stops_this_process(run_id, tmp_path):
+    """Another process holds the lease now: the next record is not sent, whatever its kind."""
     rid, owner = run_id
-    courier = Courier(rid, owner, renew_every=0.3)
-    tracking.set_run_tags(rid, {tracking.LEASE_OWNER: "elsewhere:1:abc"})
-    deadline = time.monotonic() + 30
-    with pytest.raises(TrackingError, match="was taken over by elsewhere:1:abc"):
-        while time.monotonic() < deadline:
-            courier.check()
-            time.sleep(0.1)
+    courier = Courier(rid, owner)
+    tracking.set_run_tags(rid, {tracking.LEASE_OWNER: "elsewhere:1:abc:t"})
+    (tmp_path / "best_model.pth").write_bytes(b"stale")
+    courier.artifact(tmp_path / "best_model.pth")
+    with pytest.raises(TrackingError, match="was taken over by elsewhere:1:abc:t"):
+        courier.drain(max_outage=60)
     courier.close()
+    assert MlflowClient().list_artifacts(rid) == []
 
 
-def test_who_is_alive():
-    here = socket.gethostname()
-    later, earlier = time.time() + 60, time.time() - 1
+def test_the_lease_is_renewed_apart_from_a_delivery_that_hangs(run_id, monkeypatch):
+    """A call held inside MLflow's retries does not hold the lease back: renewals go on."""
+    monkeypatch.setenv("SEQGEN_LEASE_SECONDS", "4")  # a renewal every second
+    rid, owner = run_id
+    entered, released = threading.Event(), threading.Event()
+    real = tracking.upload
+
+    def held(*args):
+        entered.set()
+        assert released.wait(timeout=60)
+        real(*args)
+
+    monkeypatch.setattr(tracking, "upload", held)
+    courier = Courier(rid, owner)
+    courier.artifact(Path(__file__), "files")
+    assert entered.wait(timeout=30)
+    beats = set()
+    deadline = time.monotonic() + 30
+    while len(beats) < 3 and time.monotonic() < deadline:
+        beats.add(tracking.run_tags(rid).get(tracking.LEASE_BEAT))
+        time.sleep(0.2)
+    released.set()
+    assert courier.drain(max_outage=60)
+    courier.close()
+    assert len(beats - {None}) >= 2, beats  # the beat moved while the upload was held
+
+
+def test_close_leaves_no_thread_behind(run_id, monkeypatch):
+    """A courier closed while a call is under way waits for it: no thread of one phase lives on
+    into the next, to renew a lease or deliver a record there."""
+    rid, owner = run_id
+    entered, released = threading.Event(), threading.Event()
+    real = tracking.log_metrics_at
+
+    def slow(*args):
+        entered.set()
+        released.wait(timeout=60)
+        real(*args)
+
+    monkeypatch.setattr(tracking, "log_metrics_at", slow)
+    courier = Courier(rid, owner)
+    courier.metrics({"val_loss": 1.0}, 1)
+    courier.metrics({"val_loss": 0.5}, 2)
+    assert entered.wait(timeout=30)
+    threading.Timer(1.0, released.set).start()
+    courier.close()
+    assert [t.name for t in threading.enumerate() if t.name.startswith("seqgen-")] == []
+    # the call under way finished; the record after it was not started after close
+    assert [m.step for m in MlflowClient().get_metric_history(rid, "val_loss")] == [1]
+
+
+def test_a_lease_holder_is_judged_on_our_own_clock(monkeypatch):
+    """Never another machine's wall clock: a holder elsewhere lives while its beat moves and is
+    dead once it has not moved for the lease's length of our watching; one in this process
+    table is dead at once when its pid is gone."""
+    monkeypatch.setenv("SEQGEN_PROCESS_TABLE", "this-machine")
+    now = [1000.0]
+    watch = LeaseWatch(clock=lambda: now[0])
+    elsewhere = "other-host:123:abcd:other-machine"
+    assert watch.verdict(elsewhere, "0") == "watching"  # not known yet
+    now[0] += LEASE_SECONDS - 1
+    assert watch.verdict(elsewhere, "0") == "watching"
+    assert watch.verdict(elsewhere, "1") == "alive"  # renewed while we watched
+    now[0] += LEASE_SECONDS - 1
+    assert watch.verdict(elsewhere, "1") == "alive"
+    now[0] += 2
+    assert watch.verdict(elsewhere, "1") == "dead"  # not renewed for a whole lease
+    assert LeaseWatch(clock=lambda: now[0]).verdict("", "5") == "dead"  # released
+
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     ).stdout.strip()
-    assert not owner_is_alive(f"{here}:{dead}:x", later)  # its process is gone: dead at once
-    assert owner_is_alive(f"{here}:{os.getpid()}:x", later)
-    assert not owner_is_alive(f"{here}:{os.getpid()}:x", earlier)  # lease lapsed
-    assert owner_is_alive("another-host:1:x", later)  # elsewhere: the lease decides
-    assert not owner_is_alive("another-host:1:x", earlier)
-    assert not owner_is_alive("", later)
+    here = socket.gethostname()
+    assert LeaseWatch().verdict(f"{here}:{dead}:x:this-machine", "0") == "dead"  # pid gone
+    # the same pid in another process table (a container, another node) says nothing
+    assert LeaseWatch().verdict(f"{here}:{dead}:x:another-machine", "0") == "watching"
+    # an owner of this process whose courier is closed is dead; a live one is not
+    assert LeaseWatch().verdict(f"{here}:{os.getpid()}:gone:this-machine", "0") == "dead"
+    assert LeaseWatch().verdict(new_owner(), "0") == "dead"  # made, but no courier holds it
+    # an owner of an earlier version (host:pid:token, no table): only its lease can tell
+    assert LeaseWatch().verdict(f"{here}:{dead}:x", "0") == "watching"

@@ -130,13 +130,15 @@ def test_printed_next_phase_command_carries_every_override_and_trains_that_phase
     assert run.data.tags["phase"] == "2" and "phase" not in p  # a tag, not also a param
     assert p["start_lr"] == "0.0005"  # phase 2's own, from the table
     assert run.data.tags["continued_from"] == f"models:/{variant}/1"  # the exact version
-    trained = Bundle.load(tmp_path / "outputs/smoke-s0/30mae_70auto_4_6/best_model.pth")
+    trained = Bundle.load(tmp_path / "outputs/smoke-s0/combined-30mae_70auto_4_6/best_model.pth")
     assert (trained.model_config.hidden_size, trained.strategy) == (12, "combined-30mae_70auto")
-    assert tables_epochs_agree(run.info.run_id, tmp_path / "outputs/smoke-s0/30mae_70auto_4_6")
+    assert tables_epochs_agree(
+        run.info.run_id, tmp_path / "outputs/smoke-s0/combined-30mae_70auto_4_6"
+    )
     assert (p["first_epoch"], p["last_epoch"]) == ("4", "6")  # phase 1 ran 1-3
 
     # 5: the variant has its own folders and model; the table's combined is untouched
-    assert (tmp_path / "outputs/smoke-s0/30mae_70auto_1_3/best_model.pth").is_file()
+    assert (tmp_path / "outputs/smoke-s0/combined-30mae_70auto_1_3/best_model.pth").is_file()
     table_model = client.search_model_versions("name='seqgen-combined-smoke'")
     assert [str(v.version) for v in table_model] == ["1"]
     aliases = client.get_registered_model("seqgen-combined-smoke").aliases

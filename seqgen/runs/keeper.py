@@ -4,10 +4,12 @@ catches up what the store missed, writes and delivers each epoch's files and met
 finishes (final model, registry). The loop itself holds only the machine learning.
 
 How a live trainer is told from a dead one: the process that trains a run holds a lease on it
-(tags seqgen.lease_owner = host:pid:token, seqgen.lease_expires), renewed every 15 s by its
-courier. A run left RUNNING by a process that died is taken up by the next command that trains
-the same phase: at once when the dead process ran on the same host (its pid is gone), else when
-its lease lapses (60 s). A run whose lease is current is never taken over.
+(seqgen/runs/delivery.py), renewed by its courier. A run left RUNNING by a process that died is
+taken up by the next command that trains the same phase: at once when the dead process ran in the
+same process table (its pid is gone), else once its lease has not been renewed for 60 s of this
+process's own watching. A run whose lease is renewed is never taken over. Two processes that start
+one new phase at the same moment both create a run; the one that sees the other's run withdraws
+its own (claim_run), so one of them trains.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -24,11 +27,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from seqgen.config import CHECKPOINT_SECONDS, MAX_OUTAGE, N_PHASES, PhaseSettings
-from seqgen.errors import ConfigError, TrackingError, TrainingError
+from seqgen.errors import ConfigError, TrackingError, TrainingError, first_line
 from seqgen.files import copy_atomic
-from seqgen.model.bundle import Bundle, Checkpoint
+from seqgen.model.bundle import Bundle, BundleError, Checkpoint
 from seqgen.runs import outputs, tracking
-from seqgen.runs.delivery import LEASE_SECONDS, Courier, new_owner, owner_is_alive
+from seqgen.runs.delivery import Courier, LeaseWatch, lease_seconds, new_owner, renew_every
 from seqgen.runs.tracking import RunRecord
 from seqgen.training.epochs import EpochRecord, Progress
 from seqgen.training.start import Setup
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last_checkpoint.pth"  # what any interruption resumes from (see checkpoint_due)
 BEST_MODEL = "best_model.pth"
+CLAIM_ATTEMPTS = 5  # new runs made for a phase that others started at the same moment
 
 
 @dataclass
@@ -108,15 +112,20 @@ class RunKeeper:
     delivers in order), so every epoch the store shows can be resumed from, here or elsewhere;
     a kill loses at most the epochs since the last checkpoint, and they were never logged."""
 
-    def __init__(self, setup: Setup, options: RunOptions, record: RunRecord | None) -> None:
+    def __init__(
+        self, setup: Setup, options: RunOptions, record: RunRecord | None, seen: set[str]
+    ) -> None:
         self.setup, self.options, self.record = setup, options, record
         self.settings = setup.settings
+        self.seen = seen  # the phase's runs as found: a run made after that is a rival's claim
         self.skipped: PhaseResult | None = None  # set when the phase was registered before
         self.checkpoint: Checkpoint | None = None  # the furthest one, when taken up
+        self.resend_checkpoint = False  # the store's copy was unreadable
         self.run_id = ""
         self.courier: Courier | None = None
         self._started = time.perf_counter()
         self._epochs_here = 0
+        self._first_epoch_here = setup.start.first_epoch  # the first epoch this process trains
         self._held: list[EpochRecord] = []  # epochs not yet covered by a checkpoint
         self._best: tuple[dict[str, Any], EpochRecord] | None = None  # improved, not yet written
         self._checkpointed_at = time.monotonic()
@@ -127,22 +136,40 @@ class RunKeeper:
     def find(cls, setup: Setup, options: RunOptions) -> RunKeeper:
         """The keeper of this phase: registered already (skipped is set), taken up from its
         furthest checkpoint, or new. The folder is checked before anything is tracked."""
-        record = find_run(setup, options)
+        record, seen = find_run(setup, options)
         if record is not None and record.state == "registered" and options.retrain:
             name = setup.settings.run_name
             log.info(f"[{name}] --retrain: a new run (run {record.run_id} stays as it is)")
             outputs.set_aside(setup.out_dir, record.run_id)
             record = None
-        keeper = cls(setup, options, record)
+        keeper = cls(setup, options, record, seen)
         if record is not None and record.state == "registered":
             keeper.skipped = keeper._skip(record)
             return keeper
         if record is not None:
-            keeper.checkpoint = newest_checkpoint(setup.out_dir, record.run_id)
-            if keeper.checkpoint is not None:
-                setup.resume_from(keeper.checkpoint)
-        outputs.prepare_folder(setup.out_dir, record.run_id if record else None)
+            keeper._go_on_from(record)
+        outputs.prepare_folder(setup.out_dir, keeper.record.run_id if keeper.record else None)
         return keeper
+
+    def _go_on_from(self, record: RunRecord) -> None:
+        """Take the run up from its furthest readable checkpoint. When every copy there is
+        unreadable the run is abandoned (kept as FAILED) and the phase starts over in a new
+        one, so no epoch is logged twice."""
+        found = newest_checkpoint(self.setup.out_dir, record.run_id, self.settings.run_name)
+        self.checkpoint, unreadable = found.checkpoint, found.unreadable
+        self.resend_checkpoint = found.store_unreadable
+        if self.checkpoint is not None:
+            self.setup.resume_from(self.checkpoint)
+        elif unreadable:
+            log.warning(
+                f"[{self.settings.run_name}] run {record.run_id} has no readable checkpoint: the "
+                f"phase starts over in a new run (run {record.run_id} is kept as FAILED, "
+                "phase_state abandoned)"
+            )
+            reason = "no readable checkpoint"
+            tracking.withdraw_run(record.run_id, "abandoned", reason, status="FAILED")
+            outputs.set_aside(self.setup.out_dir, record.run_id)
+            self.record = None
 
     def _skip(self, record: RunRecord) -> PhaseResult:
         settings = self.settings
@@ -178,13 +205,15 @@ class RunKeeper:
         when training stops on an error (the lease tells a rerun the rest)."""
         owner = new_owner()
         self._started = time.perf_counter()
-        self.run_id = claim_run(self.setup, self.record, owner, self.options.parent_run_id)
+        self._first_epoch_here = self.setup.start.first_epoch + len(progress.history)
+        self.run_id = self._claim(owner)
         self.courier = Courier(self.run_id, owner)
         try:
-            self._record_setup(precision_note, progress)
+            tags = tracking.run_tags(self.run_id)
+            self._record_setup(precision_note, progress, tags)
             if self.checkpoint is not None:
                 self.checkpoint.save(self.setup.out_dir / LAST_CHECKPOINT)  # the one to go on from
-                self._catch_up(progress)
+                self._catch_up(progress, tags)
             yield
         except KeyboardInterrupt:
             end_abnormally(self.run_id, self.courier, "KILLED")
@@ -195,7 +224,30 @@ class RunKeeper:
         finally:
             self.courier.close()
 
-    def _record_setup(self, precision_note: str, progress: Progress) -> None:
+    def _claim(self, owner: str) -> str:
+        """The phase's run, claimed for this process: the one found, or a new one. A new run that
+        lost a race with another process's (both started the phase at once) is withdrawn; the
+        phase is then looked for again, which refuses (or waits for) the other's live run."""
+        for _ in range(CLAIM_ATTEMPTS):
+            try:
+                return claim_run(self.setup, self.record, owner, self.options, self.seen)
+            except LostClaim:
+                time.sleep(random.uniform(0.2, 2.0))  # two that both withdrew do not meet again
+                found, self.seen = find_run(
+                    self.setup, dataclasses.replace(self.options, resume=False)
+                )
+                if found is not None and found.state == "registered":
+                    raise TrackingError(
+                        f"{self.settings.run_name} was registered by another process meanwhile "
+                        f"(run {found.run_id}): nothing to train"
+                    ) from None
+                self.record = found  # a run whose maker died at once is taken up
+        raise TrackingError(
+            f"{self.settings.run_name}: other processes kept starting this phase at the same "
+            f"moment ({CLAIM_ATTEMPTS} claims lost): run the command again"
+        )
+
+    def _record_setup(self, precision_note: str, progress: Progress, tags: dict) -> None:
         """Params, args.json, split and normaliser (locally and as artifacts), the dataset, and
         the opening line."""
         setup, settings, start = self.setup, self.settings, self.setup.start
@@ -206,10 +258,12 @@ class RunKeeper:
             "schedule": start.schedule,
         }
         params = {k: v for k, v in resolved.items() if k not in RUN_TAG_KEYS}
+        earlier = tracking.run_params(self.run_id)
         tracking.log_params_once(
             self.run_id,
             params | {"device_used": str(setup.device), "precision": precision_note},
         )
+        self._note_device(precision_note, progress, earlier, tags)
         outputs.mark_folder(setup.out_dir, self.run_id)
         for name in outputs.write_setup_files(setup.out_dir, resolved, start.split, start.norm):
             self.courier.artifact(setup.out_dir / name)
@@ -231,15 +285,41 @@ class RunKeeper:
         if start.split.note:
             log.info(f"[{settings.run_name}] {start.split.note}")
 
-    def _catch_up(self, progress: Progress) -> None:
-        """A run taken up: send the checkpoint and the epochs' metrics the store has not seen
-        (after an outage this machine's checkpoint is ahead of the store), each step once."""
+    def _note_device(self, precision: str, progress: Progress, earlier: dict, tags: dict) -> None:
+        """Device and precision belong to the run (params device_used and precision say where it
+        started). A phase taken up on other hardware says so, and the tag seqgen.devices records
+        from which epoch it trained where."""
+        if not progress.history or "device_used" not in earlier:
+            return
+        here, start = f"{self.setup.device}, {precision}", self.setup.start.first_epoch
+        history = tags.get(tracking.DEVICES) or (
+            f"from epoch {start}: {earlier['device_used']}, {earlier.get('precision', '?')}"
+        )
+        then = history.split("; ")[-1].partition(": ")[2]
+        if then == here:
+            return
+        first = start + len(progress.history)
+        self.courier.tags({tracking.DEVICES: f"{history}; from epoch {first}: {here}"})
+        log.warning(
+            f"[{self.settings.run_name}] taken up on {here} after epoch {first - 1}, which "
+            f"trained on {then}: recorded in the run's tag {tracking.DEVICES}"
+        )
+
+    def _catch_up(self, progress: Progress, tags: dict) -> None:
+        """A run taken up: send what the store has not seen, each step once (after an outage
+        this machine's checkpoint is ahead of the store): the best epoch's model, the
+        checkpoint, the epochs' metrics."""
         logged = tracking.logged_steps(self.run_id, "epoch_seconds")
         missing = [r for r in progress.history if r.epoch not in logged]
-        if missing:
+        best = progress.best_epoch
+        if best is not None and tags.get(tracking.BEST_MODEL_EPOCH) != str(best):
+            if (path := self._best_model_file(progress, required=False)) is not None:
+                self.courier.artifact(path)
+                self.courier.tags({tracking.BEST_MODEL_EPOCH: best})
+        if missing or self.resend_checkpoint:
             self.courier.artifact(self.setup.out_dir / LAST_CHECKPOINT, "checkpoints")
-            for r in missing:
-                self.courier.metrics(r.metrics(), step=r.epoch)
+        for r in missing:
+            self.courier.metrics(r.metrics(), step=r.epoch)
         self._write_csv(progress)
 
     def epoch_done(self, progress: Progress, state: TrainingState, improved: bool) -> None:
@@ -276,7 +356,8 @@ class RunKeeper:
         self.courier.check()
         if away > self.options.max_outage:
             raise TrackingError(
-                f"the tracking server has been unreachable for {away:.0f} s: "
+                f"the tracking server at {tracking.redacted_uri()} has been unreachable for "
+                f"{away:.0f} s (--max_outage {self.options.max_outage:g}): "
                 f"{self.settings.run_name} paused after epoch {record.epoch} with its checkpoint "
                 f"in {self.setup.out_dir}; run the same command again to resume"
             )
@@ -293,6 +374,7 @@ class RunKeeper:
             setup.bundle(cpu, best.epoch, best.val.loss, self.run_id).save(out_dir / BEST_MODEL)
             copy_atomic(out_dir / BEST_MODEL, out_dir / "best_model_combined.pth")
             self.courier.artifact(out_dir / BEST_MODEL)
+            self.courier.tags({tracking.BEST_MODEL_EPOCH: best.epoch})
             self._best = None
         bundle = setup.bundle(snapshot.weights, record.epoch, record.val.loss, self.run_id)
         Checkpoint(
@@ -324,27 +406,31 @@ class RunKeeper:
     # ---- pausing and finishing -----------------------------------------------------------------
 
     def should_pause(self, global_epoch: int) -> bool:
-        """--stop_at_epoch N: pause after epoch N, unless it is the phase's last."""
+        """--stop_at_epoch N: pause after epoch N, unless it is the phase's last. The same
+        command again, which takes the phase up after epoch N, trains on to the end."""
         stop = self.options.stop_at_epoch
-        return stop is not None and stop <= global_epoch < self.setup.last_epoch
+        if stop is None or global_epoch >= self.setup.last_epoch:
+            return False
+        return self._first_epoch_here <= stop <= global_epoch
 
     def pause(self, progress: Progress) -> PhaseResult:
         """Leave the run KILLED (out of comparisons) with its checkpoint, for a later rerun."""
         epoch = progress.last.epoch
         self.courier.tags({"stop_reason": "paused", tracking.PAUSED_AT: epoch})
         self.courier.drain(self.options.max_outage)
-        release_run(self.run_id, "KILLED")
+        release_run(self.run_id, "KILLED", self.courier)
         log.info(f"[{self.settings.run_name}] paused after epoch {epoch}: run the command again")
         return self._result("paused", progress, stop_reason="paused", paused_at=epoch)
 
     def finish(self, progress: Progress, snapshot: Snapshot, device) -> PhaseResult:
         """The final model and files into the store, then the best model into the registry. Each
-        step is recorded (phase state), so a phase stopped in between does only what is missing."""
+        step is recorded (phase state), so a phase stopped in between does only what is missing:
+        the end-of-phase metrics go through the courier, which sends a step only once."""
         settings, out_dir, last = self.settings, self.setup.out_dir, progress.last
         reason = progress.stopped or "completed"
         if progress.stopped:
             log.info(f"[{settings.run_name}] early stop at epoch {last.epoch}: {progress.stopped}")
-        best_path = self._best_model_file()
+        best_path = self._best_model_file(progress)
         # The best model learns the phase's real last epoch (an early stop ends before the
         # plan's), so the next phase's global epochs follow on from it.
         dataclasses.replace(Bundle.load(best_path), last_epoch=last.epoch).save(best_path)
@@ -353,23 +439,27 @@ class RunKeeper:
         final.save(out_dir / "final_model.pth")
         for name in outputs.FINAL_FILES:
             self.courier.artifact(out_dir / name)
-        self.courier.tags({tracking.PHASE_STATE: "trained", "stop_reason": reason})
-        if not self.courier.drain(self.options.max_outage):
-            raise TrackingError(
-                f"the tracking server stayed away after {settings.run_name} finished training: its "
-                f"files are in {out_dir}; run the same command again to register it"
-            )
-        version = self._register(progress, best_path)
+        best = {tracking.BEST_MODEL_EPOCH: progress.best_epoch}
+        self.courier.tags({tracking.PHASE_STATE: "trained", "stop_reason": reason} | best)
         summary = {
             "best_val_loss": progress.best_val,
             "best_epoch": progress.best_epoch,
             "phase_seconds": sum(r.seconds for r in progress.history),
             "peak_memory_mb": outputs.peak_memory_mb(device),
         }
-        tracking.log_metrics_at(self.run_id, summary, last.epoch)
+        self.courier.metrics(summary, last.epoch)
+        if not self.courier.drain(self.options.max_outage):
+            raise TrackingError(
+                f"the tracking server at {tracking.redacted_uri()} stayed away after "
+                f"{settings.run_name} finished training: its "
+                f"files are in {out_dir}; run the same command again to register it"
+            )
+        self.courier.still_mine()
+        version = self._register(progress, best_path)
+        self.courier.still_mine()
         done = {tracking.PHASE_STATE: "registered", "model_version": version}
         tracking.set_run_tags(self.run_id, done | {tracking.PAUSED_AT: ""})
-        release_run(self.run_id, "FINISHED")
+        release_run(self.run_id, "FINISHED", self.courier)
         model_uri = f"models:/{settings.registered_model}/{version}"
         log.info(
             f"[{settings.run_name}] done: best val {progress.best_val:.4f} at epoch "
@@ -382,18 +472,47 @@ class RunKeeper:
             "registered", progress, stop_reason=reason, model_uri=model_uri, version=version
         )
 
-    def _best_model_file(self) -> Path:
-        best_path = self.setup.out_dir / BEST_MODEL
-        if best_path.is_file():
-            return best_path
-        # trained on another machine: its best model is in the store
-        if tracking.download(self.run_id, BEST_MODEL, self.setup.out_dir) is None:
-            raise TrainingError(
-                f"{self.settings.run_name}: run {self.run_id} has no {BEST_MODEL} in the store and "
-                f"{self.setup.out_dir} has none: run the same command on the machine that "
-                "trained it, or delete the run to train the phase again"
-            )
-        return best_path
+    def _best_model_file(self, progress: Progress, required: bool = True) -> Path | None:
+        """best_model.pth of the phase's best epoch in this folder, whatever path the phase took
+        (machines, outages): this folder's copy when it holds that epoch, else the store's, else
+        that epoch's periodic checkpoint (here or in the store). None, or when `required` an
+        error, when no copy holds it."""
+        want, out_dir, path = (
+            progress.best_epoch,
+            self.setup.out_dir,
+            self.setup.out_dir / BEST_MODEL,
+        )
+        if self._bundle_of_best(path, want) is not None:
+            return path
+        periodic = f"checkpoint_epoch_{want}.pth"
+        for local in (out_dir / periodic, out_dir / LAST_CHECKPOINT):
+            if (bundle := self._bundle_of_best(local, want)) is not None:
+                bundle.save(path)
+                return path
+        with tempfile.TemporaryDirectory(prefix="seqgen-best-") as tmp:
+            for stored in (BEST_MODEL, f"checkpoints/{periodic}"):
+                got = tracking.download(self.run_id, stored, Path(tmp))
+                if got is not None and (bundle := self._bundle_of_best(got, want)) is not None:
+                    bundle.save(path)
+                    return path
+        if not required:
+            return None
+        raise TrainingError(
+            f"{self.settings.run_name}: the model of its best epoch ({want}) is neither in "
+            f"{out_dir} nor in run {self.run_id}'s artifacts: run the same command on the "
+            "machine that trained that epoch, or delete the run to train the phase again"
+        )
+
+    def _bundle_of_best(self, path: Path, epoch: int | None) -> Bundle | None:
+        """The model in `path` when it is this run's at `epoch` (a checkpoint holds one too)."""
+        if not path.is_file():
+            return None
+        try:
+            bundle = Bundle.load(path)
+        except BundleError as e:
+            log.warning(f"[{self.settings.run_name}] {first_line(e)}: not used")
+            return None
+        return bundle if (bundle.run_id, bundle.epoch) == (self.run_id, epoch) else None
 
     def _register(self, progress: Progress, best_path: Path) -> str:
         settings, parent = self.settings, self.setup.start.parent_uri or ""
@@ -456,26 +575,38 @@ def run_tags(setup: Setup) -> dict[str, str]:
     }
 
 
-def find_run(setup: Setup, options: RunOptions) -> RunRecord | None:
-    """The run of this phase identity, if any. One that a live process trains is refused, after
-    waiting up to lease_wait seconds for its lease to lapse."""
+def find_run(setup: Setup, options: RunOptions) -> tuple[RunRecord | None, set[str]]:
+    """The run of this phase identity, if any, and the ids of every run of it seen (a run made
+    after this look is another process's claim). A run whose lease holder lives is refused,
+    after waiting up to lease_wait seconds for it to die; whether it lives is told by watching
+    its lease on this process's own clock (delivery.LeaseWatch), which can take up to
+    lease_seconds() for a holder on another machine."""
     run_name = setup.settings.run_name
     deadline = time.monotonic() + options.lease_wait
+    watch, said = LeaseWatch(), False
     while True:
-        record = tracking.find_phase_run(setup.experiment_id, setup.key)
+        runs = tracking.phase_runs(setup.experiment_id, setup.key)
+        record = next((r for r in runs if r.state not in tracking.NOT_TAKEN_UP), None)
         if record is None or record.state == "registered":
             break
-        if not owner_is_alive(record.owner, record.lease_expires):
+        verdict = watch.verdict(record.owner, record.lease_beat)
+        if verdict == "dead":
             break
-        if time.monotonic() >= deadline:
+        if verdict == "alive" and time.monotonic() >= deadline:
             raise TrackingError(
                 f"{run_name} (run {record.run_id}) is being trained by {record.owner} right now: "
                 "it is not taken over while that process lives"
             )
-        time.sleep(2.0)
+        if not said:
+            log.info(
+                f"[{run_name}] run {record.run_id} is held by {record.owner}: watching its lease "
+                f"(up to {lease_seconds():.0f} s) to tell whether that process still trains it"
+            )
+            said = True
+        time.sleep(min(2.0, renew_every() / 2))
     if options.resume and (record is None or record.state == "registered"):
         raise ConfigError(resume_refusal(setup, record))
-    return record
+    return record, {r.run_id for r in runs}
 
 
 def resume_refusal(setup: Setup, record: RunRecord | None) -> str:
@@ -498,37 +629,96 @@ def resume_refusal(setup: Setup, record: RunRecord | None) -> str:
     )
 
 
-def newest_checkpoint(out_dir: Path, run_id: str) -> Checkpoint | None:
-    """The run's furthest checkpoint: this machine's (ahead after an outage) or the store's."""
-    found = []
+@dataclass
+class Found:
+    """The checkpoints of a run taken up: the furthest readable one, and how many copies could
+    not be read (set aside here, or not used from the store)."""
+
+    checkpoint: Checkpoint | None
+    unreadable: int
+    store_unreadable: bool
+
+
+def newest_checkpoint(out_dir: Path, run_id: str, run_name: str) -> Found:
+    """The run's furthest readable checkpoint: this machine's (ahead after an outage) or the
+    store's. An unreadable copy (a node lost during a write or an upload: MLflow's copy of a
+    local artifact is not atomic) is said in one line and not used; this machine's is set aside
+    as last_checkpoint.pth.unreadable."""
+    found, unreadable, store_bad = [], 0, False
     local = out_dir / LAST_CHECKPOINT
     if local.is_file():
-        found.append(Checkpoint.load(local))
+        try:
+            found.append(Checkpoint.load(local))
+        except BundleError as e:
+            aside = local.with_name(f"{LAST_CHECKPOINT}.unreadable")
+            local.replace(aside)
+            log.warning(f"[{run_name}] {first_line(e)}: set aside as {aside}")
+            unreadable += 1
     with tempfile.TemporaryDirectory(prefix="seqgen-resume-") as tmp:
         stored = tracking.download(run_id, f"checkpoints/{LAST_CHECKPOINT}", Path(tmp))
         if stored is not None:
-            found.append(Checkpoint.load(stored))
+            try:
+                found.append(Checkpoint.load(stored))
+            except BundleError as e:
+                reason = first_line(e).rpartition(" (")[2].rstrip(")")
+                log.warning(
+                    f"[{run_name}] run {run_id}'s checkpoints/{LAST_CHECKPOINT} in the store "
+                    f"cannot be read ({reason}): not used (a readable copy, if any, is sent in "
+                    "its place)"
+                )
+                unreadable, store_bad = unreadable + 1, True
     mine = [c for c in found if c.bundle.run_id == run_id]
-    return max(mine, key=lambda c: len(c.progress["history"]), default=None)
+    best = max(mine, key=lambda c: len(c.progress["history"]), default=None)
+    return Found(best, unreadable, store_bad)
 
 
-def claim_run(setup: Setup, record: RunRecord | None, owner: str, parent: str | None) -> str:
-    """A new run for this phase, or the interrupted one taken up; this process holds its lease."""
-    lease = {
-        tracking.LEASE_OWNER: owner,
-        tracking.LEASE_EXPIRES: f"{time.time() + LEASE_SECONDS:.0f}",
-    }
+class LostClaim(Exception):
+    """Another process made a run for the same new phase at the same moment (claim_run)."""
+
+
+def claim_run(
+    setup: Setup, record: RunRecord | None, owner: str, options: RunOptions, seen: set[str]
+) -> str:
+    """A new run for this phase, or the interrupted one taken up; this process holds its lease.
+
+    MLflow has no compare-and-set, so a new run is claimed in two steps: make it, then look for
+    runs of the phase that were not there when find_run looked. Such a run is a rival's claim:
+    this one withdraws (LostClaim). Of two processes that both made a run, the one that made its
+    run later always sees the other's, so at most one goes on."""
+    lease = {tracking.LEASE_OWNER: owner, tracking.LEASE_BEAT: "0"}
     if record is None:
-        parent = parent or tracking.active_run_id()  # a pipeline's or a demo's parent run
+        parent = options.parent_run_id or tracking.active_run_id()  # a pipeline's or demo's
         tags = run_tags(setup) | lease | {tracking.PHASE_STATE: "training"}
-        return tracking.create_run(setup.experiment_id, setup.settings.run_name, tags, parent)
+        run_id = tracking.create_run(setup.experiment_id, setup.settings.run_name, tags, parent)
+        rivals = [
+            r
+            for r in tracking.phase_runs(setup.experiment_id, setup.key)
+            if r.run_id not in seen | {run_id} and r.state not in tracking.NOT_TAKEN_UP
+        ]
+        if rivals:
+            reason = f"claimed at the same moment as run {rivals[0].run_id}"
+            tracking.withdraw_run(run_id, "lost", reason)
+            log.info(f"[{setup.settings.run_name}] another process started this phase too")
+            raise LostClaim(reason)
+        return run_id
     tracking.set_run_tags(record.run_id, lease | {"stop_reason": "", tracking.PAUSED_AT: ""})
     tracking.set_run_status(record.run_id, "RUNNING")
+    # Two processes that take one dead run up at once both write their lease; the last one
+    # written holds it, and the other sees so here or before its first record (the courier).
+    holder = tracking.run_tags(record.run_id).get(tracking.LEASE_OWNER, "")
+    if holder != owner:
+        raise TrackingError(
+            f"{setup.settings.run_name} (run {record.run_id}) is being trained by {holder} right "
+            "now: it is not taken over while that process lives"
+        )
     return record.run_id
 
 
-def release_run(run_id: str, status: str) -> None:
-    tracking.set_run_tags(run_id, {tracking.LEASE_OWNER: "", tracking.LEASE_EXPIRES: "0"})
+def release_run(run_id: str, status: str, courier: Courier) -> None:
+    """End the run and release its lease, when it is still this process's: a process that
+    finds its run taken over leaves the new holder's lease alone (courier.still_mine raises)."""
+    courier.still_mine()
+    tracking.set_run_tags(run_id, {tracking.LEASE_OWNER: ""})
     tracking.set_run_status(run_id, status)
 
 
@@ -539,7 +729,7 @@ def end_abnormally(run_id: str, courier: Courier, status: str) -> None:
         return
     try:
         courier.drain(max_outage=10, within=10)
-        release_run(run_id, status)
+        release_run(run_id, status, courier)
     except TrackingError:  # the store went away or the run was taken over: the lease tells
         pass
 

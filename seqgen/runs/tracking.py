@@ -59,12 +59,16 @@ PYFUNC_CODE = PACKAGE / "model" / "pyfunc.py"
 # stop_reason, continued_from, model_version) stand out from them.
 PHASE_KEY = "seqgen.phase_key"  # digest of the phase's identity: finds the run on any node
 PHASE_SETTINGS = "seqgen.phase_settings"  # the identity itself (JSON): says what differs
-PHASE_STATE = "seqgen.phase_state"  # training, trained, registered
-LEASE_OWNER = "seqgen.lease_owner"  # host:pid:token of the process that trains the run now
-LEASE_EXPIRES = "seqgen.lease_expires"  # unix seconds
+PHASE_STATE = "seqgen.phase_state"  # training, trained, registered; lost, abandoned (not taken up)
+LEASE_OWNER = "seqgen.lease_owner"  # host:pid:token:table of the process that trains the run now
+LEASE_BEAT = "seqgen.lease_beat"  # a counter its holder raises at every renewal (delivery.py)
+LEASE_EXPIRES = "seqgen.lease_expires"  # earlier versions' lease (their holder's clock): read only
+BEST_MODEL_EPOCH = "seqgen.best_model_epoch"  # the epoch of the best_model.pth in the store
+DEVICES = "seqgen.devices"  # where a phase taken up on other hardware trained which epochs
 PAUSED_AT = "seqgen.paused_at_epoch"
 CODE_DIGEST = "seqgen.code_digest"  # which seqgen code trained it (seqgen/version.py)
 OVERRIDES = "seqgen.overrides"  # the settings the command line changed (JSON)
+STUDY_KEY = "seqgen.study_key"  # digest of a study's chains, phases, preset and settings
 # Runs made before the prefix carry the same tags without it; they are read, never written.
 _LEGACY = {PHASE_KEY, PHASE_SETTINGS, PHASE_STATE, LEASE_OWNER, LEASE_EXPIRES}
 
@@ -91,9 +95,14 @@ def _status(error: Exception) -> int | None:
     return {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}.get(code)
 
 
+def redacted_uri() -> str:
+    """The tracking URI as it may be printed: its credentials replaced (user:***@host)."""
+    return redact(mlflow.get_tracking_uri())
+
+
 def store_error(error: Exception, doing: str) -> TrackingError:
     """A failed store call as one line: who refused what, or what failed and why."""
-    uri = redact(mlflow.get_tracking_uri())
+    uri = redacted_uri()
     status = _status(error)
     if status == 401:
         return TrackingError(
@@ -125,11 +134,22 @@ def _store_call(doing: str):
     return decorate
 
 
+store_call = _store_call  # for the other module that queries the store (analysis/query.py)
+
+# MLflow retries a failed request for about 4 minutes by default (7 times, backoff 2 s doubling,
+# 120 s timeout each). Seqgen's courier has its own retries, which go on through any outage while
+# training continues; MLflow's own are bounded (about 14 s), so a delivery thread or a probe is
+# never held for minutes (a Courier closes promptly). Values the user set are kept.
+BOUNDED_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
 def check_tracking_store() -> str:
     """Fail fast, before any work, when the configured tracking store cannot be used."""
     uri = mlflow.get_tracking_uri()
     if redact(uri) != uri:  # MLflow prints "View run <name> at: <tracking URI>/..." otherwise
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    for name, value in BOUNDED_RETRIES.items():
+        os.environ.setdefault(name, value)
     if uri.startswith(("http://", "https://")):
         try:  # requests takes user:password in the URI as basic auth, as MLflow's client does
             requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
@@ -149,15 +169,29 @@ def check_tracking_store() -> str:
     return uri
 
 
-def server_is_up(timeout: float = 3.0) -> bool:
-    """A quick liveness probe of the tracking store (GET /health for a server)."""
+PROBE_TIMEOUT = 5.0  # seconds a probe waits for its answer (a loaded server answers slowly)
+
+
+def server_is_up(timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether the tracking store answers now. For a server, an API read that needs its
+    database: GET /health answers while the database behind it is down. Any answer but a server
+    error counts (a 404, or a 401/403 that the call itself then reports, is the store answering)."""
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return True
+    user, password = (os.environ.get(f"MLFLOW_TRACKING_{k}") for k in ("USERNAME", "PASSWORD"))
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
     try:
-        return requests.get(uri.rstrip("/") + "/health", timeout=timeout).ok
+        answer = requests.get(
+            uri.rstrip("/") + "/api/2.0/mlflow/experiments/get",
+            params={"experiment_id": "0"},
+            timeout=timeout,
+            auth=(user, password) if user and password else None,
+            headers={"Authorization": f"Bearer {token}"} if token else None,
+        )
     except requests.RequestException:
         return False
+    return answer.status_code < 500
 
 
 def _client() -> MlflowClient:
@@ -172,7 +206,7 @@ def default_experiment() -> str:
     `mlflow run` agree: MLFLOW_EXPERIMENT_ID (set by `mlflow run`), else MLFLOW_EXPERIMENT_NAME
     (which `mlflow run` also reads), else MLflow's Default experiment."""
     if experiment_id := os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return mlflow.get_experiment(experiment_id).name
+        return experiment_name(experiment_id)
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
@@ -214,17 +248,27 @@ def tracked_run(run_name: str, tags: dict[str, Any], in_experiment: str | None =
         mlflow.set_tags({"mlflow.runName": run_name, **{k: str(v) for k, v in tags.items()}})
     except (MlflowException, requests.RequestException) as e:
         if mlflow.active_run() is not None and not nested:
-            mlflow.end_run("FAILED")
+            _end_active_run("FAILED", run_name, quiet=True)
         raise store_error(e, f"create the run {run_name}") from None
     try:
         yield run
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        _end_active_run("KILLED", run_name, quiet=True)
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        _end_active_run("FAILED", run_name, quiet=True)
         raise
-    mlflow.end_run("FINISHED")
+    _end_active_run("FINISHED", run_name)
+
+
+def _end_active_run(status: str, run_name: str, quiet: bool = False) -> None:
+    """End the thread's active run. On the way out of an error (quiet) a store that fails too
+    must not hide that error: the run is left RUNNING and the error goes on."""
+    try:
+        mlflow.end_run(status)
+    except (MlflowException, requests.RequestException) as e:
+        if not quiet:
+            raise store_error(e, f"end the run {run_name}") from None
 
 
 def active_run_id() -> str | None:
@@ -289,6 +333,19 @@ def find_finished_run(exp_id: str, tags: dict[str, Any]) -> dict[str, Any] | Non
     return {"run_id": run.info.run_id, "metrics": run.data.metrics, "params": run.data.params}
 
 
+@_store_call("search runs")
+def running_run(exp_id: str, tags: dict[str, Any]) -> str | None:
+    """The newest RUNNING run of the experiment carrying every one of `tags`, or None."""
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = _client().search_runs(
+        [exp_id],
+        f"{where} and attributes.status = 'RUNNING'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
 # ---- runs by id: phase runs, from any thread, process or Ray worker ---------------------------
 
 
@@ -299,8 +356,8 @@ class RunRecord:
     run_id: str
     status: str  # RUNNING, FINISHED, FAILED, KILLED
     state: str  # training, trained, registered ("" for wave-1 runs)
-    owner: str  # host:pid:token of the process that holds the lease, or ""
-    lease_expires: float  # unix seconds
+    owner: str  # host:pid:token:table of the process that holds the lease, or ""
+    lease_beat: str  # the lease's counter: it moves while its holder lives
     model_version: str
     code_digest: str  # of the code that trained it ("" for runs made before it was recorded)
     settings: dict[str, Any]  # the identity settings (tag seqgen.phase_settings)
@@ -313,26 +370,34 @@ def _record(run) -> RunRecord:
         status=run.info.status,
         state=_tag(tags, PHASE_STATE),
         owner=_tag(tags, LEASE_OWNER),
-        lease_expires=float(_tag(tags, LEASE_EXPIRES, "0") or 0),
+        lease_beat=tags.get(LEASE_BEAT) or _tag(tags, LEASE_EXPIRES),  # earlier: moved too
         model_version=tags.get("model_version", ""),
         code_digest=tags.get(CODE_DIGEST, tags.get("code_digest", "")),
         settings=json.loads(_tag(tags, PHASE_SETTINGS, "{}")),
     )
 
 
+NOT_TAKEN_UP = ("lost", "abandoned")  # runs a phase never goes on in: lost a claim, unreadable
+
+
 @_store_call("search for the phase's run")
-def find_phase_run(exp_id: str, phase_key: str) -> RunRecord | None:
-    """The latest run of this phase identity, or None (runs of earlier versions included)."""
+def phase_runs(exp_id: str, phase_key: str) -> list[RunRecord]:
+    """Every run of this phase identity, newest first (runs of earlier versions included)."""
     for tag in (PHASE_KEY, PHASE_KEY.removeprefix("seqgen.")):
         runs = _client().search_runs(
             [exp_id],
             f"tags.`{tag}` = '{phase_key}'",
             order_by=["attributes.start_time DESC"],
-            max_results=1,
+            max_results=1000,
         )
         if runs:
-            return _record(runs[0])
-    return None
+            return [_record(r) for r in runs]
+    return []
+
+
+def find_phase_run(exp_id: str, phase_key: str) -> RunRecord | None:
+    """The latest run of this phase identity that a phase can be in, or None."""
+    return next((r for r in phase_runs(exp_id, phase_key) if r.state not in NOT_TAKEN_UP), None)
 
 
 @_store_call("search runs")
@@ -360,6 +425,18 @@ def create_run(exp_id: str, run_name: str, tags: dict[str, Any], parent_run_id: 
     return _client().create_run(exp_id, run_name=run_name, tags=tags).info.run_id
 
 
+@_store_call("withdraw a run")
+def withdraw_run(run_id: str, state: str, reason: str, status: str = "KILLED") -> None:
+    """A run no phase goes on in (NOT_TAKEN_UP): marked, its lease released and ended. A claim
+    lost to another process is also deleted (out of the UI and comparisons), unless it is the
+    run `mlflow run` made for this process."""
+    tags = {PHASE_STATE: state, "stop_reason": reason, LEASE_OWNER: ""}
+    set_run_tags(run_id, tags)
+    _client().set_terminated(run_id, status)
+    if state == "lost" and run_id != os.environ.get("MLFLOW_RUN_ID"):
+        _client().delete_run(run_id)
+
+
 @_store_call("change a run's status")
 def set_run_status(run_id: str, status: str) -> None:
     """RUNNING to take a run up again; FINISHED, FAILED or KILLED to end it."""
@@ -377,6 +454,11 @@ def set_run_tags(run_id: str, tags: dict[str, Any]) -> None:
 @_store_call("read a run")
 def run_tags(run_id: str) -> dict[str, str]:
     return _client().get_run(run_id).data.tags
+
+
+@_store_call("read a run's params")
+def run_params(run_id: str) -> dict[str, str]:
+    return _client().get_run(run_id).data.params
 
 
 @_store_call("log a run's params")

@@ -10,7 +10,10 @@ So rerunning the same command after any interruption continues where the study s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import socket
@@ -25,18 +28,21 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from seqgen.config import PhaseSettings
 from seqgen.data.sequences import SequenceData
-from seqgen.errors import ConfigError
+from seqgen.errors import ConfigError, SeqgenError, TrackingError
 from seqgen.log import setup as log_setup
 from seqgen.runs import tracking
-from seqgen.runs.delivery import LEASE_SECONDS
+from seqgen.runs.delivery import lease_seconds
 from seqgen.runs.keeper import PhaseResult, RunOptions
 from seqgen.study.board import Chain, ChainOutcome, Screen, load_study_data, reason
 from seqgen.study.chain import run_chain
 from seqgen.training.epochs import EpochRecord
 from seqgen.version import code_digest
 
+log = logging.getLogger(__name__)
+
 CHAIN_RETRIES = 2  # Ray reruns a chain whose process or node died this many times
 THREADS_PER_CHAIN = 1  # chains side by side beat threads here (README: Running the study)
+MAX_PENDING = 1800.0  # seconds chains may wait for a node while none of the study's runs
 REFRESH_SECONDS = 1.0
 
 
@@ -76,6 +82,22 @@ def probe(ray_address: str | None) -> None:
             f"no Ray cluster answers at --ray-address {ray_address} (start one with "
             "`ray start --head`, or check the address)"
         ) from None
+
+
+def check_resources(threads: int, gpu: bool) -> None:
+    """Refuse, before any chain starts, what no node of the cluster can run: a chain asks for
+    `threads` CPUs (and a GPU when the cluster has GPUs) on one node."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = [r for r in nodes if r.get("CPU", 0) >= threads and (not gpu or r.get("GPU", 0) >= 1)]
+    if fits:
+        return
+    most = max((int(r.get("CPU", 0)) for r in nodes if not gpu or r.get("GPU", 0) >= 1), default=0)
+    where = "with a GPU " if gpu else ""
+    raise ConfigError(
+        f"--threads_per_chain {threads}: no node {where}of the Ray cluster has {threads} CPUs "
+        f"(the most on one node{' with a GPU' if gpu else ''}: {most}); lower "
+        "--threads_per_chain or add such a node"
+    )
 
 
 def connect(ray_address: str | None) -> None:
@@ -169,7 +191,7 @@ def chain_task(chain: Chain, data: SequenceData, ctx: Context, board) -> list[di
 
     options = RunOptions(
         parent_run_id=ctx.study_run_id,
-        lease_wait=LEASE_SECONDS + 30,  # a retried task waits out its dead predecessor's lease
+        lease_wait=lease_seconds() + 30,  # a retried task waits out its dead predecessor's lease
         max_outage=ctx.max_outage,
         checkpoint_seconds=ctx.checkpoint_seconds,
         retrain=ctx.retrain,
@@ -194,8 +216,10 @@ def run_study(
     threads: int = THREADS_PER_CHAIN,
     options: RunOptions | None = None,
     out=sys.stderr,
+    max_pending: float = MAX_PENDING,
 ) -> list[ChainOutcome]:
-    """Run every chain as a Ray task; show one live line per chain; end with a table."""
+    """Run every chain as a Ray task; show one live line per chain; end with a table. A chain
+    that failed on a bug fails the study with its traceback, after the others ended."""
     options = options or RunOptions()
     chains = [Chain(st, seed) for st in strategies for seed in seeds]
     probe(ray_address)
@@ -203,37 +227,70 @@ def run_study(
     data = load_study_data(chains, phases, preset, overrides)
     connect(ray_address)
     try:
+        gpu = ray.cluster_resources().get("GPU", 0) >= 1
+        check_resources(threads, gpu)
         exp_id = tracking.experiment_id()
-        tags = {
-            "kind": "study",
-            "preset": preset,
-            "phases": f"{phases[0]}-{phases[-1]}",
-            "chains": ",".join(c.name for c in chains),
-        }
-        study_run = tracking.create_run(exp_id, f"study-{preset}", tags, None)
+        study_run = open_study_run(exp_id, chains, phases, preset, overrides)
         ctx = Context(
             tuple(phases), preset, overrides, data.fingerprint, uri, exp_id, study_run,
             code_digest(), threads, options.max_outage, options.checkpoint_seconds, options.retrain,
             logging.getLogger("seqgen").getEffectiveLevel(),
         )  # fmt: skip
-        outcomes = drive(chains, data, ctx, Screen(out, [c.name for c in chains], len(phases)))
+        screen = Screen(out, [c.name for c in chains], len(phases))
+        try:
+            outcomes, bugs = drive(chains, data, ctx, screen, gpu, max_pending)
+        except BaseException as e:  # Ctrl-C or the store: the study's run does not stay RUNNING
+            with contextlib.suppress(TrackingError):
+                status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+                tracking.set_run_status(study_run, status)
+            raise
         failed = [o.chain for o in outcomes if o.status != "done"]
         tracking.set_run_tags(study_run, {"failed_chains": ",".join(failed)})
         tracking.set_run_status(study_run, "FAILED" if failed else "FINISHED")
+        if bugs:
+            raise bugs[0]
         return outcomes
     finally:
         ray.shutdown()
 
 
+def open_study_run(
+    exp_id: str, chains: list[Chain], phases: list[int], preset: str, overrides: dict
+) -> str:
+    """The study's own run, parent of its phase runs: the one an earlier driver of the same
+    study left RUNNING (it died), taken up, else a new one."""
+    study = {"chains": [c.name for c in chains], "phases": phases, "preset": preset}
+    identity = json.dumps(study | {"overrides": overrides}, sort_keys=True, default=str)
+    key = hashlib.sha256(identity.encode()).hexdigest()[:20]
+    if left := tracking.running_run(exp_id, {"kind": "study", tracking.STUDY_KEY: key}):
+        log.info(f"going on in study run {left}, left RUNNING by an earlier driver of this study")
+        return left
+    tags = {
+        "kind": "study",
+        "preset": preset,
+        "phases": f"{phases[0]}-{phases[-1]}",
+        "chains": ",".join(c.name for c in chains),
+        tracking.STUDY_KEY: key,
+    }
+    return tracking.create_run(exp_id, f"study-{preset}", tags, None)
+
+
 def drive(
-    chains: list[Chain], data: SequenceData, ctx: Context, screen: Screen
-) -> list[ChainOutcome]:
-    """Start a task per chain and watch them to the end: the board redrawn every second."""
+    chains: list[Chain],
+    data: SequenceData,
+    ctx: Context,
+    screen: Screen,
+    gpu: bool,
+    max_pending: float = MAX_PENDING,
+) -> tuple[list[ChainOutcome], list[BaseException]]:
+    """Start a task per chain and watch them to the end, the board redrawn every second. Chains
+    that wait for a node while none of the study's chains runs fail after max_pending seconds
+    (the node they need is gone, or never was). Returns the outcomes and the bugs (errors that
+    are not seqgen's own) of failed chains."""
     here = ray.get_runtime_context().get_node_id()
     board = Board.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
     ).remote()
-    gpu = ray.cluster_resources().get("GPU", 0) >= 1
     task = ray.remote(chain_task).options(
         num_cpus=ctx.threads, num_gpus=1 if gpu else 0, max_retries=CHAIN_RETRIES
     )
@@ -241,25 +298,70 @@ def drive(
     started = {c.name: time.monotonic() for c in chains}
     pending = {task.remote(c, data_ref, ctx, board): c for c in chains}
     outcomes: dict[str, ChainOutcome] = {}
+    bugs: list[BaseException] = []
+    idle_since: float | None = time.monotonic()  # since when none of the chains runs
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1, timeout=REFRESH_SECONDS)
         for ref in done:
             chain = pending.pop(ref)
             seconds = time.monotonic() - started[chain.name]
-            outcomes[chain.name] = outcome(chain, ref, board, len(ctx.phases), seconds)
-        screen.draw(ray.get(board.snapshot.remote()), outcomes)
+            outcomes[chain.name], bug = outcome(chain, ref, board, len(ctx.phases), seconds)
+            bugs += [bug] if bug is not None else []
+        state = ray.get(board.snapshot.remote())
+        if any_running(state, [c.name for c in pending.values()]):
+            idle_since = None
+        elif idle_since is None:
+            idle_since = time.monotonic()
+        elif pending and time.monotonic() - idle_since > max_pending:
+            for ref, chain in list(pending.items()):  # the node they need is gone, or never was
+                ray.cancel(ref, force=True)
+                seconds = time.monotonic() - started[chain.name]
+                outcomes[chain.name] = given_up(chain, state, ctx, gpu, max_pending, seconds)
+                del pending[ref]
+        screen.draw(state, outcomes)
     ordered = [outcomes[c.name] for c in chains]
     screen.table(ordered)
-    return ordered
+    return ordered, bugs
 
 
-def outcome(chain: Chain, ref, board, n_phases: int, seconds: float) -> ChainOutcome:
-    """A finished task's line: done, or failed with its one-line reason (the others go on)."""
+def given_up(
+    chain: Chain, board: dict, ctx: Context, gpu: bool, max_pending: float, seconds: float
+) -> ChainOutcome:
+    need = f"{ctx.threads} CPU(s)" + (" and a GPU" if gpu else "")
+    why = (
+        f"failed: waited {max_pending:.0f} s for a node with {need} while no chain ran "
+        "(--max_pending): none of the cluster's nodes could take it"
+    )
+    line = ChainOutcome(chain.name, 0, len(ctx.phases), "", seconds, why)
+    return dataclasses.replace(line, **_so_far(board.get(chain.name, {})))
+
+
+def any_running(board: dict[str, dict[str, Any]], chains: list[str]) -> bool:
+    """Whether any of these chains runs now: it reported from a node that is alive (a chain
+    whose node died waits for Ray to start it again elsewhere)."""
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    return any(board.get(c, {}).get("node") in alive for c in chains)
+
+
+def _so_far(state: dict[str, Any]) -> dict[str, Any]:
+    return {"phases_done": state.get("phases_done", 0), "model": state.get("model") or ""}
+
+
+def outcome(
+    chain: Chain, ref, board, n_phases: int, seconds: float
+) -> tuple[ChainOutcome, BaseException | None]:
+    """A finished task's line: done, or failed with its one-line reason (the others go on); and
+    the error itself when it is a bug (not seqgen's own error, nor what happened to a node)."""
     try:
         results = ray.get(ref)
-    except (ray.exceptions.RayTaskError, ray.exceptions.RayError) as e:
-        state = ray.get(board.snapshot.remote()).get(chain.name, {})
-        done, model = state.get("phases_done", 0), state.get("model", "")
-        return ChainOutcome(chain.name, done, n_phases, model, seconds, f"failed: {reason(e)}")
+    except ray.exceptions.RayError as e:
+        so_far = _so_far(ray.get(board.snapshot.remote()).get(chain.name, {}))
+        cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+        bug = None
+        if isinstance(e, ray.exceptions.RayTaskError) and not isinstance(cause, SeqgenError):
+            bug = e
+        why = reason(cause) + ("; a bug: its traceback follows the table" if bug else "")
+        line = ChainOutcome(chain.name, 0, n_phases, "", seconds, f"failed: {why}")
+        return dataclasses.replace(line, **so_far), bug
     last = results[-1]["model_uri"] if results else ""
-    return ChainOutcome(chain.name, len(results), n_phases, last, seconds, "done")
+    return ChainOutcome(chain.name, len(results), n_phases, last, seconds, "done"), None
