@@ -66,10 +66,19 @@ class _Item:
 
 
 class Courier:
-    """Ordered, background, exactly-once delivery of one run's records; holds its lease."""
+    """Ordered, background, exactly-once delivery of one run's records; holds its lease.
+    With `mirror_to` (a chain's run), each epoch's chain curves (tracking.CHAIN_CURVES) go there
+    too, at the same step, right after the run's own, with the same exactly-once lookup."""
 
-    def __init__(self, run_id: str, owner: str, renew_every: float = RENEW_EVERY) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        owner: str,
+        renew_every: float = RENEW_EVERY,
+        mirror_to: str | None = None,
+    ) -> None:
         self.run_id, self.owner, self.renew_every = run_id, owner, renew_every
+        self.mirror_to = mirror_to
         self._items: deque[_Item] = deque()
         self._cv = threading.Condition()
         self._closing = False
@@ -263,16 +272,23 @@ class Courier:
     def _deliver(self, item: _Item) -> None:
         if item.kind == "metrics":
             metrics, step = item.payload
-            first = next(iter(metrics))
-            # A step sent before a failure may have landed (a batch lands whole or not at all).
-            if item.tried and step in tracking.logged_steps(self.run_id, first):
-                return
-            tracking.log_metrics_at(self.run_id, metrics, step)
+            _log_once(self.run_id, metrics, step, item.tried)
+            if self.mirror_to:
+                curves = {k: v for k, v in metrics.items() if k in tracking.CHAIN_CURVES}
+                _log_once(self.mirror_to, curves, step, item.tried)
         elif item.kind == "artifact":
             path, artifact_path = item.payload
             tracking.upload(self.run_id, path, artifact_path)
         else:
             tracking.set_run_tags(self.run_id, item.payload[0])
+
+
+def _log_once(run_id: str, metrics: dict[str, float], step: int, tried: bool) -> None:
+    """A step sent before a failure may have landed (a batch lands whole or not at all): look it
+    up before sending it again."""
+    if not metrics or (tried and step in tracking.logged_steps(run_id, next(iter(metrics)))):
+        return
+    tracking.log_metrics_at(run_id, metrics, step)
 
 
 class _Stop(Exception):

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seqgen.config import MAX_OUTAGE, N_PHASES
+from seqgen.config import MAX_OUTAGE, N_PHASES, strategies
 from seqgen.errors import ConfigError, TrackingError, TrainingError
 from seqgen.files import copy_atomic
 from seqgen.model.bundle import Bundle, Checkpoint
-from seqgen.runs import outputs, tracking
+from seqgen.runs import descriptions, outputs, tracking
 from seqgen.runs.delivery import LEASE_SECONDS, Courier, new_owner, owner_is_alive
 from seqgen.runs.tracking import RunRecord
 from seqgen.training.epochs import EpochRecord, Progress
@@ -49,7 +49,8 @@ class RunOptions:
     stop_at_epoch: int | None = None  # pause after this global epoch
     max_outage: float = MAX_OUTAGE  # seconds the tracking server may be away before a pause
     lease_wait: float = 0.0  # seconds to wait for another process's lease (a retried task)
-    parent_run_id: str | None = None  # the chain's run, for a phase of a study
+    parent_run_id: str | None = None  # the run a new phase run is nested under
+    chain_run_id: str | None = None  # the chain's run: phases nest under it, curves mirror to it
     hint_next: bool = True  # say the next phase's command at the end
     on_epoch: Callable[[EpochRecord, int, float], None] | None = None  # a study's progress
 
@@ -151,8 +152,9 @@ class RunKeeper:
         when training stops on an error (the lease tells a rerun the rest)."""
         owner = new_owner()
         self._started = time.perf_counter()
-        self.run_id = claim_run(self.setup, self.record, owner, self.options.parent_run_id)
-        self.courier = Courier(self.run_id, owner)
+        parent = self.options.parent_run_id or self.options.chain_run_id
+        self.run_id = claim_run(self.setup, self.record, owner, parent)
+        self.courier = Courier(self.run_id, owner, mirror_to=self.options.chain_run_id)
         try:
             self._record_setup(precision_note, progress)
             if self.checkpoint is not None:
@@ -362,6 +364,7 @@ class RunKeeper:
                 "best_epoch": progress.best_epoch,
                 "continued_from": parent.removeprefix("models:/"),
             },
+            step=progress.best_epoch,  # the logged model shows the run's metrics of that epoch
         )
         tracking.describe_model(settings.registered_model, version, Bundle.load(best_path), parent)
         return version
@@ -388,8 +391,10 @@ RUN_TAG_KEYS = ("strategy", "phase", "seed", "preset")
 
 
 def run_tags(setup: Setup) -> dict[str, str]:
-    settings = setup.settings
+    settings, parent = setup.settings, setup.start.parent_uri or ""
     return {
+        tracking.NOTE: descriptions.phase_text(settings, parent),
+        tracking.RUN_COLOUR: descriptions.strategy_colour(settings.variant, strategies()),
         "kind": "phase",
         "strategy": settings.variant,  # as trained: the table's name, or name-<loss> for an --alpha
         "alpha": settings.alpha,

@@ -1,19 +1,24 @@
 """A chain: the phases of one strategy and seed, in order, each continuing from the exact model
 version its predecessor registered (the original's five batch files of one strategy). `seqgen
-pipeline` runs chains one after another under a parent run each; `seqgen study` runs them as Ray
-tasks (seqgen/study/cluster.py); both through `run_chain`."""
+pipeline` runs chains one after another; `seqgen study` runs them as Ray tasks
+(seqgen/study/cluster.py); both through `run_chain`. Every chain has a run of its own (kind=chain):
+the parent of its phases and evaluations, carrying the chain's curves stitched at the global
+epochs, so `mlflow ui` draws one line per chain."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 
-from seqgen.config import N_PHASES, resolve, strategies
+from seqgen.config import N_PHASES, PhaseSettings, resolve, strategies
 from seqgen.data.sequences import SequenceData
 from seqgen.errors import ConfigError
-from seqgen.runs import tracking
+from seqgen.runs import descriptions, tracking
 from seqgen.runs.keeper import PhaseResult, RunOptions
+from seqgen.training.start import load_phase_data
 from seqgen.training.train import train_phase
 
 log = logging.getLogger(__name__)
@@ -61,6 +66,37 @@ def parse_strategies(text: str) -> list[str]:
     return names
 
 
+# Where a chain's files go or how many workers load its batches does not make another chain.
+NOT_IDENTITY = ("data_dir", "outputs_root", "num_workers", "seed")
+
+
+def chain_key(settings: PhaseSettings, overrides: dict, fingerprint: str) -> str:
+    """A digest of what makes a chain: its strategy (variant), seed, preset, data and the
+    settings the command line changed. Its run is found again by it, whichever phases a command
+    trains (`--phases 1-2`, then `3-5`) and however often it runs."""
+    kept = {k: v for k, v in overrides.items() if k not in NOT_IDENTITY}
+    identity = [settings.variant, settings.seed, settings.preset, fingerprint, kept]
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def open_chain_run(settings: PhaseSettings, key: str, made_by: str) -> str:
+    """The chain's run (tag kind=chain), found again by its key or made: top level, in the
+    strategy's colour, the parent of the chain's phases and evaluations."""
+    tags = {
+        "kind": "chain",
+        "strategy": settings.variant,
+        "seed": str(settings.seed),
+        "preset": settings.preset,
+        tracking.RUN_COLOUR: descriptions.strategy_colour(settings.variant, strategies()),
+        tracking.NOTE: descriptions.chain_text(
+            settings.variant, settings.seed, settings.preset, made_by
+        ),
+    }
+    name = f"{settings.variant}-s{settings.seed}"
+    return tracking.open_run_once(tracking.experiment_id(), name, {tracking.CHAIN_KEY: key}, tags)
+
+
 def run_chain(
     strategy: str,
     seed: int,
@@ -70,22 +106,39 @@ def run_chain(
     options: RunOptions,
     data: SequenceData | None = None,
     on_phase: Callable[[int, PhaseResult | None], None] | None = None,
+    made_by: str = "`seqgen pipeline`",
 ) -> list[PhaseResult]:
-    """The phases of one chain in order; phase N continues from the exact version phase N-1
-    registered (never through the alias, which another chain may move meanwhile).
-    on_phase(phase, None) before a phase starts and (phase, result) after it ends."""
+    """The phases of one chain in order, under the chain's run; phase N continues from the exact
+    version phase N-1 registered (never through the alias, which another chain may move
+    meanwhile). on_phase(phase, None) before a phase starts and (phase, result) after it ends."""
+    first = resolve(strategy, phases[0], preset, **(overrides | {"seed": seed}))
+    data = load_phase_data(first, data)  # read once for the whole chain; bad data fails here
+    chain = open_chain_run(first, chain_key(first, overrides, data.fingerprint), made_by)
+    options = dataclasses.replace(options, hint_next=False, chain_run_id=chain)
     previous = overrides.get("existing_model")
     results = []
-    for phase in phases:
-        chain = overrides | {"seed": seed, "existing_model": previous}
-        settings = resolve(strategy, phase, preset, **chain)
-        if on_phase is not None:
-            on_phase(phase, None)
-        result = train_phase(settings, dataclasses.replace(options, hint_next=False), data)
-        previous = result.model_uri
-        results.append(result)
-        if on_phase is not None:
-            on_phase(phase, result)
+    try:
+        for phase in phases:
+            chain_settings = overrides | {"seed": seed, "existing_model": previous}
+            settings = resolve(strategy, phase, preset, **chain_settings)
+            if on_phase is not None:
+                on_phase(phase, None)
+            result = train_phase(settings, options, data)
+            # A phase registered before this chain's run saw it, or a step whose mirroring an
+            # interruption cut off: the chain's run gets what it lacks, each step once.
+            tracking.copy_curves(result.run_id, chain)
+            previous = result.model_uri
+            results.append(result)
+            if on_phase is not None:
+                on_phase(phase, result)
+    except KeyboardInterrupt:
+        tracking.set_run_status(chain, "KILLED")
+        raise
+    except BaseException:
+        tracking.set_run_status(chain, "FAILED")
+        raise
+    done = all(r.status in ("registered", "skipped") for r in results)
+    tracking.set_run_status(chain, "FINISHED" if done else "KILLED")
     return results
 
 
@@ -96,26 +149,21 @@ def run_pipeline(
     preset: str,
     overrides: dict,
     options: RunOptions | None = None,
+    made_by: str = "`seqgen pipeline`",
 ) -> list[PhaseResult]:
-    """The chains of one strategy, seed after seed, each under a parent run (kind=pipeline)."""
+    """The chains of one strategy, seed after seed, each under its chain's run (kind=chain)."""
     for phase in phases:  # every phase's settings are checked before the first run starts
         resolve(strategy, phase, preset, **overrides)
     tracking.check_tracking_store()
     results = []
     for seed in seeds:
-        tags = {
-            "kind": "pipeline",
-            "strategy": strategy,
-            "seed": str(seed),
-            "preset": preset,
-            "phases": f"{phases[0]}-{phases[-1]}",
-        }
-        with tracking.tracked_run(f"{strategy}-pipeline-s{seed}", tags):
 
-            def say(phase: int, result: PhaseResult | None, seed: int = seed) -> None:
-                if result is None:
-                    log.info(f"== {strategy} phase {phase}/{phases[-1]} (seed {seed}) ==")
+        def say(phase: int, result: PhaseResult | None, seed: int = seed) -> None:
+            if result is None:
+                log.info(f"== {strategy} phase {phase}/{phases[-1]} (seed {seed}) ==")
 
-            opts = options or RunOptions()
-            results += run_chain(strategy, seed, phases, preset, overrides, opts, on_phase=say)
+        opts = options or RunOptions()
+        results += run_chain(
+            strategy, seed, phases, preset, overrides, opts, on_phase=say, made_by=made_by
+        )
     return results

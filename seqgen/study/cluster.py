@@ -30,7 +30,7 @@ from seqgen.config import resolve
 from seqgen.data.sequences import SequenceData, load_sequences
 from seqgen.errors import ConfigError, SeqgenError, first_line
 from seqgen.log import setup as log_setup
-from seqgen.runs import tracking
+from seqgen.runs import descriptions, tracking
 from seqgen.runs.delivery import LEASE_SECONDS
 from seqgen.runs.keeper import PhaseResult, RunOptions
 from seqgen.runs.outputs import format_eta
@@ -38,6 +38,8 @@ from seqgen.study.chain import run_chain
 from seqgen.training.epochs import EpochRecord
 from seqgen.training.start import load_phase_data
 from seqgen.version import code_digest
+
+log = logging.getLogger(__name__)
 
 CHAIN_RETRIES = 2  # Ray reruns a chain whose process or node died this many times
 THREADS_PER_CHAIN = 1  # chains side by side beat threads here (README: Running the study)
@@ -210,15 +212,16 @@ def chain_task(chain: Chain, data: SequenceData, ctx: Context, board) -> list[di
         board.report.remote(chain.name, epoch=record.epoch, last_epoch=last_epoch, eta=eta)
 
     options = RunOptions(
-        parent_run_id=ctx.study_run_id,
         lease_wait=LEASE_SECONDS + 30,  # a retried task waits out its dead predecessor's lease
         max_outage=ctx.max_outage,
         retrain=ctx.retrain,
         on_epoch=on_epoch,
     )
+    made_by = f"`seqgen study` (run {ctx.study_run_id})"
     results = run_chain(
-        chain.strategy, chain.seed, list(ctx.phases), ctx.preset, overrides, options, data, on_phase
-    )
+        chain.strategy, chain.seed, list(ctx.phases), ctx.preset, overrides, options, data,
+        on_phase, made_by,
+    )  # fmt: skip
     return [dataclasses.asdict(r) for r in results]
 
 
@@ -250,6 +253,7 @@ def run_study(
             "preset": preset,
             "phases": f"{phases[0]}-{phases[-1]}",
             "chains": ",".join(c.name for c in chains),
+            tracking.NOTE: descriptions.study_text([c.name for c in chains], preset),
         }
         study_run = tracking.create_run(exp_id, f"study-{preset}", tags, None)
         ctx = Context(
@@ -261,6 +265,8 @@ def run_study(
         failed = [o.chain for o in outcomes if o.status != "done"]
         tracking.set_run_tags(study_run, {"failed_chains": ",".join(failed)})
         tracking.set_run_status(study_run, "FAILED" if failed else "FINISHED")
+        for line in tracking.browse_lines(exp_id):
+            log.info(line)
         return outcomes
     finally:
         ray.shutdown()
