@@ -146,9 +146,10 @@ def baselines_text(seed: int, split_fingerprint: str) -> str:
     )
 
 
-def study_text(chains: list[str], preset: str) -> str:
+def study_text(chains: list[str], preset: str, batched: bool = False) -> str:
+    how = "side by side in one process, as one stacked model" if batched else "as a Ray task"
     return (
-        f"`seqgen study`, preset `{preset}`: every chain ({', '.join(chains)}) as a Ray task. "
+        f"`seqgen study`, preset `{preset}`: every chain ({', '.join(chains)}) {how}. "
         "Each chain is a run of its own (tag `kind = chain`) with its phases nested under it."
     )
 

@@ -19,11 +19,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from seqgen.config import MAX_OUTAGE, N_PHASES, strategies
+from seqgen.config import MAX_OUTAGE, N_PHASES, PhaseSettings, strategies
 from seqgen.errors import ConfigError, TrackingError, TrainingError
 from seqgen.files import copy_atomic
 from seqgen.model.bundle import Bundle, Checkpoint
@@ -50,9 +50,11 @@ class RunOptions:
     max_outage: float = MAX_OUTAGE  # seconds the tracking server may be away before a pause
     lease_wait: float = 0.0  # seconds to wait for another process's lease (a retried task)
     parent_run_id: str | None = None  # the run a new phase run is nested under
-    chain_run_id: str | None = None  # the chain's run: phases nest under it, curves mirror to it
+    # the chains' runs by (variant, seed): a phase nests under its chain's, its curves mirror there
+    chain_runs: dict[tuple[str, int], str] = field(default_factory=dict)
     hint_next: bool = True  # say the next phase's command at the end
-    on_epoch: Callable[[EpochRecord, int, float], None] | None = None  # a study's progress
+    # a study's progress: (the phase's settings, its epoch, its last epoch, ETA seconds)
+    on_epoch: Callable[[PhaseSettings, EpochRecord, int, float], None] | None = None
 
 
 @dataclass
@@ -152,9 +154,9 @@ class RunKeeper:
         when training stops on an error (the lease tells a rerun the rest)."""
         owner = new_owner()
         self._started = time.perf_counter()
-        parent = self.options.parent_run_id or self.options.chain_run_id
-        self.run_id = claim_run(self.setup, self.record, owner, parent)
-        self.courier = Courier(self.run_id, owner, mirror_to=self.options.chain_run_id)
+        chain = self.options.chain_runs.get((self.settings.variant, self.settings.seed))
+        self.run_id = claim_run(self.setup, self.record, owner, chain or self.options.parent_run_id)
+        self.courier = Courier(self.run_id, owner, mirror_to=chain)
         try:
             self._record_setup(precision_note, progress)
             if self.checkpoint is not None:
@@ -233,7 +235,7 @@ class RunKeeper:
         )
         log.info(epoch_line(self.settings.run_name, record, self.setup.last_epoch, eta, improved))
         if self.options.on_epoch is not None:
-            self.options.on_epoch(record, self.setup.last_epoch, eta)
+            self.options.on_epoch(self.settings, record, self.setup.last_epoch, eta)
         self.courier.check()
         if (away := self.courier.outage_seconds()) > self.options.max_outage:
             raise TrackingError(

@@ -11,7 +11,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from seqgen.config import N_PHASES, PhaseSettings, resolve, strategies
 from seqgen.data.sequences import SequenceData
@@ -97,6 +98,41 @@ def open_chain_run(settings: PhaseSettings, key: str, made_by: str) -> str:
     return tracking.open_run_once(tracking.experiment_id(), name, {tracking.CHAIN_KEY: key}, tags)
 
 
+def chain_runs(
+    firsts: list[PhaseSettings], overrides: dict, data: SequenceData, made_by: str
+) -> dict[tuple[str, int], str]:
+    """The runs of these chains (each given by its first phase's settings), found again or made:
+    RunOptions.chain_runs, where a phase finds the run to nest under and mirror its curves to."""
+    return {
+        (s.variant, s.seed): open_chain_run(s, chain_key(s, overrides, data.fingerprint), made_by)
+        for s in firsts
+    }
+
+
+def phase_done(chain: str, result: PhaseResult) -> None:
+    """A phase registered before this chain's run saw it, or a step whose mirroring an
+    interruption cut off: the chain's run gets the curves it lacks, each step once."""
+    tracking.copy_curves(result.run_id, chain)
+
+
+def end_chain_run(chain: str, results: list[PhaseResult], n_phases: int) -> None:
+    """FINISHED once every phase is registered; KILLED (out of comparisons, to go on) if not."""
+    done = len(results) == n_phases and all(r.status in ("registered", "skipped") for r in results)
+    tracking.set_run_status(chain, "FINISHED" if done else "KILLED")
+
+
+@contextmanager
+def chain_runs_open(runs: dict[tuple[str, int], str]) -> Iterator[None]:
+    """The chains' runs end KILLED on Ctrl-C and FAILED on an error, never left RUNNING."""
+    try:
+        yield
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        for run_id in runs.values():
+            tracking.set_run_status(run_id, status)
+        raise
+
+
 def run_chain(
     strategy: str,
     seed: int,
@@ -113,32 +149,24 @@ def run_chain(
     meanwhile). on_phase(phase, None) before a phase starts and (phase, result) after it ends."""
     first = resolve(strategy, phases[0], preset, **(overrides | {"seed": seed}))
     data = load_phase_data(first, data)  # read once for the whole chain; bad data fails here
-    chain = open_chain_run(first, chain_key(first, overrides, data.fingerprint), made_by)
-    options = dataclasses.replace(options, hint_next=False, chain_run_id=chain)
+    runs = chain_runs([first], overrides, data, made_by)
+    chain = runs[first.variant, seed]
+    options = dataclasses.replace(options, hint_next=False, chain_runs=runs)
     previous = overrides.get("existing_model")
     results = []
-    try:
+    with chain_runs_open(runs):
         for phase in phases:
             chain_settings = overrides | {"seed": seed, "existing_model": previous}
             settings = resolve(strategy, phase, preset, **chain_settings)
             if on_phase is not None:
                 on_phase(phase, None)
             result = train_phase(settings, options, data)
-            # A phase registered before this chain's run saw it, or a step whose mirroring an
-            # interruption cut off: the chain's run gets what it lacks, each step once.
-            tracking.copy_curves(result.run_id, chain)
+            phase_done(chain, result)
             previous = result.model_uri
             results.append(result)
             if on_phase is not None:
                 on_phase(phase, result)
-    except KeyboardInterrupt:
-        tracking.set_run_status(chain, "KILLED")
-        raise
-    except BaseException:
-        tracking.set_run_status(chain, "FAILED")
-        raise
-    done = all(r.status in ("registered", "skipped") for r in results)
-    tracking.set_run_status(chain, "FINISHED" if done else "KILLED")
+    end_chain_run(chain, results, len(phases))
     return results
 
 
