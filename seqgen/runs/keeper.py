@@ -399,7 +399,6 @@ def run_tags(setup: Setup) -> dict[str, str]:
         tracking.RUN_COLOUR: descriptions.strategy_colour(settings.variant, strategies()),
         "kind": "phase",
         "strategy": settings.variant,  # as trained: the table's name, or name-<loss> for an --alpha
-        "alpha": settings.alpha,
         "phase": settings.phase,
         "seed": settings.seed,
         "preset": settings.preset,

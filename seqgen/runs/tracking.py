@@ -68,6 +68,7 @@ OVERRIDES = "seqgen.overrides"  # the settings the command line changed (JSON)
 # Runs made before the prefix carry the same tags without it; they are read, never written.
 NOTE = "mlflow.note.content"  # a run's or an experiment's description in `mlflow ui`
 RUN_COLOUR = "mlflow.runColor"  # a run's colour in the runs table and charts of `mlflow ui`
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # on a logged model: the versions made from it
 CHAIN_KEY = "seqgen.chain_key"  # digest of a chain's identity: finds its run again
 # The per-epoch metrics a chain's run carries, stitched across its phases at the global epochs.
 CHAIN_CURVES = ("val_loss", "val_mae", "val_autocorr", "train_loss", "lr")
@@ -588,11 +589,26 @@ def register_phase_model(
             name, f"models:/{model_id}", run_id=run_id, model_id=model_id
         )
         version = str(made.version)
+    _link_logged_model(client, name, version)
     for alias in aliases:
         despite_races(client.set_registered_model_alias, name, alias, version)
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, str(value))
     return version
+
+
+def _link_logged_model(client: MlflowClient, name: str, version: str) -> None:
+    """The logged model learns the versions made from it (tag mlflow.modelVersions, what
+    mlflow.register_model sets; the sqlite registry keeps no model_id of a version, only its
+    source models:/m-<id>), so the Models tab and the run's model link to the registry."""
+    source = client.get_model_version(name, version).source
+    if not source.startswith("models:/m-"):
+        return  # a version of an earlier seqgen, logged as the run's artifacts
+    model = client.get_logged_model(source.removeprefix("models:/"))
+    linked = json.loads(model.tags.get(MODEL_VERSIONS_TAG, "[]"))
+    if {"name": name, "version": int(version)} not in linked:
+        linked.append({"name": name, "version": int(version)})
+        client.set_logged_model_tags(model.model_id, {MODEL_VERSIONS_TAG: json.dumps(linked)})
 
 
 def _signature(bundle_path: Path) -> ModelSignature:
