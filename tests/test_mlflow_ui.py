@@ -188,3 +188,13 @@ def test_bookkeeping_tags_are_under_seqgen_and_nothing_is_both_tag_and_param(cha
             if any(word in key for word in bookkeeping):
                 assert key.startswith("seqgen."), (name, key)
         assert not set(tags) & set(run.data.params), name
+
+
+def test_a_run_opened_inside_another_lands_in_its_experiment(store):
+    """The demo's evaluations and comparison open inside its run: they belong beside it, not in
+    MLflow's Default experiment (where a nested run goes when nothing names one)."""
+    with tracking.tracked_run("demo-smoke", {"kind": "demo"}) as outer:
+        with tracking.tracked_run("compare", {"kind": "analysis"}) as inner:
+            pass
+    assert outer.info.experiment_id == tracking.experiment_id()
+    assert MlflowClient().get_run(inner.info.run_id).info.experiment_id == outer.info.experiment_id

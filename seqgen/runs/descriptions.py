@@ -90,7 +90,7 @@ def experiment_text(views: dict[str, str], report: str | None) -> str:
         "- `analysis`: `seqgen compare`, the report; `demo`, `study`: what launched the rest.\n\n"
         f"How to compare (saved views of this experiment, also under **Views**):\n{links}\n"
         f"{latest}\n\nEvery model version: **Model registry**, `seqgen-<strategy>` (with a "
-        "preset, `seqgen-<strategy>-demo`)."
+        "preset other than full, `seqgen-<strategy>-<preset>`: `seqgen-mae-demo`)."
     )
 
 

@@ -304,10 +304,14 @@ def tracked_run(
     evaluates, `parent` nests it under that run instead (an evaluation under its chain). The run
     ends FAILED on an exception and KILLED on Ctrl-C, so no half-made run is left RUNNING.
     """
-    nested = mlflow.active_run() is not None
-    # under `mlflow run` the launcher's run is taken up where it is
-    own = nested or launched_by_mlflow_run()
-    where = {} if own else {"experiment_id": in_experiment or experiment_id()}
+    active = mlflow.active_run()
+    nested = active is not None
+    if nested:  # beside its parent: MLflow's own default would be its Default experiment
+        where = {"experiment_id": in_experiment or active.info.experiment_id}
+    elif launched_by_mlflow_run():  # the launcher's run is taken up where it is
+        where = {}
+    else:
+        where = {"experiment_id": in_experiment or experiment_id()}
     try:
         run = mlflow.start_run(run_name=run_name, nested=nested, **where)
         nest = {"mlflow.parentRunId": parent} if parent else {}
