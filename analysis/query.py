@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from seqgen.errors import SelectionError, redact
 from seqgen.evaluation import measures
 from seqgen.evaluation.evaluate import BY_STEP_FILE, GENERATED_FILE, PER_SAMPLE_FILE
-from seqgen.runs import tracking
+from seqgen.runs import descriptions, tracking
 from seqgen.runs.tracking import default_experiment
 
 # One call per run and key. On sqlite threads gain nothing (45 runs x 8 keys: 0.8 s either way);
@@ -50,6 +50,11 @@ def _metric(df: pd.DataFrame, name: str) -> pd.Series:
 def _param(df: pd.DataFrame, name: str) -> pd.Series:
     col = f"params.{name}"
     return df[col].fillna("").astype(str) if col in df else pd.Series("", index=df.index)
+
+
+def _max_lag(runs: pd.DataFrame) -> pd.Series:
+    """An evaluation's ACF lags: its tag (evaluations before 0.1 also logged it as a param)."""
+    return _tag(runs, "max_lag").mask(lambda t: t == "", _param(runs, "max_lag"))
 
 
 def tracking_uri() -> str:
@@ -250,7 +255,7 @@ def _test_evaluations(raw: pd.DataFrame, runs: pd.DataFrame, finished: pd.DataFr
     ev = ev[ev["status"] == "FINISHED"].sort_values("start_time")
     ev = ev[~ev.duplicated("evaluated_run_id", keep="last")]
     ev = ev.join(_test_metrics(raw, ev.index))
-    ev["max_lag"] = pd.to_numeric(_param(raw, "max_lag")[ev.index], errors="coerce")
+    ev["max_lag"] = pd.to_numeric(_max_lag(raw)[ev.index], errors="coerce")
     ev["n_samples"] = pd.to_numeric(_param(raw, "n_samples")[ev.index], errors="coerce")
     ev["split_fingerprint"] = _tag(raw, "split_fingerprint")[ev.index]
     return ev, excluded
@@ -264,7 +269,7 @@ def _baselines_on_splits(raw: pd.DataFrame, runs: pd.DataFrame, ev: pd.DataFrame
     bl = runs[(runs["kind"] == "evaluation") & (_tag(raw, "baseline") != "")].copy()
     bl["baseline"] = _tag(raw, "baseline")[bl.index]
     bl["split_fingerprint"] = _tag(raw, "split_fingerprint")[bl.index]
-    bl["max_lag"] = pd.to_numeric(_param(raw, "max_lag")[bl.index], errors="coerce")
+    bl["max_lag"] = pd.to_numeric(_max_lag(raw)[bl.index], errors="coerce")
     wanted = set(zip(ev["split_fingerprint"], ev["max_lag"], strict=True))
     on_split = [
         (f, lag) in wanted and f != ""
@@ -333,8 +338,12 @@ def evaluation_files(run_ids: list[str]) -> dict[str, EvaluationFiles]:
 
 def log_analysis_run(out_dir: Path, experiment_id: str, params: dict, tags: dict) -> str:
     """An MLflow run `compare` (tag kind=analysis) with every file in out_dir as an artifact;
-    under `mlflow run`, the launcher's run. Returns its id."""
-    with tracking.tracked_run("compare", {"kind": "analysis", **tags}, experiment_id) as run:
+    under `mlflow run`, the launcher's run. The experiment's description then links its files.
+    Returns its id."""
+    note = descriptions.analysis_text(tags.get("compared_runs", 0), tags.get("evaluation_runs", 0))
+    tags = {"kind": "analysis", **tags, tracking.NOTE: note}
+    with tracking.tracked_run("compare", tags, experiment_id) as run:
         tracking.log_params(params)
         tracking.log_artifacts(out_dir)
-        return run.info.run_id
+    tracking.link_report(run.info.experiment_id, run.info.run_id)
+    return run.info.run_id

@@ -136,6 +136,9 @@ def main(quiet, verbose):
         raise click.UsageError("--quiet and --verbose contradict each other")
     level = seqgen_log.QUIET if quiet else seqgen_log.VERBOSE if verbose else seqgen_log.NORMAL
     seqgen_log.setup(level)
+    from seqgen.runs.launch import name_launcher_run
+
+    name_launcher_run()  # under `mlflow run`: its run says what it launched
 
 
 @main.command("phase-config")

@@ -138,3 +138,20 @@ def test_a_killed_batched_study_goes_on_from_every_members_checkpoint(store, smo
         for key in ("val_loss", "train_mae", "lr"):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             assert sorted(steps) == list(range(first, first + 30)), (run.info.run_name, key)
+    # every chain's run (#17) carries its two phases' curves at the global epochs, each step
+    # once through the kill, and the study ends by saying where to compare them
+    chains = mlflow.search_runs(
+        search_all_experiments=True, filter_string="tags.kind = 'chain'", output_format="list"
+    )
+    assert sorted(r.info.run_name for r in chains) == sorted(
+        f"{s}-s{seed}" for s in ("mae", "combined") for seed in (0, 1)
+    )
+    for chain in chains:
+        assert chain.info.status == "FINISHED"
+        for key in ("val_loss", "val_mae", "val_autocorr", "train_loss", "lr"):
+            steps = [m.step for m in client.get_metric_history(chain.info.run_id, key)]
+            assert sorted(steps) == list(range(1, 61)), (chain.info.run_name, key)
+    for run in runs:  # each phase nests under its own chain's run
+        parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+        assert parent.info.run_name == f"{run.data.tags['strategy']}-s{run.data.tags['seed']}"
+    assert "workflowType=machine_learning" in again.stderr

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from seqgen.config import strategies
 from seqgen.data.sequences import SequenceData, load_sequences
 from seqgen.data.split import Split, make_split
 from seqgen.data.synth import PCABasis, load_pca
@@ -39,7 +40,7 @@ from seqgen.evaluation import measures, metrics
 from seqgen.evaluation.baselines import BASELINES, baseline_version, fit_baseline
 from seqgen.model.bundle import Bundle
 from seqgen.model.generate import GENERATION_BATCH, generate_original
-from seqgen.runs import tracking
+from seqgen.runs import descriptions, tracking
 
 SWEEP_POINTS = 5  # generated trajectories per swept parameter
 GENERATED_FILE = "generated.npz"
@@ -246,23 +247,20 @@ def log_evaluation(
     es: EvalSet,
     found: Measures,
     arrays: dict[str, np.ndarray],
-    step: int,
     experiment_id: str | None,
+    parent: str | None = None,
     extra_metrics: dict[str, float] | None = None,
     extra_summary: dict | None = None,
 ) -> dict:
-    """One evaluation run (tag kind=evaluation): tags, params, `{part}_{quantity}` metrics at
-    `step`, per_sample.csv, error_by_step.csv, generated.npz and summary.json; returns the
-    summary."""
+    """One evaluation run (tag kind=evaluation), nested under `parent` when given: tags, params,
+    `{part}_{quantity}` metrics at step 0 (one value each: `mlflow ui` draws them as bars),
+    per_sample.csv, error_by_step.csv, generated.npz and summary.json; returns the summary."""
     found_metrics = {f"{es.part}_{k}": v for k, v in found.summary.items()}
     all_tags = {"kind": "evaluation", **es.tags(), **tags}
-    with tracking.tracked_run(run_name, all_tags, in_experiment=experiment_id) as run:
-        tracking.log_params(
-            {"data_dir": str(es.folder), "split": es.part, "max_lag": es.max_lag}
-            | {"n_samples": len(es.idx)}
-            | params
-        )
-        tracking.log_metrics(found_metrics | (extra_metrics or {}), step=step)
+    with tracking.tracked_run(run_name, all_tags, experiment_id, parent) as run:
+        # what the tags say (split, max_lag, the model, the baseline, the seed) is not a param
+        tracking.log_params({"data_dir": str(es.folder), "n_samples": len(es.idx)} | params)
+        tracking.log_metrics(found_metrics | (extra_metrics or {}), step=0)
         summary = {
             "run_id": run.info.run_id,
             **(extra_summary or {}),
@@ -351,28 +349,45 @@ def prepare_baselines(
 def log_baselines(
     es: EvalSet, pending: PendingBaselines, experiment_id: str | None = None
 ) -> dict[str, dict]:
-    """Log each fitted baseline as its own evaluation run (tag baseline=<name>); returns every
-    baseline's summary, found or logged, in the order asked."""
+    """Log each fitted baseline as its own evaluation run (tag baseline=<name>), nested under
+    the split's baselines run (`baselines-s<seed>`, kind=baselines: one per split, found again;
+    under `mlflow run -e baselines`, the launcher's); returns every baseline's summary, found or
+    logged, in the order asked."""
     out = dict(pending.found)
     seed = pending.seed
+    parent = _baselines_run(es, seed, experiment_id) if pending.fitted else None
     for name, (baseline, pred, predict_seconds, sweep_pred) in pending.fitted.items():
         info = dict(baseline.info)
         fit_seconds = float(info.pop("fit_seconds"))
         val_mae = info.pop("val_mae", None)
         timing = dict(zip(measures.FIT_METRICS, (fit_seconds, predict_seconds), strict=True))
+        look = {
+            tracking.NOTE: descriptions.baseline_text(name, seed, es.part, len(es.idx)),
+            tracking.RUN_COLOUR: descriptions.BASELINE_COLOURS.get(name, "#7f7f7f"),
+        }
         out[name] = log_evaluation(
             f"baseline-{name}-s{seed}",
-            baseline_key(es, name, seed),
-            {"baseline": name, "seed": seed, **info},
+            baseline_key(es, name, seed) | look,
+            info,
             es,
             es.measure(pred),
             es.arrays(pred, pending.sweeps, sweep_pred),
-            0,
             experiment_id,
+            parent,
             extra_metrics=timing | ({} if val_mae is None else {"fit_val_mae": val_mae}),
             extra_summary={"baseline": name, "reused": False, "fit_seconds": fit_seconds},
         )
+    if parent is not None:
+        tracking.set_run_status(parent, "FINISHED")
     return {n: out[n] for n in pending.names}
+
+
+def _baselines_run(es: EvalSet, seed: int, experiment_id: str | None) -> str:
+    """The run the baselines of one split (and seed) are nested under, found again or made."""
+    key = {"kind": "baselines", "seed": str(seed), **es.tags()}
+    tags = {tracking.NOTE: descriptions.baselines_text(seed, es.split.fingerprint)}
+    where = tracking.target_experiment(experiment_id)
+    return tracking.open_run_once(where, f"baselines-s{seed}", key, tags)
 
 
 def ensure_baselines(
@@ -462,17 +477,22 @@ def evaluate_model(
         "seed": bundle.seed,
         "preset": bundle.preset,
         "same_data_as_training": es.data.fingerprint == bundle.data.fingerprint,
-        **{k: v for k, v in source.items() if k != "experiment_id"},
+        "epoch": bundle.epoch,  # the global epoch of the evaluated weights
+        **{k: v for k, v in source.items() if k not in ("experiment_id", "chain_run_id")},
+        tracking.NOTE: descriptions.evaluation_text(
+            model_uri, exact_uri, split_name, len(es.idx), bundle.epoch
+        ),
+        tracking.RUN_COLOUR: descriptions.strategy_colour(bundle.strategy, strategies()),
     }
     summary = log_evaluation(
         f"eval-{bundle.strategy}-p{bundle.phase}-s{bundle.seed}",
         tags,
-        {"model_uri": model_uri},
+        {},
         es,
         found,
         es.arrays(pred, sweeps, sweep_pred),
-        bundle.epoch,  # the global epoch of the evaluated weights: lines up with training
         experiment,
+        source.get("chain_run_id"),  # nested under the chain whose phase made the model
         extra_summary={
             "model_uri": model_uri,
             "evaluated_model_uri": exact_uri,
@@ -522,12 +542,5 @@ def evaluate_baselines(
 def _baselines_alone(
     es: EvalSet, seed: int, experiment_id: str | None, reuse: bool
 ) -> dict[str, dict]:
-    """ensure_baselines; under `mlflow run`, the launcher's run becomes their parent (tag
-    kind=baselines, naming every baseline's evaluation run), so it is not left empty."""
-    pending = prepare_baselines(es, seed, experiment_id, reuse=reuse)
-    if not tracking.launched_by_mlflow_run():
-        return log_baselines(es, pending, experiment_id)
-    with tracking.tracked_run(f"baselines-s{seed}", {"kind": "baselines", **es.tags()}):
-        found = log_baselines(es, pending, experiment_id)
-        tracking.set_tags({f"{n}_run_id": b["run_id"] for n, b in found.items()})
-    return found
+    """ensure_baselines, every fit before any run is opened."""
+    return log_baselines(es, prepare_baselines(es, seed, experiment_id, reuse=reuse), experiment_id)

@@ -136,10 +136,14 @@ class _Item:
 
 
 class Courier:
-    """Ordered, background, exactly-once delivery of one run's records; holds its lease."""
+    """Ordered, background, exactly-once delivery of one run's records; holds its lease.
+    With `mirror_to` (a chain's run), each epoch's chain curves (tracking.CHAIN_CURVES) go there
+    too, at the same step, right after the run's own, with the same exactly-once lookup."""
 
-    def __init__(self, run_id: str, owner: str, beat: int = 0) -> None:
-        self.run_id, self.owner = run_id, owner
+    def __init__(
+        self, run_id: str, owner: str, beat: int = 0, mirror_to: str | None = None
+    ) -> None:
+        self.run_id, self.owner, self.mirror_to = run_id, owner, mirror_to
         self._beat = beat  # the lease's counter as this process last wrote it
         self._items: deque[_Item] = deque()
         self._cv = threading.Condition()
@@ -357,16 +361,23 @@ class Courier:
             raise _Stop
         if item.kind == "metrics":
             metrics, step = item.payload
-            # A step already in the store (sent before a failure whose answer was lost, or
-            # caught up by a rerun) is not sent again: a batch lands whole or not at all.
-            if step in tracking.logged_steps(self.run_id, next(iter(metrics))):
-                return
-            tracking.log_metrics_at(self.run_id, metrics, step)
+            _log_once(self.run_id, metrics, step)
+            if self.mirror_to:
+                curves = {k: v for k, v in metrics.items() if k in tracking.CHAIN_CURVES}
+                _log_once(self.mirror_to, curves, step)
         elif item.kind == "artifact":
             path, artifact_path = item.payload
             tracking.upload(self.run_id, path, artifact_path)
         else:
             tracking.set_run_tags(self.run_id, item.payload[0])
+
+
+def _log_once(run_id: str, metrics: dict[str, float], step: int) -> None:
+    """A step already in the store (sent before a failure whose answer was lost, or caught up by
+    a rerun) is not sent again: a batch lands whole or not at all."""
+    if not metrics or step in tracking.logged_steps(run_id, next(iter(metrics))):
+        return
+    tracking.log_metrics_at(run_id, metrics, step)
 
 
 class _Stop(Exception):

@@ -22,15 +22,15 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from seqgen.config import CHECKPOINT_SECONDS, MAX_OUTAGE, N_PHASES, PhaseSettings
+from seqgen.config import CHECKPOINT_SECONDS, MAX_OUTAGE, N_PHASES, PhaseSettings, strategies
 from seqgen.errors import ConfigError, TrackingError, TrainingError, first_line
 from seqgen.files import copy_atomic
 from seqgen.model.bundle import Bundle, BundleError, Checkpoint
-from seqgen.runs import outputs, tracking
+from seqgen.runs import descriptions, outputs, tracking
 from seqgen.runs.delivery import Courier, LeaseWatch, lease_seconds, new_owner, renew_every
 from seqgen.runs.tracking import RunRecord
 from seqgen.training.epochs import EpochRecord, Progress
@@ -54,7 +54,9 @@ class RunOptions:
     max_outage: float = MAX_OUTAGE  # seconds the tracking server may be away before a pause
     checkpoint_seconds: float = CHECKPOINT_SECONDS  # at most this long between checkpoints
     lease_wait: float = 0.0  # seconds to wait for another process's lease (a retried task)
-    parent_run_id: str | None = None  # the chain's run, for a phase of a study
+    parent_run_id: str | None = None  # the run a new phase run is nested under
+    # the chains' runs by (variant, seed): a phase nests under its chain's, its curves mirror there
+    chain_runs: dict[tuple[str, int], str] = field(default_factory=dict)
     hint_next: bool = True  # say the next phase's command at the end
     # a study's progress: (the phase's settings, its epoch, its last epoch, ETA seconds)
     on_epoch: Callable[[PhaseSettings, EpochRecord, int, float], None] | None = None
@@ -207,7 +209,8 @@ class RunKeeper:
         self._started = time.perf_counter()
         self._first_epoch_here = self.setup.start.first_epoch + len(progress.history)
         self.run_id = self._claim(owner)
-        self.courier = Courier(self.run_id, owner)
+        chain = self.options.chain_runs.get((self.settings.variant, self.settings.seed))
+        self.courier = Courier(self.run_id, owner, mirror_to=chain)
         try:
             tags = tracking.run_tags(self.run_id)
             self._record_setup(precision_note, progress, tags)
@@ -531,6 +534,7 @@ class RunKeeper:
                 "best_epoch": progress.best_epoch,
                 "continued_from": parent.removeprefix("models:/"),
             },
+            step=progress.best_epoch,  # the logged model shows the run's metrics of that epoch
         )
         tracking.describe_model(settings.registered_model, version, Bundle.load(best_path), parent)
         return version
@@ -557,11 +561,12 @@ RUN_TAG_KEYS = ("strategy", "phase", "seed", "preset")
 
 
 def run_tags(setup: Setup) -> dict[str, str]:
-    settings = setup.settings
+    settings, parent = setup.settings, setup.start.parent_uri or ""
     return {
+        tracking.NOTE: descriptions.phase_text(settings, parent),
+        tracking.RUN_COLOUR: descriptions.strategy_colour(settings.variant, strategies()),
         "kind": "phase",
         "strategy": settings.variant,  # as trained: the table's name, or name-<loss> for an --alpha
-        "alpha": settings.alpha,
         "phase": settings.phase,
         "seed": settings.seed,
         "preset": settings.preset,
@@ -687,7 +692,8 @@ def claim_run(
     run later always sees the other's, so at most one goes on."""
     lease = {tracking.LEASE_OWNER: owner, tracking.LEASE_BEAT: "0"}
     if record is None:
-        parent = options.parent_run_id or tracking.active_run_id()  # a pipeline's or demo's
+        chain = options.chain_runs.get((setup.settings.variant, setup.settings.seed))
+        parent = chain or options.parent_run_id or tracking.active_run_id()  # a chain's, a demo's
         tags = run_tags(setup) | lease | {tracking.PHASE_STATE: "training"}
         run_id = tracking.create_run(setup.experiment_id, setup.settings.run_name, tags, parent)
         rivals = [

@@ -34,9 +34,9 @@ from typing import Any
 import mlflow
 import pandas as pd
 import requests
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, LoggedModelStatus, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.protos.databricks_pb2 import (
     INVALID_PARAMETER_VALUE,
     RESOURCE_DOES_NOT_EXIST,
@@ -47,9 +47,9 @@ from mlflow.types import ColSpec, Schema
 
 from seqgen.errors import TrackingError, first_line, redact
 from seqgen.model.bundle import Bundle
-from seqgen.runs.descriptions import model_descriptions
+from seqgen.runs.descriptions import EXPERIMENT_NOTE_HEAD, experiment_text, model_descriptions
 
-DEFAULT_EXPERIMENT = "Default"  # MLflow's own, where `mlflow run` puts runs unless told otherwise
+DEFAULT_EXPERIMENT = "seqgen"  # unless MLFLOW_EXPERIMENT_NAME (or `mlflow run`) says otherwise
 MODEL_NAME_IN_RUN = "model"
 PACKAGE = Path(__file__).resolve().parent.parent  # seqgen/, shipped with every logged model
 PYFUNC_CODE = PACKAGE / "model" / "pyfunc.py"
@@ -70,6 +70,12 @@ CODE_DIGEST = "seqgen.code_digest"  # which seqgen code trained it (seqgen/versi
 OVERRIDES = "seqgen.overrides"  # the settings the command line changed (JSON)
 STUDY_KEY = "seqgen.study_key"  # digest of a study's chains, phases, preset and settings
 # Runs made before the prefix carry the same tags without it; they are read, never written.
+NOTE = "mlflow.note.content"  # a run's or an experiment's description in `mlflow ui`
+RUN_COLOUR = "mlflow.runColor"  # a run's colour in the runs table and charts of `mlflow ui`
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # on a logged model: the versions made from it
+CHAIN_KEY = "seqgen.chain_key"  # digest of a chain's identity: finds its run again
+# The per-epoch metrics a chain's run carries, stitched across its phases at the global epochs.
+CHAIN_CURVES = ("val_loss", "val_mae", "val_autocorr", "train_loss", "lr")
 _LEGACY = {PHASE_KEY, PHASE_SETTINGS, PHASE_STATE, LEASE_OWNER, LEASE_EXPIRES}
 
 
@@ -202,9 +208,10 @@ def _client() -> MlflowClient:
 
 
 def default_experiment() -> str:
-    """Where runs go and where `seqgen compare` looks, by MLflow's own rule, so that `seqgen` and
-    `mlflow run` agree: MLFLOW_EXPERIMENT_ID (set by `mlflow run`), else MLFLOW_EXPERIMENT_NAME
-    (which `mlflow run` also reads), else MLflow's Default experiment."""
+    """Where runs go and where `seqgen compare` looks, so that `seqgen` and `mlflow run` agree:
+    MLFLOW_EXPERIMENT_ID (set by `mlflow run`), else MLFLOW_EXPERIMENT_NAME (which `mlflow run`
+    also reads), else `seqgen` (also where `mlflow run` of this project puts its runs when told
+    nothing: seqgen/runs/launch.py)."""
     if experiment_id := os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return experiment_name(experiment_id)
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
@@ -212,18 +219,105 @@ def default_experiment() -> str:
 
 @_store_call("find or create the experiment")
 def experiment_id(name: str | None = None) -> str:
-    """The id of the experiment seqgen logs to (created if missing): `mlflow run`'s, else
-    default_experiment()."""
+    """The id of the experiment seqgen logs to (created if missing, and described:
+    present_experiment): `mlflow run`'s, else default_experiment()."""
+    client = _client()
     if launcher := os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return launcher
-    name = name or default_experiment()
-    found = _client().get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return _client().create_experiment(name)
-    except MlflowException:  # another process made it meanwhile
-        return _client().get_experiment_by_name(name).experiment_id
+        found = client.get_experiment(launcher)
+    else:
+        name = name or default_experiment()
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            try:
+                client.create_experiment(name)
+            except MlflowException:  # another process made it meanwhile
+                pass
+            found = client.get_experiment_by_name(name)
+    present_experiment(found)
+    return found.experiment_id
+
+
+# The runs page opens in model-training mode (a first visit opens MLflow 3's GenAI mode), on a
+# chart view, as a saved view of the experiment: an experiment tag `mlflow.sharedViewState.<key>`
+# holding {name, createdAt, updatedAt, state}, where state is the page's search and display
+# settings as JSON (MLflow 3.17's own format, read in its UI; tests/test_ui.py opens both views
+# in a browser). Keys left out take the page's defaults.
+VIEW_TAG = "mlflow.sharedViewState."
+VIEWS = {
+    "seqgen-curves": (
+        "Curves: every chain, phases stitched",
+        {"searchFilter": "tags.kind = 'chain'", "runsHiddenMode": "SHOW_ALL"},
+    ),
+    "seqgen-test-metrics": (
+        "Test metrics: models beside baselines",
+        {
+            "searchFilter": "tags.kind = 'evaluation' and tags.split = 'test'",
+            "runsHiddenMode": "SHOW_ALL",
+            # grouping flattens the nesting under chains; one bar per strategy and baseline
+            "groupBy": {
+                "aggregateFunction": "average",
+                "groupByKeys": [
+                    {"mode": "tag", "groupByData": "strategy"},
+                    {"mode": "tag", "groupByData": "baseline"},
+                ],
+            },
+            "chartsSearchFilter": "test_",
+        },
+    ),
+}
+CURVES_VIEW = "seqgen-curves"
+
+
+def view_link(experiment: str, view: str = CURVES_VIEW) -> str:
+    """The UI route (the part after the server's address) that opens a saved view in
+    model-training mode, as charts."""
+    query = f"viewStateShareKey={view}&compareRunsMode=CHART&workflowType=machine_learning"
+    return f"#/experiments/{experiment}/runs?{query}"
+
+
+def artifacts_link(experiment: str, run_id: str) -> str:
+    return f"#/experiments/{experiment}/runs/{run_id}/artifacts"
+
+
+def present_experiment(exp, report_run: str | None = None) -> None:
+    """What makes an experiment readable in `mlflow ui`, set where missing: the kind
+    (custom_model_development), the saved views, and a description of what it holds and how to
+    compare (rewritten only while it is seqgen's own; report_run links the latest comparison)."""
+    tags, ident = exp.tags, exp.experiment_id
+    wanted = {}
+    if "mlflow.experimentKind" not in tags:
+        wanted["mlflow.experimentKind"] = "custom_model_development"
+    now = int(time.time() * 1000)
+    for key, (title, state) in VIEWS.items():
+        if VIEW_TAG + key not in tags:
+            view = {"name": title, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
+            wanted[VIEW_TAG + key] = json.dumps(view)
+    note = tags.get("mlflow.note.content", "")
+    if not note or (report_run and note.startswith(EXPERIMENT_NOTE_HEAD)):
+        views = {title: view_link(ident, key) for key, (title, _) in VIEWS.items()}
+        report = artifacts_link(ident, report_run) if report_run else None
+        wanted["mlflow.note.content"] = experiment_text(views, report)
+    for key, value in wanted.items():
+        _client().set_experiment_tag(ident, key, value)
+
+
+@_store_call("describe the experiment")
+def link_report(experiment: str, report_run: str) -> None:
+    """The experiment's description links the latest comparison's files (the analysis run)."""
+    present_experiment(_client().get_experiment(experiment), report_run)
+
+
+def browse_lines(experiment: str) -> list[str]:
+    """How to open the comparison: a local store's `mlflow ui` command and its link, or the
+    tracking server's own link (credentials never shown)."""
+    uri = redact(mlflow.get_tracking_uri())
+    link = view_link(experiment)
+    if uri.startswith(("http://", "https://")):
+        return [f"Compare the runs: {uri.rstrip('/')}/{link}"]
+    return [
+        f"Compare the runs: mlflow ui --backend-store-uri {uri} --port 5000",
+        f"  then open http://127.0.0.1:5000/{link}",
+    ]
 
 
 @_store_call("read the experiment")
@@ -232,20 +326,30 @@ def experiment_name(experiment_id: str) -> str:
 
 
 @contextmanager
-def tracked_run(run_name: str, tags: dict[str, Any], in_experiment: str | None = None):
-    """One MLflow run in this thread (a pipeline's or demo's parent, an evaluation, an analysis):
-    a child when a run is active, else top level. Under `mlflow run`, MLFLOW_RUN_ID names the run
-    the project launcher made; start_run takes it up. `in_experiment` puts an evaluation beside
-    the run it evaluates. The run ends FAILED on an exception and KILLED on Ctrl-C, so no
-    half-made run is left RUNNING.
+def tracked_run(
+    run_name: str,
+    tags: dict[str, Any],
+    in_experiment: str | None = None,
+    parent: str | None = None,
+):
+    """One MLflow run in this thread (a demo's, an evaluation, an analysis): a child when a run
+    is active, else top level. Under `mlflow run`, MLFLOW_RUN_ID names the run the project
+    launcher made; start_run takes it up. `in_experiment` puts an evaluation beside the run it
+    evaluates, `parent` nests it under that run instead (an evaluation under its chain). The run
+    ends FAILED on an exception and KILLED on Ctrl-C, so no half-made run is left RUNNING.
     """
-    nested = mlflow.active_run() is not None
-    # under `mlflow run` the launcher's run is taken up where it is
-    own = nested or launched_by_mlflow_run()
-    where = {} if own else {"experiment_id": in_experiment or experiment_id()}
+    active = mlflow.active_run()
+    nested = active is not None
+    if nested:  # beside its parent: MLflow's own default would be its Default experiment
+        where = {"experiment_id": in_experiment or active.info.experiment_id}
+    elif launched_by_mlflow_run():  # the launcher's run is taken up where it is
+        where = {}
+    else:
+        where = {"experiment_id": in_experiment or experiment_id()}
     try:
         run = mlflow.start_run(run_name=run_name, nested=nested, **where)
-        mlflow.set_tags({"mlflow.runName": run_name, **{k: str(v) for k, v in tags.items()}})
+        nest = {"mlflow.parentRunId": parent} if parent else {}
+        mlflow.set_tags({"mlflow.runName": run_name, **{k: str(v) for k, v in tags.items()} | nest})
     except (MlflowException, requests.RequestException) as e:
         if mlflow.active_run() is not None and not nested:
             _end_active_run("FAILED", run_name, quiet=True)
@@ -421,6 +525,7 @@ def create_run(exp_id: str, run_name: str, tags: dict[str, Any], parent_run_id: 
     launcher = os.environ.get("MLFLOW_RUN_ID")
     if launcher and not parent_run_id and not _client().get_run(launcher).data.tags.get("kind"):
         set_run_tags(launcher, tags)
+        del os.environ["MLFLOW_RUN_ID"]  # taken: a later start_run must not take it up again
         return launcher
     return _client().create_run(exp_id, run_name=run_name, tags=tags).info.run_id
 
@@ -435,6 +540,38 @@ def withdraw_run(run_id: str, state: str, reason: str, status: str = "KILLED") -
     _client().set_terminated(run_id, status)
     if state == "lost" and run_id != os.environ.get("MLFLOW_RUN_ID"):
         _client().delete_run(run_id)
+
+
+@_store_call("open the chain's run")
+def open_run_once(exp_id: str, run_name: str, key: dict[str, str], tags: dict[str, Any]) -> str:
+    """The run found by the tags `key` (the newest), taken up again (RUNNING), or a new top-level
+    run (create_run: under `mlflow run`, the launcher's). A chain's run, or the parent of a
+    split's baselines: one run, however often the command that needs it runs."""
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in key.items())
+    found = _client().search_runs(
+        [exp_id], where, order_by=["attributes.start_time DESC"], max_results=1
+    )
+    if not found:
+        return create_run(exp_id, run_name, tags | key, None)
+    run_id = found[0].info.run_id
+    set_run_tags(run_id, tags)
+    _client().update_run(run_id, status="RUNNING")
+    return run_id
+
+
+@_store_call("copy a chain's curves")
+def copy_curves(source: str, target: str, keys: tuple[str, ...] = CHAIN_CURVES) -> int:
+    """The steps of `keys` that `source` (a phase's run) has and `target` (its chain's run) has
+    not, logged to target: a chain's run completed with a phase trained before, or a step whose
+    mirroring an interruption cut off. Returns how many values it logged."""
+    client, batch = _client(), []
+    for key in keys:
+        there = {m.step for m in client.get_metric_history(target, key)}
+        batch += [m for m in client.get_metric_history(source, key) if m.step not in there]
+    for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
+        part = [Metric(m.key, m.value, m.timestamp, m.step) for m in batch[i : i + 1000]]
+        client.log_batch(target, metrics=part)
+    return len(batch)
 
 
 @_store_call("change a run's status")
@@ -512,49 +649,106 @@ def _requirements() -> list[str]:
 
 @_store_call("register the model")
 def register_phase_model(
-    run_id: str, bundle_path: Path, name: str, aliases: list[str], version_tags: dict[str, Any]
+    run_id: str,
+    bundle_path: Path,
+    name: str,
+    aliases: list[str],
+    version_tags: dict[str, Any],
+    step: int = 0,
 ) -> str:
-    """Log the best bundle as a pyfunc model in the run (folder `model`) and register it, once
-    per run: a rerun after a failure finds the version this run registered and only sets what
-    is missing (aliases, tags). No fluent run state is used, so this works from any thread or
-    process. Returns the version."""
+    """Log the best bundle as the run's model (log_phase_model) and register it, once per run:
+    a rerun after a failure finds the version this run registered and only sets what is missing
+    (aliases, tags). The version's source is the logged model (models:/m-<id>), so the run's
+    "Logged models", the experiment's Models tab and the registry link to one another. No
+    fluent run state is used, so this works from any thread or process. Returns the version."""
     client = _client()
     mine = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if mine:
         version = str(min(int(v.version) for v in mine))
     else:
-        data = Bundle.load(bundle_path).data
-        signature = ModelSignature(
-            inputs=Schema([ColSpec("double", n) for n in data.param_names]),
-            outputs=Schema(
-                [ColSpec("long", "sample"), ColSpec("double", data.step_name)]
-                + [ColSpec("double", n) for n in data.component_names]
-                + [ColSpec("boolean", "outside_training_range")]
-            ),
-        )
-        with tempfile.TemporaryDirectory(prefix="seqgen-model-") as tmp:
-            with warnings.catch_warnings():  # the signature is given; no input example needed
-                warnings.filterwarnings("ignore", message=".*input example.*")
-                mlflow.pyfunc.save_model(
-                    Path(tmp) / MODEL_NAME_IN_RUN,
-                    python_model=str(PYFUNC_CODE),
-                    artifacts={"bundle": str(bundle_path)},
-                    code_paths=[str(PACKAGE)],
-                    signature=signature,
-                    pip_requirements=_requirements(),
-                )
-            client.log_artifacts(run_id, str(Path(tmp) / MODEL_NAME_IN_RUN), MODEL_NAME_IN_RUN)
+        model_id = log_phase_model(run_id, bundle_path, step)
         try:
             client.create_registered_model(name)
         except MlflowException:  # it exists (made by an earlier phase or another process)
             pass
-        source = f"runs:/{run_id}/{MODEL_NAME_IN_RUN}"
-        version = str(client.create_model_version(name, source, run_id=run_id).version)
+        made = client.create_model_version(
+            name, f"models:/{model_id}", run_id=run_id, model_id=model_id
+        )
+        version = str(made.version)
+    _link_logged_model(client, name, version)
     for alias in aliases:
         despite_races(client.set_registered_model_alias, name, alias, version)
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, str(value))
     return version
+
+
+def _link_logged_model(client: MlflowClient, name: str, version: str) -> None:
+    """The logged model learns the versions made from it (tag mlflow.modelVersions, what
+    mlflow.register_model sets; the sqlite registry keeps no model_id of a version, only its
+    source models:/m-<id>), so the Models tab and the run's model link to the registry."""
+    source = client.get_model_version(name, version).source
+    if not source.startswith("models:/m-"):
+        return  # a version of an earlier seqgen, logged as the run's artifacts
+    model = client.get_logged_model(source.removeprefix("models:/"))
+    linked = json.loads(model.tags.get(MODEL_VERSIONS_TAG, "[]"))
+    if {"name": name, "version": int(version)} not in linked:
+        linked.append({"name": name, "version": int(version)})
+        client.set_logged_model_tags(model.model_id, {MODEL_VERSIONS_TAG: json.dumps(linked)})
+
+
+def _signature(bundle_path: Path) -> ModelSignature:
+    """What the pyfunc takes (one row per parameter set) and answers (long format)."""
+    data = Bundle.load(bundle_path).data
+    return ModelSignature(
+        inputs=Schema([ColSpec("double", n) for n in data.param_names]),
+        outputs=Schema(
+            [ColSpec("long", "sample"), ColSpec("double", data.step_name)]
+            + [ColSpec("double", n) for n in data.component_names]
+            + [ColSpec("boolean", "outside_training_range")]
+        ),
+    )
+
+
+def log_phase_model(run_id: str, bundle_path: Path, step: int = 0) -> str:
+    """The bundle as an MLflow 3 LoggedModel of the run (the pyfunc from code, the bundle its
+    only artifact), in the run's experiment, at `step` (the best epoch: the model shows the
+    run's metrics of that epoch); returns its id. A model this run logged before whose upload
+    finished is reused, so a retry logs none twice."""
+    client = _client()
+    run = client.get_run(run_id)
+    found = client.search_logged_models(
+        [run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME_IN_RUN}'",
+    )
+    ready = [m for m in found if m.status == LoggedModelStatus.READY]
+    if ready:
+        return ready[0].model_id
+    model = client.create_logged_model(
+        run.info.experiment_id,
+        name=MODEL_NAME_IN_RUN,
+        source_run_id=run_id,
+        params=dict(run.data.params),
+        tags={k: run.data.tags[k] for k in ("strategy", "phase", "seed") if k in run.data.tags},
+    )
+    with warnings.catch_warnings():  # the signature is given; no input example needed
+        warnings.filterwarnings("ignore", message=".*input example.*")
+        # pyfunc.log_model is this call without run_id: it logs to the fluent active run only
+        Model.log(
+            artifact_path=None,
+            name=MODEL_NAME_IN_RUN,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            model_id=model.model_id,
+            step=step,
+            python_model=str(PYFUNC_CODE),
+            artifacts={"bundle": str(bundle_path)},
+            code_paths=[str(PACKAGE)],
+            signature=_signature(bundle_path),
+            pip_requirements=_requirements(),
+            flavor_name="pyfunc.ModelFromCode",
+        )
+    return model.model_id
 
 
 def despite_races(call, *args):
@@ -617,8 +811,8 @@ def exact_model_uri(uri: str) -> str:
 
 @_store_call("look up the model's source")
 def model_source(uri: str, bundle_run_id: str | None = None) -> dict[str, str]:
-    """Registry name/version, run and experiment a model URI comes from; for a local .pth, the
-    run recorded in the bundle when this store has it."""
+    """Registry name/version, run, experiment and chain run a model URI comes from; for a local
+    .pth, the run recorded in the bundle when this store has it."""
     client = MlflowClient()
     out: dict[str, str] = {}
     if uri.startswith("models:/"):
@@ -643,9 +837,14 @@ def model_source(uri: str, bundle_run_id: str | None = None) -> dict[str, str]:
         out["evaluated_run_id"] = bundle_run_id
     if out.get("evaluated_run_id"):
         try:
-            out["experiment_id"] = client.get_run(out["evaluated_run_id"]).info.experiment_id
+            run = client.get_run(out["evaluated_run_id"])
         except MlflowException:  # a .pth trained against another store
             del out["evaluated_run_id"]
+            return out
+        out["experiment_id"] = run.info.experiment_id
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if parent and client.get_run(parent).data.tags.get("kind") == "chain":
+            out["chain_run_id"] = parent
     return out
 
 

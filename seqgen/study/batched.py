@@ -12,16 +12,20 @@ README (benchmarks/study_stacked.py).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import time
 
 from seqgen.config import PhaseSettings, resolve
 from seqgen.errors import SeqgenError
-from seqgen.runs import tracking
+from seqgen.runs import descriptions, tracking
 from seqgen.runs.keeper import PhaseResult, RunOptions
 from seqgen.study.board import Chain, ChainOutcome, Screen, load_study_data
+from seqgen.study.chain import chain_runs, chain_runs_open, end_chain_run, phase_done
 from seqgen.training.epochs import EpochRecord
 from seqgen.training.train import train_phases
+
+log = logging.getLogger(__name__)
 
 
 def run_batched_study(
@@ -45,8 +49,10 @@ def run_batched_study(
         "phases": f"{phases[0]}-{phases[-1]}",
         "chains": ",".join(c.name for c in chains),
         "batched": "true",
+        tracking.NOTE: descriptions.study_text([c.name for c in chains], preset, batched=True),
     }
-    study_run = tracking.create_run(tracking.experiment_id(), f"study-{preset}", tags, None)
+    exp_id = tracking.experiment_id()
+    study_run = tracking.create_run(exp_id, f"study-{preset}", tags, None)
     # off a terminal the phases' own lines say what the board would: no echo
     screen = Screen(out, [c.name for c in chains], len(phases), echo=False)
     board: dict[str, dict] = {c.name: {"host": "this process"} for c in chains}
@@ -57,20 +63,30 @@ def run_batched_study(
         board[name] |= {"last_epoch": last_epoch, "eta": eta}
         screen.draw(board, {})
 
-    options = dataclasses.replace(
-        options, parent_run_id=study_run, on_epoch=on_epoch, hint_next=False
-    )
+    # every chain's phases nest under its own run (kind=chain), which carries its curves
+    firsts = [
+        resolve(c.strategy, phases[0], preset, **(overrides | {"seed": c.seed})) for c in chains
+    ]
+    made_by = f"`seqgen study --batched` (run {study_run})"
+    runs = chain_runs(firsts, overrides, data, made_by)
+    options = dataclasses.replace(options, chain_runs=runs, on_epoch=on_epoch, hint_next=False)
     started, done = time.monotonic(), {c.name: [] for c in chains}
     failure = ""
     try:
-        train_chains(chains, phases, preset, overrides, options, data, done)
+        with chain_runs_open(runs):
+            train_chains(chains, phases, preset, overrides, options, data, done)
     except SeqgenError as e:
         failure = f"failed: {e}"
+    else:
+        for chain, first in zip(chains, firsts, strict=True):
+            end_chain_run(runs[first.variant, first.seed], done[chain.name], len(phases))
     outcomes = [outcome(c, done[c.name], len(phases), started, failure) for c in chains]
     failed = [o.chain for o in outcomes if o.status != "done"]
     tracking.set_run_tags(study_run, {"failed_chains": ",".join(failed)})
     tracking.set_run_status(study_run, "FAILED" if failed else "FINISHED")
     screen.table(outcomes)
+    for line in tracking.browse_lines(exp_id):
+        log.info(line)
     return outcomes
 
 
@@ -87,6 +103,7 @@ def train_chains(chains, phases, preset, overrides, options, data, done) -> None
             for c in chains
         ]  # fmt: skip
         for chain, result in zip(chains, train_phases(settings, options, data), strict=True):
+            phase_done(options.chain_runs[result.strategy, result.seed], result)
             previous[chain.name] = result.model_uri
             done[chain.name].append(result)
 

@@ -1,19 +1,25 @@
 """A chain: the phases of one strategy and seed, in order, each continuing from the exact model
 version its predecessor registered (the original's five batch files of one strategy). `seqgen
-pipeline` runs chains one after another under a parent run each; `seqgen study` runs them as Ray
-tasks (seqgen/study/cluster.py); both through `run_chain`."""
+pipeline` runs chains one after another; `seqgen study` runs them as Ray tasks
+(seqgen/study/cluster.py); both through `run_chain`. Every chain has a run of its own (kind=chain):
+the parent of its phases and evaluations, carrying the chain's curves stitched at the global
+epochs, so `mlflow ui` draws one line per chain."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-from seqgen.config import N_PHASES, resolve, strategies
+from seqgen.config import N_PHASES, PhaseSettings, resolve, strategies
 from seqgen.data.sequences import SequenceData
 from seqgen.errors import ConfigError
-from seqgen.runs import tracking
+from seqgen.runs import descriptions, tracking
 from seqgen.runs.keeper import PhaseResult, RunOptions
+from seqgen.training.start import load_phase_data
 from seqgen.training.train import train_phase
 
 log = logging.getLogger(__name__)
@@ -61,6 +67,72 @@ def parse_strategies(text: str) -> list[str]:
     return names
 
 
+# Where a chain's files go or how many workers load its batches does not make another chain.
+NOT_IDENTITY = ("data_dir", "outputs_root", "num_workers", "seed")
+
+
+def chain_key(settings: PhaseSettings, overrides: dict, fingerprint: str) -> str:
+    """A digest of what makes a chain: its strategy (variant), seed, preset, data and the
+    settings the command line changed. Its run is found again by it, whichever phases a command
+    trains (`--phases 1-2`, then `3-5`) and however often it runs."""
+    kept = {k: v for k, v in overrides.items() if k not in NOT_IDENTITY}
+    identity = [settings.variant, settings.seed, settings.preset, fingerprint, kept]
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def open_chain_run(settings: PhaseSettings, key: str, made_by: str) -> str:
+    """The chain's run (tag kind=chain), found again by its key or made: top level, in the
+    strategy's colour, the parent of the chain's phases and evaluations."""
+    tags = {
+        "kind": "chain",
+        "strategy": settings.variant,
+        "seed": str(settings.seed),
+        "preset": settings.preset,
+        tracking.RUN_COLOUR: descriptions.strategy_colour(settings.variant, strategies()),
+        tracking.NOTE: descriptions.chain_text(
+            settings.variant, settings.seed, settings.preset, made_by
+        ),
+    }
+    name = f"{settings.variant}-s{settings.seed}"
+    return tracking.open_run_once(tracking.experiment_id(), name, {tracking.CHAIN_KEY: key}, tags)
+
+
+def chain_runs(
+    firsts: list[PhaseSettings], overrides: dict, data: SequenceData, made_by: str
+) -> dict[tuple[str, int], str]:
+    """The runs of these chains (each given by its first phase's settings), found again or made:
+    RunOptions.chain_runs, where a phase finds the run to nest under and mirror its curves to."""
+    return {
+        (s.variant, s.seed): open_chain_run(s, chain_key(s, overrides, data.fingerprint), made_by)
+        for s in firsts
+    }
+
+
+def phase_done(chain: str, result: PhaseResult) -> None:
+    """A phase registered before this chain's run saw it, or a step whose mirroring an
+    interruption cut off: the chain's run gets the curves it lacks, each step once."""
+    tracking.copy_curves(result.run_id, chain)
+
+
+def end_chain_run(chain: str, results: list[PhaseResult], n_phases: int) -> None:
+    """FINISHED once every phase is registered; KILLED (out of comparisons, to go on) if not."""
+    done = len(results) == n_phases and all(r.status in ("registered", "skipped") for r in results)
+    tracking.set_run_status(chain, "FINISHED" if done else "KILLED")
+
+
+@contextmanager
+def chain_runs_open(runs: dict[tuple[str, int], str]) -> Iterator[None]:
+    """The chains' runs end KILLED on Ctrl-C and FAILED on an error, never left RUNNING."""
+    try:
+        yield
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        for run_id in runs.values():
+            tracking.set_run_status(run_id, status)
+        raise
+
+
 def run_chain(
     strategy: str,
     seed: int,
@@ -70,22 +142,31 @@ def run_chain(
     options: RunOptions,
     data: SequenceData | None = None,
     on_phase: Callable[[int, PhaseResult | None], None] | None = None,
+    made_by: str = "`seqgen pipeline`",
 ) -> list[PhaseResult]:
-    """The phases of one chain in order; phase N continues from the exact version phase N-1
-    registered (never through the alias, which another chain may move meanwhile).
-    on_phase(phase, None) before a phase starts and (phase, result) after it ends."""
+    """The phases of one chain in order, under the chain's run; phase N continues from the exact
+    version phase N-1 registered (never through the alias, which another chain may move
+    meanwhile). on_phase(phase, None) before a phase starts and (phase, result) after it ends."""
+    first = resolve(strategy, phases[0], preset, **(overrides | {"seed": seed}))
+    data = load_phase_data(first, data)  # read once for the whole chain; bad data fails here
+    runs = chain_runs([first], overrides, data, made_by)
+    chain = runs[first.variant, seed]
+    options = dataclasses.replace(options, hint_next=False, chain_runs=runs)
     previous = overrides.get("existing_model")
     results = []
-    for phase in phases:
-        chain = overrides | {"seed": seed, "existing_model": previous}
-        settings = resolve(strategy, phase, preset, **chain)
-        if on_phase is not None:
-            on_phase(phase, None)
-        result = train_phase(settings, dataclasses.replace(options, hint_next=False), data)
-        previous = result.model_uri
-        results.append(result)
-        if on_phase is not None:
-            on_phase(phase, result)
+    with chain_runs_open(runs):
+        for phase in phases:
+            chain_settings = overrides | {"seed": seed, "existing_model": previous}
+            settings = resolve(strategy, phase, preset, **chain_settings)
+            if on_phase is not None:
+                on_phase(phase, None)
+            result = train_phase(settings, options, data)
+            phase_done(chain, result)
+            previous = result.model_uri
+            results.append(result)
+            if on_phase is not None:
+                on_phase(phase, result)
+    end_chain_run(chain, results, len(phases))
     return results
 
 
@@ -96,26 +177,21 @@ def run_pipeline(
     preset: str,
     overrides: dict,
     options: RunOptions | None = None,
+    made_by: str = "`seqgen pipeline`",
 ) -> list[PhaseResult]:
-    """The chains of one strategy, seed after seed, each under a parent run (kind=pipeline)."""
+    """The chains of one strategy, seed after seed, each under its chain's run (kind=chain)."""
     for phase in phases:  # every phase's settings are checked before the first run starts
         resolve(strategy, phase, preset, **overrides)
     tracking.check_tracking_store()
     results = []
     for seed in seeds:
-        tags = {
-            "kind": "pipeline",
-            "strategy": strategy,
-            "seed": str(seed),
-            "preset": preset,
-            "phases": f"{phases[0]}-{phases[-1]}",
-        }
-        with tracking.tracked_run(f"{strategy}-pipeline-s{seed}", tags):
 
-            def say(phase: int, result: PhaseResult | None, seed: int = seed) -> None:
-                if result is None:
-                    log.info(f"== {strategy} phase {phase}/{phases[-1]} (seed {seed}) ==")
+        def say(phase: int, result: PhaseResult | None, seed: int = seed) -> None:
+            if result is None:
+                log.info(f"== {strategy} phase {phase}/{phases[-1]} (seed {seed}) ==")
 
-            opts = options or RunOptions()
-            results += run_chain(strategy, seed, phases, preset, overrides, opts, on_phase=say)
+        opts = options or RunOptions()
+        results += run_chain(
+            strategy, seed, phases, preset, overrides, opts, on_phase=say, made_by=made_by
+        )
     return results

@@ -30,7 +30,7 @@ from seqgen.config import PhaseSettings
 from seqgen.data.sequences import SequenceData
 from seqgen.errors import ConfigError, SeqgenError, TrackingError
 from seqgen.log import setup as log_setup
-from seqgen.runs import tracking
+from seqgen.runs import descriptions, tracking
 from seqgen.runs.delivery import lease_seconds
 from seqgen.runs.keeper import PhaseResult, RunOptions
 from seqgen.study.board import Chain, ChainOutcome, Screen, load_study_data, reason
@@ -190,16 +190,17 @@ def chain_task(chain: Chain, data: SequenceData, ctx: Context, board) -> list[di
         board.report.remote(chain.name, epoch=record.epoch, last_epoch=last_epoch, eta=eta)
 
     options = RunOptions(
-        parent_run_id=ctx.study_run_id,
         lease_wait=lease_seconds() + 30,  # a retried task waits out its dead predecessor's lease
         max_outage=ctx.max_outage,
         checkpoint_seconds=ctx.checkpoint_seconds,
         retrain=ctx.retrain,
         on_epoch=on_epoch,
     )
+    made_by = f"`seqgen study` (run {ctx.study_run_id})"
     results = run_chain(
-        chain.strategy, chain.seed, list(ctx.phases), ctx.preset, overrides, options, data, on_phase
-    )
+        chain.strategy, chain.seed, list(ctx.phases), ctx.preset, overrides, options, data,
+        on_phase, made_by,
+    )  # fmt: skip
     return [dataclasses.asdict(r) for r in results]
 
 
@@ -247,6 +248,8 @@ def run_study(
         failed = [o.chain for o in outcomes if o.status != "done"]
         tracking.set_run_tags(study_run, {"failed_chains": ",".join(failed)})
         tracking.set_run_status(study_run, "FAILED" if failed else "FINISHED")
+        for line in tracking.browse_lines(exp_id):
+            log.info(line)
         if bugs:
             raise bugs[0]
         return outcomes
@@ -271,6 +274,7 @@ def open_study_run(
         "phases": f"{phases[0]}-{phases[-1]}",
         "chains": ",".join(c.name for c in chains),
         tracking.STUDY_KEY: key,
+        tracking.NOTE: descriptions.study_text([c.name for c in chains], preset),
     }
     return tracking.create_run(exp_id, f"study-{preset}", tags, None)
 

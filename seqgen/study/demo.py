@@ -7,8 +7,7 @@ import logging
 from pathlib import Path
 
 from seqgen.config import N_PHASES, resolve, strategies
-from seqgen.errors import redact
-from seqgen.runs import tracking
+from seqgen.runs import descriptions, tracking
 from seqgen.runs.keeper import RunOptions
 from seqgen.study.chain import run_pipeline
 
@@ -30,20 +29,22 @@ def run_demo(
         log.info(f"== making the embedded Burgers dataset in {data_dir} ==")
         synthesize(data_dir)
     tracking.check_tracking_store()
-    with tracking.tracked_run(f"demo-{preset}", {"kind": "demo", "preset": preset}) as run:
+    tags = {"kind": "demo", "preset": preset, tracking.NOTE: descriptions.demo_text(preset)}
+    with tracking.tracked_run(f"demo-{preset}", tags) as run:
         overrides = {"data_dir": data_dir}  # a second demo finds its phases registered
         options, phases = RunOptions(retrain=retrain), list(range(1, N_PHASES + 1))
         results = []
         for strategy in strategies():
-            results += run_pipeline(strategy, phases, seeds, preset, overrides, options)
+            results += run_pipeline(
+                strategy, phases, seeds, preset, overrides, options, made_by="`seqgen demo`"
+            )
         for r in results:
             if r.phase == N_PHASES:
                 log.info(f"== evaluating {r.model_uri} ==")
                 evaluate_model(r.model_uri, None, "test")
         experiment = tracking.experiment_name(run.info.experiment_id)
         report = build_report(report_dir, experiment=experiment, preset=preset, seeds=tuple(seeds))
-    log.info(
-        f"\nReport: {report}\nBrowse the runs: mlflow ui --backend-store-uri "
-        f"{redact(tracking.check_tracking_store())}  (then open http://127.0.0.1:5000)"
-    )
+    log.info(f"\nReport: {report}")
+    for line in tracking.browse_lines(run.info.experiment_id):
+        log.info(line)
     return {"report": str(report), "results": results}
