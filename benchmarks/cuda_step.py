@@ -7,8 +7,8 @@ on a machine that has PyTorch alone (there, without installing seqgen, `ln -s ..
 seqgen/experiments` lets it find the phase table). docs/cuda_step_h200.txt is its output on an
 NVIDIA H200. Checks, each an assertion:
 
-1. the recurrence on CUDA equals the same on the CPU (float32, 1e-5), and passes a float64
-   gradcheck on CUDA;
+1. the recurrence on CUDA (the Triton kernels where triton imports) equals the Python one on the
+   CPU (float32, 1e-5), and the Python one passes a float64 gradcheck on CUDA;
 2. a step through CUDA graphs (`seqgen.training.step.StepGraphs`, what the trainer uses on
    CUDA) equals an eager step on the same batch, with nothing random in it (dropout 0, noise 0,
    teacher forcing 1): the same loss and gradients, in float32 and under fp16 autocast with a
@@ -35,22 +35,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from seqgen.config import resolve  # noqa: E402
 from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator  # noqa: E402
-from seqgen.model.recurrence import python_lstm  # noqa: E402
+from seqgen.model.recurrence import autoregressive_lstm, python_lstm, recurrence_name  # noqa: E402
 from seqgen.training.losses import make_loss  # noqa: E402
 from seqgen.training.step import Precision, StepGraphs, choose_precision, optimizer_step  # noqa: E402
 
 T, K, P, N_TRAIN, RATIO = 151, 5, 2, 4400, 0.7
 
 
-def lstm_inputs(T=7, B=3, K=2, F=3, H=4, L=2, dtype=torch.float64, device="cpu", seed=0):
-    """Arguments of the recurrence after mm_dtype, small, with gradients (as tests/test_native)."""
+def lstm_inputs(T=7, B=3, K=2, F=3, H=4, L=2, dtype=torch.float64, device="cpu", seed=0, M=2):
+    """Arguments of the recurrence after mm_dtype for M stacked members, small, with gradients
+    (as tests/test_native)."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    r = lambda *s: torch.randn(M, *s, generator=g, dtype=dtype)  # noqa: E731
     layer_w = [r(H, 4 * H) * 0.5]
     for _ in range(1, L):
         layer_w += [r(H, 4 * H) * 0.5, r(H, 4 * H) * 0.5, r(4 * H) * 0.1]
-    use_truth = (torch.rand(T, B, 1, generator=g) < 0.5).to(dtype)
-    drop = (torch.rand(L - 1, T, B, H, generator=g) < 0.7).to(dtype) / 0.7
+    use_truth = (torch.rand(M, T, B, 1, generator=g) < 0.5).to(dtype)
+    drop = (torch.rand(M, L - 1, T, B, H, generator=g) < 0.7).to(dtype) / 0.7
     args = [r(T, B, F), r(F, 4 * H) * 0.5, r(4 * H) * 0.1, r(T, B, K), use_truth]
     args += [r(L, B, H) * 0.5, r(L, B, H) * 0.5, drop, r(K, 4 * H) * 0.5, r(H, K) * 0.5, r(K) * 0.1]
     args = [a.to(device) for a in args + layer_w]
@@ -63,7 +64,7 @@ def lstm_inputs(T=7, B=3, K=2, F=3, H=4, L=2, dtype=torch.float64, device="cpu",
 def check_recurrence(dev: torch.device) -> None:
     cpu_args = lstm_inputs(T=30, B=5, K=3, F=4, H=16, L=2, dtype=torch.float32)
     gpu_args = lstm_inputs(T=30, B=5, K=3, F=4, H=16, L=2, dtype=torch.float32, device=dev)
-    out_cpu, out_gpu = python_lstm(None, *cpu_args), python_lstm(None, *gpu_args)
+    out_cpu, out_gpu = python_lstm(None, *cpu_args), autoregressive_lstm(None, *gpu_args)
     torch.testing.assert_close(out_gpu.cpu(), out_cpu, atol=1e-5, rtol=1e-5)
     w = torch.randn(out_cpu.shape)
     grads_cpu = torch.autograd.grad((out_cpu * w).sum(), [a for a in cpu_args if a.requires_grad])
@@ -73,7 +74,8 @@ def check_recurrence(dev: torch.device) -> None:
     for a, b in zip(grads_gpu, grads_cpu, strict=True):
         torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-5)
     assert torch.autograd.gradcheck(lambda *a: python_lstm(None, *a), lstm_inputs(device=dev))
-    print("1. recurrence on CUDA = CPU (float32, 1e-5); float64 gradcheck on CUDA passed")
+    way = recurrence_name(None, gpu_args[0])
+    print(f"1. recurrence on CUDA ({way}) = CPU (float32, 1e-5); float64 gradcheck on CUDA passed")
 
 
 def setup(dev, settings, mixed: bool, dropout: float | None = None, seed: int = 0):

@@ -19,9 +19,11 @@ from torch import nn
 from seqgen.config import resolve
 from seqgen.data.synth import N_SNAPSHOTS
 from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
-from seqgen.model.recurrence import gemm_plan, run_gemms, uses_native
-from seqgen.training.losses import make_loss
-from seqgen.training.step import choose_precision, optimizer_step
+from seqgen.model.recurrence import gemm_plan, recurrence_name, run_gemms
+from seqgen.model.stacked import StackedGenerators
+from seqgen.training.losses import StackedStrategies, make_loss
+from seqgen.training.stacked_step import StackedAdamW, stacked_precision, stacked_step
+from seqgen.training.step import choose_precision, optimizer_step, sampling_generator
 
 SEQ_LEN, N_COMPONENTS, N_PARAMS = N_SNAPSHOTS, 5, 2  # the users' data: 151 steps
 RATIO = 0.7  # per-step scheduled sampling as in phase 1
@@ -63,7 +65,8 @@ class LSTMCellLoop(nn.Module):
 
 
 def _training_step(model, settings, precision):
-    """One optimiser step of the trainer on a fixed random batch, as a function of no arguments."""
+    """One plain optimiser step of a single model (the nn.LSTMCell reference) on a fixed random
+    batch, as a function of no arguments."""
     loss_fn = make_loss(settings.alpha, settings.max_lag)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.start_lr, weight_decay=settings.weight_decay
@@ -75,6 +78,30 @@ def _training_step(model, settings, precision):
     clip = settings.clip_grad_norm
     return lambda: optimizer_step(
         model, loss_fn, batch, optimizer, precision, RATIO, settings.noise_level, clip
+    )
+
+
+def _trainer_step(cfg: ModelConfig, settings, precision, members: int):
+    """One step of the trainer itself (a stack of `members` chains, seqgen/training/train.py)
+    on a fixed random batch, as a function of no arguments."""
+    torch.manual_seed(0)
+    dev, M, B = precision.device, members, settings.batch_size
+    model = StackedGenerators(cfg, M).to(dev).train()
+    loss_fn = StackedStrategies([settings.alpha] * M, [settings.max_lag] * M)
+    optimizer = StackedAdamW(
+        list(model.parameters()), [settings.start_lr] * M, [settings.weight_decay] * M
+    )
+    stacked = stacked_precision(precision, M)
+    batch = [
+        (
+            torch.randn(M, B, N_PARAMS, device=dev),
+            torch.randn(M, B, SEQ_LEN, N_COMPONENTS, device=dev),
+        )
+    ]
+    generators = [sampling_generator(m, 1, dev) for m in range(M)]
+    noise, clip = [settings.noise_level] * M, [settings.clip_grad_norm] * M
+    return lambda: stacked_step(
+        model, loss_fn, batch, optimizer, stacked, generators, [RATIO] * M, noise, clip
     )
 
 
@@ -120,10 +147,12 @@ def run_bench(
     baseline: bool = False,
     threads: int | None = None,
     mixed_precision: bool = True,
+    members: int = 1,
 ) -> dict:
-    """Sequences/s for training (batch of the preset, ratio 0.7) and for generating 550, each
-    beside its GEMM-only limit: the same recurrence's GEMMs alone, at their real shapes and in
-    the precision the trainer chooses (medians of `batches` turns)."""
+    """Sequences/s for training (batch of the preset, ratio 0.7; `members` chains stacked, as
+    `seqgen study --batched` trains them) and for generating 550, each beside its GEMM-only
+    limit: the same recurrence's GEMMs alone, at their real shapes and in the precision the
+    trainer chooses (medians of `batches` turns)."""
     if threads:
         torch.set_num_threads(threads)
     settings = resolve("combined", 1, preset)
@@ -147,8 +176,8 @@ def run_bench(
 
     seconds = _median_seconds(
         {
-            "train": _training_step(model, settings, precision),
-            "train_gemms": lambda: run_gemms(train_plan),
+            "train": _trainer_step(cfg, settings, precision, members),
+            "train_gemms": lambda: run_gemms(train_plan * members),
             "generate": generate,
             "generate_gemms": lambda: run_gemms(generate_plan),
         },
@@ -156,8 +185,8 @@ def run_bench(
         device,
     )
     rates = {
-        "train_sequences_per_s": B / seconds["train"],
-        "gemm_limit_train_sequences_per_s": B / seconds["train_gemms"],
+        "train_sequences_per_s": members * B / seconds["train"],
+        "gemm_limit_train_sequences_per_s": members * B / seconds["train_gemms"],
         "generate_sequences_per_s": N_GENERATE / seconds["generate"],
         "gemm_limit_generate_sequences_per_s": N_GENERATE / seconds["generate_gemms"],
     }
@@ -169,11 +198,12 @@ def run_bench(
         "hidden_size": H,
         "num_layers": L,
         "batch_size": B,
+        "members": members,
         "seq_len": SEQ_LEN,
         "threads": torch.get_num_threads(),
         "precision": precision.note,
         "gemm_dtype": str(gemm_dtype).removeprefix("torch."),
-        "recurrence": "native (C++)" if uses_native(precision.dtype, probe) else "python",
+        "recurrence": recurrence_name(precision.dtype, probe),
         **{key: round(value, 1) for key, value in rates.items()},
         "train_fraction_of_gemm_limit": round(
             rates["train_sequences_per_s"] / rates["gemm_limit_train_sequences_per_s"], 3

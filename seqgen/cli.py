@@ -215,12 +215,29 @@ def pipeline(strategy, phases, seeds, preset, retrain, max_outage, **kwargs):
 @click.option(
     "--threads_per_chain", type=int, default=None, help="CPU threads (Ray CPUs) per chain [1]"
 )
+@click.option(
+    "--batched",
+    type=click.BOOL,
+    is_flag=False,
+    flag_value=True,  # `--batched`, and `--batched true` as `mlflow run -P batched=true` passes it
+    default=False,
+    help="train the chains side by side in this process as one stacked model (no Ray)",
+)
 @retrain_option
 @max_outage_option
 @setting_options
 @_clean_errors
 def study(
-    strategy, seeds, phases, preset, ray_address, threads_per_chain, retrain, max_outage, **kwargs
+    strategy,
+    seeds,
+    phases,
+    preset,
+    ray_address,
+    threads_per_chain,
+    batched,
+    retrain,
+    max_outage,
+    **kwargs,
 ):
     """Every chain (strategy x seed) as a Ray task, its phases in order, one tracking store.
     Rerun the same command after any interruption: it continues where the study stopped."""
@@ -234,6 +251,17 @@ def study(
     phase_list = parse_phases(phases)
     if threads_per_chain is not None and threads_per_chain < 1:
         raise config.ConfigError(f"--threads_per_chain must be at least 1, got {threads_per_chain}")
+    options = RunOptions(retrain=retrain, max_outage=max_outage)
+    if batched:
+        if ray_address or threads_per_chain:
+            raise config.ConfigError(
+                "--batched trains every chain in this process: leave out --ray_address and "
+                "--threads_per_chain"
+            )
+        from seqgen.study.batched import run_batched_study
+
+        outcomes = run_batched_study(strategies, seed_list, phase_list, preset, overrides, options)
+        sys.exit(1 if any(o.status != "done" for o in outcomes) else 0)
     from seqgen.study.cluster import THREADS_PER_CHAIN, run_study
 
     outcomes = run_study(
@@ -244,7 +272,7 @@ def study(
         overrides,
         ray_address or None,
         threads_per_chain or THREADS_PER_CHAIN,
-        RunOptions(retrain=retrain, max_outage=max_outage),
+        options,
     )
     if any(o.status != "done" for o in outcomes):
         sys.exit(1)
@@ -287,12 +315,16 @@ def synth(out_dir, n_samples, seed, overwrite):
 @click.option("--baseline", is_flag=True, help="also time a plain nn.LSTMCell loop")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's)")
 @click.option("--mixed_precision/--no_mixed_precision", default=True)
+@click.option(
+    "--members", type=click.IntRange(min=1), default=1, show_default=True,
+    help="chains trained as one stack (seqgen study --batched)",
+)  # fmt: skip
 @_clean_errors
-def bench(preset, batches, as_json, baseline, threads, mixed_precision):
+def bench(preset, batches, as_json, baseline, threads, mixed_precision, members):
     """Training and generation throughput (sequences/s) through the trainer's own step."""
     from seqgen.bench import run_bench
 
-    result = run_bench(preset, batches, baseline, threads, mixed_precision)
+    result = run_bench(preset, batches, baseline, threads, mixed_precision, members)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

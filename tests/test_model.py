@@ -7,6 +7,11 @@ from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
 from seqgen.model.recurrence import AutoregressiveLSTM
 
 
+def one_member(*args):
+    """AutoregressiveLSTM on one model's tensors: a stack of M = 1, and the output unstacked."""
+    return AutoregressiveLSTM.apply(None, *[a if a is None else a[None] for a in args])[0]
+
+
 def reference_recurrence(pre0, y_teacher, use_truth, h0, c0, drop, w_y, w_out, b_out, *layer_w):
     """The same recurrence written plainly with autograd, to check the hand-written backward."""
     T, B, _ = pre0.shape
@@ -63,7 +68,7 @@ def test_hand_written_backward_matches_autograd(layers, dropout):
         args[i].requires_grad_(True)
     weights = torch.randn(7, 3, 2, dtype=torch.float64)
 
-    ours = AutoregressiveLSTM.apply(None, *args)
+    ours = one_member(*args)
     (ours * weights).sum().backward()
     ours_grads = [args[i].grad.clone() for i in grad_idx]
     for i in grad_idx:
@@ -80,7 +85,28 @@ def test_gradcheck_small():
     args = random_inputs(T=4, B=2, K=2, H=3, L=2)
     for i in [0, 3, 4, 6, 7, 8, 9, 10, 11, 12]:
         args[i].requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda *a: AutoregressiveLSTM.apply(None, *a), args)
+    assert torch.autograd.gradcheck(one_member, args)
+
+
+def test_stacked_members_are_independent_models():
+    """Three members stacked on a leading dimension: each one's output and gradients are those
+    of its own tensors run alone."""
+    members = [random_inputs(L=2, seed=seed) for seed in range(3)]
+    stacked = [None if a[0] is None else torch.stack(a) for a in zip(*members, strict=True)]
+    grad_idx = [0, 3, 4, 6, 7, 8, *range(9, len(stacked))]
+    for i in grad_idx:
+        stacked[i].requires_grad_(True)
+        for args in members:
+            args[i].requires_grad_(True)
+    weights = torch.randn(3, 7, 3, 2, dtype=torch.float64)
+    out = AutoregressiveLSTM.apply(None, *stacked)
+    grads = torch.autograd.grad((out * weights).sum(), [stacked[i] for i in grad_idx])
+    for m, args in enumerate(members):
+        alone = one_member(*args)
+        alone_grads = torch.autograd.grad((alone * weights[m]).sum(), [args[i] for i in grad_idx])
+        torch.testing.assert_close(out[m], alone)
+        for i, got, want in zip(grad_idx, grads, alone_grads, strict=True):
+            torch.testing.assert_close(got[m], want, msg=f"member {m}, gradient of input {i}")
 
 
 def small_model(**kw):

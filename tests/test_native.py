@@ -29,15 +29,29 @@ def built():
     assert native.ops() is not None, "the native recurrence did not build (see stderr)"
 
 
-def inputs(T=7, B=3, K=2, F=3, H=4, L=3, dropout=True, dtype=torch.float64, seed=0):
-    """Arguments of autoregressive_lstm after mm_dtype, at a small size, all with gradients."""
+@pytest.fixture(autouse=True)
+def one_thread():
+    """conftest's one thread, whatever an earlier test left set: the Python reference's own
+    gradients move by up to 5e-5 between 1 and 2 threads at these sizes (its elementwise ops
+    round differently where a thread's share ends), as much as the tolerance here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def inputs(T=7, B=3, K=2, F=3, H=4, L=3, dropout=True, dtype=torch.float64, seed=0, M=1):
+    """Arguments of autoregressive_lstm after mm_dtype for M members, at a small size, all with
+    gradients."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    r = lambda *s: torch.randn(M, *s, generator=g, dtype=dtype)  # noqa: E731
     layer_w = [r(H, 4 * H) * 0.5]
     for _ in range(1, L):
         layer_w += [r(H, 4 * H) * 0.5, r(H, 4 * H) * 0.5, r(4 * H) * 0.1]
-    use_truth = (torch.rand(T, B, 1, generator=g) < 0.5).to(dtype)
-    drop = (torch.rand(L - 1, T, B, H, generator=g) < 0.7).to(dtype) / 0.7 if dropout else None
+    use_truth = (torch.rand(M, T, B, 1, generator=g) < 0.5).to(dtype)
+    drop = None
+    if dropout:
+        drop = (torch.rand(M, L - 1, T, B, H, generator=g) < 0.7).to(dtype) / 0.7
     args = [r(T, B, F), r(F, 4 * H) * 0.5, r(4 * H) * 0.1, r(T, B, K), use_truth]
     args += [r(L, B, H) * 0.5, r(L, B, H) * 0.5, drop, r(K, 4 * H) * 0.5, r(H, K) * 0.5, r(K) * 0.1]
     args += layer_w
@@ -47,10 +61,23 @@ def inputs(T=7, B=3, K=2, F=3, H=4, L=3, dropout=True, dtype=torch.float64, seed
     return args
 
 
-def run(fn, mm_dtype, args, seed=1):
+def member(args, m):
+    """Member m's slices of stacked arguments, as a stack of one, with their own gradients."""
+    out = []
+    for i, a in enumerate(args):
+        part = None if a is None else a.detach()[m : m + 1].clone()
+        if part is not None and i not in (3, 4, 7):
+            part.requires_grad_(True)
+        out.append(part)
+    return out
+
+
+def run(fn, mm_dtype, args, seed=1, weights=None):
     """Outputs and the gradients of every input that has them, for a random weighting."""
     out = fn(mm_dtype, *args)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    if weights is None:
+        g = torch.Generator().manual_seed(seed)
+        weights = torch.randn(out.shape, generator=g, dtype=out.dtype)
     params = [a for a in args if a is not None and a.requires_grad]
     grads = torch.autograd.grad((out * weights).sum(), params)
     return out.detach(), grads
@@ -66,8 +93,46 @@ def test_native_equals_python_float32(layers, dropout):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("members,threads", [(3, 1), (3, 2), (2, 4)])
+def test_members_are_independent_models(members, threads):
+    """Stacked members (run whole on a thread each where members >= threads, else one after
+    another with their rows split) give each member's output and gradients alone."""
+    args = inputs(T=9, B=5, K=3, F=4, H=16, L=2, dtype=torch.float32, M=members)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        stacked, stacked_grads = run(native_lstm, None, args)
+        weights = torch.randn(stacked.shape, generator=torch.Generator().manual_seed(1))
+        alone = [
+            run(native_lstm, None, member(args, m), weights=weights[m : m + 1])
+            for m in range(members)
+        ]
+    finally:
+        torch.set_num_threads(before)
+    ref, ref_grads = run(python_lstm, None, args)
+    torch.testing.assert_close(stacked, ref, atol=1e-5, rtol=1e-5)
+    for m, (out, grads) in enumerate(alone):
+        torch.testing.assert_close(stacked[m : m + 1], out, atol=1e-5, rtol=1e-5)
+        for got, want, ref_grad in zip(stacked_grads, grads, ref_grads, strict=True):
+            torch.testing.assert_close(got[m : m + 1], want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got, ref_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_a_member_count_that_disagrees_is_named():
+    """The C++ path indexes memory by these shapes: a wrong one stops before it runs."""
+    args = inputs(T=5, B=2, K=2, F=3, H=4, L=2, dtype=torch.float32, M=3)
+    args[11] = args[11][:2]  # w_hh_0 of two members only
+    with pytest.raises(ValueError, match=r"w_hh_0 has shape \(2, 4, 16\), expected \(3, 4, 16\)"):
+        native_lstm(None, *args)
+
+
 def test_gradcheck_native():
     args = inputs(T=4, B=2, K=2, F=2, H=3, L=2)
+    assert torch.autograd.gradcheck(lambda *a: native_lstm(None, *a), args)
+
+
+def test_gradcheck_native_members():
+    args = inputs(T=3, B=2, K=2, F=2, H=3, L=2, M=2)
     assert torch.autograd.gradcheck(lambda *a: native_lstm(None, *a), args)
 
 
@@ -94,8 +159,8 @@ def test_generation_without_autograd_equals_the_training_forward():
 def test_nan_propagates_so_the_trainer_sees_a_diverged_step():
     args = inputs(T=5, B=2, K=2, F=2, H=4, L=2, dtype=torch.float32)
     with torch.no_grad():
-        args[0][2, 1, 0] = float("nan")  # row 1's input at step 2
-        out = native_lstm(None, *args)
+        args[0][0, 2, 1, 0] = float("nan")  # row 1's input at step 2
+        out = native_lstm(None, *args)[0]
     assert out[:2].isfinite().all() and out[2:, 1].isnan().all() and out[:, 0].isfinite().all()
 
 

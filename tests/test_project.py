@@ -138,7 +138,7 @@ def test_whole_flow_against_a_real_server(server, smoke_data, tmp_path):
 def test_demo_end_to_end_and_again(store, smoke_data, tmp_path):
     """The README's main job at smoke scale, twice in the same folder: the second time every
     phase is found registered and nothing is trained again."""
-    from seqgen.study.chain import run_demo
+    from seqgen.study.demo import run_demo
 
     first = run_demo(str(smoke_data), "smoke", [0], "reports")
     second = run_demo(str(smoke_data), "smoke", [0], "reports")

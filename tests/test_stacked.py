@@ -15,7 +15,6 @@ from seqgen.training.stacked_step import (
     StackedGradScaler,
     StackedPrecision,
     evaluate_stacked,
-    sampling_generator,
     stacked_precision,
     stacked_step,
 )
@@ -24,6 +23,7 @@ from seqgen.training.step import (
     choose_precision,
     evaluate_loss,
     optimizer_step,
+    sampling_generator,
     seed_epoch,
 )
 
@@ -171,7 +171,8 @@ def test_member_draws_are_the_single_models_global_draws(monkeypatch):
     params, targets = torch.randn(B, P), torch.randn(B, T, K)
     torch.manual_seed(7)
     expected = model(params, targets, chain.ratio, chain.noise)
-    features, use_truth, drop = seen[0][1], seen[0][5], seen[0][8]
+    # the single model calls the recurrence as a stack of one: member 0 of each argument
+    features, use_truth, drop = seen[0][1][0], seen[0][5][0], seen[0][8][0]
 
     stack = StackedGenerators.from_models([model]).train()
     g = torch.Generator().manual_seed(7)

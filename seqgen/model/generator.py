@@ -113,22 +113,12 @@ class StreamlinedSequenceGenerator(nn.Module):
         mm_dtype = (
             torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
         )
+        args = [features.float(), self.w_in, self.b_in, y_teacher, use_truth, h0.float()]
+        args += [c0.float(), drop, self.w_in[1 : 1 + K], self.head.weight.t(), self.head.bias]
+        args += layer_w
         with torch.autocast(dev.type, enabled=False):
-            y = autoregressive_lstm(
-                mm_dtype,
-                features.float(),
-                self.w_in,
-                self.b_in,
-                y_teacher,
-                use_truth,
-                h0.float(),
-                c0.float(),
-                drop,
-                self.w_in[1 : 1 + K],
-                self.head.weight.t(),
-                self.head.bias,
-                *layer_w,
-            )
+            # one model is a stack of M = 1 (the recurrence takes a leading member dimension)
+            y = autoregressive_lstm(mm_dtype, *[a if a is None else a[None] for a in args])[0]
         return y.transpose(0, 1)  # (B, T, K)
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
+from seqgen.model.recurrence import autoregressive_lstm
 
 
 def member_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -283,21 +284,3 @@ def draw(
             else:
                 buffer[m].copy_(value)
     return out
-
-
-# shim until the stacked recurrence lands
-from seqgen.model.recurrence import autoregressive_lstm as _single_member_lstm  # noqa: E402
-
-
-def autoregressive_lstm(
-    mm_dtype, x0, w_x, b_x, y_teacher, use_truth, h0, c0, drop, w_y, w_out, b_out, *layer_w
-) -> torch.Tensor:
-    """The stacked recurrence's API (every tensor with a leading member dimension M) over
-    today's single-member one, member by member: yhat (M,T,B,K). unbind, not indexing: its
-    backward stacks the members' gradients once instead of adding M zero-padded copies."""
-    args = (x0, w_x, b_x, y_teacher, use_truth, h0, c0, drop, w_y, w_out, b_out, *layer_w)
-    per_member = [a.unbind(0) if a is not None else [None] * x0.shape[0] for a in args]
-    return torch.stack([_single_member_lstm(mm_dtype, *a) for a in zip(*per_member, strict=True)])
-
-
-# end of shim

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seqgen.config import MAX_OUTAGE, N_PHASES
+from seqgen.config import MAX_OUTAGE, N_PHASES, PhaseSettings
 from seqgen.errors import ConfigError, TrackingError, TrainingError
 from seqgen.files import copy_atomic
 from seqgen.model.bundle import Bundle, Checkpoint
@@ -51,7 +51,8 @@ class RunOptions:
     lease_wait: float = 0.0  # seconds to wait for another process's lease (a retried task)
     parent_run_id: str | None = None  # the chain's run, for a phase of a study
     hint_next: bool = True  # say the next phase's command at the end
-    on_epoch: Callable[[EpochRecord, int, float], None] | None = None  # a study's progress
+    # a study's progress: (the phase's settings, its epoch, its last epoch, ETA seconds)
+    on_epoch: Callable[[PhaseSettings, EpochRecord, int, float], None] | None = None
 
 
 @dataclass
@@ -231,7 +232,7 @@ class RunKeeper:
         )
         log.info(epoch_line(self.settings.run_name, record, self.setup.last_epoch, eta, improved))
         if self.options.on_epoch is not None:
-            self.options.on_epoch(record, self.setup.last_epoch, eta)
+            self.options.on_epoch(self.settings, record, self.setup.last_epoch, eta)
         self.courier.check()
         if (away := self.courier.outage_seconds()) > self.options.max_outage:
             raise TrackingError(

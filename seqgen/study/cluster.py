@@ -24,48 +24,22 @@ from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from rich.console import Console
-from rich.live import Live
-from rich.text import Text
 
-from seqgen.config import resolve
-from seqgen.data.sequences import SequenceData, load_sequences
-from seqgen.errors import ConfigError, SeqgenError, first_line
+from seqgen.config import PhaseSettings, resolve
+from seqgen.data.sequences import SequenceData
+from seqgen.errors import ConfigError
 from seqgen.log import setup as log_setup
 from seqgen.runs import tracking
 from seqgen.runs.delivery import LEASE_SECONDS
 from seqgen.runs.keeper import PhaseResult, RunOptions
-from seqgen.runs.outputs import format_eta
+from seqgen.study.board import Chain, ChainOutcome, Screen, load_study_data, reason
 from seqgen.study.chain import run_chain
 from seqgen.training.epochs import EpochRecord
-from seqgen.training.start import load_phase_data
 from seqgen.version import code_digest
 
 CHAIN_RETRIES = 2  # Ray reruns a chain whose process or node died this many times
 THREADS_PER_CHAIN = 1  # chains side by side beat threads here (README: Running the study)
 REFRESH_SECONDS = 1.0
-
-
-@dataclass(frozen=True)
-class Chain:
-    strategy: str
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.strategy}-s{self.seed}"
-
-
-@dataclass
-class ChainOutcome:
-    """One line of the final table."""
-
-    chain: str
-    phases_done: int
-    phases: int
-    model: str  # the last registered models:/name/version
-    seconds: float
-    status: str  # done, or failed: <one-line reason>
 
 
 # ---- checks before anything starts --------------------------------------------------------------
@@ -125,20 +99,6 @@ def connect(ray_address: str | None) -> None:
             "authentication, set RAY_AUTH_MODE=token with the head's token in ~/.ray/auth_token "
             "or RAY_AUTH_TOKEN"
         ) from None
-
-
-def load_study_data(chains: list[Chain], phases: list[int], preset: str, overrides: dict):
-    """Every phase's settings checked, the data read and validated once, on the driver."""
-    all_settings = [
-        resolve(c.strategy, p, preset, **(overrides | {"seed": c.seed}))
-        for c in chains
-        for p in phases
-    ]
-    first = all_settings[0]
-    data = load_sequences(first.data_dir, first.n_components, first.n_params)
-    for s in all_settings:
-        load_phase_data(s, data)  # max_lag against the sequence length, and the like
-    return data
 
 
 # ---- the tracking server's credentials, on their way to the tasks --------------------------------
@@ -257,7 +217,7 @@ def run_chain_task(chain: Chain, data: SequenceData, ctx: Context, board) -> lis
         done.append(result)
         board.report.remote(chain.name, phases_done=len(done), model=result.model_uri)
 
-    def on_epoch(record: EpochRecord, last_epoch: int, eta: float) -> None:
+    def on_epoch(_: PhaseSettings, record: EpochRecord, last_epoch: int, eta: float) -> None:
         board.report.remote(chain.name, epoch=record.epoch, last_epoch=last_epoch, eta=eta)
 
     options = RunOptions(
@@ -362,67 +322,3 @@ def outcome(chain: Chain, ref, board, n_phases: int, seconds: float) -> ChainOut
         return ChainOutcome(chain.name, done, n_phases, model, seconds, f"failed: {reason(e)}")
     last = results[-1]["model_uri"] if results else ""
     return ChainOutcome(chain.name, len(results), n_phases, last, seconds, "done")
-
-
-def reason(e: BaseException) -> str:
-    """One line for a chain that failed: the task's own error, or what happened to its node."""
-    cause = getattr(e, "cause", None) or e
-    if isinstance(cause, SeqgenError):
-        return str(cause)
-    return f"{type(cause).__name__}: {first_line(cause)}"
-
-
-class Screen:
-    """One live line per chain (redrawn in place on a terminal by rich, printed on change
-    otherwise), then the final table."""
-
-    def __init__(self, out, chains: list[str], n_phases: int) -> None:
-        self.console = Console(file=out, highlight=False)
-        self.chains, self.n_phases = chains, n_phases
-        self.live = (
-            Live(console=self.console, auto_refresh=False) if self.console.is_terminal else None
-        )
-        self.shown: dict[str, str] = {}
-
-    def line(self, chain: str, state: dict, outcome: ChainOutcome | None) -> str:
-        if outcome is not None:
-            return f"{chain:<24} {outcome.status[:70]}"
-        if not state:
-            return f"{chain:<24} waiting for a worker"
-        phase, epoch = state.get("phase"), state.get("epoch")
-        where = f"phase {phase}/{self.n_phases}" if phase else "starting"
-        if epoch is not None:
-            where += f"  epoch {epoch}/{state['last_epoch']}  ETA {format_eta(state['eta'])}"
-        return f"{chain:<24} {where}  on {state.get('host', '?')}"
-
-    def draw(self, board: dict, outcomes: dict) -> None:
-        lines = {c: self.line(c, board.get(c, {}), outcomes.get(c)) for c in self.chains}
-        if self.live is not None:
-            if not self.live.is_started:
-                self.live.start()
-            self.live.update(Text("\n".join(lines[c] for c in self.chains)), refresh=True)
-        else:
-            for c in self.chains:
-                if self.shown.get(c) != lines[c]:
-                    self.console.out(lines[c])
-        self.shown = lines
-
-    def table(self, outcomes: list[ChainOutcome]) -> None:
-        if self.live is not None and self.live.is_started:
-            self.live.stop()
-        rows = [("chain", "phases", "model", "time", "status")]
-        rows += [
-            (
-                o.chain,
-                f"{o.phases_done}/{o.phases}",
-                o.model.removeprefix("models:/"),
-                format_eta(o.seconds),
-                o.status,
-            )
-            for o in outcomes
-        ]
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        self.console.out("")
-        for r in rows:
-            cells = "  ".join(v.ljust(w) for v, w in zip(r[:4], widths, strict=True))
-            self.console.out(f"{cells}  {r[4]}")

@@ -28,13 +28,6 @@ from seqgen.training.step import EVAL_BATCH, Precision, StepResult
 BETAS, EPS = (0.9, 0.999), 1e-8
 
 
-def sampling_generator(seed: int, global_epoch: int, device: torch.device | str) -> torch.Generator:
-    """A member's generator for an epoch's sampling, noise and dropout: seeded as seed_epoch
-    (seqgen/training/step.py) seeds the global RNG for a single chain, so the member draws the
-    same numbers. (The seed formula is seed_epoch's; tests/test_stacked.py checks they agree.)"""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + global_epoch)
-
-
 def _per_member(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(M,) -> (M, 1, ...) broadcasting over a stacked tensor like (M, ...)."""
     return x.view(-1, *[1] * (like.dim() - 1))

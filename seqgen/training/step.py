@@ -196,7 +196,24 @@ def evaluate_loss(
     return LossResult(*(sums / len(params)).tolist())
 
 
+def sampling_seed(seed: int, global_epoch: int) -> int:
+    """The seed of an epoch's sampling, noise and dropout draws: every random draw of an epoch
+    derives from (seed, epoch), so a resume replays it exactly."""
+    return seed * 1_000_003 + global_epoch
+
+
+def order_generator(seed: int, global_epoch: int) -> torch.Generator:
+    """The generator of an epoch's batch order (on the CPU, whatever the device)."""
+    return torch.Generator().manual_seed(seed * 7_919 + global_epoch)
+
+
+def sampling_generator(seed: int, global_epoch: int, device: torch.device | str) -> torch.Generator:
+    """A chain's generator for an epoch's sampling, noise and dropout, on its device."""
+    return torch.Generator(device=device).manual_seed(sampling_seed(seed, global_epoch))
+
+
 def seed_epoch(seed: int, global_epoch: int) -> torch.Generator:
-    """Every random draw of an epoch derives from (seed, epoch), so a resume replays it exactly."""
-    torch.manual_seed(seed * 1_000_003 + global_epoch)  # sampling, noise, dropout
-    return torch.Generator().manual_seed(seed * 7_919 + global_epoch)  # batch order
+    """A single model's epoch (benchmarks, references in tests): the global RNG seeded for the
+    draws inside its forward, and the batch-order generator returned."""
+    torch.manual_seed(sampling_seed(seed, global_epoch))  # sampling, noise, dropout
+    return order_generator(seed, global_epoch)

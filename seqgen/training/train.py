@@ -1,12 +1,20 @@
-"""Training one phase of one strategy. Start reading at `train_phase`: prepare the phase, ask the
-run keeper where it stands, then train epoch after epoch and hand each to the keeper, which owns
-everything the tracking store and the phase's folder are told (seqgen/runs/keeper.py). This file
-holds only the machine learning."""
+"""Training phases. Start reading at `train_phases`: prepare each phase, ask each one's run keeper
+where it stands, then train them side by side as one stacked model (seqgen/model/stacked.py),
+epoch after epoch, handing each member's epoch to its keeper, which owns everything the tracking
+store and the phase's folder are told (seqgen/runs/keeper.py). `seqgen train` is a stack of one.
+This file holds only the machine learning.
+
+A member is a phase of one chain with everything a chain has: its own settings (alpha, lags,
+noise, clipping, learning-rate values and schedule, teacher forcing, weight decay), its own data
+split, order and random draws from (seed, epoch), its own optimiser state, early stopping (a
+member that stops is frozen while the others go on) and its own run.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,42 +22,56 @@ import torch
 
 from seqgen.config import PhaseSettings
 from seqgen.data.sequences import SequenceData
-from seqgen.errors import TrainingError
+from seqgen.errors import ConfigError, TrainingError
 from seqgen.log import progress_bar
 from seqgen.model.bundle import Checkpoint
 from seqgen.model.generator import StreamlinedSequenceGenerator
+from seqgen.model.stacked import StackedGenerators
 from seqgen.runs.keeper import PhaseResult, RunKeeper, RunOptions, Snapshot
 from seqgen.training.epochs import EpochRecord, Losses, Progress, stop_reason
-from seqgen.training.losses import make_loss
+from seqgen.training.losses import StackedStrategies
 from seqgen.training.schedules import learning_rate, teacher_forcing_ratio
+from seqgen.training.stacked_step import (
+    StackedAdamW,
+    StackedPrecision,
+    StackedStepGraphs,
+    evaluate_stacked,
+    stacked_precision,
+    stacked_step,
+)
 from seqgen.training.start import Setup, prepare
 from seqgen.training.step import (
-    Precision,
-    StepGraphs,
     choose_precision,
     cuda_graphs_wanted,
-    evaluate_loss,
-    load_scaler_state,
-    optimizer_step,
-    seed_epoch,
+    order_generator,
+    sampling_generator,
 )
 
 log = logging.getLogger(__name__)
 
+# Settings every member of a stack shares: the model's shape, the batches, the device.
+STACK_KEYS = ("hidden_size", "num_layers", "batch_size", "grad_accum_steps", "mixed_precision")
+
 
 @dataclass
-class TrainingState:
-    """What the epochs work on."""
+class TrainingStack:
+    """What the epochs work on: the members' weights, optimiser and precision, and each
+    member's progress and split (params (M,N,P), components (M,N,T,K) per part)."""
 
-    model: StreamlinedSequenceGenerator
-    optimizer: torch.optim.Optimizer
-    precision: Precision
-    progress: Progress
-    graphs: StepGraphs | None = None  # CUDA: each training step replayed as a CUDA graph
+    model: StackedGenerators
+    optimizer: StackedAdamW
+    precision: StackedPrecision
+    progress: list[Progress]
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    graphs: StackedStepGraphs | None = None  # CUDA: each training step replayed as a CUDA graph
 
-    def snapshot(self) -> Snapshot:
-        weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        return Snapshot(weights, self.optimizer.state_dict(), self.precision.scaler.state_dict())
+    def epochs_left(self, setup: Setup, m: int) -> bool:
+        return len(self.progress[m].epochs_left(setup.settings.epochs)) > 0
+
+    def snapshot(self, m: int) -> Snapshot:
+        weights = {k: v.cpu() for k, v in self.model.member_state_dict(m).items()}
+        scaler = self.precision.scaler.member_state_dict(m)
+        return Snapshot(weights, self.optimizer.member_state_dict(m), scaler)
 
 
 def train_phase(
@@ -57,119 +79,227 @@ def train_phase(
 ) -> PhaseResult:
     """Train one phase, or take it up where it stopped; a registered phase is not trained again.
     data: the samples already loaded (a cluster task gets them from its driver)."""
-    setup = prepare(settings, data)
-    keeper = RunKeeper.find(setup, options or RunOptions())
-    if keeper.skipped is not None:
-        return keeper.skipped
-    setup.load_tensors()
-    state = training_state(setup, keeper.checkpoint)
-    loss_fn = make_loss(settings.alpha, settings.max_lag)
-    with keeper.running(state.precision.note, state.progress):
-        state.graphs = step_graphs(setup, state, loss_fn)
-        for epoch in state.progress.epochs_left(settings.epochs):
-            record = run_epoch(setup, state, loss_fn, epoch)
-            improved = state.progress.add(record)
-            state.progress.stopped = stop_reason(settings, state.progress, record)
-            keeper.epoch_done(state.progress, state.snapshot(), improved)
-            if state.progress.stopped:
-                break
-            if keeper.should_pause(record.epoch):
-                return keeper.pause(state.progress)
-        return keeper.finish(state.progress, state.snapshot(), setup.device)
+    return train_phases([settings], options, data)[0]
 
 
-def training_state(setup: Setup, checkpoint: Checkpoint | None) -> TrainingState:
-    """The model (new, the parent's weights or the checkpoint's), AdamW and the precision."""
-    settings = setup.settings
-    precision = choose_precision(setup.device, settings.mixed_precision)
-    torch.manual_seed(settings.seed)
-    model = StreamlinedSequenceGenerator(setup.start.model_config).to(setup.device)
-    if setup.start.state_dict is not None:
-        model.load_state_dict(setup.start.state_dict)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings.start_lr, weight_decay=settings.weight_decay
+def train_phases(
+    settings: list[PhaseSettings],
+    options: RunOptions | None = None,
+    data: SequenceData | None = None,
+) -> list[PhaseResult]:
+    """Train phases of one model shape side by side as one stacked model, each in its own run;
+    registered ones are skipped, interrupted ones go on from their own checkpoints."""
+    options = options or RunOptions()
+    check_stackable(settings)
+    setups = [prepare(s, data) for s in settings]
+    keepers = [RunKeeper.find(setup, options) for setup in setups]
+    results: dict[int, PhaseResult] = {}
+    results |= {i: k.skipped for i, k in enumerate(keepers) if k.skipped is not None}
+    live = [i for i in range(len(setups)) if i not in results]
+    if live:
+        trained = train_stack([setups[i] for i in live], [keepers[i] for i in live])
+        results |= dict(zip(live, trained, strict=True))
+    return [results[i] for i in range(len(setups))]
+
+
+def train_stack(setups: list[Setup], keepers: list[RunKeeper]) -> list[PhaseResult]:
+    """Epochs of every member until each has finished, stopped early or paused."""
+    for setup in setups:
+        setup.load_tensors()
+    stack = training_stack(setups, [k.checkpoint for k in keepers])
+    loss_fn = StackedStrategies(
+        [s.settings.alpha for s in setups], [s.settings.max_lag for s in setups]
     )
-    progress = Progress()
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint.optimizer)
-        if note := load_scaler_state(precision.scaler, checkpoint.scaler):
-            log.info(f"[{settings.run_name}] {note}")
-        progress = Progress.from_dict(checkpoint.progress)
-    return TrainingState(model, optimizer, precision, progress)
+    results: dict[int, PhaseResult] = {}
+    with ExitStack() as running:
+        for m, keeper in enumerate(keepers):
+            running.enter_context(keeper.running(stack.precision.note, stack.progress[m]))
+        stack.graphs = step_graphs(setups[0], stack, loss_fn)
+        while active := [
+            m for m, setup in enumerate(setups) if m not in results and stack.epochs_left(setup, m)
+        ]:
+            records = run_epoch(setups, stack, loss_fn, active)
+            for m, record in records.items():
+                progress = stack.progress[m]
+                improved = progress.add(record)
+                progress.stopped = stop_reason(setups[m].settings, progress, record)
+                keepers[m].epoch_done(progress, stack.snapshot(m), improved)
+                if keepers[m].should_pause(record.epoch) and not progress.stopped:
+                    results[m] = keepers[m].pause(progress)
+        for m, keeper in enumerate(keepers):
+            if m not in results:
+                results[m] = keeper.finish(stack.progress[m], stack.snapshot(m), setups[m].device)
+    return [results[m] for m in range(len(setups))]
 
 
-def step_graphs(setup: Setup, state: TrainingState, loss_fn) -> StepGraphs | None:
+def check_stackable(settings: list[PhaseSettings]) -> None:
+    """Phases trained as one stack share the model's shape, the batches and the device."""
+    for s in settings[1:]:
+        for key in (*STACK_KEYS, "device"):
+            if getattr(s, key) != getattr(settings[0], key):
+                raise ConfigError(
+                    f"{s.run_name} and {settings[0].run_name} cannot train as one stack: "
+                    f"--{key} {getattr(s, key)} against {getattr(settings[0], key)}"
+                )
+
+
+def training_stack(setups: list[Setup], checkpoints: list[Checkpoint | None]) -> TrainingStack:
+    """The members' weights (new, their parents' or their checkpoints'), AdamW and precision."""
+    first = setups[0]
+    configs = [setup.start.model_config for setup in setups]
+    model = StackedGenerators(configs[0], len(setups), [c.dropout for c in configs])
+    model = model.to(first.device)
+    precision = stacked_precision(
+        choose_precision(first.device, first.settings.mixed_precision), len(setups)
+    )
+    lrs = [s.settings.start_lr for s in setups]
+    optimizer = StackedAdamW(
+        list(model.parameters()), lrs, [s.settings.weight_decay for s in setups]
+    )
+    progress = []
+    for m, (setup, checkpoint) in enumerate(zip(setups, checkpoints, strict=True)):
+        model.load_member_state_dict(m, starting_weights(setup))
+        progress.append(Progress())
+        if checkpoint is not None:
+            optimizer.load_member_state_dict(m, checkpoint.optimizer)
+            note = precision.scaler.load_member_state_dict(m, checkpoint.scaler)
+            if note:
+                log.info(f"[{setup.settings.run_name}] {note}")
+            progress[m] = Progress.from_dict(checkpoint.progress)
+    parts = {
+        part: tuple(torch.stack([s.parts[part][i] for s in setups]) for i in (0, 1))
+        for part in ("train", "val", "test")
+    }
+    return TrainingStack(model, optimizer, precision, progress, parts)
+
+
+def starting_weights(setup: Setup) -> dict[str, torch.Tensor]:
+    """A new model's weights, initialised from the chain's seed as a single model would be, or
+    the weights the phase starts from (its parent's or its checkpoint's)."""
+    if setup.start.state_dict is not None:
+        return setup.start.state_dict
+    torch.manual_seed(setup.settings.seed)
+    return StreamlinedSequenceGenerator(setup.start.model_config).state_dict()
+
+
+def step_graphs(setup: Setup, stack: TrainingStack, loss_fn) -> StackedStepGraphs | None:
     settings = setup.settings
     if not cuda_graphs_wanted(setup.device, settings.grad_accum_steps):
         return None
     log.info(f"[{settings.run_name}] CUDA graphs: one replay per step (SEQGEN_CUDA_GRAPHS=0: off)")
-    return StepGraphs(state.model, loss_fn, state.precision, settings.noise_level)
+    return StackedStepGraphs(stack.model, loss_fn, stack.optimizer, stack.precision)
 
 
-def run_epoch(setup: Setup, state: TrainingState, loss_fn, epoch: int) -> EpochRecord:
-    """Train one epoch (0-based within the phase), then evaluate."""
-    settings, global_epoch, started = setup.settings, setup.global_epoch(epoch), time.perf_counter()
-    lr = learning_rate(
-        setup.start.schedule, epoch, settings.epochs, settings.start_lr, settings.min_lr
-    )
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one member's epoch trains with: its global epoch and its schedules' values."""
+
+    global_epoch: int
+    lr: float
+    ratio: float  # teacher forcing
+
+
+def epoch_plan(setup: Setup, epoch: int) -> EpochPlan:
+    """The pure schedules at the member's 0-based epoch within its phase."""
+    s = setup.settings
+    lr = learning_rate(setup.start.schedule, epoch, s.epochs, s.start_lr, s.min_lr)
     ratio = 0.0
-    if settings.teacher_forcing:
+    if s.teacher_forcing:
         ratio = teacher_forcing_ratio(
-            epoch, settings.epochs, settings.teacher_forcing_start, settings.teacher_forcing_end
+            epoch, s.epochs, s.teacher_forcing_start, s.teacher_forcing_end
         )
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr
-    if state.graphs is not None:
-        state.graphs.new_epoch(ratio)
-    train, grad_norms, skipped = train_steps(setup, state, loss_fn, global_epoch, ratio)
+    return EpochPlan(setup.global_epoch(epoch), lr, ratio)
 
+
+def run_epoch(
+    setups: list[Setup], stack: TrainingStack, loss_fn, active: list[int]
+) -> dict[int, EpochRecord]:
+    """Train every active member's next epoch, then evaluate: {member: its epoch's record}.
+    Members not active (finished, stopped, paused) are frozen: their weights do not move."""
+    started = time.perf_counter()
+    plans = [epoch_plan(setup, len(stack.progress[m].history)) for m, setup in enumerate(setups)]
+    stack.optimizer.set_lr([plan.lr for plan in plans])
+    frozen = [m not in active for m in range(len(setups))]
+    train, norms, skipped = train_steps(setups, stack, loss_fn, plans, frozen)
     # Evaluate: model selection on the free-running loss, as the model is used.
-    val, test = setup.parts["val"], setup.parts["test"]
-    return EpochRecord(
-        epoch=global_epoch,
-        train=train,
-        val=Losses(*evaluate_loss(state.model, loss_fn, *val, 0.0, state.precision)),
-        test=Losses(*evaluate_loss(state.model, loss_fn, *test, 0.0, state.precision)),
-        val_teacher_forced=evaluate_loss(state.model, loss_fn, *val, 1.0, state.precision).total,
-        lr=lr,
-        teacher_forcing_ratio=ratio,
-        grad_norm=float(np.mean(grad_norms)) if grad_norms else float("nan"),
-        max_grad_norm=float(np.max(grad_norms)) if grad_norms else float("nan"),
-        seconds=time.perf_counter() - started,
-        nonfinite_steps=skipped,
-    )
+    val_p, val_y = stack.parts["val"]
+    val = evaluate_stacked(stack.model, loss_fn, val_p, val_y, 0.0, stack.precision)
+    val_tf = evaluate_stacked(stack.model, loss_fn, val_p, val_y, 1.0, stack.precision)
+    test = evaluate_stacked(stack.model, loss_fn, *stack.parts["test"], 0.0, stack.precision)
+    seconds = time.perf_counter() - started
+    return {
+        m: EpochRecord(
+            epoch=plans[m].global_epoch,
+            train=train[m],
+            val=Losses(*(float(x[m]) for x in val)),
+            test=Losses(*(float(x[m]) for x in test)),
+            val_teacher_forced=float(val_tf.total[m]),
+            lr=plans[m].lr,
+            teacher_forcing_ratio=plans[m].ratio,
+            grad_norm=float(np.mean(norms[m])) if norms[m] else float("nan"),
+            max_grad_norm=float(np.max(norms[m])) if norms[m] else float("nan"),
+            seconds=seconds,
+            nonfinite_steps=skipped[m],
+        )
+        for m in active
+    }
 
 
 def train_steps(
-    setup: Setup, state: TrainingState, loss_fn, global_epoch: int, ratio: float
-) -> tuple[Losses, list[float], int]:
-    """One pass over the training split in an order drawn from (seed, epoch): the mean losses,
-    the pre-clip gradient norms of the finite steps, and how many steps were skipped."""
-    settings = setup.settings
-    params, targets = setup.parts["train"]
-    batch = settings.batch_size * settings.grad_accum_steps
-    order = torch.randperm(len(params), generator=seed_epoch(settings.seed, global_epoch))
-    chunks = order.to(setup.device).split(batch)
-    sums, counted, grad_norms = np.zeros(3), 0, []
-    for chunk in progress_bar(chunks, f"epoch {global_epoch}"):
-        micro = [(params[b], targets[b]) for b in chunk.split(settings.batch_size)]
-        r = optimizer_step(
-            state.model, loss_fn, micro, state.optimizer, state.precision, ratio,
-            settings.noise_level, settings.clip_grad_norm, state.graphs,
+    setups: list[Setup], stack: TrainingStack, loss_fn, plans: list[EpochPlan], frozen: list[bool]
+) -> tuple[list[Losses], list[list[float]], list[int]]:
+    """One pass over each member's training split, in an order drawn from its (seed, epoch):
+    per member the mean losses, the pre-clip gradient norms of its finite steps, and how many of
+    its steps were skipped."""
+    first, M = setups[0].settings, len(setups)
+    params, targets = stack.parts["train"]  # (M,N,P), (M,N,T,K)
+    orders = torch.stack(
+        [
+            torch.randperm(
+                params.shape[1], generator=order_generator(s.settings.seed, p.global_epoch)
+            )
+            for s, p in zip(setups, plans, strict=True)
+        ]
+    ).to(params.device)  # (M, N)
+    generators = [
+        sampling_generator(s.settings.seed, p.global_epoch, params.device)
+        for s, p in zip(setups, plans, strict=True)
+    ]
+    rows = torch.arange(M, device=params.device).unsqueeze(1)
+    sums, counted = np.zeros((M, 3)), np.zeros(M)
+    norms: list[list[float]] = [[] for _ in range(M)]
+    chunks = orders.split(first.batch_size * first.grad_accum_steps, dim=1)
+    label = f"epoch {plans[0].global_epoch}" if M == 1 else "stacked epoch"
+    for chunk in progress_bar(chunks, label):
+        micro = [(params[rows, b], targets[rows, b]) for b in chunk.split(first.batch_size, dim=1)]
+        result = stacked_step(
+            stack.model, loss_fn, micro, stack.optimizer, stack.precision, generators,
+            [p.ratio for p in plans], [s.settings.noise_level for s in setups],
+            [s.settings.clip_grad_norm for s in setups], frozen, stack.graphs,
         )  # fmt: skip
-        if not r.finite:
-            state.progress.nonfinite_in_a_row += 1
-            if state.progress.nonfinite_in_a_row >= settings.max_nonfinite_steps:
-                raise TrainingError(
-                    f"{state.progress.nonfinite_in_a_row} non-finite steps in a row at epoch "
-                    f"{global_epoch}: training diverged; the last good checkpoint is in "
-                    f"{setup.out_dir} (lower --start_lr or --clip_grad_norm)"
-                )
-            continue
-        state.progress.nonfinite_in_a_row = 0
-        sums += np.array([r.loss, r.mae, r.autocorr]) * len(chunk)
-        counted += len(chunk)
-        if np.isfinite(r.grad_norm):  # not an fp16 overflow step the GradScaler skipped
-            grad_norms.append(r.grad_norm)
-    train = Losses(*map(float, sums / counted)) if counted else Losses(np.nan, np.nan, np.nan)
-    return train, grad_norms, len(chunks) - len(grad_norms)
+        for m, r in enumerate(result.members()):
+            if not frozen[m] and count_step(setups[m], stack.progress[m], r, plans[m]):
+                sums[m] += np.array([r.loss, r.mae, r.autocorr]) * chunk.shape[1]
+                counted[m] += chunk.shape[1]
+                if np.isfinite(r.grad_norm):  # not an fp16 overflow step its scaler skipped
+                    norms[m].append(r.grad_norm)
+    train = [
+        Losses(*map(float, sums[m] / counted[m])) if counted[m] else Losses(*[np.nan] * 3)
+        for m in range(M)
+    ]
+    return train, norms, [len(chunks) - len(norms[m]) for m in range(M)]
+
+
+def count_step(setup: Setup, progress: Progress, r, plan: EpochPlan) -> bool:
+    """Whether a member's step counts (finite); too many non-finite steps in a row end it."""
+    if r.finite:
+        progress.nonfinite_in_a_row = 0
+        return True
+    progress.nonfinite_in_a_row += 1
+    if progress.nonfinite_in_a_row >= setup.settings.max_nonfinite_steps:
+        raise TrainingError(
+            f"{setup.settings.run_name}: {progress.nonfinite_in_a_row} non-finite steps in a row "
+            f"at epoch {plan.global_epoch}: training diverged; the last good checkpoint is in "
+            f"{setup.out_dir} (lower --start_lr or --clip_grad_norm)"
+        )
+    return False

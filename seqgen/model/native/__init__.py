@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from seqgen.files import write_atomic
+
 SOURCE = Path(__file__).with_name("recurrence.cpp")
 # Vector instructions the compiler may use, by torch's own reading of this CPU.
 AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mprefer-vector-width=512"]
@@ -71,9 +73,15 @@ def _build_and_load() -> None:
         (folder / "lock").unlink(missing_ok=True)
         if not (folder / "seqgen_native.so").exists():
             _say(f"compiling the native recurrence into {folder} (once, about a minute)")
+        # Compiled from a copy inside the folder: ninja records the source's path, and a path
+        # that differs between checkouts (the same source: the folder is named by its hash)
+        # would make each checkout rebuild the others' library.
+        source = folder / SOURCE.name
+        if not source.is_file() or source.read_bytes() != SOURCE.read_bytes():
+            write_atomic(source, SOURCE.read_bytes())
         load(
             name="seqgen_native",
-            sources=[str(SOURCE)],
+            sources=[str(source)],
             extra_cflags=["-O3", "-fopenmp", *ISA_FLAGS.get(isa, [])],
             extra_ldflags=["-fopenmp"],
             build_directory=str(folder),

@@ -4,21 +4,27 @@
 // T-step loop cannot be batched over time. In Python each layer-step costs ~20 small ATen ops
 // (dispatch, allocation, one pass over memory each). Here each layer-step is one GEMM, left to
 // ATen (MKL for float, oneDNN for bfloat16), and one pass over the batch rows that does all the
-// gate math in registers, vectorised by the compiler and split over threads by rows.
+// gate math in registers, vectorised by the compiler.
 //
-// Shapes: T steps, B rows, L layers, H hidden, G = 4H gates in the order [i, f, o, g], K outputs,
-// F layer-0 features. Layer l's GEMM input at step t is one row block A[l][t] = [x_t, h_{t-1}]
-// (layer 0: h_{t-1} only) and its weight is W[l] = [w_ih; w_hh], so each layer-step is a single
-// (B, I + H) x (I + H, G) GEMM, and the weight gradient of a whole sequence is a single
-// (I + H, T*B) x (T*B, G) GEMM over the saved A[l]. Layer 0's narrow inputs (F features and the
-// K fed-back values) are added in the gate pass: F + K axpys per row instead of a (T, B, G)
-// tensor of pre-activations written and read through memory.
+// Members: every tensor has a leading dimension M of independent models of one shape (chains of
+// a study trained as one stacked model). Each member's data is contiguous, and a member's whole
+// time loop runs on one thread where there are at least as many members as threads; otherwise
+// members run one after another with their rows split over the threads (for_members).
+//
+// Shapes per member: T steps, B rows, L layers, H hidden, G = 4H gates in the order [i, f, o, g],
+// K outputs, F layer-0 features. Layer l's GEMM input at step t is one row block A[l][t] =
+// [x_t, h_{t-1}] (layer 0: h_{t-1} only) and its weight is W[l] = [w_ih; w_hh], so each
+// layer-step is a single (B, I + H) x (I + H, G) GEMM, and the weight gradient of a whole
+// sequence is a single (I + H, T*B) x (T*B, G) GEMM over the saved A[l]. Layer 0's narrow inputs
+// (F features and the K fed-back values) are added in the gate pass: F + K axpys per row instead
+// of a (T, B, G) tensor of pre-activations written and read through memory.
 //
 // Precision: acc_t (float, or double for gradcheck) for states, gate math and gradients; mm_t
 // (acc_t, or bfloat16 under mixed precision) for the H-wide GEMM operands, as the Python path.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -80,10 +86,12 @@ inline int64_t grain(int64_t G) { return std::max<int64_t>(1, 16384 / G); }
 
 // ---- memory ------------------------------------------------------------------------------------
 
-// The saved activations and gradients of one training step are ~100 MB (full model). Fresh from
-// the OS every step, their page faults and zeroing took about a third of the step; so the large
-// buffers come from a cache of freed blocks, reused by size. The cache is never destroyed (a
-// tensor may give its block back during exit) and holds at most 1 GiB.
+// The saved activations and gradients of one training step are ~120 MB per member (full model).
+// Fresh from the OS every step, their page faults and zeroing took about a third of the step; so
+// the large buffers come from a cache of freed blocks, reused by size. The cache is never
+// destroyed (a tensor may give its block back during exit) and holds at most 4 GiB: a step's
+// buffers for 15 stacked members, and those of a second batch size (an epoch's last batch). With
+// 1 GiB, 9 stacked members trained at 0.8x the speed of 9 separate calls.
 class BlockCache {
  public:
   void* take(size_t bytes) {
@@ -109,7 +117,7 @@ class BlockCache {
   }
 
  private:
-  static constexpr size_t kMaxBytes = size_t(1) << 30;
+  static constexpr size_t kMaxBytes = size_t(4) << 30;
   std::mutex mutex_;
   std::multimap<size_t, void*> free_;
   size_t cached_ = 0;
@@ -125,21 +133,68 @@ Tensor buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
       cache->take(bytes), sizes, [bytes](void* p) { cache->give(p, bytes); }, options);
 }
 
-// ---- sizes and weights -------------------------------------------------------------------------
+// ---- sizes, weights, members -------------------------------------------------------------------
 
 struct Dims {
-  int64_t T, B, H, G, K, F, L;
+  int64_t M, T, B, H, G, K, F, L;
   int64_t in(int64_t l) const { return l == 0 ? 0 : H; }  // width of x in A[l] = [x, h]
   int64_t width(int64_t l) const { return in(l) + H; }
 };
 
-// layer_w = (w_hh_0, w_ih_1, w_hh_1, b_1, ...) -> W[l] = [w_ih_l; w_hh_l] (I + H, G) in mm dtype.
+// layer_w = (w_hh_0, w_ih_1, w_hh_1, b_1, ...), each (M, ...) -> W[l] = [w_ih_l; w_hh_l]
+// (M, I + H, G) in mm dtype.
 std::vector<Tensor> gemm_weights(at::TensorList layer_w, int64_t L, at::ScalarType mm) {
   std::vector<Tensor> W{layer_w[0].to(mm).contiguous()};
   for (int64_t l = 1; l < L; ++l) {
-    W.push_back(at::cat({layer_w[3 * l - 2], layer_w[3 * l - 1]}).to(mm).contiguous());
+    W.push_back(at::cat({layer_w[3 * l - 2], layer_w[3 * l - 1]}, 1).to(mm).contiguous());
   }
   return W;
+}
+
+// Member m's part of a member-first tensor (null where x is undefined).
+template <typename T>
+inline T* member_ptr(const Tensor& x, int64_t m) {
+  return x.defined() ? x.data_ptr<T>() + m * x.stride(0) : nullptr;
+}
+
+// run(m, split_rows) for every member m. Members are independent models, so where there are at
+// least as many as threads each thread runs whole members, GEMMs and gate math, like chains side
+// by side (1.6x the throughput of threads splitting one small GEMM, FACTS.md): as many members
+// per thread as divide evenly; the members left over (fewer than the threads) then run one after
+// another with their rows (and their GEMMs) split over the threads.
+template <typename F>
+void for_members(int64_t M, const F& run) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t whole = M > 1 ? M / threads * threads : 0;  // run whole on one thread each
+  if (whole > 0) {
+    // ATen calls on the worker threads need the caller's thread-local state: grad mode off (a
+    // GEMM weight may be the caller's leaf tensor itself), dispatch keys, the profiler
+    const at::ThreadLocalState caller;
+    at::parallel_for(0, whole, 1, [&](int64_t m0, int64_t m1) {
+      const at::ThreadLocalStateGuard guard(caller);
+      for (int64_t m = m0; m < m1; ++m) run(m, false);
+    });
+  }
+  for (int64_t m = whole; m < M; ++m) run(m, true);
+}
+
+// rows(b0, b1) over one member's B rows: split over the threads, or all on this one.
+template <typename F>
+void over_rows(int64_t B, int64_t G, bool split, const F& rows) {
+  if (split) {
+    at::parallel_for(0, B, grain(G), rows);
+  } else {
+    rows(0, B);
+  }
+}
+
+// out = a @ b; through a temporary where out has another dtype than the GEMM (bfloat16 GEMMs).
+void mm_into(Tensor out, const Tensor& a, const Tensor& b) {
+  if (out.scalar_type() == a.scalar_type()) {
+    at::mm_out(out, a, b);
+  } else {
+    out.copy_(at::mm(a, b));
+  }
 }
 
 // ---- forward -----------------------------------------------------------------------------------
@@ -251,6 +306,69 @@ void head_rows(const acc_t* h, const acc_t* w_out_t, const acc_t* b_out, acc_t* 
   }
 }
 
+// Every tensor of one forward, member first; `member` runs one member's whole time loop.
+template <typename acc_t, typename mm_t>
+struct Forward {
+  Dims d;
+  int64_t S;  // steps kept: all T for the backward, a ring of two for generation
+  // inputs: x0, w_x, b_x, y_teacher, use_truth, c0, w_y, w_out^T (M, K, H), b_out, drop, and
+  // the bias b_l of each layer l >= 1 (undefined for layer 0)
+  Tensor x0, w_x, b_x, y_teacher, use_truth, c0, w_y, w_out_t, b_out, drop;
+  std::vector<Tensor> bias;
+  std::vector<Tensor> W, A;  // W[l] (M, width, G); GEMM inputs A[l] (M, S, B, width)
+  // activations (M, L, T, B, G) and tanh(c) (M, L, T, B, H) for the backward only (else
+  // undefined); C (M, L, S, B, H), Htop (M, S, B, H), Y_in (M, S, B, K), y_hat (M, T, B, K)
+  Tensor act, TC, C, Htop, Y_in, y_hat;
+  Tensor gm, pre, h_mid;  // scratch per member: GEMM out (M, B, G), layer 0's input, h (M, B, H)
+
+  void member(int64_t m, bool split) const {
+    const int64_t T = d.T, B = d.B, H = d.H, G = d.G, K = d.K, L = d.L;
+    const auto ptr = [m](const Tensor& x) { return member_ptr<acc_t>(x, m); };
+    std::vector<std::vector<Tensor>> A_step;  // per-step views, made once: the loop makes none
+    std::vector<Tensor> W_m;
+    for (int64_t l = 0; l < L; ++l) {
+      A_step.push_back(A[l].select(0, m).unbind(0));
+      W_m.push_back(W[l].select(0, m));
+    }
+    Tensor gm_m = gm.select(0, m);
+    const acc_t *wo = ptr(w_out_t), *bo = ptr(b_out), *yt = ptr(y_teacher), *ut = ptr(use_truth);
+    const acc_t *dr = ptr(drop), *c0p = ptr(c0), *x0p = ptr(x0);
+    acc_t *actp = ptr(act), *Cp = ptr(C), *TCp = ptr(TC), *Htp = ptr(Htop), *Yp = ptr(Y_in);
+    acc_t* yh = ptr(y_hat);
+
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t now = t % S, next = (t + 1) % S, prev = (t + S - 1) % S;
+      const bool more = t + 1 < T;
+      for (int64_t l = 0; l < L; ++l) {
+        at::mm_out(gm_m, A_step[l][now], W_m[l]);
+        const bool top = l == L - 1;
+        mm_t* A_m = member_ptr<mm_t>(A[l], m);
+        ForwardStep<acc_t, mm_t> s{};
+        s.gemm = gm_m.data_ptr<mm_t>();
+        s.bias = l == 0 ? ptr(b_x) : ptr(bias[l]);
+        s.x0 = x0p + t * B * d.F, s.w_x = ptr(w_x), s.y_in = Yp + now * B * K, s.w_y = ptr(w_y);
+        s.pre = ptr(pre);
+        s.c_prev = t == 0 ? c0p + l * B * H : Cp + (l * S + prev) * B * H;
+        s.act = actp ? actp + (l * T + t) * B * G : nullptr;
+        s.c = Cp + (l * S + now) * B * H;
+        s.tc = TCp ? TCp + (l * T + t) * B * H : nullptr;
+        s.h = top ? Htp + now * B * H : ptr(h_mid);
+        s.h_next = more ? A_m + next * B * d.width(l) + d.in(l) : nullptr;
+        s.x_up = top ? nullptr : member_ptr<mm_t>(A[l + 1], m) + now * B * 2 * H;
+        s.drop = dr && !top ? dr + (l * T + t) * B * H : nullptr;
+        over_rows(B, G, split, [&](int64_t b0, int64_t b1) {
+          gates_forward_rows(s, d, l, b0, b1);
+          if (top) {
+            head_rows(s.h, wo, bo, yh + t * B * K, more ? yt + (t + 1) * B * K : nullptr,
+                      more ? ut + (t + 1) * B : nullptr, more ? Yp + next * B * K : nullptr, d,
+                      b0, b1);
+          }
+        });
+      }
+    }
+  }
+};
+
 template <typename acc_t, typename mm_t>
 std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x0, const Tensor& w_x,
                                  const Tensor& b_x, const Tensor& y_teacher,
@@ -258,64 +376,31 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x0, const Tensor& 
                                  const std::optional<Tensor>& drop, const Tensor& w_y,
                                  const Tensor& w_out, const Tensor& b_out, at::TensorList layer_w,
                                  at::ScalarType mm, bool save) {
-  const int64_t T = d.T, B = d.B, H = d.H, G = d.G, K = d.K, L = d.L;
-  // Steps kept: all of them for the backward; generation keeps a ring of two.
-  const int64_t S = save ? T : 2;
+  const int64_t M = d.M, T = d.T, B = d.B, H = d.H, G = d.G, K = d.K, L = d.L;
   const auto acc = x0.options(), low = acc.dtype(mm);
-  const std::vector<Tensor> W = gemm_weights(layer_w, L, mm);
-  std::vector<Tensor> A;
-  std::vector<std::vector<Tensor>> A_step;  // per-step views, made once: the loop makes none
+  Forward<acc_t, mm_t> f{d, save ? T : 2, x0, w_x, b_x, y_teacher, use_truth, c0, w_y};
+  f.w_out_t = w_out.transpose(1, 2).contiguous();
+  f.b_out = b_out;
+  f.drop = drop ? *drop : Tensor();
+  f.bias.push_back(Tensor());
+  for (int64_t l = 1; l < L; ++l) f.bias.push_back(layer_w[3 * l]);
+  f.W = gemm_weights(layer_w, L, mm);
   for (int64_t l = 0; l < L; ++l) {
-    A.push_back(buffer({S, B, d.width(l)}, low));
-    A[l][0].narrow(1, d.in(l), H).copy_(h0[l]);
-    A_step.push_back(A[l].unbind(0));
+    f.A.push_back(buffer({M, f.S, B, d.width(l)}, low));
+    f.A[l].select(1, 0).narrow(2, d.in(l), H).copy_(h0.select(1, l));
   }
   // activations and tanh(c) only for the backward; generation needs just c and h
-  Tensor act = save ? buffer({L, T, B, G}, acc) : Tensor();
-  Tensor TC = save ? buffer({L, T, B, H}, acc) : Tensor();
-  Tensor C = buffer({L, S, B, H}, acc), Htop = buffer({S, B, H}, acc);
-  Tensor Y_in = buffer({S, B, K}, acc), y_hat = at::empty({T, B, K}, acc);
-  Tensor h_mid = at::empty({B, H}, acc), pre = at::empty({B, G}, acc), gm = at::empty({B, G}, low);
-  Y_in[0].copy_(y_teacher[0]);
-  const Tensor w_out_t = w_out.t().contiguous();
-  const auto ptr = [](const Tensor& x) { return x.defined() ? x.data_ptr<acc_t>() : nullptr; };
-  const acc_t *wo = ptr(w_out_t), *bo = ptr(b_out), *yt = ptr(y_teacher), *ut = ptr(use_truth);
-  const acc_t *dr = drop ? ptr(*drop) : nullptr, *c0p = ptr(c0), *x0p = ptr(x0);
-  acc_t *actp = ptr(act), *Cp = ptr(C), *TCp = ptr(TC), *Htp = ptr(Htop), *Yp = ptr(Y_in);
-
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t now = t % S, next = (t + 1) % S, prev = (t + S - 1) % S;
-    const bool more = t + 1 < T;
-    for (int64_t l = 0; l < L; ++l) {
-      at::mm_out(gm, A_step[l][now], W[l]);
-      const bool top = l == L - 1;
-      ForwardStep<acc_t, mm_t> s{};
-      s.gemm = gm.data_ptr<mm_t>();
-      s.bias = l == 0 ? ptr(b_x) : ptr(layer_w[3 * l]);
-      s.x0 = x0p + t * B * d.F, s.w_x = ptr(w_x), s.y_in = Yp + now * B * K, s.w_y = ptr(w_y);
-      s.pre = ptr(pre);
-      s.c_prev = t == 0 ? c0p + l * B * H : Cp + (l * S + prev) * B * H;
-      s.act = save ? actp + (l * T + t) * B * G : nullptr;
-      s.c = Cp + (l * S + now) * B * H;
-      s.tc = save ? TCp + (l * T + t) * B * H : nullptr;
-      s.h = top ? Htp + now * B * H : ptr(h_mid);
-      s.h_next = more ? A[l].data_ptr<mm_t>() + next * B * d.width(l) + d.in(l) : nullptr;
-      s.x_up = top ? nullptr : A[l + 1].data_ptr<mm_t>() + now * B * 2 * H;
-      s.drop = dr && !top ? dr + (l * T + t) * B * H : nullptr;
-      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
-        gates_forward_rows(s, d, l, b0, b1);
-        if (top) {
-          head_rows(s.h, wo, bo, ptr(y_hat) + t * B * K, more ? yt + (t + 1) * B * K : nullptr,
-                    more ? ut + (t + 1) * B : nullptr, more ? Yp + next * B * K : nullptr, d,
-                    b0, b1);
-        }
-      });
-    }
-  }
-  if (!save) return {y_hat};
-  std::vector<Tensor> out{y_hat, act, C, TC, Htop, Y_in};
-  out.insert(out.end(), A.begin(), A.end());
-  out.insert(out.end(), W.begin(), W.end());
+  if (save) f.act = buffer({M, L, T, B, G}, acc), f.TC = buffer({M, L, T, B, H}, acc);
+  f.C = buffer({M, L, f.S, B, H}, acc), f.Htop = buffer({M, f.S, B, H}, acc);
+  f.Y_in = buffer({M, f.S, B, K}, acc), f.y_hat = at::empty({M, T, B, K}, acc);
+  f.gm = at::empty({M, B, G}, low), f.pre = at::empty({M, B, G}, acc);
+  f.h_mid = at::empty({M, B, H}, acc);
+  f.Y_in.select(1, 0).copy_(y_teacher.select(1, 0));
+  for_members(M, [&](int64_t m, bool split) { f.member(m, split); });
+  if (!save) return {f.y_hat};
+  std::vector<Tensor> out{f.y_hat, f.act, f.C, f.TC, f.Htop, f.Y_in};
+  out.insert(out.end(), f.A.begin(), f.A.end());
+  out.insert(out.end(), f.W.begin(), f.W.end());
   return out;
 }
 
@@ -416,6 +501,89 @@ void feedback_rows(const acc_t* dg, const acc_t* w_y, const acc_t* use_truth,
   }
 }
 
+// Every tensor of one backward, member first; `member` runs one member's whole time loop back
+// and then its weight-gradient GEMMs.
+template <typename acc_t, typename mm_t>
+struct Backward {
+  Dims d;
+  bool mixed;  // GEMMs in another dtype than the states (bfloat16)
+  // inputs and what the forward saved
+  Tensor d_yhat, x0, use_truth, c0, drop, w_y, w_out_t, act, C, TC, Htop, Y_in;
+  std::vector<Tensor> A, WT;  // A[l] (M, T, B, width), W[l]^T (M, G, width)
+  // dA[l] (M, B, width): layer l's latest backward GEMM, dG[l, t] @ W[l]^T = [dL/dx_t,
+  // dL/dh_{t-1}]; zero before the last step, where nothing comes back from the future
+  std::vector<Tensor> dA, dG_mm, d_bias;  // gate gradients (M, T, B, G) in the GEMM dtype; (M, B, G)
+  Tensor dG0;     // layer 0's gate gradients (M, T, B, G), in acc_t for its inputs
+  Tensor dc, dh;  // (M, L, B, H), scratch (M, B, H)
+  Tensor scratch;  // gate gradients of layers >= 1 before narrowing (M, B, G)
+  Tensor d_out;    // total gradient at each output (M, T, B, K)
+  Tensor d_xy, d_w_out;  // out: [w_x; w_y] (M, F + K, G), w_out (M, H, K) gradients
+  std::vector<Tensor> dW;  // out: [w_ih; w_hh] gradients (M, width, G)
+
+  void member(int64_t m, bool split) const {
+    const int64_t T = d.T, B = d.B, H = d.H, G = d.G, K = d.K, L = d.L;
+    const auto ptr = [m](const Tensor& x) { return member_ptr<acc_t>(x, m); };
+    std::vector<Tensor> dA_m, WT_m;
+    std::vector<std::vector<Tensor>> dG_mm_step;
+    for (int64_t l = 0; l < L; ++l) {
+      dA_m.push_back(dA[l].select(0, m));
+      WT_m.push_back(WT[l].select(0, m));
+      dG_mm_step.push_back(dG_mm[l].select(0, m).unbind(0));
+    }
+    const acc_t *wy = ptr(w_y), *wo = ptr(w_out_t), *ut = ptr(use_truth), *dy = ptr(d_yhat);
+    const acc_t *dr = ptr(drop), *c0p = ptr(c0), *actp = ptr(act);
+    const acc_t *Cp = ptr(C), *TCp = ptr(TC);
+    acc_t *dop = ptr(d_out), *dG0p = ptr(dG0);
+
+    for (int64_t t = T - 1; t >= 0; --t) {
+      for (int64_t l = L - 1; l >= 0; --l) {
+        const int64_t lt = l * T + t;  // layer-step index into act, C, TC, drop
+        BackwardStep<acc_t, mm_t> s{};
+        s.act = actp + lt * B * G;
+        s.c_prev = t == 0 ? c0p + l * B * H : Cp + (lt - 1) * B * H;
+        s.tc = TCp + lt * B * H;
+        s.d_rec = dA_m[l].data_ptr<mm_t>();
+        s.d_up = l + 1 < L ? dA_m[l + 1].data_ptr<mm_t>() : nullptr;
+        s.drop = dr && l + 1 < L ? dr + lt * B * H : nullptr;
+        s.d_out = l == L - 1 ? dop + t * B * K : nullptr;
+        s.dh = ptr(dh);
+        s.dc = ptr(dc) + l * B * H;
+        s.dg = l == 0 ? dG0p + t * B * G : ptr(scratch);
+        s.dg_mm = l == 0 && !mixed ? nullptr : member_ptr<mm_t>(dG_mm[l], m) + t * B * G;
+        if constexpr (std::is_same_v<acc_t, mm_t>) {  // the GEMM reads the acc_t gradients
+          if (l > 0) s.dg = s.dg_mm, s.dg_mm = nullptr;
+        }
+        s.db = ptr(d_bias[l]);
+        over_rows(B, G, split, [&](int64_t b0, int64_t b1) {
+          gates_backward_rows(s, d, l, wo, b0, b1);
+          if (l == 0 && t > 0) {
+            feedback_rows(s.dg, wy, ut + t * B, dy + (t - 1) * B * K, dop + (t - 1) * B * K, d,
+                          b0, b1);
+          }
+        });
+        at::mm_out(dA_m[l], dG_mm_step[l][t], WT_m[l]);
+      }
+    }
+    weight_gradients(m);
+  }
+
+  // Member m's weight gradients: one GEMM over all T*B rows per weight instead of T small ones;
+  // layer 0's narrow inputs [x0, y_in] share one.
+  void weight_gradients(int64_t m) const {
+    const int64_t rows = d.T * d.B, H = d.H, G = d.G, K = d.K;
+    const auto rows_of = [&](const Tensor& x, int64_t width) {
+      return x.select(0, m).view({rows, width});
+    };
+    Tensor out = d_xy.select(0, m);
+    at::mm_out(out, at::cat({rows_of(x0, d.F), rows_of(Y_in, K)}, 1).t(), rows_of(dG0, G));
+    out = d_w_out.select(0, m);
+    at::mm_out(out, rows_of(Htop, H).t(), rows_of(d_out, K));
+    for (int64_t l = 0; l < d.L; ++l) {
+      mm_into(dW[l].select(0, m), rows_of(A[l], d.width(l)).t(), rows_of(dG_mm[l], G));
+    }
+  }
+};
+
 template <typename acc_t, typename mm_t>
 std::vector<Tensor> backward_impl(const Dims& d, const Tensor& d_yhat, const Tensor& x0,
                                   const Tensor& use_truth, const Tensor& c0,
@@ -423,84 +591,44 @@ std::vector<Tensor> backward_impl(const Dims& d, const Tensor& d_yhat, const Ten
                                   const Tensor& w_out, const Tensor& act, const Tensor& C,
                                   const Tensor& TC, const Tensor& Htop, const Tensor& Y_in,
                                   at::TensorList A, at::TensorList W) {
-  const int64_t T = d.T, B = d.B, H = d.H, G = d.G, K = d.K, L = d.L;
+  const int64_t M = d.M, T = d.T, B = d.B, H = d.H, G = d.G, K = d.K, L = d.L;
   const auto acc = d_yhat.options(), low = A[0].options();
-  const bool mixed = low.dtype() != acc.dtype();
-  // dA[l]: layer l's latest backward GEMM, dG[l, t] @ W[l]^T = [dL/dx_t, dL/dh_{t-1}]; zero
-  // before the last step, where nothing comes back from the future.
-  std::vector<Tensor> dA, WT, dG_mm, d_bias;
-  std::vector<std::vector<Tensor>> dG_mm_step;
-  Tensor dG0 = buffer({T, B, G}, acc);  // layer 0's gate gradients, in acc_t for its inputs
+  Backward<acc_t, mm_t> b{d, low.dtype() != acc.dtype(), d_yhat, x0, use_truth, c0};
+  b.drop = drop ? *drop : Tensor();
+  b.w_y = w_y, b.w_out_t = w_out.transpose(1, 2).contiguous();
+  b.act = act, b.C = C, b.TC = TC, b.Htop = Htop, b.Y_in = Y_in;
+  b.dG0 = buffer({M, T, B, G}, acc);
   for (int64_t l = 0; l < L; ++l) {
-    dA.push_back(at::zeros({B, d.width(l)}, low));
-    WT.push_back(W[l].t().contiguous());  // a transposed view takes a slower GEMM path
-    dG_mm.push_back(l == 0 && !mixed ? dG0 : buffer({T, B, G}, low));
-    dG_mm_step.push_back(dG_mm[l].unbind(0));
-    d_bias.push_back(at::zeros({B, G}, acc));  // summed per row: no (T, B, G) pass at the end
+    b.A.push_back(A[l]);
+    b.dA.push_back(at::zeros({M, B, d.width(l)}, low));
+    b.WT.push_back(W[l].transpose(1, 2).contiguous());  // a transposed view takes a slower path
+    b.dG_mm.push_back(l == 0 && !b.mixed ? b.dG0 : buffer({M, T, B, G}, low));
+    b.d_bias.push_back(at::zeros({M, B, G}, acc));  // summed per row: no (T, B, G) pass at the end
+    b.dW.push_back(at::empty({M, d.width(l), G}, acc));
   }
-  Tensor dc = at::zeros({L, B, H}, acc), dh = at::empty({B, H}, acc);
-  Tensor scratch = at::empty({B, G}, acc);  // gate gradients of layers >= 1 before narrowing
-  Tensor d_out = at::empty({T, B, K}, acc);  // total gradient at each output
-  d_out[T - 1].copy_(d_yhat[T - 1]);
-  const Tensor w_out_t = w_out.t().contiguous();
-  const auto ptr = [](const Tensor& x) { return x.data_ptr<acc_t>(); };
-  const acc_t *wy = ptr(w_y), *wo = ptr(w_out_t), *ut = ptr(use_truth), *dy = ptr(d_yhat);
-  const acc_t *dr = drop ? ptr(*drop) : nullptr, *c0p = ptr(c0), *actp = ptr(act);
-  const acc_t *Cp = ptr(C), *TCp = ptr(TC);
-  acc_t *dop = ptr(d_out), *dG0p = ptr(dG0);
+  b.dc = at::zeros({M, L, B, H}, acc), b.dh = at::empty({M, B, H}, acc);
+  b.scratch = at::empty({M, B, G}, acc);
+  b.d_out = at::empty({M, T, B, K}, acc);
+  b.d_out.select(1, T - 1).copy_(d_yhat.select(1, T - 1));
+  b.d_xy = at::empty({M, d.F + K, G}, acc), b.d_w_out = at::empty({M, H, K}, acc);
+  for_members(M, [&](int64_t m, bool split) { b.member(m, split); });
 
-  for (int64_t t = T - 1; t >= 0; --t) {
-    for (int64_t l = L - 1; l >= 0; --l) {
-      const int64_t lt = l * T + t;  // layer-step index into act, C, TC, drop
-      BackwardStep<acc_t, mm_t> s{};
-      s.act = actp + lt * B * G;
-      s.c_prev = t == 0 ? c0p + l * B * H : Cp + (lt - 1) * B * H;
-      s.tc = TCp + lt * B * H;
-      s.d_rec = dA[l].data_ptr<mm_t>();
-      s.d_up = l + 1 < L ? dA[l + 1].data_ptr<mm_t>() : nullptr;
-      s.drop = dr && l + 1 < L ? dr + lt * B * H : nullptr;
-      s.d_out = l == L - 1 ? dop + t * B * K : nullptr;
-      s.dh = ptr(dh);
-      s.dc = ptr(dc[l]);
-      s.dg = l == 0 ? dG0p + t * B * G : ptr(scratch);
-      s.dg_mm = l == 0 && !mixed ? nullptr : dG_mm[l].data_ptr<mm_t>() + t * B * G;
-      if constexpr (std::is_same_v<acc_t, mm_t>) {  // the GEMM reads the acc_t gradients
-        if (l > 0) s.dg = s.dg_mm, s.dg_mm = nullptr;
-      }
-      s.db = ptr(d_bias[l]);
-      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
-        gates_backward_rows(s, d, l, wo, b0, b1);
-        if (l == 0 && t > 0) {
-          feedback_rows(s.dg, wy, ut + t * B, dy + (t - 1) * B * K, dop + (t - 1) * B * K, d,
-                        b0, b1);
-        }
-      });
-      at::mm_out(dA[l], dG_mm_step[l][t], WT[l]);
-    }
-  }
-
-  // Weight gradients: one GEMM over all T*B rows per weight instead of T small ones; layer 0's
-  // narrow inputs [x0, y_in] share one.
-  const int64_t rows = T * B;
-  const Tensor d_xy = at::mm(at::cat({x0.view({rows, d.F}), Y_in.view({rows, K})}, 1).t(),
-                             dG0.view({rows, G}));
   std::vector<Tensor> d_h0;
-  for (int64_t l = 0; l < L; ++l) d_h0.push_back(dA[l].narrow(1, d.in(l), H).to(acc.dtype()));
-  std::vector<Tensor> grads{dG0,
-                            d_xy.narrow(0, 0, d.F),
-                            d_bias[0].sum(0),
-                            at::stack(d_h0),
-                            dc,
-                            d_xy.narrow(0, d.F, K),
-                            at::mm(Htop.view({rows, H}).t(), d_out.view({rows, K})),
-                            d_out.sum({0, 1})};
+  for (int64_t l = 0; l < L; ++l) d_h0.push_back(b.dA[l].narrow(2, d.in(l), H).to(acc.dtype()));
+  std::vector<Tensor> grads{b.dG0,
+                            b.d_xy.narrow(1, 0, d.F),
+                            b.d_bias[0].sum(1),
+                            at::stack(d_h0, 1),
+                            b.dc,
+                            b.d_xy.narrow(1, d.F, K),
+                            b.d_w_out,
+                            b.d_out.sum({1, 2})};
   for (int64_t l = 0; l < L; ++l) {
-    const Tensor dW =
-        at::mm(A[l].view({rows, d.width(l)}).t(), dG_mm[l].view({rows, G})).to(acc.dtype());
     if (l == 0) {
-      grads.push_back(dW);
+      grads.push_back(b.dW[0]);
     } else {
-      grads.insert(grads.end(), {dW.narrow(0, 0, H), dW.narrow(0, H, H), d_bias[l].sum(0)});
+      grads.insert(grads.end(),
+                   {b.dW[l].narrow(1, 0, H), b.dW[l].narrow(1, H, H), b.d_bias[l].sum(1)});
     }
   }
   return grads;
@@ -522,12 +650,14 @@ std::optional<Tensor> dense(const std::optional<Tensor>& x) {
   return x ? std::optional<Tensor>(x->contiguous()) : std::nullopt;
 }
 
+// x0 (M, T, B, F), y_teacher (M, T, B, K), c0 (M, L, B, H)
 Dims dims_of(const Tensor& x0, const Tensor& y_teacher, const Tensor& c0) {
-  const int64_t H = c0.size(2);
-  return {x0.size(0), x0.size(1), H, 4 * H, y_teacher.size(2), x0.size(2), c0.size(0)};
+  const int64_t H = c0.size(3);
+  return {x0.size(0), x0.size(1), x0.size(2), H, 4 * H, y_teacher.size(3), x0.size(3),
+          c0.size(1)};
 }
 
-// y_hat (T, B, K) and, with save, what backward needs: act, C, TC, Htop, Y_in, A[0..L), W[0..L).
+// y_hat (M, T, B, K) and, with save, what backward needs: act, C, TC, Htop, Y_in, A[0..L), W[0..L).
 // Arguments as NativeAutoregressiveLSTM.forward in seqgen/model/recurrence.py.
 std::vector<Tensor> forward(const Tensor& x0, const Tensor& w_x, const Tensor& b_x,
                             const Tensor& y_teacher, const Tensor& use_truth, const Tensor& h0,
@@ -545,7 +675,7 @@ std::vector<Tensor> forward(const Tensor& x0, const Tensor& w_x, const Tensor& b
   });
 }
 
-// Gradients: layer 0's gate gradients (T, B, G) (x0's gradient is that @ w_x^T), then those of
+// Gradients: layer 0's gate gradients (M, T, B, G) (x0's gradient is that @ w_x^T), then those of
 // w_x, b_x, h0, c0, w_y, w_out, b_out, w_hh_0 and (w_ih_l, w_hh_l, b_l) for l >= 1.
 std::vector<Tensor> backward(const Tensor& d_yhat, const Tensor& x0, const Tensor& use_truth,
                              const Tensor& c0, const std::optional<Tensor>& drop,

@@ -1,0 +1,100 @@
+"""`seqgen study --batched`: every chain of a study in this process, side by side, phase after
+phase, as one stacked model (seqgen/training/train.py: `train_phases`). Each chain keeps its own
+runs, folders, registered models and aliases, settings and random draws; the phases of a chain
+hand over exactly as in `seqgen pipeline`. Run the same command again after any interruption:
+each chain goes on from its own furthest checkpoint.
+
+Why one process: a layer-step of one small model leaves a GPU idle between tiny kernels, and on a
+CPU a stack runs whole members per thread without a process per chain; the figures are in the
+README (benchmarks/study_stacked.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+from seqgen.config import PhaseSettings, resolve
+from seqgen.errors import SeqgenError
+from seqgen.runs import tracking
+from seqgen.runs.keeper import PhaseResult, RunOptions
+from seqgen.study.board import Chain, ChainOutcome, Screen, load_study_data
+from seqgen.training.epochs import EpochRecord
+from seqgen.training.train import train_phases
+
+
+def run_batched_study(
+    strategies: list[str],
+    seeds: list[int],
+    phases: list[int],
+    preset: str,
+    overrides: dict,
+    options: RunOptions | None = None,
+    out=sys.stderr,
+) -> list[ChainOutcome]:
+    """Every chain's phases, phase by phase, each phase of all chains as one stack; a live line
+    per chain, then the final table."""
+    options = options or RunOptions()
+    chains = [Chain(strategy, seed) for strategy in strategies for seed in seeds]
+    tracking.check_tracking_store()
+    data = load_study_data(chains, phases, preset, overrides)
+    tags = {
+        "kind": "study",
+        "preset": preset,
+        "phases": f"{phases[0]}-{phases[-1]}",
+        "chains": ",".join(c.name for c in chains),
+        "batched": "true",
+    }
+    study_run = tracking.create_run(tracking.experiment_id(), f"study-{preset}", tags, None)
+    # off a terminal the phases' own lines say what the board would: no echo
+    screen = Screen(out, [c.name for c in chains], len(phases), echo=False)
+    board: dict[str, dict] = {c.name: {"host": "this process"} for c in chains}
+
+    def on_epoch(settings: PhaseSettings, record: EpochRecord, last_epoch: int, eta: float):
+        name = Chain(settings.strategy, settings.seed).name
+        board[name] |= {"phase": settings.phase, "epoch": record.epoch}
+        board[name] |= {"last_epoch": last_epoch, "eta": eta}
+        screen.draw(board, {})
+
+    options = dataclasses.replace(
+        options, parent_run_id=study_run, on_epoch=on_epoch, hint_next=False
+    )
+    started, done = time.monotonic(), {c.name: [] for c in chains}
+    failure = ""
+    try:
+        train_chains(chains, phases, preset, overrides, options, data, done)
+    except SeqgenError as e:
+        failure = f"failed: {e}"
+    outcomes = [outcome(c, done[c.name], len(phases), started, failure) for c in chains]
+    failed = [o.chain for o in outcomes if o.status != "done"]
+    tracking.set_run_tags(study_run, {"failed_chains": ",".join(failed)})
+    tracking.set_run_status(study_run, "FAILED" if failed else "FINISHED")
+    screen.table(outcomes)
+    return outcomes
+
+
+def train_chains(chains, phases, preset, overrides, options, data, done) -> None:
+    """Phase by phase: every chain's phase p as one stack, each continuing from the exact
+    version its own phase p-1 registered. done[chain] collects each chain's results."""
+    previous = {c.name: overrides.get("existing_model") for c in chains}
+    for phase in phases:
+        settings = [
+            resolve(
+                c.strategy, phase, preset,
+                **(overrides | {"seed": c.seed, "existing_model": previous[c.name]}),
+            )
+            for c in chains
+        ]  # fmt: skip
+        for chain, result in zip(chains, train_phases(settings, options, data), strict=True):
+            previous[chain.name] = result.model_uri
+            done[chain.name].append(result)
+
+
+def outcome(
+    chain: Chain, results: list[PhaseResult], n_phases: int, started: float, failure: str
+) -> ChainOutcome:
+    model = results[-1].model_uri or "" if results else ""
+    status = "done" if len(results) == n_phases else failure or "failed: stopped early"
+    seconds = time.monotonic() - started
+    return ChainOutcome(chain.name, len(results), n_phases, model, seconds, status)

@@ -1,0 +1,122 @@
+"""What a study shows while it runs and when it ends, whether its chains run as Ray tasks
+(seqgen/study/cluster.py) or side by side in one stacked model (seqgen/study/batched.py): one
+live line per chain, then a table; and the checks every study makes before it starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from seqgen.config import resolve
+from seqgen.data.sequences import load_sequences
+from seqgen.errors import SeqgenError, first_line
+from seqgen.runs.outputs import format_eta
+from seqgen.training.start import load_phase_data
+
+
+@dataclass(frozen=True)
+class Chain:
+    strategy: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy}-s{self.seed}"
+
+
+@dataclass
+class ChainOutcome:
+    """One line of the final table."""
+
+    chain: str
+    phases_done: int
+    phases: int
+    model: str  # the last registered models:/name/version
+    seconds: float
+    status: str  # done, or failed: <one-line reason>
+
+
+def load_study_data(chains: list[Chain], phases: list[int], preset: str, overrides: dict):
+    """Every phase's settings checked, the data read and validated once, on the driver."""
+    all_settings = [
+        resolve(c.strategy, p, preset, **(overrides | {"seed": c.seed}))
+        for c in chains
+        for p in phases
+    ]
+    first = all_settings[0]
+    data = load_sequences(first.data_dir, first.n_components, first.n_params)
+    for s in all_settings:
+        load_phase_data(s, data)  # max_lag against the sequence length, and the like
+    return data
+
+
+# ---- the chain: one Ray task ---------------------------------------------------------------------
+
+
+def reason(e: BaseException) -> str:
+    """One line for a chain that failed: the task's own error, or what happened to its node."""
+    cause = getattr(e, "cause", None) or e
+    if isinstance(cause, SeqgenError):
+        return str(cause)
+    return f"{type(cause).__name__}: {first_line(cause)}"
+
+
+class Screen:
+    """One live line per chain (redrawn in place on a terminal by rich, printed on change
+    otherwise), then the final table."""
+
+    def __init__(self, out, chains: list[str], n_phases: int, echo: bool = True) -> None:
+        """echo: off a terminal, print each line that changed (off when the log says it all)."""
+        self.console = Console(file=out, highlight=False)
+        self.chains, self.n_phases = chains, n_phases
+        self.live = (
+            Live(console=self.console, auto_refresh=False) if self.console.is_terminal else None
+        )
+        self.shown: dict[str, str] = {}
+        self.echo = echo
+
+    def line(self, chain: str, state: dict, outcome: ChainOutcome | None) -> str:
+        if outcome is not None:
+            return f"{chain:<24} {outcome.status[:70]}"
+        if not state:
+            return f"{chain:<24} waiting for a worker"
+        phase, epoch = state.get("phase"), state.get("epoch")
+        where = f"phase {phase}/{self.n_phases}" if phase else "starting"
+        if epoch is not None:
+            where += f"  epoch {epoch}/{state['last_epoch']}  ETA {format_eta(state['eta'])}"
+        return f"{chain:<24} {where}  on {state.get('host', '?')}"
+
+    def draw(self, board: dict, outcomes: dict) -> None:
+        lines = {c: self.line(c, board.get(c, {}), outcomes.get(c)) for c in self.chains}
+        if self.live is not None:
+            if not self.live.is_started:
+                self.live.start()
+            self.live.update(Text("\n".join(lines[c] for c in self.chains)), refresh=True)
+        elif self.echo:
+            for c in self.chains:
+                if self.shown.get(c) != lines[c]:
+                    self.console.out(lines[c])
+        self.shown = lines
+
+    def table(self, outcomes: list[ChainOutcome]) -> None:
+        if self.live is not None and self.live.is_started:
+            self.live.stop()
+        rows = [("chain", "phases", "model", "time", "status")]
+        rows += [
+            (
+                o.chain,
+                f"{o.phases_done}/{o.phases}",
+                o.model.removeprefix("models:/"),
+                format_eta(o.seconds),
+                o.status,
+            )
+            for o in outcomes
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        self.console.out("")
+        for r in rows:
+            cells = "  ".join(v.ljust(w) for v, w in zip(r[:4], widths, strict=True))
+            self.console.out(f"{cells}  {r[4]}")
