@@ -265,9 +265,10 @@ class MlflowServer:
     start() after stop() comes back on the same port, with the same store: an outage.
 
     admin_password turns authentication on (`--app-name basic-auth`, the `mlflow[auth]` extra):
-    its own sqlite user database and config file beside the artifacts, default permission READ,
-    the admin `admin` with this password. The secret key and the password reach the server
-    through its environment only, never its command line or a file.
+    users and permissions in auth_database_uri (else a sqlite file beside the artifacts), a config
+    file beside the artifacts, default permission READ, the admin `admin` with this password (12
+    characters at least, or the server refuses to start). The secret key and the password reach
+    the server through its environment only, never its command line or a file.
     """
 
     def __init__(
@@ -279,6 +280,7 @@ class MlflowServer:
         job_runner: bool = False,
         env: dict[str, str] | None = None,
         admin_password: str | None = None,
+        auth_database_uri: str | None = None,
     ):
         self.backend_uri = backend_uri
         self.artifacts_dir = Path(artifacts_dir).resolve()
@@ -289,6 +291,8 @@ class MlflowServer:
         self.extra_env = env or {}
         self.admin_password = admin_password
         self.auth_config = self.artifacts_dir.parent / f"basic_auth-{self.port}.ini"
+        sqlite = self.artifacts_dir.parent / f"basic_auth-{self.port}.db"
+        self.auth_database_uri = auth_database_uri or f"sqlite:///{sqlite}"
         self._secret_key = secrets.token_hex(32)  # the same over an outage
         self.proc: subprocess.Popen | None = None
 
@@ -311,11 +315,10 @@ class MlflowServer:
 
     def _write_auth_config(self) -> None:
         """The auth app's settings (no secrets in them: those come from the environment)."""
-        database = self.artifacts_dir.parent / f"basic_auth-{self.port}.db"
         self.auth_config.write_text(
             "[mlflow]\n"
             "default_permission = READ\n"
-            f"database_uri = sqlite:///{database}\n"
+            f"database_uri = {self.auth_database_uri}\n"
             "admin_username = admin\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
         )

@@ -19,7 +19,13 @@ from seqgen.config import PhaseSettings, resolve
 from seqgen.errors import SeqgenError
 from seqgen.runs import tracking
 from seqgen.runs.keeper import PhaseResult, RunOptions
-from seqgen.study.board import Chain, ChainOutcome, Screen, load_study_data
+from seqgen.study.board import (
+    Chain,
+    ChainOutcome,
+    Screen,
+    load_study_data,
+    registered_models,
+)
 from seqgen.training.epochs import EpochRecord
 from seqgen.training.train import train_phases
 
@@ -39,6 +45,8 @@ def run_batched_study(
     chains = [Chain(strategy, seed) for strategy in strategies for seed in seeds]
     tracking.check_tracking_store()
     data = load_study_data(chains, phases, preset, overrides)
+    models = registered_models(chains, phases, preset, overrides)
+    tracking.check_can_log(tracking.experiment_id(), models)  # before the study's run is made
     tags = {
         "kind": "study",
         "preset": preset,

@@ -25,14 +25,21 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from seqgen.config import PhaseSettings, resolve
+from seqgen.config import PhaseSettings
 from seqgen.data.sequences import SequenceData
 from seqgen.errors import ConfigError
 from seqgen.log import setup as log_setup
 from seqgen.runs import tracking
 from seqgen.runs.delivery import LEASE_SECONDS
 from seqgen.runs.keeper import PhaseResult, RunOptions
-from seqgen.study.board import Chain, ChainOutcome, Screen, load_study_data, reason
+from seqgen.study.board import (
+    Chain,
+    ChainOutcome,
+    Screen,
+    load_study_data,
+    reason,
+    registered_models,
+)
 from seqgen.study.chain import run_chain
 from seqgen.training.epochs import EpochRecord
 from seqgen.version import code_digest
@@ -254,12 +261,8 @@ def run_study(
     uri = absolute_store(check_tracking_for_cluster(ray_address))
     data = load_study_data(chains, phases, preset, overrides)
     exp_id = tracking.experiment_id()
-    models = {
-        resolve(c.strategy, p, preset, **(overrides | {"seed": c.seed})).registered_model
-        for c in chains
-        for p in phases
-    }
-    tracking.check_can_log(exp_id, sorted(models))  # before Ray starts: nothing to clean up
+    # before Ray starts: a user who may only read leaves nothing to clean up
+    tracking.check_can_log(exp_id, registered_models(chains, phases, preset, overrides))
     connect(ray_address)
     try:
         tags = {
