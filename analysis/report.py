@@ -3,6 +3,7 @@ and log everything as an analysis run."""
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import tempfile
@@ -28,6 +29,8 @@ REPORT_SUFFIXES = {".png", ".csv", ".md", ".html"}  # everything a report folder
 N_SAMPLE_PLOTS = 3  # fixed test samples drawn as sequences
 N_FIELD_PLOTS = 2  # of which drawn as x-t fields
 DPI = 110
+
+logger = logging.getLogger(f"seqgen.{__name__}")  # under the seqgen logger the CLI sets up
 
 
 def made_by() -> str:
@@ -403,7 +406,7 @@ def build_report(
         sel = query.select_runs(
             experiment, tuple(strategies), tuple(phases), preset, tuple(seeds), tuple(tags)
         )
-        _write_report(out, sel, started)
+        _write_report(out, sel, started, may_log(sel, final))
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -413,8 +416,22 @@ def build_report(
     return final / "report.md"
 
 
-def _write_report(out: Path, sel: query.Selection, started: float) -> None:
-    """Everything build_report writes, into `out`; logged as an analysis run at the end."""
+def may_log(sel: query.Selection, out: Path) -> bool:
+    """Whether the analysis run can be logged; a user who may only read is told, in one line,
+    that the report goes to the folder alone."""
+    try:
+        tracking.check_can_log(
+            sel.experiment_id, fix=f"the report is written to {out} only, not logged as a run"
+        )
+    except tracking.PermissionRefused as e:
+        logger.warning(str(e))
+        return False
+    return True
+
+
+def _write_report(out: Path, sel: query.Selection, started: float, log: bool = True) -> None:
+    """Everything build_report writes, into `out`; logged as an analysis run at the end (when
+    `log`)."""
     c = compare(sel)
     figs, note = figures(c)
     for name, fig, _ in figs:
@@ -423,6 +440,8 @@ def _write_report(out: Path, sel: query.Selection, started: float) -> None:
     doc = _document(c, figs, note, time.perf_counter() - started)
     (out / "report.md").write_text(doc.markdown())
     (out / "report.html").write_text(doc.html(f"seqgen comparison: {sel.experiment}"))
+    if not log:
+        return
     query.log_analysis_run(
         out,
         sel.experiment_id,

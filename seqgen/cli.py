@@ -404,13 +404,18 @@ def _lag(max_lag: int | None) -> dict:
     show_default=True,
     help="score the baselines beside the model (fitted once per split, then reused)",
 )
+@snake_option(
+    "--no_log", is_flag=True, help="log no run: evaluate and print only (a user who may read)"
+)
 @_clean_errors
-def evaluate(model_uri, data_dir, split_name, max_lag, baselines):
+def evaluate(model_uri, data_dir, split_name, max_lag, baselines, no_log):
     """Generate a split free-running and measure it in original units, beside the baselines on
     the same samples; log evaluation runs. JSON on stdout, a table on stderr."""
     from seqgen.evaluation.evaluate import beside_table, evaluate_model
 
-    summary = evaluate_model(model_uri, data_dir, split_name, baselines=baselines, **_lag(max_lag))
+    summary = evaluate_model(
+        model_uri, data_dir, split_name, baselines=baselines, log=not no_log, **_lag(max_lag)
+    )
     click.echo(json.dumps(summary, indent=2, default=str))
     if summary["baselines"]:
         rows = {"model": summary} | {f"{n} baseline": b for n, b in summary["baselines"].items()}

@@ -16,6 +16,7 @@ import contextlib
 import http.client
 import http.server
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -265,6 +266,12 @@ class MlflowServer:
     seven huey_consumer processes the server starts in about 7 s instead of 20 s on 2 cores, and
     nothing here uses MLflow's server-side jobs (GenAI evaluation, trace roll-ups).
     start() after stop() comes back on the same port, with the same store: an outage.
+
+    admin_password turns authentication on (`--app-name basic-auth`, the `mlflow[auth]` extra):
+    users and permissions in auth_database_uri (else a sqlite file beside the artifacts), a config
+    file beside the artifacts, default permission READ, the admin `admin` with this password (12
+    characters at least, or the server refuses to start). The secret key and the password reach
+    the server through its environment only, never its command line or a file.
     """
 
     def __init__(
@@ -275,6 +282,8 @@ class MlflowServer:
         log: Path | str | None = None,
         job_runner: bool = False,
         env: dict[str, str] | None = None,
+        admin_password: str | None = None,
+        auth_database_uri: str | None = None,
     ):
         self.backend_uri = backend_uri
         self.artifacts_dir = Path(artifacts_dir).resolve()
@@ -283,6 +292,11 @@ class MlflowServer:
         self.log = Path(log) if log else default_log
         self.job_runner = job_runner
         self.extra_env = env or {}
+        self.admin_password = admin_password
+        self.auth_config = self.artifacts_dir.parent / f"basic_auth-{self.port}.ini"
+        sqlite = self.artifacts_dir.parent / f"basic_auth-{self.port}.db"
+        self.auth_database_uri = auth_database_uri or f"sqlite:///{sqlite}"
+        self._secret_key = secrets.token_hex(32)  # the same over an outage
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -295,8 +309,22 @@ class MlflowServer:
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "true" if self.job_runner else "false"
         env["MLFLOW_DISABLE_TELEMETRY"] = "true"
         env["PYTHONUNBUFFERED"] = "1"
+        if self.admin_password is not None:
+            env["MLFLOW_AUTH_CONFIG_PATH"] = str(self.auth_config)
+            env["MLFLOW_AUTH_ADMIN_PASSWORD"] = self.admin_password
+            env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = self._secret_key
         env.update(self.extra_env)
         return env
+
+    def _write_auth_config(self) -> None:
+        """The auth app's settings (no secrets in them: those come from the environment)."""
+        self.auth_config.write_text(
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = {self.auth_database_uri}\n"
+            "admin_username = admin\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
 
     def start(self, timeout: float = 120.0) -> MlflowServer:
         """Start and wait until GET /health answers; on failure, raise with the log's tail."""
@@ -309,6 +337,9 @@ class MlflowServer:
             "--artifacts-destination", str(self.artifacts_dir),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
+        if self.admin_password is not None:
+            self._write_auth_config()
+            cmd += ["--app-name", "basic-auth"]
         with open(self.log, "a") as log:
             log.write(f"=== start {time.strftime('%H:%M:%S')}: {' '.join(cmd)}\n")
             log.flush()

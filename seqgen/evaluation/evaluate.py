@@ -49,6 +49,7 @@ BY_STEP_FILE = "error_by_step.csv"
 SUMMARY_FILE = "summary.json"
 
 logger = logging.getLogger(__name__)
+NO_LOG_FIX = "pass --no_log to evaluate without logging, or ask its admin for EDIT on it"
 
 
 @dataclass
@@ -240,6 +241,21 @@ class EvalSet:
         }
 
 
+def evaluation_summary(
+    es: EvalSet, found: Measures, run_id: str | None, extra: dict | None = None
+) -> dict:
+    """What an evaluation says: its run (None when not logged), the split, `{part}_{quantity}`
+    metrics."""
+    metrics = {f"{es.part}_{k}": v for k, v in found.summary.items()}
+    return {
+        "run_id": run_id,
+        **(extra or {}),
+        "split": es.part,
+        "n_samples": len(es.idx),
+        "metrics": metrics,
+    }
+
+
 def log_evaluation(
     run_name: str,
     tags: dict,
@@ -255,19 +271,12 @@ def log_evaluation(
     """One evaluation run (tag kind=evaluation), nested under `parent` when given: tags, params,
     `{part}_{quantity}` metrics at step 0 (one value each: `mlflow ui` draws them as bars),
     per_sample.csv, error_by_step.csv, generated.npz and summary.json; returns the summary."""
-    found_metrics = {f"{es.part}_{k}": v for k, v in found.summary.items()}
     all_tags = {"kind": "evaluation", **es.tags(), **tags}
     with tracking.tracked_run(run_name, all_tags, experiment_id, parent) as run:
         # what the tags say (split, max_lag, the model, the baseline, the seed) is not a param
         tracking.log_params({"data_dir": str(es.folder), "n_samples": len(es.idx)} | params)
-        tracking.log_metrics(found_metrics | (extra_metrics or {}), step=0)
-        summary = {
-            "run_id": run.info.run_id,
-            **(extra_summary or {}),
-            "split": es.part,
-            "n_samples": len(es.idx),
-            "metrics": found_metrics,
-        }
+        summary = evaluation_summary(es, found, run.info.run_id, extra_summary)
+        tracking.log_metrics(summary["metrics"] | (extra_metrics or {}), step=0)
         with tempfile.TemporaryDirectory(prefix="seqgen-eval-") as tmp:
             out = Path(tmp)
             found.per_sample.to_csv(out / PER_SAMPLE_FILE, index=False)
@@ -390,6 +399,16 @@ def _baselines_run(es: EvalSet, seed: int, experiment_id: str | None) -> str:
     return tracking.open_run_once(where, f"baselines-s{seed}", key, tags)
 
 
+def unlogged_baselines(es: EvalSet, pending: PendingBaselines) -> dict[str, dict]:
+    """Every baseline's summary, found in the store or fitted here, with nothing logged."""
+    out = dict(pending.found)
+    for name, (baseline, pred, _, _) in pending.fitted.items():
+        fit_seconds = float(baseline.info["fit_seconds"])
+        fitted = {"baseline": name, "reused": False, "fit_seconds": fit_seconds}
+        out[name] = evaluation_summary(es, es.measure(pred), None, fitted)
+    return {n: out[n] for n in pending.names}
+
+
 def ensure_baselines(
     es: EvalSet,
     seed: int,
@@ -448,15 +467,21 @@ def evaluate_model(
     split_name: str = "test",
     max_lag: int = metrics.ACF_MAX_LAG,
     baselines: bool = True,
+    log: bool = True,
 ) -> dict:
     """Generate `split_name` free-running, measure it, log an evaluation run with the baselines'
-    beside it (fitted once per split, then found in the store); return a summary."""
+    beside it (fitted once per split, then found in the store); return a summary. log=False
+    logs nothing (all a user who may only read can do): the summary has no run ids."""
     tracking.check_tracking_store()
     # An alias is resolved once: the version loaded is the version recorded, even if the alias
     # moves while this evaluation runs.
     exact_uri = tracking.exact_model_uri(model_uri)
     bundle = tracking.load_bundle(exact_uri)
     es = _model_eval_set(bundle, data_dir, split_name, max_lag)
+    source = tracking.model_source(exact_uri, bundle.run_id)
+    experiment = source.get("experiment_id")
+    if log:  # refused before generating, not after
+        tracking.check_can_log(tracking.target_experiment(experiment), fix=NO_LOG_FIX)
 
     model = bundle.build_model()
     pred = generate_original(model, bundle, es.params)  # (N, T, K)
@@ -465,10 +490,12 @@ def evaluate_model(
     sweeps = es.sweeps()
     sweep_pred = generate_original(model, bundle, sweeps.reshape(-1, sweeps.shape[-1]))
 
-    source = tracking.model_source(exact_uri, bundle.run_id)
-    experiment = source.get("experiment_id")
     names = tuple(BASELINES) if baselines else ()
     pending = prepare_baselines(es, bundle.seed, experiment, names)
+    described = {"model_uri": model_uri, "evaluated_model_uri": exact_uri, "epoch": bundle.epoch}
+    if not log:
+        summary = evaluation_summary(es, found, None, described)
+        return summary | {"baselines": unlogged_baselines(es, pending)}
     tags = {
         "model_uri": model_uri,
         "evaluated_model_uri": exact_uri,
@@ -493,11 +520,7 @@ def evaluate_model(
         es.arrays(pred, sweeps, sweep_pred),
         experiment,
         source.get("chain_run_id"),  # nested under the chain whose phase made the model
-        extra_summary={
-            "model_uri": model_uri,
-            "evaluated_model_uri": exact_uri,
-            "epoch": bundle.epoch,
-        },
+        extra_summary=described,
     )
     # Logged after the model's run, which under `mlflow run` is the run the launcher made.
     return summary | {"baselines": log_baselines(es, pending, experiment)}
@@ -542,5 +565,7 @@ def evaluate_baselines(
 def _baselines_alone(
     es: EvalSet, seed: int, experiment_id: str | None, reuse: bool
 ) -> dict[str, dict]:
-    """ensure_baselines, every fit before any run is opened."""
+    """ensure_baselines, every fit before any run is opened; refused before fitting when this
+    user may not log."""
+    tracking.check_can_log(tracking.target_experiment(experiment_id))
     return log_baselines(es, prepare_baselines(es, seed, experiment_id, reuse=reuse), experiment_id)

@@ -12,7 +12,9 @@ calling thread (`tracked_run`), because that is how a run opened by `mlflow run`
 
 A store call that fails reaches the caller as a TrackingError of one line, with the URI's
 credentials redacted (never the `user:password@` of MLflow's own messages); a server that asks
-for credentials, or refuses this user an operation, is said so in so many words.
+for credentials, or refuses this user an operation, is said so in so many words. A command that
+writes tries the writes it needs first (check_can_log), so a user who may only read is refused
+before anything is trained or evaluated.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import mlflow
 import pandas as pd
@@ -44,6 +47,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
+from mlflow.utils.credentials import read_mlflow_creds
 
 from seqgen.errors import TrackingError, first_line, redact
 from seqgen.model.bundle import Bundle
@@ -106,20 +110,33 @@ def redacted_uri() -> str:
     return redact(mlflow.get_tracking_uri())
 
 
-def store_error(error: Exception, doing: str) -> TrackingError:
+class PermissionRefused(TrackingError):
+    """The tracking server knows this user and refuses it an operation (HTTP 403)."""
+
+
+def store_user() -> str:
+    """Who this process is to the tracking server: MLflow's own rule (MLFLOW_TRACKING_USERNAME,
+    else ~/.mlflow/credentials), else the user in the URI; "" when nobody."""
+    return read_mlflow_creds().username or urlsplit(mlflow.get_tracking_uri()).username or ""
+
+
+def store_error(
+    error: Exception, doing: str, fix: str = "ask its admin for that permission"
+) -> TrackingError:
     """A failed store call as one line: who refused what, or what failed and why."""
     uri = redacted_uri()
     status = _status(error)
     if status == 401:
+        creds = read_mlflow_creds()
+        refused = f" (it refused those of {creds.username})" if creds.password else ""
         return TrackingError(
             f"the tracking server at {uri} needs credentials: set MLFLOW_TRACKING_USERNAME and "
-            "MLFLOW_TRACKING_PASSWORD"
+            f"MLFLOW_TRACKING_PASSWORD{refused}"
         )
     if status == 403:
-        user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "this user"
-        return TrackingError(
-            f"the tracking server at {uri} does not let {user} {doing} (permission denied): "
-            "ask its admin for that permission"
+        return PermissionRefused(
+            f"the tracking server at {uri} does not let {store_user() or 'this user'} {doing} "
+            f"(permission denied): {fix}"
         )
     return TrackingError(f"the tracking store at {uri} failed to {doing}: {first_line(error)}")
 
@@ -165,6 +182,8 @@ def check_tracking_store() -> str:
                 f"MLflow tracking server {uri} is unreachable ({reason}): start it or fix "
                 "MLFLOW_TRACKING_URI"
             ) from None
+        # /health answers anyone: a read says whether the server wants credentials
+        _store_call("read its experiments")(MlflowClient().search_experiments)(max_results=1)
         return uri
     try:  # a database store: opening it also runs its migrations once
         MlflowClient().search_experiments(max_results=1)
@@ -173,6 +192,77 @@ def check_tracking_store() -> str:
             f"cannot open the MLflow tracking store {uri}: {first_line(e, 200)}"
         ) from None
     return uri
+
+
+# A tag seqgen never sets: deleting it is a write that changes nothing, authorised as the real
+# writes are (update on the experiment, as creating a run; update on the registered model, as
+# adding a version).
+_PROBE_TAG = "seqgen.write_check"
+_MISSING = ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
+def is_server() -> bool:
+    return mlflow.get_tracking_uri().startswith(("http://", "https://"))
+
+
+def check_can_log(
+    exp_id: str, models: list[str] | tuple[str, ...] = (), fix: str | None = None
+) -> None:
+    """Before any work: refuse, in one line (PermissionRefused, naming the user), a user whom
+    the tracking server would not let create runs in the experiment or register versions of
+    `models`. Each is tried with a write that changes nothing. A model not registered yet is
+    created by the phase that registers it (any user may create one, and then owns it). A local
+    store has no users: nothing to try."""
+    if not is_server():
+        return
+    client, fix = _client(), fix or "ask its admin for EDIT on it"
+    try:
+        name = client.get_experiment(exp_id).name
+        try:
+            client.delete_experiment_tag(exp_id, _PROBE_TAG)
+        except MlflowException as e:
+            if e.error_code != _MISSING:  # "no such tag": the write itself was let through
+                raise store_error(e, f"create runs in experiment {name!r}", fix) from None
+        for model in models:
+            try:
+                client.get_registered_model(model)
+            except MlflowException as e:
+                if e.error_code == _MISSING:
+                    continue
+                raise
+            try:
+                client.delete_registered_model_tag(model, _PROBE_TAG)
+            except MlflowException as e:
+                raise store_error(e, f"register versions of the model {model}", fix) from None
+    except (MlflowException, requests.RequestException) as e:
+        raise store_error(e, "read the experiment and registered models") from None
+
+
+# What MLflow's client reads from the environment to reach and authenticate to a server.
+CLIENT_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+)
+SECRET_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def client_settings(uri: str) -> dict[str, str]:
+    """The tracking URI and everything this process's MLflow client authenticates with
+    (environment, else ~/.mlflow/credentials): what a process elsewhere needs to log as this
+    user. Secret: never to be printed, logged or passed where others can read it."""
+    out = {k: os.environ[k] for k in CLIENT_ENV if os.environ.get(k)}
+    creds = read_mlflow_creds()
+    if creds.username and creds.password:
+        out |= {
+            "MLFLOW_TRACKING_USERNAME": creds.username,
+            "MLFLOW_TRACKING_PASSWORD": creds.password,
+        }
+    return out | {"MLFLOW_TRACKING_URI": uri}
 
 
 PROBE_TIMEOUT = 5.0  # seconds a probe waits for its answer (a loaded server answers slowly)
@@ -185,7 +275,8 @@ def server_is_up(timeout: float = PROBE_TIMEOUT) -> bool:
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return True
-    user, password = (os.environ.get(f"MLFLOW_TRACKING_{k}") for k in ("USERNAME", "PASSWORD"))
+    creds = read_mlflow_creds()  # MLflow's own rule: the environment, else ~/.mlflow/credentials
+    user, password = creds.username, creds.password
     token = os.environ.get("MLFLOW_TRACKING_TOKEN")
     try:
         answer = requests.get(

@@ -20,7 +20,7 @@ from seqgen.config import PhaseSettings, resolve
 from seqgen.errors import SeqgenError
 from seqgen.runs import descriptions, tracking
 from seqgen.runs.keeper import PhaseResult, RunOptions
-from seqgen.study.board import Chain, ChainOutcome, Screen, load_study_data
+from seqgen.study.board import Chain, ChainOutcome, Screen, load_study_data, registered_models
 from seqgen.study.chain import chain_runs, chain_runs_open, end_chain_run, phase_done
 from seqgen.training.epochs import EpochRecord
 from seqgen.training.train import train_phases
@@ -43,6 +43,8 @@ def run_batched_study(
     chains = [Chain(strategy, seed) for strategy in strategies for seed in seeds]
     tracking.check_tracking_store()
     data = load_study_data(chains, phases, preset, overrides)
+    models = registered_models(chains, phases, preset, overrides)
+    tracking.check_can_log(tracking.experiment_id(), models)  # before the study's run is made
     tags = {
         "kind": "study",
         "preset": preset,

@@ -53,6 +53,18 @@ def load_study_data(chains: list[Chain], phases: list[int], preset: str, overrid
     return data
 
 
+def registered_models(chains: list[Chain], phases: list[int], preset: str, overrides: dict):
+    """The registered models a study's phases add versions to (sorted): what a user must be
+    allowed to edit (tracking.check_can_log)."""
+    return sorted(
+        {
+            resolve(c.strategy, p, preset, **(overrides | {"seed": c.seed})).registered_model
+            for c in chains
+            for p in phases
+        }
+    )
+
+
 # ---- the chain: one Ray task ---------------------------------------------------------------------
 
 

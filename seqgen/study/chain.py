@@ -180,9 +180,10 @@ def run_pipeline(
     made_by: str = "`seqgen pipeline`",
 ) -> list[PhaseResult]:
     """The chains of one strategy, seed after seed, each under its chain's run (kind=chain)."""
-    for phase in phases:  # every phase's settings are checked before the first run starts
-        resolve(strategy, phase, preset, **overrides)
+    # every phase's settings are checked before the first run starts
+    models = {resolve(strategy, phase, preset, **overrides).registered_model for phase in phases}
     tracking.check_tracking_store()
+    tracking.check_can_log(tracking.experiment_id(), sorted(models))
     results = []
     for seed in seeds:
 

@@ -19,6 +19,8 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,14 @@ from seqgen.log import setup as log_setup
 from seqgen.runs import descriptions, tracking
 from seqgen.runs.delivery import lease_seconds
 from seqgen.runs.keeper import PhaseResult, RunOptions
-from seqgen.study.board import Chain, ChainOutcome, Screen, load_study_data, reason
+from seqgen.study.board import (
+    Chain,
+    ChainOutcome,
+    Screen,
+    load_study_data,
+    reason,
+    registered_models,
+)
 from seqgen.study.chain import run_chain
 from seqgen.training.epochs import EpochRecord
 from seqgen.version import code_digest
@@ -103,12 +112,13 @@ def check_resources(threads: int, gpu: bool) -> None:
 def connect(ray_address: str | None) -> None:
     """Join a running cluster, or start a local Ray instance on this machine's cores."""
     if not ray_address:
-        ray.init(
-            num_cpus=os.cpu_count(),
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        with without_credentials():
+            ray.init(
+                num_cpus=os.cpu_count(),
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
         return
     try:
         ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
@@ -118,6 +128,51 @@ def connect(ray_address: str | None) -> None:
             "authentication, set RAY_AUTH_MODE=token with the head's token in ~/.ray/auth_token "
             "or RAY_AUTH_TOKEN"
         ) from None
+
+
+# ---- the tracking server's credentials, on their way to the tasks --------------------------------
+
+
+class ClientSettings:
+    """The tracking URI and credentials a chain logs with (tracking.client_settings). They travel
+    through Ray's object store: not as a task argument, nor in runtime_env (the dashboard shows
+    both), nor in any log line; the repr names the settings, never their values."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = dict(values)
+
+    def __repr__(self) -> str:
+        return f"ClientSettings({', '.join(sorted(self.values))})"
+
+
+@contextmanager
+def without_credentials() -> Iterator[None]:
+    """The credentials out of this process's environment while a local Ray instance starts: its
+    processes and workers inherit none, and the tasks get them as on a cluster."""
+    saved = {k: os.environ.pop(k) for k in tracking.SECRET_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+@contextmanager
+def client_environment(settings: ClientSettings) -> Iterator[None]:
+    """MLflow's client in this worker (every thread of it) logs with the driver's settings while
+    a chain runs; afterwards the worker, which Ray may reuse, holds none of them."""
+    before = {k: os.environ.get(k) for k in settings.values}
+    os.environ.update(settings.values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# ---- the chain: one Ray task ---------------------------------------------------------------------
 
 
 @ray.remote(num_cpus=0)
@@ -142,7 +197,7 @@ class Context:
     preset: str
     overrides: dict
     fingerprint: str
-    tracking_uri: str
+    client: Any  # ray.ObjectRef of ClientSettings: fetched inside the task
     experiment_id: str
     study_run_id: str
     code: str
@@ -170,8 +225,14 @@ def chain_task(chain: Chain, data: SequenceData, ctx: Context, board) -> list[di
     torch.set_num_threads(ctx.threads)  # a reused worker keeps an earlier task's thread count
     os.environ.pop("MLFLOW_RUN_ID", None)  # a driver under `mlflow run` must not lend its run
     os.environ["MLFLOW_EXPERIMENT_ID"] = ctx.experiment_id
-    os.environ["MLFLOW_TRACKING_URI"] = ctx.tracking_uri
-    mlflow.set_tracking_uri(ctx.tracking_uri)
+    client = ray.get(ctx.client)
+    with client_environment(client):
+        mlflow.set_tracking_uri(client.values["MLFLOW_TRACKING_URI"])
+        return run_chain_task(chain, data, ctx, board)
+
+
+def run_chain_task(chain: Chain, data: SequenceData, ctx: Context, board) -> list[dict]:
+    """chain_task's phases, once the worker is set up to log to the tracking server."""
     node = ray.get_runtime_context().get_node_id()
     board.report.remote(chain.name, node=node, host=socket.gethostname(), status="running")
     # Each node writes its own folder: nothing assumes a filesystem shared between nodes.
@@ -226,14 +287,17 @@ def run_study(
     probe(ray_address)
     uri = absolute_store(check_tracking_for_cluster(ray_address))
     data = load_study_data(chains, phases, preset, overrides)
+    exp_id = tracking.experiment_id()
+    # before Ray starts: a user who may only read leaves nothing to clean up
+    tracking.check_can_log(exp_id, registered_models(chains, phases, preset, overrides))
     connect(ray_address)
     try:
         gpu = ray.cluster_resources().get("GPU", 0) >= 1
         check_resources(threads, gpu)
-        exp_id = tracking.experiment_id()
         study_run = open_study_run(exp_id, chains, phases, preset, overrides)
+        client = ray.put(ClientSettings(tracking.client_settings(uri)))
         ctx = Context(
-            tuple(phases), preset, overrides, data.fingerprint, uri, exp_id, study_run,
+            tuple(phases), preset, overrides, data.fingerprint, client, exp_id, study_run,
             code_digest(), threads, options.max_outage, options.checkpoint_seconds, options.retrain,
             logging.getLogger("seqgen").getEffectiveLevel(),
         )  # fmt: skip

@@ -22,13 +22,16 @@ def run_demo(
     from seqgen.data.synth import synthesize
     from seqgen.evaluation.evaluate import evaluate_model
 
-    for strategy in strategies():  # the table is checked before any data is made
-        for phase in range(1, N_PHASES + 1):
-            resolve(strategy, phase, preset, data_dir=data_dir)
+    models = {  # the table is checked before any data is made
+        resolve(strategy, phase, preset, data_dir=data_dir).registered_model
+        for strategy in strategies()
+        for phase in range(1, N_PHASES + 1)
+    }
     if not Path(data_dir).is_dir() or not any(Path(data_dir).glob("*.csv")):
         log.info(f"== making the embedded Burgers dataset in {data_dir} ==")
         synthesize(data_dir)
     tracking.check_tracking_store()
+    tracking.check_can_log(tracking.experiment_id(), sorted(models))
     tags = {"kind": "demo", "preset": preset, tracking.NOTE: descriptions.demo_text(preset)}
     with tracking.tracked_run(f"demo-{preset}", tags) as run:
         overrides = {"data_dir": data_dir}  # a second demo finds its phases registered

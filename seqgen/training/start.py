@@ -114,6 +114,7 @@ def prepare(settings: PhaseSettings, data: SequenceData | None = None) -> Setup:
     start = resolve_start(settings, data)
     ident = identity(settings, start, data.fingerprint)
     exp_id = tracking.experiment_id()
+    tracking.check_can_log(exp_id, [settings.registered_model])  # before training, not after
     return Setup(settings, data, start, ident, phase_key(ident), exp_id, choose_device(settings))
 
 
