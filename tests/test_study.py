@@ -102,6 +102,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # four studies on 2 cores: over 300 s when other tests share them
 def test_a_killed_study_continues_where_it_stopped(store, smoke_data, tmp_path):
     client = MlflowClient()
     cmd = [

@@ -104,6 +104,9 @@ def connect(ray_address: str | None) -> None:
     """Join a running cluster, or start a local Ray instance on this machine's cores."""
     if not ray_address:
         ray.init(
+            # "local": a new instance even where one runs on this machine already (ray.init
+            # without an address joins any running instance it finds: another user's study)
+            address="local",
             num_cpus=os.cpu_count(),
             include_dashboard=False,
             log_to_driver=False,
