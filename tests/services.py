@@ -584,9 +584,26 @@ class RayCluster:
     def head(self):
         return self._cluster.head_node
 
-    def add_node(self, num_cpus: int = 1, resources: dict[str, float] | None = None, **args):
-        """Start a node (about 1 s) and wait until the head sees it; return the Node."""
-        node = self._cluster.add_node(num_cpus=num_cpus, resources=resources or {}, **args)
+    def add_node(
+        self,
+        num_cpus: int = 1,
+        resources: dict[str, float] | None = None,
+        process_table: str | None = None,
+        **args,
+    ):
+        """Start a node (about 1 s) and wait until the head sees it; return the Node.
+        process_table: the node's processes take it for a machine of its own (a lease holder on
+        another node is then told dead by its lease only, as across real machines)."""
+        saved = os.environ.get("SEQGEN_PROCESS_TABLE")
+        if process_table:  # the node's raylet, and so its workers, inherit it
+            os.environ["SEQGEN_PROCESS_TABLE"] = process_table
+        try:
+            node = self._cluster.add_node(num_cpus=num_cpus, resources=resources or {}, **args)
+        finally:
+            if saved is None:
+                os.environ.pop("SEQGEN_PROCESS_TABLE", None)
+            else:
+                os.environ["SEQGEN_PROCESS_TABLE"] = saved
         self._cluster.wait_for_nodes()
         return node
 

@@ -69,6 +69,14 @@ def epochs_logged(client: MlflowClient, at_least: int):
     return None
 
 
+def api_answers(client: MlflowClient) -> bool:
+    try:
+        client.search_experiments(max_results=1)
+    except Exception:  # refused, timed out or a server error: not yet
+        return False
+    return True
+
+
 def start(cmd: list[str], env: dict, cwd: Path) -> subprocess.Popen:
     """A command in a session of its own, so it can be killed with everything it started."""
     return subprocess.Popen(
@@ -94,6 +102,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # four studies on 2 cores: over 300 s when other tests share them
 def test_a_killed_study_continues_where_it_stopped(store, smoke_data, tmp_path):
     client = MlflowClient()
     cmd = [
@@ -193,11 +202,16 @@ def in_experiment(client: MlflowClient, name: str) -> list:
 
 
 @pytest.mark.slow
-def test_a_lost_node_is_retried_on_another_and_the_chain_finishes(on_server, smoke_data, tmp_path):
+def test_a_lost_node_is_retried_on_another_and_the_chain_finishes(
+    on_server, smoke_data, tmp_path, monkeypatch
+):
+    """The nodes are machines of their own (their own process tables): the other node tells the
+    lost one's lease holder dead only by its lease, which lapses."""
     client = MlflowClient()
     env = subprocess_env(on_server.uri) | {"MLFLOW_EXPERIMENT_NAME": tmp_path.name}
+    monkeypatch.setenv("SEQGEN_LEASE_SECONDS", "8")  # every node's processes inherit it
     with RayCluster() as cluster:
-        nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
+        nodes = [cluster.add_node(num_cpus=1, process_table=f"machine-{i}") for i in range(2)]
         cmd = [
             SEQGEN,
             "study",
@@ -235,7 +249,7 @@ def test_a_lost_node_is_retried_on_another_and_the_chain_finishes(on_server, smo
     # equal to an undisturbed run (one thread, as the chain trains)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    os.environ["MLFLOW_EXPERIMENT_NAME"] = f"{tmp_path.name}-undisturbed"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"{tmp_path.name}-undisturbed")
     try:
         s = resolve("mae", 1, "smoke", data_dir=str(smoke_data), epochs=12, outputs_root="ref")
         reference = train_phase(s)
@@ -301,8 +315,11 @@ def test_a_server_outage_neither_stops_training_nor_loses_a_record(on_server, sm
         on_server.start()
     assert proc.returncode == 2, out
     last = out.strip().splitlines()[-1]
-    assert last.startswith("error: the tracking server has been unreachable for ")
+    assert last.startswith(f"error: the tracking server at {on_server.uri} has been unreachable")
     assert "paused after epoch" in last and "run the same command again to resume" in last
+    # The same command again once the server answers its API (not only /health): a server just
+    # restarted on a loaded machine can take longer than --max_outage 3 to answer its first call.
+    wait_for(lambda: api_answers(client), 120, "the restarted server's API")
     resumed = subprocess.run(
         longer, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
@@ -361,3 +378,52 @@ def test_study_bad_input_is_one_line_and_starts_nothing(store, smoke_data, liste
         os.environ["MLFLOW_TRACKING_URI"] = store
         mlflow.set_tracking_uri(store)
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+@pytest.mark.slow
+def test_a_study_no_node_can_run_is_refused_and_chains_waiting_for_cpus_give_up(
+    on_server, smoke_data, tmp_path
+):
+    """--threads_per_chain beyond every node's CPUs: one line before anything starts. CPUs held
+    by another job for good: the chain fails after --max_pending with its reason, and the
+    study's run ends FAILED instead of waiting forever."""
+    import ray
+
+    client = MlflowClient()
+    env = subprocess_env(on_server.uri) | {"MLFLOW_EXPERIMENT_NAME": tmp_path.name}
+    with RayCluster() as cluster:
+        cluster.add_node(num_cpus=1)
+        cmd = [SEQGEN, "study", "--preset", "smoke", "--strategy", "mae", "--seeds", "0"]
+        cmd += ["--phases", "1", "--epochs", "2", "--data_dir", str(smoke_data)]
+        cmd += ["--ray-address", cluster.address]
+        refused = subprocess.run(
+            [*cmd, "--threads_per_chain", "2"], env=env, cwd=tmp_path, capture_output=True,
+            text=True, timeout=300,
+        )  # fmt: skip
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert refused.stderr.strip().startswith(
+            "error: --threads_per_chain 2: no node of the Ray cluster has 2 CPUs (the most on "
+            "one node: 1)"
+        ), refused.stderr
+        assert refused.stderr.strip().count("\n") == 0 and refused.stdout == ""
+        assert client.get_experiment_by_name(tmp_path.name) is None  # nothing started
+
+        @ray.remote(num_cpus=1)
+        class Hog:  # another job that holds the node's only CPU
+            def ping(self) -> bool:
+                return True
+
+        cluster.connect()
+        hog = Hog.remote()
+        assert ray.get(hog.ping.remote(), timeout=120)
+        waited = subprocess.run(
+            [*cmd, "--max_pending", "5"], env=env, cwd=tmp_path, capture_output=True,
+            text=True, timeout=300,
+        )  # fmt: skip
+    assert waited.returncode == 1, waited.stdout + waited.stderr
+    out = waited.stdout + waited.stderr
+    assert "failed: waited 5 s for a node with 1 CPU(s) while no chain ran (--max_pending)" in out
+    [study] = client.search_runs(
+        [client.get_experiment_by_name(tmp_path.name).experiment_id], "tags.kind = 'study'"
+    )
+    assert study.info.status == "FAILED" and study.data.tags["failed_chains"] == "mae-s0"

@@ -15,9 +15,12 @@ from seqgen.runs import tracking
 
 LOG_AT = """
 import sys, time
+from pathlib import Path
 from seqgen.runs import tracking
-run_id, at = sys.argv[1], float(sys.argv[2])
-time.sleep(max(0.0, at - time.time()))
+run_id, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+ready.touch()  # mlflow imported: waiting at the barrier
+while not go.exists():
+    time.sleep(0.01)
 tracking.log_dataset(run_id, "data", "f1ngerpr1nt", {"train": 4400, "val": 550, "test": 50})
 """
 
@@ -28,18 +31,25 @@ def test_chains_logging_the_same_data_at_once_each_record_it(store, tmp_path):
     create the one dataset row, and every one of them must still record it."""
     exp = tracking.experiment_id()
     runs = [tracking.create_run(exp, f"chain-{i}", {}, None) for i in range(8)]
-    at = time.time() + 8  # after every process has imported mlflow
+    go = tmp_path / "go"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", LOG_AT, run_id, str(at)],
+            [sys.executable, "-c", LOG_AT, run_id, str(tmp_path / f"ready-{i}"), str(go)],
             env=subprocess_env(store),
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for run_id in runs
+        for i, run_id in enumerate(runs)
     ]
+    # a barrier that waits for every process however loaded the machine is (a fixed delay that
+    # some miss would let the test pass without the race)
+    deadline = time.monotonic() + 240
+    while not all((tmp_path / f"ready-{i}").exists() for i in range(len(runs))):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    go.touch()
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * len(runs), outputs
     client = MlflowClient()

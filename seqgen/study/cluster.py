@@ -114,6 +114,9 @@ def connect(ray_address: str | None) -> None:
     if not ray_address:
         with without_credentials():
             ray.init(
+                # "local": a new instance even where one runs on this machine already (ray.init
+                # without an address joins any running instance it finds: another user's study)
+                address="local",
                 num_cpus=os.cpu_count(),
                 include_dashboard=False,
                 log_to_driver=False,
