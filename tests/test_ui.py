@@ -16,7 +16,7 @@ CHAINS = [f"{s}-s0" for s in strategies()]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, smoke_data, migrated_db):
+def demo(tmp_path_factory, smoke_data):
     """A smoke demo's store, the link the demo printed, and the folder; yields (uri, link,
     folder)."""
     require(ui_browser.chromium_missing())
