@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast postgres lint bench clean
+.PHONY: setup demo test test-fast postgres chromium lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -16,7 +16,7 @@ demo: setup
 	$(BIN)/seqgen demo
 
 # Everything, the slow tests with real servers and clusters included (what CI runs).
-test: setup postgres
+test: setup postgres chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
@@ -31,6 +31,11 @@ test-fast: setup
 # The tests start their own PostgreSQL servers: install Debian's if it is missing (needs root).
 postgres:
 	@bash .ci/install-postgres
+
+# tests/test_ui.py drives Debian's Chromium through Playwright (no browser download): install it
+# if it is missing (needs root).
+chromium:
+	@bash .ci/install-chromium
 
 bench: setup
 	$(BIN)/seqgen bench --baseline

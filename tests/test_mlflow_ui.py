@@ -198,3 +198,18 @@ def test_a_run_opened_inside_another_lands_in_its_experiment(store):
             pass
     assert outer.info.experiment_id == tracking.experiment_id()
     assert MlflowClient().get_run(inner.info.run_id).info.experiment_id == outer.info.experiment_id
+
+
+def test_mlflow_run_of_this_project_defaults_to_the_experiment_seqgen(store, tmp_path):
+    """`mlflow run <checkout>` names no experiment: MLflow asks the default experiment providers
+    packages register (pyproject.toml), and seqgen's answers `seqgen` for this project only."""
+    import click
+    from conftest import REPO
+    from mlflow.tracking.default_experiment import registry
+
+    with click.Context(click.Command("run"), info_name="run") as ctx:
+        ctx.params["uri"] = str(REPO)
+        assert registry.get_experiment_id() == tracking.experiment_id()
+        assert MlflowClient().get_experiment(registry.get_experiment_id()).name == "seqgen"
+        ctx.params["uri"] = str(tmp_path)  # another project: MLflow's own default
+        assert registry.get_experiment_id() == "0"

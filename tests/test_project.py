@@ -118,8 +118,10 @@ def test_whole_flow_against_a_real_server(server, smoke_data, tmp_path):
     client = MlflowClient()
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     by_name = {r.info.run_name: r for r in runs}
-    assert set(by_name) == {"mae-pipeline-s0", "mae-p1-s0", "mae-p2-s0"}
-    parent = by_name["mae-pipeline-s0"].info.run_id
+    assert set(by_name) == {"mae-s0", "mae-p1-s0", "mae-p2-s0"}
+    assert by_name["mae-s0"].data.tags["kind"] == "chain"  # the chain's run, its curves (#17)
+    parent = by_name["mae-s0"].info.run_id
+    assert [m.step for m in client.get_metric_history(parent, "val_mae")] == [1, 2, 3, 4]
     for name in ("mae-p1-s0", "mae-p2-s0"):
         assert by_name[name].data.tags["mlflow.parentRunId"] == parent
         assert by_name[name].info.status == "FINISHED"

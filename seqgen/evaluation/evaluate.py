@@ -386,7 +386,8 @@ def log_baselines(
             extra_metrics=timing | ({} if val_mae is None else {"fit_val_mae": val_mae}),
             extra_summary={"baseline": name, "reused": False, "fit_seconds": fit_seconds},
         )
-    if parent is not None:
+    if parent is not None:  # the parent names each baseline's run
+        tracking.set_run_tags(parent, {f"{n}_run_id": out[n]["run_id"] for n in pending.fitted})
         tracking.set_run_status(parent, "FINISHED")
     return {n: out[n] for n in pending.names}
 
