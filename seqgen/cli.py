@@ -259,8 +259,9 @@ def pipeline(strategy, phases, seeds, preset, retrain, max_outage, checkpoint_se
     type=click.BOOL,
     is_flag=False,
     flag_value=True,  # `--batched`, and `--batched true` as `mlflow run -P batched=true` passes it
-    default=False,
-    help="train the chains side by side in this process as one stacked model (no Ray)",
+    default=None,
+    help="train the chains side by side in this process as one stacked model (no Ray) "
+    "[true on a machine with a GPU when no Ray option is given, else false]",
 )
 @retrain_option
 @max_outage_option
@@ -296,6 +297,10 @@ def study(
     options = RunOptions(
         retrain=retrain, max_outage=max_outage, checkpoint_seconds=checkpoint_seconds
     )
+    if batched is None:
+        from seqgen.study.batched import batched_by_default
+
+        batched = batched_by_default(bool(ray_address or threads_per_chain or max_pending))
     if batched:
         if ray_address or threads_per_chain or max_pending:
             raise config.ConfigError(

@@ -28,6 +28,16 @@ from seqgen.training.train import train_phases
 log = logging.getLogger(__name__)
 
 
+def batched_by_default(ray_options_given: bool) -> bool:
+    """`seqgen study` without --batched: batched on a machine with a GPU unless a Ray option
+    says otherwise (one model leaves a GPU idle between tiny kernels; nine ride in the same
+    launches), the Ray study on CPUs (two chains per two cores as separate processes: README,
+    Speed, benchmarks/study_stacked.py)."""
+    import torch
+
+    return not ray_options_given and torch.cuda.is_available()
+
+
 def run_batched_study(
     strategies: list[str],
     seeds: list[int],
