@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -52,6 +53,8 @@ from mlflow.utils.credentials import read_mlflow_creds
 from seqgen.errors import TrackingError, first_line, redact
 from seqgen.model.bundle import Bundle
 from seqgen.runs.descriptions import EXPERIMENT_NOTE_HEAD, experiment_text, model_descriptions
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "seqgen"  # unless MLFLOW_EXPERIMENT_NAME (or `mlflow run`) says otherwise
 MODEL_NAME_IN_RUN = "model"
@@ -206,7 +209,7 @@ def is_server() -> bool:
 
 
 def check_can_log(
-    exp_id: str, models: list[str] | tuple[str, ...] = (), fix: str | None = None
+    exp_id: str | None, models: list[str] | tuple[str, ...] = (), fix: str | None = None
 ) -> None:
     """Before any work: refuse, in one line (PermissionRefused, naming the user), a user whom
     the tracking server would not let create runs in the experiment or register versions of
@@ -217,12 +220,14 @@ def check_can_log(
         return
     client, fix = _client(), fix or "ask its admin for EDIT on it"
     try:
-        name = client.get_experiment(exp_id).name
-        try:
-            client.delete_experiment_tag(exp_id, _PROBE_TAG)
-        except MlflowException as e:
-            if e.error_code != _MISSING:  # "no such tag": the write itself was let through
-                raise store_error(e, f"create runs in experiment {name!r}", fix) from None
+        # An experiment not made yet is made by the command itself, whose maker may log to it.
+        if exp_id is not None:
+            name = client.get_experiment(exp_id).name
+            try:
+                client.delete_experiment_tag(exp_id, _PROBE_TAG)
+            except MlflowException as e:
+                if e.error_code != _MISSING:  # "no such tag": the write itself was let through
+                    raise store_error(e, f"create runs in experiment {name!r}", fix) from None
         for model in models:
             try:
                 client.get_registered_model(model)
@@ -308,6 +313,16 @@ def default_experiment() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
+@_store_call("find the experiment")
+def existing_experiment_id(name: str | None = None) -> str | None:
+    """The id of the experiment seqgen would log to when it exists already, else None (nothing
+    is created: a command refused later leaves no empty experiment)."""
+    if launcher := os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return launcher
+    found = _client().get_experiment_by_name(name or default_experiment())
+    return None if found is None else found.experiment_id
+
+
 @_store_call("find or create the experiment")
 def experiment_id(name: str | None = None) -> str:
     """The id of the experiment seqgen logs to (created if missing, and described:
@@ -389,7 +404,15 @@ def present_experiment(exp, report_run: str | None = None) -> None:
         report = artifacts_link(ident, report_run) if report_run else None
         wanted["mlflow.note.content"] = experiment_text(views, report)
     for key, value in wanted.items():
-        _client().set_experiment_tag(ident, key, value)
+        try:
+            _client().set_experiment_tag(ident, key, value)
+        except MlflowException as e:
+            if _status(e) != 403:
+                raise
+            # A reader: the experiment stays as its admin left it; whether this user may log
+            # is check_can_log's to say, in its own words.
+            log.debug(f"experiment {ident} not described: {first_line(e)}")
+            return
 
 
 @_store_call("describe the experiment")

@@ -290,13 +290,14 @@ def run_study(
     probe(ray_address)
     uri = absolute_store(check_tracking_for_cluster(ray_address))
     data = load_study_data(chains, phases, preset, overrides)
-    exp_id = tracking.experiment_id()
+    exp_id = tracking.existing_experiment_id()  # made only once nothing refuses the study
     # before Ray starts: a user who may only read leaves nothing to clean up
     tracking.check_can_log(exp_id, registered_models(chains, phases, preset, overrides))
     connect(ray_address)
     try:
         gpu = ray.cluster_resources().get("GPU", 0) >= 1
         check_resources(threads, gpu)
+        exp_id = tracking.experiment_id()
         study_run = open_study_run(exp_id, chains, phases, preset, overrides)
         client = ray.put(ClientSettings(tracking.client_settings(uri)))
         ctx = Context(
