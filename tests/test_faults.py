@@ -167,6 +167,7 @@ def test_two_processes_starting_one_new_phase_train_it_once(store, smoke_data, t
     cmd = ["train", "--strategy", "mae", "--phase", "1", "--preset", "smoke"]
     cmd += ["--epochs", "4", "--data_dir", str(smoke_data)]
     env = subprocess_env(store) | {"SEQGEN_LEASE_SECONDS": "4"}
+    tracking.experiment_id()  # the race under test is the phase's claim, not the experiment's
     go = tmp_path / "go"
     procs = []
     for i in range(2):
@@ -183,7 +184,8 @@ def test_two_processes_starting_one_new_phase_train_it_once(store, smoke_data, t
         )
     deadline = time.monotonic() + 240
     while not all((tmp_path / f"ready-{i}").exists() for i in range(2)):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        ended = [p.communicate()[0] for p in procs if p.poll() is not None]
+        assert time.monotonic() < deadline and not ended, ended
         time.sleep(0.05)
     go.touch()  # both have found no run: now both claim
     outs = [p.communicate(timeout=240)[0] for p in procs]
