@@ -380,6 +380,20 @@ def test_study_bad_input_is_one_line_and_starts_nothing(store, smoke_data, liste
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
+HOG = """
+import sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+
+@ray.remote(num_cpus=1)
+class Hog:
+    def ping(self):
+        return True
+
+hog = Hog.options(name="seqgen-test-hog", lifetime="detached").remote()
+assert ray.get(hog.ping.remote(), timeout=120)
+"""
+
+
 @pytest.mark.slow
 def test_a_study_no_node_can_run_is_refused_and_chains_waiting_for_cpus_give_up(
     on_server, smoke_data, tmp_path
@@ -387,7 +401,6 @@ def test_a_study_no_node_can_run_is_refused_and_chains_waiting_for_cpus_give_up(
     """--threads_per_chain beyond every node's CPUs: one line before anything starts. CPUs held
     by another job for good: the chain fails after --max_pending with its reason, and the
     study's run ends FAILED instead of waiting forever."""
-    import ray
 
     client = MlflowClient()
     env = subprocess_env(on_server.uri) | {"MLFLOW_EXPERIMENT_NAME": tmp_path.name}
@@ -408,19 +421,12 @@ def test_a_study_no_node_can_run_is_refused_and_chains_waiting_for_cpus_give_up(
         assert refused.stderr.strip().count("\n") == 0 and refused.stdout == ""
         assert client.get_experiment_by_name(tmp_path.name) is None  # nothing started
 
-        @ray.remote(num_cpus=1)
-        class Hog:  # another job that holds the node's only CPU
-            def ping(self) -> bool:
-                return True
-
-        ray.shutdown()  # a driver left connected by an earlier test must not take the actor
-        cluster.connect()
-        hog = Hog.remote()
-        try:
-            assert ray.get(hog.ping.remote(), timeout=120)
-        except ray.exceptions.ActorDiedError:  # cancelled before it started (seen once in CI)
-            hog = Hog.remote()
-            assert ray.get(hog.ping.remote(), timeout=120)
+        # another job that holds the node's only CPU: a detached actor of a driver of its own
+        hog = subprocess.run(
+            [sys.executable, "-c", HOG, cluster.address], env=env, capture_output=True,
+            text=True, timeout=200,
+        )  # fmt: skip
+        assert hog.returncode == 0, hog.stderr[-3000:]
         waited = subprocess.run(
             [*cmd, "--max_pending", "5"], env=env, cwd=tmp_path, capture_output=True,
             text=True, timeout=300,
