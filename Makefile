@@ -15,18 +15,22 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/seqgen demo
 
+# Two workers, a module each at a time, the longest modules first (tests/conftest.py): the
+# end-to-end tests spend much of their time waiting on servers and processes.
+PARALLEL := -n 2 --dist loadfile --no-loadscope-reorder
+
 # Everything, the slow tests with real servers and clusters included (what CI runs).
 test: setup postgres chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest
+	$(BIN)/pytest $(PARALLEL)
 
 # The quick loop while changing code: lint and every test not marked slow (no servers, clusters,
 # subprocesses of the real entry points).
 test-fast: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest $(PARALLEL) -m "not slow"
 
 # The tests start their own PostgreSQL servers: install Debian's if it is missing (needs root).
 postgres:

@@ -324,6 +324,7 @@ class MlflowServer:
             f"database_uri = {self.auth_database_uri}\n"
             "admin_username = admin\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "auth_cache_ttl_seconds = 60\n"
         )
 
     def start(self, timeout: float = 120.0) -> MlflowServer:

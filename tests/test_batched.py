@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from seqgen.cli import main
 from seqgen.config import resolve
+from seqgen.errors import TrainingError
 from seqgen.runs import tracking
 from seqgen.training.epochs import PER_EPOCH_METRICS
 from seqgen.training.train import train_phase, train_phases
@@ -76,6 +77,24 @@ def test_a_member_that_stops_early_is_frozen_and_the_others_go_on(store, smoke_d
     assert [m.step for m in client.get_metric_history(finished.run_id, "val_loss")] == [1, 2, 3]
     # the frozen member's registered model is its epoch-1 weights, whatever the others did
     assert tracking.load_bundle(stopped.model_uri).epoch == 1
+
+
+def test_a_member_whose_training_diverges_ends_alone_and_the_others_go_on(store, smoke_data):
+    """As a chain that diverges alone: its run FAILED with the error said, its checkpoint kept;
+    the member beside it trains every epoch and registers, as if it were alone."""
+    diverging = settings("mae", 1, smoke_data, seed=1, start_lr=1e30, max_nonfinite_steps=2)
+    going_on = settings("combined", 1, smoke_data, seed=0)
+    failed, finished = train_phases([diverging, going_on])
+    assert failed.status == "failed" and failed.model_uri is None
+    assert "2 non-finite steps in a row at epoch 1: training diverged" in failed.stop_reason
+    assert finished.status == "registered" and finished.stop_reason == "completed"
+    client = MlflowClient()
+    assert client.get_run(failed.run_id).info.status == "FAILED"
+    assert client.get_run(finished.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(finished.run_id, "val_loss")] == [1, 2, 3]
+    assert tracking.load_bundle(finished.model_uri).epoch == finished.best_epoch
+    with pytest.raises(TrainingError, match="training diverged"):  # alone: the error itself
+        train_phase(dataclasses.replace(diverging, seed=2))
 
 
 def test_members_of_other_shapes_are_refused_in_one_line(store, smoke_data):

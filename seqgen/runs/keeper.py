@@ -70,11 +70,11 @@ class PhaseResult:
     phase: int
     seed: int
     run_id: str
-    status: str  # "registered", "skipped" or "paused"
+    status: str  # "registered", "skipped", "paused" or (a stack's member that diverged) "failed"
     output_dir: str
     best_val: float
     best_epoch: int | None
-    stop_reason: str = ""  # completed, validation_plateau, overfitting, gradient_explosion
+    stop_reason: str = ""  # completed, validation_plateau, overfitting, ...; failed: the error
     model_uri: str | None = None  # models:/name/version
     version: str | None = None
     paused_at: int | None = None
@@ -424,6 +424,13 @@ class RunKeeper:
         release_run(self.run_id, "KILLED", self.courier)
         log.info(f"[{self.settings.run_name}] paused after epoch {epoch}: run the command again")
         return self._result("paused", progress, stop_reason="paused", paused_at=epoch)
+
+    def fail(self, error: Exception, progress: Progress) -> PhaseResult:
+        """A member of a stack whose training diverged: its run ends FAILED, as a chain's that
+        diverged alone; its last checkpoint stays. The other members go on."""
+        log.error(f"error: {error}")
+        end_abnormally(self.run_id, self.courier, "FAILED")
+        return self._result("failed", progress, stop_reason=str(error))
 
     def finish(self, progress: Progress, snapshot: Snapshot, device) -> PhaseResult:
         """The final model and files into the store, then the best model into the registry. Each

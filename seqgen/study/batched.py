@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 def batched_by_default(ray_options_given: bool) -> bool:
     """`seqgen study` without --batched: batched on a machine with a GPU unless a Ray option
     says otherwise (one model leaves a GPU idle between tiny kernels; nine ride in the same
-    launches), the Ray study on CPUs: there batched was 1.10x faster at demo size on 2 cores and
-    is unmeasured at the full size (README, Running the study; benchmarks/study_stacked.py)."""
+    launches), the Ray study on CPUs: there a stack does the same GEMMs as the chains apart
+    (batched was 1.15x faster at demo size and 1.02x at the full size on 2 cores: README, Running
+    the study; benchmarks/study_stacked.py), and a chain that diverges ends alone."""
     import torch
 
     return not ray_options_given and torch.cuda.is_available()
@@ -83,16 +84,21 @@ def run_batched_study(
     runs = chain_runs(firsts, overrides, data, made_by)
     options = dataclasses.replace(options, chain_runs=runs, on_epoch=on_epoch, hint_next=False)
     started, done = time.monotonic(), {c.name: [] for c in chains}
-    failure = ""
+    failures: dict[str, str] = {}
     try:
         with chain_runs_open(runs):
-            train_chains(chains, phases, preset, overrides, options, data, done)
+            failures = train_chains(chains, phases, preset, overrides, options, data, done)
     except SeqgenError as e:
-        failure = f"failed: {e}"
+        failures = {c.name: f"failed: {e}" for c in chains}
     else:
         for chain, first in zip(chains, firsts, strict=True):
-            end_chain_run(runs[first.variant, first.seed], done[chain.name], len(phases))
-    outcomes = [outcome(c, done[c.name], len(phases), started, failure) for c in chains]
+            end_chain_run(
+                runs[first.variant, first.seed], done[chain.name], len(phases),
+                failed=chain.name in failures,
+            )  # fmt: skip
+    outcomes = [
+        outcome(c, done[c.name], len(phases), started, failures.get(c.name, "")) for c in chains
+    ]
     failed = [o.chain for o in outcomes if o.status != "done"]
     tracking.set_run_tags(study_run, {"failed_chains": ",".join(failed)})
     tracking.set_run_status(study_run, "FAILED" if failed else "FINISHED")
@@ -102,22 +108,31 @@ def run_batched_study(
     return outcomes
 
 
-def train_chains(chains, phases, preset, overrides, options, data, done) -> None:
+def train_chains(chains, phases, preset, overrides, options, data, done) -> dict[str, str]:
     """Phase by phase: every chain's phase p as one stack, each continuing from the exact
-    version its own phase p-1 registered. done[chain] collects each chain's results."""
+    version its own phase p-1 registered. done[chain] collects each chain's results; a chain
+    whose training diverged ends there, the others go on: {chain: why} for those."""
     previous = {c.name: overrides.get("existing_model") for c in chains}
+    failed: dict[str, str] = {}
     for phase in phases:
+        going = [c for c in chains if c.name not in failed]
+        if not going:
+            break
         settings = [
             resolve(
                 c.strategy, phase, preset,
                 **(overrides | {"seed": c.seed, "existing_model": previous[c.name]}),
             )
-            for c in chains
+            for c in going
         ]  # fmt: skip
-        for chain, result in zip(chains, train_phases(settings, options, data), strict=True):
+        for chain, result in zip(going, train_phases(settings, options, data), strict=True):
+            if result.status == "failed":
+                failed[chain.name] = f"failed: {result.stop_reason}"
+                continue
             phase_done(options.chain_runs[result.strategy, result.seed], result)
             previous[chain.name] = result.model_uri
             done[chain.name].append(result)
+    return failed
 
 
 def outcome(

@@ -115,10 +115,13 @@ def phase_done(chain: str, result: PhaseResult) -> None:
     tracking.copy_curves(result.run_id, chain)
 
 
-def end_chain_run(chain: str, results: list[PhaseResult], n_phases: int) -> None:
-    """FINISHED once every phase is registered; KILLED (out of comparisons, to go on) if not."""
+def end_chain_run(
+    chain: str, results: list[PhaseResult], n_phases: int, failed: bool = False
+) -> None:
+    """FINISHED once every phase is registered; FAILED when its training diverged; KILLED (out
+    of comparisons, to go on) if it stopped otherwise."""
     done = len(results) == n_phases and all(r.status in ("registered", "skipped") for r in results)
-    tracking.set_run_status(chain, "FINISHED" if done else "KILLED")
+    tracking.set_run_status(chain, "FAILED" if failed else "FINISHED" if done else "KILLED")
 
 
 @contextmanager

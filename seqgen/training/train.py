@@ -136,7 +136,9 @@ def train_stack(setups: list[Setup], keepers: list[RunKeeper]) -> list[PhaseResu
         while active := [
             m for m, setup in enumerate(setups) if m not in results and stack.epochs_left(setup, m)
         ]:
-            records = run_epoch(setups, stack, loss_fn, active)
+            records, diverged = run_epoch(setups, stack, loss_fn, active)
+            for m, error in diverged.items():  # ends alone; the others go on
+                results[m] = keepers[m].fail(error, stack.progress[m])
             for m, record in records.items():
                 progress = stack.progress[m]
                 improved = progress.add(record)
@@ -231,21 +233,23 @@ def epoch_plan(setup: Setup, epoch: int) -> EpochPlan:
 
 def run_epoch(
     setups: list[Setup], stack: TrainingStack, loss_fn, active: list[int]
-) -> dict[int, EpochRecord]:
-    """Train every active member's next epoch, then evaluate: {member: its epoch's record}.
-    Members not active (finished, stopped, paused) are frozen: their weights do not move."""
+) -> tuple[dict[int, EpochRecord], dict[int, TrainingError]]:
+    """Train every active member's next epoch, then evaluate: {member: its epoch's record}, and
+    {member: why} for members whose training diverged in it (a stack of one raises instead).
+    Members not active (finished, stopped, paused, diverged) are frozen: their weights do not
+    move."""
     started = time.perf_counter()
     plans = [epoch_plan(setup, len(stack.progress[m].history)) for m, setup in enumerate(setups)]
     stack.optimizer.set_lr([plan.lr for plan in plans])
     frozen = [m not in active for m in range(len(setups))]
-    train, norms, skipped = train_steps(setups, stack, loss_fn, plans, frozen)
+    train, norms, skipped, diverged = train_steps(setups, stack, loss_fn, plans, frozen)
     # Evaluate: model selection on the free-running loss, as the model is used.
     val_p, val_y = stack.parts["val"]
     val = evaluate_stacked(stack.model, loss_fn, val_p, val_y, 0.0, stack.precision)
     val_tf = evaluate_stacked(stack.model, loss_fn, val_p, val_y, 1.0, stack.precision)
     test = evaluate_stacked(stack.model, loss_fn, *stack.parts["test"], 0.0, stack.precision)
     seconds = time.perf_counter() - started
-    return {
+    records = {
         m: EpochRecord(
             epoch=plans[m].global_epoch,
             train=train[m],
@@ -260,15 +264,17 @@ def run_epoch(
             nonfinite_steps=skipped[m],
         )
         for m in active
+        if m not in diverged
     }
+    return records, diverged
 
 
 def train_steps(
     setups: list[Setup], stack: TrainingStack, loss_fn, plans: list[EpochPlan], frozen: list[bool]
-) -> tuple[list[Losses], list[list[float]], list[int]]:
+) -> tuple[list[Losses], list[list[float]], list[int], dict[int, TrainingError]]:
     """One pass over each member's training split, in an order drawn from its (seed, epoch):
-    per member the mean losses, the pre-clip gradient norms of its finite steps, and how many of
-    its steps were skipped."""
+    per member the mean losses, the pre-clip gradient norms of its finite steps and how many of
+    its steps were skipped; and the members whose training diverged, frozen from then on."""
     first, M = setups[0].settings, len(setups)
     params, targets = stack.parts["train"]  # (M,N,P), (M,N,T,K)
     orders = torch.stack(
@@ -286,6 +292,8 @@ def train_steps(
     rows = torch.arange(M, device=params.device).unsqueeze(1)
     sums, counted = np.zeros((M, 3)), np.zeros(M)
     norms: list[list[float]] = [[] for _ in range(M)]
+    diverged: dict[int, TrainingError] = {}
+    frozen = list(frozen)
     chunks = orders.split(first.batch_size * first.grad_accum_steps, dim=1)
     label = f"epoch {plans[0].global_epoch}" if M == 1 else "stacked epoch"
     for chunk in progress_bar(chunks, label):
@@ -296,16 +304,23 @@ def train_steps(
             [s.settings.clip_grad_norm for s in setups], frozen, stack.graphs,
         )  # fmt: skip
         for m, r in enumerate(result.members()):
-            if not frozen[m] and count_step(setups[m], stack.progress[m], r, plans[m]):
-                sums[m] += np.array([r.loss, r.mae, r.autocorr]) * chunk.shape[1]
-                counted[m] += chunk.shape[1]
-                if np.isfinite(r.grad_norm):  # not an fp16 overflow step its scaler skipped
-                    norms[m].append(r.grad_norm)
+            try:
+                if frozen[m] or not count_step(setups[m], stack.progress[m], r, plans[m]):
+                    continue
+            except TrainingError as e:
+                if M == 1:
+                    raise
+                diverged[m], frozen[m] = e, True
+                continue
+            sums[m] += np.array([r.loss, r.mae, r.autocorr]) * chunk.shape[1]
+            counted[m] += chunk.shape[1]
+            if np.isfinite(r.grad_norm):  # not an fp16 overflow step its scaler skipped
+                norms[m].append(r.grad_norm)
     train = [
         Losses(*map(float, sums[m] / counted[m])) if counted[m] else Losses(*[np.nan] * 3)
         for m in range(M)
     ]
-    return train, norms, [len(chunks) - len(norms[m]) for m in range(M)]
+    return train, norms, [len(chunks) - len(norms[m]) for m in range(M)], diverged
 
 
 def count_step(setup: Setup, progress: Progress, r, plan: EpochPlan) -> bool:
