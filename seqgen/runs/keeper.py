@@ -428,7 +428,7 @@ class RunKeeper:
     def fail(self, error: Exception, progress: Progress) -> PhaseResult:
         """A member of a stack whose training diverged: its run ends FAILED, as a chain's that
         diverged alone; its last checkpoint stays. The other members go on."""
-        log.error(f"error: {error}")
+        log.error(f"{error}; its run ends FAILED, the other members go on")
         end_abnormally(self.run_id, self.courier, "FAILED")
         return self._result("failed", progress, stop_reason=str(error))
 

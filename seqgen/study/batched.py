@@ -33,7 +33,7 @@ def batched_by_default(ray_options_given: bool) -> bool:
     says otherwise (one model leaves a GPU idle between tiny kernels; nine ride in the same
     launches), the Ray study on CPUs: there a stack does the same GEMMs as the chains apart
     (batched was 1.15x faster at demo size and 1.02x at the full size on 2 cores: README, Running
-    the study; benchmarks/study_stacked.py), and a chain that diverges ends alone."""
+    the study; benchmarks/study_stacked.py), and Ray lets each chain go at its own pace."""
     import torch
 
     return not ray_options_given and torch.cuda.is_available()
