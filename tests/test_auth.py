@@ -197,7 +197,6 @@ def test_a_trainer_trains_and_registers_a_phase(trained):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # a training (when the module's is first made here) and four commands
 def test_a_reader_loads_the_model_evaluates_and_compares_without_logging(trained, smoke_data):
     team, trained_phase = trained
     assert trained_phase.returncode == 0, trained_phase.stderr
@@ -234,7 +233,6 @@ def test_a_reader_loads_the_model_evaluates_and_compares_without_logging(trained
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # a study starts Ray and a worker: about 2.5 minutes on 2 busy cores
 def test_a_study_on_local_ray_gets_the_credentials_through_the_environment(team, smoke_data):
     ray_tmp = Path(tempfile.mkdtemp(prefix="seqgen-ray-"))  # short: Ray's socket paths
     study = ["study", "--strategy", "mae", "--seeds", "1", "--phases", "1", "--preset", "smoke"]

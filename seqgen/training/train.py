@@ -137,8 +137,10 @@ def train_stack(setups: list[Setup], keepers: list[RunKeeper]) -> list[PhaseResu
             m for m, setup in enumerate(setups) if m not in results and stack.epochs_left(setup, m)
         ]:
             records, diverged = run_epoch(setups, stack, loss_fn, active)
-            for m, error in diverged.items():  # ends alone; the others go on
-                results[m] = keepers[m].fail(error, stack.progress[m])
+            for m, error in diverged.items():
+                if len(setups) == 1:
+                    raise error  # `seqgen train`: the error itself
+                results[m] = keepers[m].fail(error, stack.progress[m])  # the others go on
             for m, record in records.items():
                 progress = stack.progress[m]
                 improved = progress.add(record)
@@ -235,7 +237,7 @@ def run_epoch(
     setups: list[Setup], stack: TrainingStack, loss_fn, active: list[int]
 ) -> tuple[dict[int, EpochRecord], dict[int, TrainingError]]:
     """Train every active member's next epoch, then evaluate: {member: its epoch's record}, and
-    {member: why} for members whose training diverged in it (a stack of one raises instead).
+    {member: why} for members whose training diverged in it.
     Members not active (finished, stopped, paused, diverged) are frozen: their weights do not
     move."""
     started = time.perf_counter()
@@ -307,9 +309,7 @@ def train_steps(
             try:
                 if frozen[m] or not count_step(setups[m], stack.progress[m], r, plans[m]):
                     continue
-            except TrainingError as e:
-                if M == 1:
-                    raise
+            except TrainingError as e:  # diverged: frozen for the rest of the epoch
                 diverged[m], frozen[m] = e, True
                 continue
             sums[m] += np.array([r.loss, r.mae, r.autocorr]) * chunk.shape[1]
