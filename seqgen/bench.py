@@ -23,7 +23,12 @@ from seqgen.model.recurrence import gemm_plan, recurrence_name, run_gemms
 from seqgen.model.stacked import StackedGenerators
 from seqgen.training.losses import StackedStrategies, make_loss
 from seqgen.training.stacked_step import StackedAdamW, stacked_precision, stacked_step
-from seqgen.training.step import choose_precision, optimizer_step, sampling_generator
+from seqgen.training.step import (
+    choose_precision,
+    cpu_flags,
+    optimizer_step,
+    sampling_generator,
+)
 
 SEQ_LEN, N_COMPONENTS, N_PARAMS = N_SNAPSHOTS, 5, 2  # the users' data: 151 steps
 RATIO = 0.7  # per-step scheduled sampling as in phase 1
@@ -130,14 +135,14 @@ def _sync(device: torch.device) -> None:
 
 
 def cpu_name() -> str:
-    """The CPU's model name and the vector and matrix extensions that matter for the GEMMs."""
+    """The CPU's model name and the vector and matrix extensions that decide the precision and
+    the speed of the GEMMs (seqgen.training.step.PRECISION_FLAGS)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or "unknown"
     model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = set((re.search(r"^flags\s*:\s*(.+)$", text, re.M) or ["", ""])[1].split())
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    shown = cpu_flags()
     return f"{model[1].strip() if model else 'unknown'} ({', '.join(shown) or 'no AVX2'})"
 
 

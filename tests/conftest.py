@@ -31,6 +31,32 @@ LONGEST_FIRST = (
 )  # fmt: skip
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--precision",
+        choices=("auto", "float32", "bf16"),
+        default=None,
+        help="force the CPU trainer's precision for every test and the processes they start "
+        "(SEQGEN_CPU_PRECISION): float32, or bf16 GEMMs (emulated, slower, where the CPU has no "
+        "native bf16) [auto: what this CPU picks]",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """--precision reaches the trainer through its environment variable, so the processes the
+    tests start (CLI, Ray chains, servers) train in it too. Each xdist worker configures itself."""
+    precision = config.getoption("--precision")
+    if precision is not None:
+        os.environ["SEQGEN_CPU_PRECISION"] = precision
+
+
+def trainer_dtype() -> torch.dtype:
+    """The GEMM dtype the CPU trainer picks in this run of the suite: bf16 or float32."""
+    from seqgen.training.step import choose_precision
+
+    return choose_precision(torch.device("cpu"), True).dtype or torch.float32
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
         name = item.path.name

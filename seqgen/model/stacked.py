@@ -178,7 +178,9 @@ class StackedGenerators(nn.Module):
                 self.weight("head.bias"),
                 *layer_w,
             )
-        return y.transpose(1, 2)  # (M, B, T, K)
+        # contiguous: the loss's per-member sums then run over the same layout in a stack of 1 and
+        # of M, so a member's sums (and so its training) equal its chain's alone to the bit
+        return y.transpose(1, 2).contiguous()  # (M, B, T, K)
 
     def _teacher(self, targets, ratio, draws, M, T, B) -> tuple[torch.Tensor, torch.Tensor]:
         """y_teacher (M,T,B,K) and use_truth (M,T,B,1) as the single model forms them: zeros for

@@ -20,6 +20,7 @@ from seqgen.errors import ConfigError
 from seqgen.model.bundle import Bundle, Checkpoint, DataInfo
 from seqgen.model.generator import ModelConfig
 from seqgen.runs import tracking
+from seqgen.training.step import forced_cpu_precision
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Setup:
 def prepare(settings: PhaseSettings, data: SequenceData | None = None) -> Setup:
     """Data, starting point, identity and device: every check on input happens here."""
     tracking.check_tracking_store()
+    forced_cpu_precision()  # a bad SEQGEN_CPU_PRECISION fails here, before any run exists
     data = load_phase_data(settings, data)
     start = resolve_start(settings, data)
     ident = identity(settings, start, data.fingerprint)

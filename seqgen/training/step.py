@@ -7,12 +7,15 @@ uses; and one model's optimiser step, CUDA-graphed step and evaluation pass (`op
 from __future__ import annotations
 
 import os
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from seqgen.errors import ConfigError
 from seqgen.model.generator import StreamlinedSequenceGenerator
 from seqgen.training.losses import LossResult
 
@@ -34,17 +37,62 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
 
+# Forces the CPU trainer's precision: auto (bf16 where the CPU computes bf16 natively, else
+# float32), float32, or bf16 (on a CPU without native bf16 too: torch emulates it, slower). The
+# test suite sets it (pytest --precision) so one machine runs the numerical tests in both.
+CPU_PRECISION_ENV = "SEQGEN_CPU_PRECISION"
+CPU_PRECISIONS = ("auto", "float32", "bf16")
+# /proc/cpuinfo flags that decide the CPU's precision (and the speed of its GEMMs)
+PRECISION_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> tuple[str, ...]:
+    """Which of PRECISION_FLAGS this CPU has, as /proc/cpuinfo lists them (() where unreadable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    line = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    flags = set(line[1].split()) if line else set()
+    return tuple(f for f in PRECISION_FLAGS if f in flags)
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN's reading: AVX-512 bf16 or AMX)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def forced_cpu_precision() -> str:
+    """SEQGEN_CPU_PRECISION, checked: auto, float32 or bf16."""
+    value = os.environ.get(CPU_PRECISION_ENV, "auto").strip().lower() or "auto"
+    if value not in CPU_PRECISIONS:
+        raise ConfigError(
+            f"{CPU_PRECISION_ENV}={value!r}: must be one of {', '.join(CPU_PRECISIONS)}"
+        )
+    return value
+
+
 def choose_precision(device: torch.device, enabled: bool) -> Precision:
-    """CUDA: fp16 autocast + GradScaler. CPU: bf16 autocast where the CPU has bf16, else off."""
+    """CUDA: fp16 autocast + GradScaler. CPU: bf16 autocast where the CPU has native bf16, else
+    float32, unless SEQGEN_CPU_PRECISION forces one. The note says which and why."""
     off = torch.amp.GradScaler(device.type, enabled=False)
     if not enabled:
-        return Precision(device, None, off, "mixed precision off (--no_mixed_precision)")
+        return Precision(device, None, off, "float32: mixed precision off (--no_mixed_precision)")
     if device.type == "cuda":
         scaler = torch.amp.GradScaler("cuda")
         return Precision(device, torch.float16, scaler, "mixed precision: CUDA fp16 + GradScaler")
-    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return Precision(device, torch.bfloat16, off, "mixed precision: CPU bf16 autocast")
-    return Precision(device, None, off, "mixed precision off: this CPU has no bf16 support")
+    forced, native = forced_cpu_precision(), native_cpu_bf16()
+    flags = ", ".join(cpu_flags()) or "none of " + ", ".join(PRECISION_FLAGS)
+    if forced == "float32":
+        return Precision(device, None, off, f"float32: forced by {CPU_PRECISION_ENV}=float32")
+    if forced == "bf16":
+        how = "native" if native else "emulated by torch, slower: this CPU has no native bf16"
+        note = f"mixed precision: CPU bf16 autocast, forced by {CPU_PRECISION_ENV}=bf16 ({how})"
+        return Precision(device, torch.bfloat16, off, note)
+    if native:
+        note = f"mixed precision: CPU bf16 autocast (native bf16; flags {flags})"
+        return Precision(device, torch.bfloat16, off, note)
+    return Precision(device, None, off, f"float32: this CPU has no native bf16 (flags {flags})")
 
 
 def load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> str:
