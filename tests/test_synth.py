@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from seqgen import log as seqgen_log
 from seqgen.data import synth
 from seqgen.data.split import make_split
 from seqgen.errors import ConfigError
@@ -292,6 +293,7 @@ def test_rejects_too_few_samples(tmp_path):
 
 
 def test_progress_goes_to_stderr(tmp_path, capsys):
+    seqgen_log.setup()  # as the CLI does: whatever an earlier test set up, messages go to stderr
     synth.synthesize(tmp_path / "data", n_samples=3, progress=True)
     captured = capsys.readouterr()
     assert captured.out == ""
