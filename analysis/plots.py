@@ -9,7 +9,7 @@ from matplotlib import colors as mcolors
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 
-from analysis.tables import band, baseline_order, strategy_order
+from analysis.tables import band, baseline_order, variant_order
 from seqgen import config
 from seqgen.evaluation import measures
 from seqgen.evaluation.baselines import BASELINES
@@ -70,7 +70,7 @@ def _curves(ax, curves: pd.DataFrame, names: list[str], ls: str = "-", label: bo
     stats = band(curves)
     most = 0
     for name in names:
-        s = stats[stats["strategy"] == name]
+        s = stats[stats["variant"] == name]
         if s.empty:
             continue
         color = strategy_color(name, names)
@@ -94,7 +94,7 @@ def val_loss_figure(curves: pd.DataFrame, boundaries: list[float]) -> Figure:
     """Free-running validation loss over global epochs: curves (strategy, seed, step, value)."""
     fig = Figure(figsize=(9, 4.8), layout="constrained")
     ax = fig.add_subplot()
-    names = strategy_order(curves["strategy"].unique())
+    names = variant_order(curves["variant"].unique())
     n = _curves(ax, curves, names)
     _mark_phases(ax, boundaries)
     if _positive(curves["value"]):
@@ -113,7 +113,7 @@ def components_figure(curves: pd.DataFrame, boundaries: list[float]) -> Figure:
     """MAE and autocorrelation components, validation (solid) and training (dashed);
     curves (strategy, seed, key, step, value)."""
     fig = Figure(figsize=(12, 4.5), layout="constrained")
-    names = strategy_order(curves["strategy"].unique())
+    names = variant_order(curves["variant"].unique())
     terms = measures.LOSS_TERMS
     for ax, (part, label) in zip(fig.subplots(1, len(terms)), terms.items(), strict=True):
         n = _curves(ax, curves[curves["key"] == f"val_{part}"], names)
@@ -135,7 +135,7 @@ def components_figure(curves: pd.DataFrame, boundaries: list[float]) -> Figure:
 def schedules_figure(curves: pd.DataFrame, boundaries: list[float]) -> Figure:
     """Learning rate (log) and teacher-forcing ratio against epoch, per strategy."""
     fig = Figure(figsize=(12, 4), layout="constrained")
-    names = strategy_order(curves["strategy"].unique())
+    names = variant_order(curves["variant"].unique())
     schedules = measures.SCHEDULES
     for ax, (key, label) in zip(fig.subplots(1, len(schedules)), schedules.items(), strict=True):
         _curves(ax, curves[curves["key"] == key], names)
@@ -278,8 +278,8 @@ def param_error_figure(
     baseline (second row), one colour scale: per_sample (strategy, <param columns>, metric),
     baselines (baseline, <param columns>, metric)."""
     panels = [
-        (name, per_sample[per_sample["strategy"] == name])
-        for name in strategy_order(per_sample["strategy"].unique())
+        (name, per_sample[per_sample["variant"] == name])
+        for name in variant_order(per_sample["variant"].unique())
     ]
     rows = [panels]
     if baselines is not None and len(baselines):
@@ -361,7 +361,7 @@ def error_by_step_figure(by_step: pd.DataFrame, baselines: pd.DataFrame | None =
     baselines (baseline, seed, step, value) dashed, mean over seeds."""
     fig = Figure(figsize=(8, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    n = _curves(ax, by_step, strategy_order(by_step["strategy"].unique()))
+    n = _curves(ax, by_step, variant_order(by_step["variant"].unique()))
     if baselines is not None and len(baselines):
         mean = baselines.groupby(["baseline", "step"])["value"].mean().reset_index()
         for name, g in mean.groupby("baseline", sort=False):

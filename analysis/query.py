@@ -3,6 +3,8 @@ artifacts into DataFrames and arrays, and log the analysis run."""
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ class Selection:
 
     experiment: str
     experiment_id: str
-    phases: pd.DataFrame  # one finished phase run per row (latest per strategy/phase/seed)
+    phases: pd.DataFrame  # one finished phase run per row (latest per variant/phase/seed)
     evaluations: pd.DataFrame  # one finished test-split evaluation per selected phase run
     baselines: pd.DataFrame  # finished baseline evaluations on those evaluations' splits
     excluded: pd.DataFrame  # run_id, run_name, kind, status, reason: runs left out
@@ -82,6 +84,8 @@ def _frame(runs: pd.DataFrame) -> pd.DataFrame:
             "kind": _tag(runs, "kind"),
             "status": runs["status"],
             "strategy": _tag(runs, "strategy"),
+            # runs from before variants existed: the strategy was the variant
+            "variant": _tag(runs, "variant").mask(lambda v: v == "", _tag(runs, "strategy")),
             "phase": pd.to_numeric(_tag(runs, "phase"), errors="coerce"),
             "seed": pd.to_numeric(_tag(runs, "seed"), errors="coerce"),
             "preset": _tag(runs, "preset"),
@@ -111,7 +115,7 @@ def describe_filters(filters: dict) -> str:
 
 def _describe(df: pd.DataFrame) -> str:
     parts = []
-    for col in ("strategy", "phase", "seed", "preset"):
+    for col in ("variant", "phase", "seed", "preset", "dataset_fingerprint"):
         values = sorted(
             {
                 str(int(v)) if isinstance(v, float) else str(v)
@@ -119,7 +123,8 @@ def _describe(df: pd.DataFrame) -> str:
                 if str(v) != ""
             }
         )
-        parts.append(f"{col} {', '.join(values) or '-'}")
+        label = "data" if col == "dataset_fingerprint" else col
+        parts.append(f"{label} {', '.join(values) or '-'}")
     return "; ".join(parts)
 
 
@@ -130,6 +135,8 @@ def select_runs(
     preset: str | None = None,
     seeds: tuple[int, ...] = (),
     tags: tuple[str, ...] = (),
+    data_fingerprint: str | None = None,
+    data_dir: str | None = None,
 ) -> Selection:
     """Finished phase runs matching the filters, their latest test evaluations, and the runs
     left out (failed, killed, still running, superseded by a later run of the same phase)."""
@@ -140,6 +147,8 @@ def select_runs(
         "preset": preset,
         "seed": [int(s) for s in seeds],
         "tags": parse_tag_filters(tuple(t for t in tags if t)),
+        "data_fingerprint": data_fingerprint or None,
+        "data_dir": data_dir or None,
     }
     name = experiment or default_experiment()
     exp, raw = _experiment_runs(name)
@@ -186,20 +195,32 @@ def _matching_phases(name: str, raw: pd.DataFrame, runs: pd.DataFrame, filters: 
     phase = runs[runs["kind"] == "phase"].join(metrics)
     for p in ("first_epoch", "last_epoch", "data_dir"):
         phase[p] = _param(raw, p)[phase.index]
+    phase["differences"] = _tag(raw, tracking.VARIANT_DIFFERENCES)[phase.index].map(_differences)
+    param_cols = [c for c in raw.columns if c.startswith("params.")]
+    phase["params"] = [
+        {c[len("params.") :]: v for c, v in row.items() if isinstance(v, str)}
+        for row in raw.loc[phase.index, param_cols].to_dict("records")
+    ]
     if phase.empty:
         raise SelectionError(
             f"experiment {name!r} has {len(runs)} run(s) but no phase runs "
             "(tag kind=phase): train some first"
         )
     keep = pd.Series(True, index=phase.index)
-    if filters["strategy"]:
-        keep &= phase["strategy"].isin(filters["strategy"])
+    if filters["strategy"]:  # a table strategy keeps its variants too; a variant, itself
+        keep &= phase["strategy"].isin(filters["strategy"]) | phase["variant"].isin(
+            filters["strategy"]
+        )
     if filters["phase"]:
         keep &= phase["phase"].isin(filters["phase"])
     if filters["preset"]:
         keep &= phase["preset"] == filters["preset"]
     if filters["seed"]:
         keep &= phase["seed"].isin(filters["seed"])
+    if filters["data_fingerprint"]:  # a prefix, as the refusal below prints them
+        keep &= phase["dataset_fingerprint"].str.startswith(filters["data_fingerprint"])
+    if filters["data_dir"]:
+        keep &= phase["data_dir"].map(_same_dir(filters["data_dir"]))
     for key, value in filters["tags"].items():
         keep &= _tag(raw, key)[phase.index] == value
     if not keep.any():
@@ -211,7 +232,7 @@ def _matching_phases(name: str, raw: pd.DataFrame, runs: pd.DataFrame, filters: 
 
 
 def _finished_phases(raw: pd.DataFrame, matched: pd.DataFrame):
-    """The latest finished run of each (strategy, phase, seed), and the runs left out with why."""
+    """The latest finished run of each (variant, phase, seed), and the runs left out with why."""
     # A phase paused with --stop_at_epoch is unfinished work, even when `mlflow run` marked it
     # FINISHED on exit.
     paused = _tag(raw, "stop_reason")[matched.index] == "paused"
@@ -231,11 +252,42 @@ def _finished_phases(raw: pd.DataFrame, matched: pd.DataFrame):
             f"the matching runs come from several presets ({', '.join(presets)})"
             ": pass --preset to compare runs of one scale"
         )
+    _one_dataset(finished)
     # A phase trained twice for one seed: the later run is the one the next phase continued from.
     finished = finished.sort_values("start_time")
-    latest = ~finished.duplicated(["strategy", "phase", "seed"], keep="last")
+    latest = ~finished.duplicated(["variant", "phase", "seed"], keep="last")
     excluded.append(finished[~latest].assign(reason="superseded by a later run"))
     return finished[latest], excluded
+
+
+def _differences(record: str) -> dict:
+    """A run's seqgen.variant tag -> its differences from the table ({} for the plan, or for a
+    run from before variants were recorded)."""
+    try:
+        return dict(json.loads(record)["differences"]) if record else {}
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def _same_dir(wanted: str):
+    """data_dir param -> whether it names the folder `wanted` (relative to here or absolute)."""
+    target = os.path.realpath(wanted)
+    return lambda logged: bool(logged) and os.path.realpath(logged) == target
+
+
+def _one_dataset(finished: pd.DataFrame) -> None:
+    """Runs on different datasets are never pooled: one line naming them and how to pick one."""
+    datasets = finished.groupby("dataset_fingerprint")
+    if datasets.ngroups < 2:
+        return
+    named = [
+        f"{(fp or 'unknown')[:12]} ({len(g)} run(s), --data_dir {sorted(set(g['data_dir']))[0]})"
+        for fp, g in datasets
+    ]
+    raise SelectionError(
+        f"the matching runs were trained on {datasets.ngroups} datasets: {'; '.join(named)}: "
+        "pass --data_fingerprint or --data_dir to compare one"
+    )
 
 
 def _test_metrics(raw: pd.DataFrame, index: pd.Index) -> pd.DataFrame:

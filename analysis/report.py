@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import plots, query, tables
+from analysis import plots, query, sweeps, tables
 from analysis.answer import baseline_verdicts, conclusions, duration, fmt, pm
 from analysis.document import Doc
 from seqgen import config
@@ -61,6 +61,7 @@ class Compared:
     paired: pd.DataFrame = field(default_factory=pd.DataFrame)  # strategy against strategy
     vs: pd.DataFrame = field(default_factory=pd.DataFrame)  # strategy against best baseline
     beside: pd.DataFrame = field(default_factory=pd.DataFrame)  # strategies beside baselines
+    sweeps: dict = field(default_factory=dict)  # varied setting -> its points (analysis/sweeps)
 
 
 def compare(sel: query.Selection) -> Compared:
@@ -83,12 +84,13 @@ def compare(sel: query.Selection) -> Compared:
     c.files = query.evaluation_files(list(chosen["run_id"]) + list(dict.fromkeys(side["run_id"])))
     c.per_sample = pd.concat(
         [
-            c.files[r.run_id].per_sample.assign(strategy=r.strategy, seed=r.seed, phase=r.phase)
+            c.files[r.run_id].per_sample.assign(variant=r.variant, seed=r.seed, phase=r.phase)
             for r in chosen.itertuples()
         ]
     )
     # Strategies are ranked and paired on the seeds all of them were evaluated at, so a mean
     # over seeds and a paired difference speak about the same test samples.
+    c.sweeps = sweeps.sweep_points(chosen, sel.phases)
     c.ranked = c.per_sample[c.per_sample["seed"].isin(tables.common_seeds(chosen))]
     c.paired = tables.paired_comparison(c.ranked)
     if len(side):
@@ -134,9 +136,9 @@ def _training_figures(c: Compared) -> Figures:
 
 def _reference_seed(chosen: pd.DataFrame) -> tuple[int, list[str]]:
     """The seed most strategies were evaluated at (smallest on ties) and those strategies."""
-    counts = chosen.groupby("seed")["strategy"].nunique()
+    counts = chosen.groupby("seed")["variant"].nunique()
     seed = int(counts[counts == counts.max()].index.min())
-    names = tables.strategy_order(chosen.loc[chosen["seed"] == seed, "strategy"])
+    names = tables.variant_order(chosen.loc[chosen["seed"] == seed, "variant"])
     return seed, names
 
 
@@ -164,7 +166,7 @@ class Reference:
 
 def _reference(c: Compared) -> Reference:
     seed, names = _reference_seed(c.chosen)
-    at_seed = c.chosen[c.chosen["seed"] == seed].set_index("strategy")["run_id"]
+    at_seed = c.chosen[c.chosen["seed"] == seed].set_index("variant")["run_id"]
     side = c.side[c.side["seed"] == seed] if len(c.side) else c.side
     return Reference(
         seed,
@@ -302,7 +304,7 @@ def _by_step(files: dict, runs: pd.DataFrame, label: str) -> pd.DataFrame:
 
 
 def _error_by_step(c: Compared) -> Figures:
-    by_step = _by_step(c.files, c.chosen, "strategy")
+    by_step = _by_step(c.files, c.chosen, "variant")
     b_by_step = _by_step(c.files, c.side, "baseline")
     return [
         (
@@ -326,7 +328,7 @@ def _sample_figures(c: Compared) -> tuple[Figures, str]:
         *_sweeps(ref),
         *_error_by_step(c),
     ]
-    missing = sorted(set(c.chosen["strategy"]) - set(ref.names))
+    missing = sorted(set(c.chosen["variant"]) - set(ref.names))
     note = (
         f" Strategies without an evaluation at seed {ref.seed}: {', '.join(missing)}."
         if missing
@@ -348,7 +350,7 @@ def _comparison_figures(c: Compared) -> Figures:
     if not c.vs.empty:
         names = {m.key: m.name for m in measures.select(versus=True)}
         fig = plots.paired_figure(
-            c.vs.rename(columns={"strategy": "a", "baseline": "b"}),
+            c.vs.rename(columns={"variant": "a", "baseline": "b"}),
             names,
             "Each strategy minus the best baseline on the same test samples "
             "(red: a real difference)",
@@ -369,7 +371,29 @@ def figures(c: Compared) -> tuple[Figures, str]:
         figs += more
         if not tables.common_seeds(c.chosen):
             note += " No seed was evaluated for every strategy: nothing is paired."
-    return figs + _comparison_figures(c), note
+    return figs + _comparison_figures(c) + _sweep_figures(c), note
+
+
+def _sweep_figures(c: Compared) -> Figures:
+    figs = []
+    for key, points in c.sweeps.items():
+        figs.append(
+            (
+                f"varied_{key}.png",
+                sweeps.sweep_figure(key, points),
+                f"End-of-plan test measures against {key} (mean over seeds, band or bar: ±1 std).",
+            )
+        )
+        if sweeps.trades_off(key, points):
+            figs.append(
+                (
+                    "alpha_trade_off.png",
+                    sweeps.trade_off_figure(points),
+                    "alpha's trade-off between MAE and autocorrelation error: each variant's "
+                    "seeds and mean; dotted, the Pareto front of the means.",
+                )
+            )
+    return figs
 
 
 # ---- writing it --------------------------------------------------------------------------------
@@ -383,6 +407,8 @@ def build_report(
     preset: str | None = None,
     seeds=(),
     tags=(),
+    data_fingerprint: str | None = None,
+    data_dir: str | None = None,
 ) -> Path:
     """Select runs, write figures, tables, report.md and report.html to out_dir, log them as an
     analysis run; returns the path of report.md."""
@@ -404,7 +430,14 @@ def build_report(
         raise ConfigError(f"report folder {final} cannot be created: {e.strerror or e}") from None
     try:
         sel = query.select_runs(
-            experiment, tuple(strategies), tuple(phases), preset, tuple(seeds), tuple(tags)
+            experiment,
+            tuple(strategies),
+            tuple(phases),
+            preset,
+            tuple(seeds),
+            tuple(tags),
+            data_fingerprint,
+            data_dir,
         )
         _write_report(out, sel, started, may_log(sel, final))
     except BaseException:
@@ -477,7 +510,7 @@ def _summary_columns() -> list[tuple[str, str, str, float]]:
 
 
 def _summary_markdown(summary: pd.DataFrame) -> pd.DataFrame:
-    out = summary[["strategy", "phase", "n_seeds"]].rename(columns={"n_seeds": "seeds"})
+    out = summary[["variant", "phase", "n_seeds"]].rename(columns={"n_seeds": "seeds"})
     for m, label, count, per in _summary_columns():
         if f"{m}_mean" in summary and summary[f"{m}_mean"].notna().any():
             out[label] = [
@@ -513,7 +546,7 @@ def _paired_markdown(paired: pd.DataFrame) -> pd.DataFrame:
 def _beside_name(row) -> str:
     return (
         f"{row['name']} (phase {int(row['phase'])})"
-        if row["kind"] == "strategy"
+        if row["kind"] == "variant"
         else (plots.baseline_label(row["name"]))
     )
 
@@ -530,7 +563,7 @@ def _beside_markdown(beside: pd.DataFrame, columns: dict[str, str], time: bool) 
             ]
     if time:
         out["time"] = [
-            ("train " if kind == "strategy" else "fit ") + duration(t) if np.isfinite(t) else "n/a"
+            ("train " if kind == "variant" else "fit ") + duration(t) if np.isfinite(t) else "n/a"
             for kind, t in zip(beside["kind"], beside["seconds_mean"], strict=True)
         ]
     return out
@@ -553,10 +586,10 @@ def _versus_markdown(vs: pd.DataFrame) -> pd.DataFrame:
     by_key = measures.BY_KEY
     return pd.DataFrame(
         {
-            "strategy": vs["strategy"],
+            "variant": vs["variant"],
             "measure": vs["metric"].map({k: m.name for k, m in by_key.items()}),
             "best baseline": vs["baseline"],
-            "strategy mean": vs["strategy_mean"].map(fmt),
+            "strategy mean": vs["variant_mean"].map(fmt),
             "baseline mean": vs["baseline_mean"].map(fmt),
             "difference": vs["mean_diff"].map(fmt),
             "95% CI": [
@@ -576,11 +609,24 @@ def _versus_markdown(vs: pd.DataFrame) -> pd.DataFrame:
 # ---- the document ------------------------------------------------------------------------------
 
 
+def _sweep_markdown(points: pd.DataFrame) -> pd.DataFrame:
+    """One row per variant along the sweep: its value and each measure's mean ± std over seeds."""
+    table = sweeps.sweep_table(points)
+    out = table[["variant", "value", "seeds"]].copy()
+    for m in sweeps.SWEEP_MEASURES:
+        if f"test_{m}_mean" in table:
+            out[f"test {measures.BY_KEY[m].name}"] = [
+                f"{fmt(a)} ± {fmt(b)}" if np.isfinite(b) else fmt(a)
+                for a, b in zip(table[f"test_{m}_mean"], table[f"test_{m}_std"], strict=True)
+            ]
+    return out
+
+
 def _example_model(phases: pd.DataFrame) -> str:
     """A model to evaluate, as a command would name it: the last compared strategy of the table
     at the compared preset, its last phase."""
     preset = str(phases["preset"].iloc[0]) if len(phases) else "full"
-    names = tables.strategy_order(phases["strategy"]) or list(config.strategies())
+    names = tables.variant_order(phases["variant"]) or list(config.strategies())
     name = f"seqgen-{names[-1]}" + ("" if preset == "full" else f"-{preset}")
     return f"models:/{name}@phase-{config.N_PHASES}"
 
@@ -604,6 +650,10 @@ def _document(c: Compared, figs: Figures, note: str, seconds: float) -> Doc:
     if not c.paired.empty:
         doc.h(2, "Paired comparison on the same test samples")
         doc.table(_paired_markdown(c.paired))
+    for key, points in c.sweeps.items():
+        doc.h(2, f"Varied: {key}")
+        doc.p(f"End-of-plan test measures per value of {key} (figure varied_{key}.png below).")
+        doc.table(_sweep_markdown(points))
     doc.h(2, "Figures")
     for name, _, caption in figs:
         doc.img(name, caption)
@@ -633,12 +683,12 @@ def _answer_section(doc: Doc, c: Compared) -> None:
 
 
 def _compared_section(doc: Doc, c: Compared, note: str) -> None:
-    """What went in: strategies, data, runs, code, filters, and the runs left out."""
+    """What went in: variants, data, runs, code, filters, and the runs left out."""
     ph, chosen = c.sel.phases, c.chosen
     doc.h(2, "What was compared")
     evaluated = (
         ", ".join(
-            f"{s} phase {int(p)}" for s, p in chosen.groupby("strategy")["phase"].max().items()
+            f"{s} phase {int(p)}" for s, p in chosen.groupby("variant")["phase"].max().items()
         )
         or "none"
     )
@@ -646,7 +696,7 @@ def _compared_section(doc: Doc, c: Compared, note: str) -> None:
     n_samples = sorted(set(chosen["n_samples"].dropna().astype(int)))
     doc.ul(
         [
-            f"Strategies: {', '.join(tables.strategy_order(ph['strategy']))}; phases "
+            f"Variants: {', '.join(tables.variant_order(ph['variant']))}; phases "
             f"{', '.join(map(str, sorted(ph['phase'].astype(int).unique())))}; seeds "
             f"{', '.join(map(str, sorted(ph['seed'].astype(int).unique())))}; preset "
             f"{', '.join(sorted(set(ph['preset'])))}.",

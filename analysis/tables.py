@@ -16,23 +16,23 @@ from seqgen.evaluation.baselines import BASELINES
 MIN_PAIRS = 10
 
 
-def strategy_order(names) -> list[str]:
-    """The phase table's strategies in its order, each followed by its variants (a strategy
-    trained with another --alpha, `combined-30mae_70auto`), then any others sorted."""
+def variant_order(names) -> list[str]:
+    """The phase table's strategies in its order, each followed by its derived variants
+    (`mae+hidden_size=24`), then any others (named with --variant) sorted."""
     names, out = set(names), []
     table = config.strategies()
     for base in table:
-        variants = sorted(n for n in names if n.startswith(f"{base}-") and n not in table)
+        variants = sorted(n for n in names if n.startswith(f"{base}+") and n not in table)
         out += [n for n in [base, *variants] if n in names and n not in out]
     return out + sorted(names - set(out))
 
 
 def stitch(histories: pd.DataFrame, phases: pd.DataFrame) -> pd.DataFrame:
-    """Long histories (run_id, key, step, value) -> (strategy, seed, phase, key, step, value),
-    phases of one strategy and seed joined along the global epoch."""
-    cols = ["run_id", "strategy", "seed", "phase"]
+    """Long histories (run_id, key, step, value) -> (variant, seed, phase, key, step, value),
+    phases of one variant and seed joined along the global epoch."""
+    cols = ["run_id", "variant", "seed", "phase"]
     out = histories.merge(phases[cols], on="run_id").drop(columns="run_id")
-    return out.sort_values(["strategy", "seed", "key", "step"]).reset_index(drop=True)
+    return out.sort_values(["variant", "seed", "key", "step"]).reset_index(drop=True)
 
 
 def phase_boundaries(phases: pd.DataFrame) -> list[float]:
@@ -44,17 +44,15 @@ def phase_boundaries(phases: pd.DataFrame) -> list[float]:
 def band(curves: pd.DataFrame) -> pd.DataFrame:
     """(strategy, seed, step, value) -> per strategy and step: mean, lo, hi (min, max over seeds)
     and n (seeds)."""
-    g = curves.groupby(["strategy", "step"])["value"]
+    g = curves.groupby(["variant", "step"])["value"]
     return g.agg(mean="mean", lo="min", hi="max", n="count").reset_index()
 
 
 def _at_best(curves: pd.DataFrame, phases: pd.DataFrame, key: str) -> pd.Series:
     """The value of `key` at each phase run's best epoch (NaN where it was not logged)."""
-    sub = curves[curves["key"] == key][["strategy", "seed", "phase", "step", "value"]]
-    best = phases[["strategy", "seed", "phase", "best_epoch"]].rename(
-        columns={"best_epoch": "step"}
-    )
-    merged = best.reset_index().merge(sub, on=["strategy", "seed", "phase", "step"], how="left")
+    sub = curves[curves["key"] == key][["variant", "seed", "phase", "step", "value"]]
+    best = phases[["variant", "seed", "phase", "best_epoch"]].rename(columns={"best_epoch": "step"})
+    merged = best.reset_index().merge(sub, on=["variant", "seed", "phase", "step"], how="left")
     return merged.set_index("index")["value"].reindex(phases.index)
 
 
@@ -63,7 +61,7 @@ def per_run_table(
 ) -> pd.DataFrame:
     """One row per phase run: training numbers and, where evaluated, the test metrics."""
     logged = [c.key for c in measures.RUN_COLUMNS if not c.at_best]
-    rows = phases[["run_id", "strategy", "phase", "seed", *logged]].copy()
+    rows = phases[["run_id", "variant", "phase", "seed", *logged]].copy()
     for c in measures.RUN_COLUMNS:
         if c.at_best:
             rows[c.key] = _at_best(curves, phases, c.at_best)
@@ -78,9 +76,9 @@ def summary_table(per_run: pd.DataFrame) -> pd.DataFrame:
     cols = [m for m in (*run_cols, *measures.logged()) if m in per_run]
     headline = f"test_{measures.HEADLINE}"
     rows = []
-    for (strategy, phase), g in per_run.groupby(["strategy", "phase"]):
+    for (strategy, phase), g in per_run.groupby(["variant", "phase"]):
         row = {
-            "strategy": strategy,
+            "variant": strategy,
             "phase": int(phase),
             "n_seeds": len(g),
             "n_evaluated": int(g[headline].notna().sum()) if headline in g else 0,
@@ -91,9 +89,9 @@ def summary_table(per_run: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_mean"], row[f"{m}_std"] = mean, std
         rows.append(row)
     out = pd.DataFrame(rows)
-    order = {s: i for i, s in enumerate(strategy_order(out["strategy"]))}
+    order = {s: i for i, s in enumerate(variant_order(out["variant"]))}
     return out.sort_values(
-        ["strategy", "phase"], key=lambda c: c.map(order) if c.name == "strategy" else c
+        ["variant", "phase"], key=lambda c: c.map(order) if c.name == "variant" else c
     ).reset_index(drop=True)
 
 
@@ -101,14 +99,14 @@ def latest_evaluated(evaluations: pd.DataFrame) -> pd.DataFrame:
     """Per strategy, the evaluation runs of the latest phase that has any."""
     if evaluations.empty:
         return evaluations
-    latest = evaluations.groupby("strategy")["phase"].transform("max")
-    return evaluations[evaluations["phase"] == latest].sort_values(["strategy", "seed"])
+    latest = evaluations.groupby("variant")["phase"].transform("max")
+    return evaluations[evaluations["phase"] == latest].sort_values(["variant", "seed"])
 
 
 def common_seeds(chosen: pd.DataFrame) -> list[int]:
     """Seeds at which every strategy in `chosen` was evaluated: only these pair sample by sample."""
-    per_seed = chosen.groupby("seed")["strategy"].nunique()
-    return sorted(int(s) for s in per_seed[per_seed == chosen["strategy"].nunique()].index)
+    per_seed = chosen.groupby("seed")["variant"].nunique()
+    return sorted(int(s) for s in per_seed[per_seed == chosen["variant"].nunique()].index)
 
 
 def _pair(pa: pd.DataFrame, pb: pd.DataFrame, metric: str, n_boot: int) -> dict | None:
@@ -160,11 +158,11 @@ def paired_comparison(per_sample: pd.DataFrame, n_boot: int = 2000) -> pd.DataFr
     this last test stands in for it).
     """
     rows = []
-    names = strategy_order(per_sample["strategy"].unique())
+    names = variant_order(per_sample["variant"].unique())
     for metric in [m for m in measures.paired() if m in per_sample]:
         for a, b in combinations(names, 2):
-            pa = per_sample.loc[per_sample["strategy"] == a, ["seed", "file", metric]]
-            pb = per_sample.loc[per_sample["strategy"] == b, ["seed", "file", metric]]
+            pa = per_sample.loc[per_sample["variant"] == a, ["seed", "file", metric]]
+            pb = per_sample.loc[per_sample["variant"] == b, ["seed", "file", metric]]
             found = _pair(pa, pb, metric, n_boot)
             if found is not None:
                 rows.append({"metric": metric, "a": a, "b": b, **found})
@@ -216,11 +214,11 @@ def versus_baselines(
     bootstrap as in paired_comparison, both means over the pairs and the relative difference."""
     rows = []
     best = best_baselines(baseline_per_sample)
-    for strategy in strategy_order(per_sample["strategy"].unique()):
+    for strategy in variant_order(per_sample["variant"].unique()):
         for metric, baseline in best.items():
             if metric not in per_sample:
                 continue
-            pa = per_sample.loc[per_sample["strategy"] == strategy, ["seed", "file", metric]]
+            pa = per_sample.loc[per_sample["variant"] == strategy, ["seed", "file", metric]]
             pb = baseline_per_sample.loc[
                 baseline_per_sample["baseline"] == baseline, ["seed", "file", metric]
             ]
@@ -230,16 +228,16 @@ def versus_baselines(
             rel = found["mean_diff"] / found["mean_b"] if found["mean_b"] else np.nan
             rows.append(
                 {
-                    "strategy": strategy,
+                    "variant": strategy,
                     "metric": metric,
                     "baseline": baseline,
-                    "strategy_mean": found.pop("mean_a"),
+                    "variant_mean": found.pop("mean_a"),
                     "baseline_mean": found.pop("mean_b"),
                     "rel_diff": rel,
                     **found,
                 }
             )
-    columns = ["strategy", "metric", "baseline", "strategy_mean", "baseline_mean", "rel_diff"]
+    columns = ["variant", "metric", "baseline", "variant_mean", "baseline_mean", "rel_diff"]
     return pd.DataFrame(rows, columns=columns + PAIR_COLUMNS)
 
 
@@ -251,12 +249,12 @@ def beside_baselines(
     training (the selected phases summed) or fitting."""
     comp = measures.component_columns([*chosen.columns, *baselines.columns])
     cols = [*measures.logged(beside=True), *comp]
-    train = per_run.groupby(["strategy", "seed"])["phase_seconds"].sum()
+    train = per_run.groupby(["variant", "seed"])["phase_seconds"].sum()
     rows = []
-    for strategy in strategy_order(chosen["strategy"].unique()):
-        g = chosen[chosen["strategy"] == strategy]
+    for strategy in variant_order(chosen["variant"].unique()):
+        g = chosen[chosen["variant"] == strategy]
         seconds = [train.get((strategy, s), np.nan) for s in g["seed"]]
-        rows.append(_beside_row(strategy, "strategy", int(g["phase"].max()), g, cols, seconds))
+        rows.append(_beside_row(strategy, "variant", int(g["phase"].max()), g, cols, seconds))
     for baseline in baseline_order(baselines["baseline"].unique()) if len(baselines) else []:
         g = baselines[baselines["baseline"] == baseline]
         rows.append(_beside_row(baseline, "baseline", None, g, cols, list(g["fit_seconds"])))

@@ -75,6 +75,18 @@ def setting_options(fn):
     return fn
 
 
+def _points(vary: tuple[str, ...], phases: list[int], overrides: dict) -> list[dict]:
+    """--vary's grid ([{}] without a sweep); a sweep names its own variants."""
+    from seqgen.study.sweep import parse_vary
+
+    points = parse_vary(vary, phases, overrides)
+    if points != [{}] and "variant" in overrides:
+        raise config.ConfigError(
+            "--variant names one variant; a sweep (--vary) names each of its own"
+        )
+    return points
+
+
 def _overrides(kwargs: dict) -> dict:
     overrides = {k: v for k, v in kwargs.items() if k in config.FIELDS and v is not None}
     for name in config.FIELDS:
@@ -114,6 +126,15 @@ strategy_option = click.option(
 )
 preset_option = click.option(
     "--preset", default="full", show_default=True, help="full, demo or smoke (phases.toml)"
+)
+
+
+vary_option = click.option(
+    "--vary",
+    multiple=True,
+    metavar="KEY=V1,V2,...",
+    help="train each value of a setting as its own variant (repeatable: every combination; "
+    "`;` separates keys in one value, as `mlflow run -P vary=...` passes it)",
 )
 
 
@@ -212,24 +233,39 @@ def train(
 @click.option("--phases", default="1-5", show_default=True, help="a range such as 1-5 or 3-5")
 @click.option("--seeds", default="0", show_default=True, help="comma-separated seeds")
 @preset_option
+@vary_option
 @retrain_option
 @max_outage_option
 @checkpoint_option
 @setting_options
 @_clean_errors
-def pipeline(strategy, phases, seeds, preset, retrain, max_outage, checkpoint_seconds, **kwargs):
-    """Train consecutive phases of one strategy as child runs of one parent run, per seed."""
+def pipeline(
+    strategy, phases, seeds, preset, vary, retrain, max_outage, checkpoint_seconds, **kwargs
+):
+    """Train consecutive phases of one strategy, one chain per seed (and per variant of a
+    sweep), each chain's phases nested under the chain's run."""
+    from seqgen.runs import tracking
     from seqgen.runs.keeper import RunOptions
     from seqgen.study.chain import parse_phases, parse_seeds, parse_strategies, run_pipeline
 
     overrides = _overrides(kwargs)
     if "seed" in overrides:
         raise config.ConfigError("pipeline takes --seeds (comma-separated), not --seed")
+    names, phase_list, seed_list = (
+        parse_strategies(strategy),
+        parse_phases(phases),
+        parse_seeds(seeds),
+    )
+    points = _points(vary, phase_list, overrides)
     options = RunOptions(
         retrain=retrain, max_outage=max_outage, checkpoint_seconds=checkpoint_seconds
     )
-    for name in parse_strategies(strategy):
-        run_pipeline(name, parse_phases(phases), parse_seeds(seeds), preset, overrides, options)
+    for name in names:
+        for point in points:
+            run_pipeline(name, phase_list, seed_list, preset, overrides | point, options)
+    if vary:
+        for line in tracking.browse_lines(tracking.experiment_id(), tracking.VARIANTS_VIEW):
+            click.echo(line, err=True)
 
 
 @main.command()
@@ -237,6 +273,7 @@ def pipeline(strategy, phases, seeds, preset, retrain, max_outage, checkpoint_se
 @click.option("--seeds", default="0,1,2", show_default=True, help="comma-separated seeds")
 @click.option("--phases", default="1-5", show_default=True, help="a range such as 1-5 or 3-5")
 @preset_option
+@vary_option
 @snake_option(
     "--ray_address",
     "--ray-address",
@@ -273,6 +310,7 @@ def study(
     seeds,
     phases,
     preset,
+    vary,
     ray_address,
     threads_per_chain,
     max_pending,
@@ -292,6 +330,7 @@ def study(
         raise config.ConfigError("study takes --seeds (comma-separated), not --seed")
     strategies, seed_list = parse_strategies(strategy), parse_seeds(seeds)
     phase_list = parse_phases(phases)
+    points = _points(vary, phase_list, overrides)
     if threads_per_chain is not None and threads_per_chain < 1:
         raise config.ConfigError(f"--threads_per_chain must be at least 1, got {threads_per_chain}")
     options = RunOptions(
@@ -309,7 +348,9 @@ def study(
             )
         from seqgen.study.batched import run_batched_study
 
-        outcomes = run_batched_study(strategies, seed_list, phase_list, preset, overrides, options)
+        outcomes = run_batched_study(
+            strategies, seed_list, phase_list, preset, overrides, options, points=points
+        )
         sys.exit(1 if any(o.status != "done" for o in outcomes) else 0)
     from seqgen.study.cluster import MAX_PENDING, THREADS_PER_CHAIN, run_study
 
@@ -323,6 +364,7 @@ def study(
         threads_per_chain or THREADS_PER_CHAIN,
         options,
         max_pending=max_pending or MAX_PENDING,
+        points=points,
     )
     if any(o.status != "done" for o in outcomes):
         sys.exit(1)
@@ -472,14 +514,20 @@ def baselines(
     help="experiment name (default: the one `mlflow run` chose, else "
     "MLFLOW_EXPERIMENT_NAME, else Default)",
 )
-@click.option("--strategy", multiple=True, help="keep only these strategies (repeatable)")
+@click.option(
+    "--strategy",
+    multiple=True,
+    help="keep only these strategies (with their variants) or variants (repeatable)",
+)
 @click.option("--phase", multiple=True, type=int, help="keep only these phases (repeatable)")
 @click.option("--preset", default=None, help="keep only runs of this preset")
 @click.option("--seed", multiple=True, type=int, help="keep only these seeds (repeatable)")
 @click.option("--tag", multiple=True, help="KEY=VALUE run tag filter (repeatable)")
+@click.option("--data_fingerprint", default=None, help="keep only runs on this dataset (prefix)")
+@click.option("--data_dir", default=None, help="keep only runs trained on this data folder")
 @click.option("--out", "out_dir", default="reports", show_default=True, help="report folder")
 @_clean_errors
-def compare(experiment, strategy, phase, preset, seed, tag, out_dir):
+def compare(experiment, strategy, phase, preset, seed, tag, data_fingerprint, data_dir, out_dir):
     """Pull runs from MLflow and write comparison figures, a summary table and report.md."""
     from analysis.report import build_report
 
@@ -491,6 +539,8 @@ def compare(experiment, strategy, phase, preset, seed, tag, out_dir):
         preset=preset,
         seeds=seed,
         tags=tag,
+        data_fingerprint=data_fingerprint,
+        data_dir=data_dir,
     )
     click.echo(f"report: {path}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import tomllib
 import types
 import typing
@@ -79,6 +80,11 @@ class PhaseSettings:
     existing_model: str | None = _doc(
         "model to continue from: models:/, runs:/ or .pth", default=None
     )
+    variant: str | None = _doc(
+        "a name for this variant of the table's plan (default: derived from what differs, "
+        "mae+hidden_size=24)",
+        default=None,
+    )
     # early stopping (each opt-in)
     early_stopping_patience: int | None = _doc(
         "stop after more than N epochs without val gain", default=None
@@ -98,13 +104,25 @@ class PhaseSettings:
             return "100mae" if mae == 100 else "100auto"
         return f"{mae:g}mae_{round(100 - mae, 6):g}auto"
 
+    def differences(self) -> dict[str, Any]:
+        """What this phase trains differently from the table's plan for its strategy, phase and
+        preset: every setting that shapes training (all but where and how it runs, the seed and
+        the bookkeeping), as {name: value}. The plan itself has none."""
+        plan = dataclasses.asdict(resolve(self.strategy, self.phase, self.preset))
+        mine = dataclasses.asdict(self)
+        return {k: mine[k] for k in sorted(mine) if k not in NOT_VARIANT and mine[k] != plan[k]}
+
+    @functools.cached_property
+    def variant_name(self) -> str:
+        """The variant trained: the strategy's name for the table's plan; for any difference
+        --variant's name, else one derived from what differs (mae+hidden_size=24). A variant has
+        its own runs, folders, registered model and aliases and never moves the plan's."""
+        return self.variant or variant_name(self.strategy, self.differences())
+
     @property
-    def variant(self) -> str:
-        """The strategy as trained: its table name, or name-<loss> when --alpha changed the loss,
-        so a variant has its own runs, folders and registered model and never moves the table's."""
-        table_alpha = resolve_table_value("alpha", self.strategy, self.phase, self.preset)
-        same = math.isclose(self.alpha, table_alpha, abs_tol=1e-12)
-        return self.strategy if same else f"{self.strategy}-{self.loss_name}"
+    def is_plan(self) -> bool:
+        """The table's plan for the strategy: no differences, no other name."""
+        return self.variant_name == self.strategy
 
     @property
     def trains_two_terms(self) -> bool:
@@ -113,12 +131,12 @@ class PhaseSettings:
 
     @property
     def run_name(self) -> str:
-        return f"{self.variant}-p{self.phase}-s{self.seed}"
+        return f"{self.variant_name}-p{self.phase}-s{self.seed}"
 
     @property
     def registered_model(self) -> str:
         """Registry name; presets other than full get their own: demos never move real aliases."""
-        return f"seqgen-{self.variant}" + ("" if self.preset == "full" else f"-{self.preset}")
+        return f"seqgen-{self.variant_name}" + ("" if self.preset == "full" else f"-{self.preset}")
 
     def alias(self, phase: int | None = None) -> str:
         """This seed's alias of a phase's model (the plain phase-N alias follows any seed)."""
@@ -142,10 +160,12 @@ class PhaseSettings:
 
     @property
     def folder_prefix(self) -> str:
-        """The folder's name before its epochs. The original's (100mae, 100auto, 50mae_50auto)
-        belongs to the first strategy of the table with that alpha, trained at it; any other
-        strategy or variant puts its name first (autocorr --alpha 0.5: autocorr-50mae_50auto,
-        combined --alpha 0.3: combined-30mae_70auto), so two strategies never share a folder."""
+        """The folder's name before its epochs. The plan's is the original's (100mae, 100auto,
+        50mae_50auto), named from alpha; a table strategy that shares another's alpha puts its
+        name first (half-50mae_50auto), so two strategies never share a folder. A variant's
+        folder is named by the variant (mae+hidden_size=24)."""
+        if not self.is_plan:
+            return self.variant_name
         owner = next(
             (
                 name
@@ -179,6 +199,30 @@ class PhaseSettings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(PhaseSettings)}
+
+# Settings that do not make a variant: where and how a phase runs (data folder, outputs, device,
+# workers, the model it starts from), the seed (a variant's seeds are its replicas), bookkeeping
+# (checkpoint cadence, the divergence guard) and the name itself.
+NOT_VARIANT = (
+    *SELECTORS, "seed", "data_dir", "outputs_root", "output_dir", "device", "num_workers",
+    "existing_model", "save_every", "max_nonfinite_steps", "variant",
+)  # fmt: skip
+# A variant's own name: letters, digits and . _ = + - (safe in folders, registry names, shells).
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]*")
+
+
+def format_value(value: Any) -> str:
+    """A setting's value as a variant name shows it: 24, 0.0002, 1e-05, true, linear."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)  # the shortest text that reads back as the same float
+    return str(value)
+
+
+def variant_name(strategy: str, differences: dict[str, Any]) -> str:
+    """mae for the plan; mae+hidden_size=24+start_lr=0.0002 for differences (sorted by name)."""
+    return "+".join([strategy, *(f"{k}={format_value(v)}" for k, v in sorted(differences.items()))])
 
 
 def _field_kind(name: str) -> tuple[type, bool]:
@@ -297,6 +341,8 @@ def resolve(strategy: str, phase: int, preset: str = "full", **overrides: Any) -
 
 def validate(s: PhaseSettings) -> None:
     """Cross-field and range checks; messages name the option."""
+    if s.variant is not None:
+        validate_variant_name(s)
     if not 0.0 <= s.alpha <= 1.0:
         raise ConfigError(f"--alpha must be within 0..1, got {s.alpha}")
     positive = [
@@ -338,3 +384,19 @@ def validate(s: PhaseSettings) -> None:
         value = getattr(s, name)
         if value is not None and not value > 0:
             raise ConfigError(f"--{name} must be positive, got {value}")
+
+
+def validate_variant_name(s: PhaseSettings) -> None:
+    """--variant NAME: a name safe in folders and registry names, never a table strategy's
+    (the plan's names belong to the plan) unless it is that strategy's plan itself."""
+    name = s.variant or ""
+    if not VARIANT_NAME.fullmatch(name):
+        raise ConfigError(
+            f"--variant {name!r}: use letters, digits and . _ = + - (starting with a letter or "
+            "digit)"
+        )
+    if name in strategies() and (name != s.strategy or s.differences()):
+        raise ConfigError(
+            f"--variant {name}: {name} is the table's plan for strategy {name}; name this "
+            "variant otherwise"
+        )

@@ -145,13 +145,13 @@ def test_per_run_and_summary_hold_the_logged_numbers(in_store):
     assert per_run.loc[per_run["phase"] == 1, "test_mae"].isna().all()  # phase 1 not evaluated
 
     summary = pd.read_csv(out / "summary.csv")
-    assert list(zip(summary["strategy"], summary["phase"], strict=True)) == [
+    assert list(zip(summary["variant"], summary["phase"], strict=True)) == [
         (s, p) for s in STRATEGIES for p in (1, 2)
     ]
     assert (summary["n_seeds"] == 2).all() and summary["n_evaluated"].tolist() == [0, 2] * 3
-    grouped = per_run.groupby(["strategy", "phase"])
+    grouped = per_run.groupby(["variant", "phase"])
     for r in summary.itertuples():
-        g = grouped.get_group((r.strategy, r.phase))
+        g = grouped.get_group((r.variant, r.phase))
         for metric in ("best_val_loss", "val_autocorr_at_best", "phase_seconds", "test_mae"):
             mean, std = getattr(r, f"{metric}_mean"), getattr(r, f"{metric}_std")
             if r.phase == 1 and metric == "test_mae":
@@ -162,7 +162,7 @@ def test_per_run_and_summary_hold_the_logged_numbers(in_store):
 
     md = (out / "report.md").read_text()
     for r in summary[summary["phase"] == 2].itertuples():
-        [row] = _md_rows(md, f"| {r.strategy} | 2 | 2 |")
+        [row] = _md_rows(md, f"| {r.variant} | 2 | 2 |")
         assert f"| {_g(r.test_mae_mean)} ± {_g(r.test_mae_std)} |" in row
         assert f"| {_g(r.best_val_loss_mean)} ± {_g(r.best_val_loss_std)} |" in row
         minutes = f"| {_g(r.phase_seconds_mean / 60)} ± {_g(r.phase_seconds_std / 60)} |"
@@ -180,8 +180,8 @@ def test_paired_comparison_is_the_bootstrap_of_the_same_samples(compared):
     assert not paired["real"].any()  # 8 pairs is below MIN_PAIRS: never called real
     md = (out / "report.md").read_text()
     for r in paired.itertuples():
-        a = per_sample[per_sample["strategy"] == r.a].set_index(["seed", "file"])[r.metric]
-        b = per_sample[per_sample["strategy"] == r.b].set_index(["seed", "file"])[r.metric]
+        a = per_sample[per_sample["variant"] == r.a].set_index(["seed", "file"])[r.metric]
+        b = per_sample[per_sample["variant"] == r.b].set_index(["seed", "file"])[r.metric]
         b = b.reindex(a.index)  # the same (seed, test file) on both sides
         boot = metrics.paired_bootstrap(a.to_numpy(), b.to_numpy())
         assert (r.mean_diff, r.ci_low, r.ci_high) == pytest.approx(
@@ -199,7 +199,7 @@ def test_strategies_beside_the_baselines_on_the_same_samples(in_store):
     out = in_store / "report"
     beside = pd.read_csv(out / "baselines.csv")
     assert beside["name"].tolist() == [*STRATEGIES, "mean", "knn", "direct"]
-    assert beside["kind"].tolist() == ["strategy"] * 3 + ["baseline"] * 3
+    assert beside["kind"].tolist() == ["variant"] * 3 + ["baseline"] * 3
     assert (beside["n"] == 2).all()  # each baseline fitted once per seed's split
     means = beside.set_index("name")
     # strategies: their phase-2 evaluations; baselines: their own evaluation runs, per seed
@@ -208,10 +208,10 @@ def test_strategies_beside_the_baselines_on_the_same_samples(in_store):
     baselines = evaluations[evaluations["tags.baseline"].notna()]
     assert len(baselines) == 6  # 3 baselines x 2 seeds' splits
     for name in STRATEGIES:
-        runs = per_run[(per_run["strategy"] == name) & (per_run["phase"] == 2)]
+        runs = per_run[(per_run["variant"] == name) & (per_run["phase"] == 2)]
         assert means.loc[name, "test_mae_mean"] == pytest.approx(runs["test_mae"].mean())
         assert means.loc[name, "seconds_mean"] == pytest.approx(
-            per_run[per_run["strategy"] == name].groupby("seed")["phase_seconds"].sum().mean()
+            per_run[per_run["variant"] == name].groupby("seed")["phase_seconds"].sum().mean()
         )
     for name, runs in baselines.groupby("tags.baseline"):
         assert means.loc[name, "test_mae_mean"] == pytest.approx(runs["metrics.test_mae"].mean())
@@ -226,8 +226,8 @@ def test_strategies_beside_the_baselines_on_the_same_samples(in_store):
     assert (vs["n"] == 2 * 4).all()  # the same (seed, test file) pairs as between strategies
     assert not vs["real"].any()  # 8 pairs is below MIN_PAIRS
     for r in vs.itertuples():
-        mine = per_sample.loc[per_sample["strategy"] == r.strategy, r.metric]
-        assert r.strategy_mean == pytest.approx(mine.mean())
+        mine = per_sample.loc[per_sample["variant"] == r.variant, r.metric]
+        assert r.variant_mean == pytest.approx(mine.mean())
         column = f"test_{r.metric}_mean"
         # the best baseline of each measure: the lowest over seeds
         assert means.loc[r.baseline, column] == means.loc[["mean", "knn", "direct"], column].min()
@@ -245,9 +245,9 @@ def test_strategies_beside_the_baselines_on_the_same_samples(in_store):
     for strategy in STRATEGIES:
         [line] = [x for x in section.splitlines() if x.startswith(f"- **{strategy}** (phase 2)")]
         assert " beats the best baseline on no measure: no real difference on " in line
-        rows = vs[vs["strategy"] == strategy]
+        rows = vs[vs["variant"] == strategy]
         for r in rows.itertuples():
-            said = f"{names[r.metric]} {_g(r.strategy_mean)} against {r.baseline}'s "
+            said = f"{names[r.metric]} {_g(r.variant_mean)} against {r.baseline}'s "
             assert said + f"{_g(r.baseline_mean)} (" in line
             why = ("" if r.seeds_agree else ", seeds disagree") + ", only 8 pairs)"
             assert (
@@ -271,7 +271,7 @@ def test_report_figures_draw_the_report_tables(in_store):
     fig = {name[:-4]: f for name, f, _ in figs}
     out = in_store / "report"
     for name, table in (("paired", "paired.csv"), ("versus_baselines", "versus_baselines.csv")):
-        rows = pd.read_csv(out / table).rename(columns={"strategy": "a", "baseline": "b"})
+        rows = pd.read_csv(out / table).rename(columns={"variant": "a", "baseline": "b"})
         for ax, (_, p) in zip(fig[name].axes, rows.groupby("metric", sort=False), strict=True):
             drawn = [_errorbar(bar) for bar in ax.containers]
             np.testing.assert_allclose(drawn, p[["mean_diff", "ci_low", "ci_high"]], err_msg=name)
@@ -279,7 +279,7 @@ def test_report_figures_draw_the_report_tables(in_store):
     ax = fig["val_loss"].axes[0]
     client = mlflow.MlflowClient()
     for strategy in STRATEGIES:
-        runs = sel.phases[sel.phases["strategy"] == strategy]
+        runs = sel.phases[sel.phases["variant"] == strategy]
         values = pd.DataFrame(
             [
                 (r.seed, m.step, m.value)
@@ -294,7 +294,7 @@ def test_report_figures_draw_the_report_tables(in_store):
         np.testing.assert_allclose(line.get_ydata(), mean.to_numpy())
     # error growth: each strategy's and baseline's error_by_step.csv, averaged over seeds
     ax = fig["error_by_step"].axes[0]
-    for name, runs in [*c.chosen.groupby("strategy"), *c.side.groupby("baseline")]:
+    for name, runs in [*c.chosen.groupby("variant"), *c.side.groupby("baseline")]:
         curves = [c.files[r].by_step.iloc[:, 1].to_numpy() for r in runs["run_id"]]
         label = name if name in STRATEGIES else f"{name} baseline"
         np.testing.assert_allclose(_line(ax, label).get_ydata(), np.mean(curves, axis=0))
@@ -350,7 +350,7 @@ def test_filters_and_a_report_without_evaluations(in_store):
         in_store / "filtered", strategies=("mae", "combined"), phases=(1,), seeds=(0,)
     )
     summary = pd.read_csv(path.parent / "summary.csv")
-    assert list(zip(summary["strategy"], summary["phase"], strict=True)) == [
+    assert list(zip(summary["variant"], summary["phase"], strict=True)) == [
         ("mae", 1),
         ("combined", 1),
     ]
@@ -387,7 +387,7 @@ def test_one_strategy_evaluated_and_reports_replace_only_reports(in_store):
         (
             ["--strategy", "mae", "--phase", "4"],
             "error: no phase runs in experiment 'seqgen' match strategy=mae, phase=4; the "
-            "experiment has strategy autocorr, combined, mae; phase 1, 2; seed 0, 1, 2, 3",
+            "experiment has variant autocorr, combined, mae; phase 1, 2; seed 0, 1, 2, 3",
         ),
         (["--tag", "owner=me"], "error: no phase runs in experiment 'seqgen' match owner=me"),
         (["--tag", "owner"], "error: --tag must look like KEY=VALUE, got 'owner'"),
@@ -414,7 +414,7 @@ def _per_sample(shift: dict[str, float], seeds=(0, 1), n=10, seed_sign=None) -> 
             for j in range(n):
                 rows.append(
                     {
-                        "strategy": strategy,
+                        "variant": strategy,
                         "seed": seed,
                         "file": f"f{j}",
                         "mae": base[i, j] + sign * d + 0.001 * rng.standard_normal(),
@@ -442,7 +442,7 @@ def test_conclusions_name_the_winner_and_the_difference():
     paired = tables.paired_comparison(per_sample)
     chosen = pd.DataFrame(
         {
-            "strategy": list(STRATEGIES) * 2,
+            "variant": list(STRATEGIES) * 2,
             "phase": 5,
             "seed": [0] * 3 + [1] * 3,
             "test_tf_gap": [0.1, 0.2, 0.05] * 2,
@@ -464,7 +464,7 @@ def test_paused_runs_are_left_out_even_when_marked_finished(in_store):
     exp = client.get_experiment_by_name("seqgen")
     tags = {
         "kind": "phase",
-        "strategy": "mae",
+        "variant": "mae",
         "phase": "1",
         "seed": "7",
         "preset": "smoke",
@@ -483,10 +483,10 @@ def test_paused_runs_are_left_out_even_when_marked_finished(in_store):
 
 def test_one_evaluated_strategy_names_no_winner():
     per_run = pd.DataFrame(
-        {"strategy": ["mae", "combined"], "seed": [0, 0], "phase_seconds": [1.0, 1.0]}
+        {"variant": ["mae", "combined"], "seed": [0, 0], "phase_seconds": [1.0, 1.0]}
     )
-    chosen = pd.DataFrame({"strategy": ["combined"], "phase": [2], "test_tf_gap": [0.1]})
-    per_sample = _per_sample({"combined": 0.0}).query("strategy == 'combined'")
+    chosen = pd.DataFrame({"variant": ["combined"], "phase": [2], "test_tf_gap": [0.1]})
+    per_sample = _per_sample({"combined": 0.0}).query("variant == 'combined'")
     lines = conclusions(per_sample, pd.DataFrame(), chosen, per_run)
     assert lines == ["Only combined has a test evaluation; evaluate mae to compare."]
 
@@ -494,17 +494,17 @@ def test_one_evaluated_strategy_names_no_winner():
 def _verdict_frames(shift: dict[str, float], baselines: dict[str, float]):
     """Per-sample MAE of strategies (shift) and baselines (offsets) around one base error."""
     per_sample = _per_sample(shift | baselines, n=12)
-    is_b = per_sample["strategy"].isin(list(baselines))
+    is_b = per_sample["variant"].isin(list(baselines))
     return (
         per_sample[~is_b],
-        per_sample[is_b].rename(columns={"strategy": "baseline"}),
+        per_sample[is_b].rename(columns={"variant": "baseline"}),
     )
 
 
 def test_versus_baselines_pairs_each_strategy_with_the_best_baseline():
     models, bl = _verdict_frames({"mae": 0.0, "autocorr": 0.6}, {"mean": 1.0, "knn": 0.3})
     assert tables.best_baselines(bl) == {"mae": "knn"}
-    vs = tables.versus_baselines(models, bl).set_index("strategy")
+    vs = tables.versus_baselines(models, bl).set_index("variant")
     assert (vs["baseline"] == "knn").all() and (vs["n"] == 24).all()
     assert vs.loc["mae", "mean_diff"] == pytest.approx(-0.3, abs=0.01) and vs.loc["mae", "real"]
     assert vs.loc["autocorr", "mean_diff"] == pytest.approx(0.3, abs=0.01)
@@ -514,7 +514,7 @@ def test_versus_baselines_pairs_each_strategy_with_the_best_baseline():
     beside = pd.DataFrame(
         {
             "name": ["mae", "autocorr", "knn"],
-            "kind": ["strategy", "strategy", "baseline"],
+            "kind": ["variant", "variant", "baseline"],
             "phase": [5, 5, None],
             "seconds_mean": [600.0, 660.0, 0.2],
         }
@@ -535,7 +535,7 @@ def test_versus_baselines_pairs_each_strategy_with_the_best_baseline():
 def test_baselines_pair_with_evaluations_by_split_fingerprint():
     chosen = pd.DataFrame(
         {
-            "strategy": ["mae", "combined", "mae"],
+            "variant": ["mae", "combined", "mae"],
             "seed": [0, 0, 1],
             "split_fingerprint": ["aaa", "aaa", "bbb"],
             "max_lag": [20.0, 20.0, 20.0],
@@ -583,7 +583,7 @@ def _curves_frame(keys=("val_loss",), strategies=("mae", "combined")) -> pd.Data
         for seed in (0, 1, 2)
         for step in (1, 2, 3)
     ]
-    return pd.DataFrame(rows, columns=["strategy", "seed", "key", "step", "value"])
+    return pd.DataFrame(rows, columns=["variant", "seed", "key", "step", "value"])
 
 
 def test_val_loss_figure_draws_the_mean_and_the_band_over_seeds():
@@ -598,7 +598,7 @@ def test_val_loss_figure_draws_the_mean_and_the_band_over_seeds():
     ]
     assert list(_line(ax, "phase boundary").get_xdata()) == [1.5, 1.5]
     for name, band in zip(("mae", "combined"), ax.collections, strict=True):
-        g = curves[curves["strategy"] == name].groupby("step")["value"]
+        g = curves[curves["variant"] == name].groupby("step")["value"]
         line = _line(ax, name)
         np.testing.assert_array_equal(line.get_xdata(), [1, 2, 3])
         np.testing.assert_allclose(line.get_ydata(), g.mean())
@@ -661,13 +661,13 @@ def test_sample_figures_draw_the_arrays_they_are_given():
 def test_param_error_and_error_by_step_figures_draw_their_tables():
     per_sample = pd.DataFrame(
         {
-            "strategy": ["mae", "mae", "combined"],
+            "variant": ["mae", "mae", "combined"],
             "nu": [0.01, 1.0, 0.1],
             "amp": [1.0, 2.0, 1.5],
             "mae": [0.1, 0.2, 0.3],
         }
     )
-    knn = per_sample.iloc[:2].drop(columns="strategy").assign(baseline="knn", mae=[0.05, 0.06])
+    knn = per_sample.iloc[:2].drop(columns="variant").assign(baseline="knn", mae=[0.05, 0.06])
     fig = plots.param_error_figure(per_sample, ["nu", "amp"], baselines=knn)
     panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible() and ax.get_title()}
     assert list(panels) == ["mae", "combined", "knn baseline"]
@@ -682,9 +682,9 @@ def test_param_error_and_error_by_step_figures_draw_their_tables():
     assert fig.get_suptitle() == "Test MAE over the parameter plane (all evaluated seeds pooled)"
 
     by_step = pd.DataFrame(
-        {"strategy": "mae", "seed": [0, 0, 1, 1], "step": [0, 1] * 2, "value": [1.0, 2, 3, 6]}
+        {"variant": "mae", "seed": [0, 0, 1, 1], "step": [0, 1] * 2, "value": [1.0, 2, 3, 6]}
     )
-    bl = by_step.drop(columns="strategy").assign(baseline="direct", value=[0.1, 0.2, 0.3, 0.4])
+    bl = by_step.drop(columns="variant").assign(baseline="direct", value=[0.1, 0.2, 0.3, 0.4])
     fig = plots.error_by_step_figure(by_step, bl)
     ax = fig.axes[0]
     np.testing.assert_allclose(_line(ax, "mae").get_ydata(), [2.0, 4.0])  # mean over seeds
@@ -741,24 +741,24 @@ def table_with_first(tmp_path, monkeypatch):
 def test_a_new_strategy_section_takes_its_place_in_tables_and_figures(table_with_first):
     assert table_with_first[:2] == ("first", "mae")
     # the table's order, each strategy's variants after it, then names the table lacks
-    names = ["zzz", "combined-30mae_70auto", "combined", "autocorr", "mae", "first"]
-    order = tables.strategy_order(names)
-    assert order == ["first", "mae", "autocorr", "combined", "combined-30mae_70auto", "zzz"]
+    names = ["zzz", "combined+alpha=0.3", "combined", "autocorr", "mae", "first"]
+    order = tables.variant_order(names)
+    assert order == ["first", "mae", "autocorr", "combined", "combined+alpha=0.3", "zzz"]
     # colours by table position, then by position among the others
     assert [plots.strategy_color(n, order) for n in order] == list(plots.STRATEGY_COLORS[:6])
 
-    shift = {"combined-30mae_70auto": 0.2, "mae": 0.5, "first": 0.0}
+    shift = {"combined+alpha=0.3": 0.2, "mae": 0.5, "first": 0.0}
     per_sample = _per_sample(shift)
     paired = tables.paired_comparison(per_sample)
     assert list(zip(paired["a"], paired["b"], strict=True)) == [
         ("first", "mae"),
-        ("first", "combined-30mae_70auto"),
-        ("mae", "combined-30mae_70auto"),
+        ("first", "combined+alpha=0.3"),
+        ("mae", "combined+alpha=0.3"),
     ]
     assert paired["real"].all()
     per_run = pd.DataFrame(
         {
-            "strategy": list(shift) * 2,
+            "variant": list(shift) * 2,
             "phase": 5,
             "seed": [0] * 3 + [1] * 3,
             "best_val_loss": 1.0,
@@ -766,18 +766,18 @@ def test_a_new_strategy_section_takes_its_place_in_tables_and_figures(table_with
         }
     )
     summary = tables.summary_table(per_run)
-    assert summary["strategy"].tolist() == ["first", "mae", "combined-30mae_70auto"]
+    assert summary["variant"].tolist() == ["first", "mae", "combined+alpha=0.3"]
     text = conclusions(per_sample, paired, per_run, per_run)
     assert text[0].startswith("**pointwise accuracy (MAE)**: **first** is lowest (")
     assert "**Overall**: use **first**" in text[1]
 
-    curves = _curves_frame(strategies=("mae", "combined-30mae_70auto", "first"))
+    curves = _curves_frame(strategies=("mae", "combined+alpha=0.3", "first"))
     ax = plots.val_loss_figure(curves, []).axes[0]
     drawn = [(x.get_label(), x.get_color()) for x in ax.get_lines()]
     assert drawn == [
         ("first", plots.STRATEGY_COLORS[0]),
         ("mae", plots.STRATEGY_COLORS[1]),
-        ("combined-30mae_70auto", plots.STRATEGY_COLORS[4]),
+        ("combined+alpha=0.3", plots.STRATEGY_COLORS[4]),
     ]
 
 
@@ -802,7 +802,7 @@ def _beside(names: list[str]) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "name": [*names, "knn"],
-            "kind": ["strategy"] * len(names) + ["baseline"],
+            "kind": ["variant"] * len(names) + ["baseline"],
             "phase": [5] * len(names) + [None],
             "seconds_mean": [600.0] * len(names) + [0.2],
         }
@@ -823,9 +823,9 @@ def test_verdicts_say_on_which_measure_a_strategy_beats_the_baselines_and_by_how
     models = pd.concat(
         [
             # half knn's MAE; three times direct's ACF error
-            _samples("strategy", first, mae=BASE - 0.5, acf_error=np.full(12, 0.03)),
+            _samples("variant", first, mae=BASE - 0.5, acf_error=np.full(12, 0.03)),
             # twice knn's MAE; half direct's ACF error
-            _samples("strategy", second, mae=BASE + 1.0, acf_error=np.full(12, 0.005)),
+            _samples("variant", second, mae=BASE + 1.0, acf_error=np.full(12, 0.005)),
         ]
     )
     assert tables.best_baselines(BASELINE_SAMPLES) == {"mae": "knn", "acf_error": "direct"}
@@ -851,7 +851,7 @@ def test_verdicts_say_on_which_measure_a_strategy_beats_the_baselines_and_by_how
 
 def test_verdict_no_when_every_strategy_is_worse_everywhere():
     first = config.strategies()[0]
-    models = _samples("strategy", first, mae=BASE * 4, acf_error=np.full(12, 0.04))
+    models = _samples("variant", first, mae=BASE * 4, acf_error=np.full(12, 0.04))
     vs = tables.versus_baselines(models, BASELINE_SAMPLES)
     head, line = baseline_verdicts(vs, _beside([first]))
     assert head.startswith(
@@ -879,8 +879,8 @@ def test_which_way_is_better_comes_from_the_registry(monkeypatch):
     )
     models = pd.concat(
         [
-            _samples("strategy", first, skill=np.full(12, 0.9)),
-            _samples("strategy", second, skill=np.full(12, 0.7)),
+            _samples("variant", first, skill=np.full(12, 0.9)),
+            _samples("variant", second, skill=np.full(12, 0.7)),
         ]
     )
     assert tables.best_baselines(bl) == {"skill": "knn"}
@@ -891,7 +891,7 @@ def test_which_way_is_better_comes_from_the_registry(monkeypatch):
     assert two.startswith(f"**{second}** (phase 5) beats the best baseline on no measure: it is")
     paired = tables.paired_comparison(models)
     per_run = pd.DataFrame(
-        {"strategy": [first, second], "phase": 5, "seed": 0, "phase_seconds": 1.0}
+        {"variant": [first, second], "phase": 5, "seed": 0, "phase_seconds": 1.0}
     )
     best = conclusions(models, paired, per_run, per_run)[0]
     assert best.startswith(f"**skill**: **{first}** is highest (0.9 ± 0 over 2 seed(s), phase 5); ")

@@ -80,7 +80,8 @@ def test_a_member_trained_in_the_stack_equals_the_chain_trained_alone(
                 [v for _, v in ha[key]], rel=rel, abs=0.0
             ), (b.strategy, key)
     run = MlflowClient().get_run(stacked[2].run_id)
-    assert run.data.tags["strategy"] == "combined-70mae_30auto"
+    assert run.data.tags["strategy"] == "combined"
+    assert run.data.tags["variant"] == "combined+alpha=0.7+clip_grad_norm=0.3+epochs=3"
     assert run.data.params["clip_grad_norm"] == "0.3"
 
 

@@ -259,11 +259,16 @@ def test_a_registered_phase_is_not_trained_again(store, smoke_data):
     args = [*SMOKE_TRAIN, "--epochs", "1", "--data_dir", str(smoke_data)]
     assert run_cli(*args)[0] == 0
     code, out = run_cli(*args)
-    assert code == 0 and "already registered as seqgen-mae-smoke/1" in out
+    assert code == 0 and "already registered as seqgen-mae+epochs=1-smoke/1" in out
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert len(runs) == 1
-    code, out = run_cli(*args, "--noise_level", "0.01")  # other settings: another run, own folder?
-    assert code == 2 and "holds the files of another run" in out.splitlines()[-1]
+    code, out = run_cli(*args, "--noise_level", "0.01")  # other settings: another variant
+    assert code == 0 and "registered models:/seqgen-mae+epochs=1+noise_level=0.01-smoke/1" in out
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert sorted(r.data.tags["variant"] for r in runs) == [
+        "mae+epochs=1",
+        "mae+epochs=1+noise_level=0.01",
+    ]
 
 
 def test_every_command_takes_snake_case_and_the_old_spellings(store, smoke_data, tmp_path):

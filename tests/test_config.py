@@ -63,7 +63,7 @@ def test_full_table_matches_the_original(strategy, phase):
     first = 100 * (phase - 1) + 1
     assert s.planned_first_epoch == first
     assert s.folder(first).name == f"{FOLDERS[strategy]}_{first}_{first + 99}"
-    assert s.run_name == f"{strategy}-p{phase}-s0" and s.variant == strategy
+    assert s.run_name == f"{strategy}-p{phase}-s0" and s.variant_name == strategy and s.is_plan
     expected_parent = None if phase == 1 else f"models:/seqgen-{strategy}@phase-{phase - 1}-s0"
     assert s.continues_from == expected_parent
 
@@ -74,14 +74,22 @@ def test_presets_shrink_and_overrides_win():
     assert demo.planned_first_epoch == 9 and demo.registered_model == "seqgen-combined-demo"
     s = resolve("combined", 2, "smoke", epochs=3, alpha=0.3, hidden_size=8)
     assert (s.epochs, s.alpha, s.hidden_size) == (3, 0.3, 8)
-    assert s.folder(4).name == "combined-30mae_70auto_4_6"
     assert s.overrides() == {"epochs": 3, "alpha": 0.3, "hidden_size": 8}
-    # another alpha is another strategy variant: its own runs, model and aliases
-    assert (s.variant, s.run_name) == ("combined-30mae_70auto", "combined-30mae_70auto-p2-s0")
-    assert s.registered_model == "seqgen-combined-30mae_70auto-smoke"
-    assert s.continues_from == "models:/seqgen-combined-30mae_70auto-smoke@phase-1-s0"
-    assert resolve("mae", 1, alpha=0.0).variant == "mae-100auto"
+    # any difference from the table is a variant: its own folders, runs, model and aliases,
+    # named by what differs, in the settings' order
+    name = "combined+alpha=0.3+epochs=3+hidden_size=8"
+    assert s.differences() == {"alpha": 0.3, "epochs": 3, "hidden_size": 8}
+    assert (s.variant_name, s.run_name) == (name, f"{name}-p2-s0")
+    assert s.folder(4).name == f"{name}_4_6"
+    assert s.registered_model == f"seqgen-{name}-smoke"
+    assert s.continues_from == f"models:/seqgen-{name}-smoke@phase-1-s0"
+    assert resolve("mae", 1, alpha=0.0).variant_name == "mae+alpha=0.0"
     assert resolve("combined", 2, "smoke").overrides() == {}
+    # where and how it runs, the seed and bookkeeping are not differences
+    same = resolve("mae", 2, "smoke", seed=3, data_dir="elsewhere", outputs_root="o2", device="cpu")
+    assert same.is_plan and same.registered_model == "seqgen-mae-smoke"
+    named = resolve("mae", 2, "smoke", hidden_size=24, variant="wide")
+    assert (named.variant_name, named.registered_model) == ("wide", "seqgen-wide-smoke")
 
 
 @pytest.mark.parametrize(
@@ -161,8 +169,9 @@ def test_phase_config_prints_original_flag_names():
     }
     assert keys <= set(d)
     assert d["max_lag"] == 15 and d["start_lr"] == 0.0002 and d["min_lr"] == 0.0001
-    assert d["existing_model"] == "models:/seqgen-mae@phase-1-s0"
-    assert d["output_dir"].endswith("100mae_101_200")
+    # another start_lr is a variant: it continues its own phase 1, in its own folder
+    assert d["existing_model"] == "models:/seqgen-mae+start_lr=0.0002@phase-1-s0"
+    assert d["output_dir"].endswith("mae+start_lr=0.0002_101_200")
 
 
 def test_cli_bad_option_is_one_line_error():
@@ -223,7 +232,7 @@ def test_a_new_strategy_is_a_table_section_and_nothing_else(table_file, store, s
         "clip_grad_norm = 1.0\n"
     )
     s = resolve("mostly_mae", 1, "smoke", data_dir=str(smoke_data))
-    assert (s.variant, s.loss_name, s.max_lag, s.trains_two_terms) == (
+    assert (s.variant_name, s.loss_name, s.max_lag, s.trains_two_terms) == (
         "mostly_mae",
         "80mae_20auto",
         10,
@@ -251,11 +260,11 @@ def test_two_strategies_never_share_a_folder(table_file, store, smoke_data):
         ("mae", None): "100mae_1_2",
         ("autocorr", None): "100auto_1_2",
         ("combined", None): "50mae_50auto_1_2",
-        ("autocorr", 0.5): "autocorr-50mae_50auto_1_2",
+        ("autocorr", 0.5): "autocorr+alpha=0.5_1_2",
         ("half", None): "half-50mae_50auto_1_2",
-        ("combined", 0.3): "combined-30mae_70auto_1_2",
-        ("autocorr", 0.3): "autocorr-30mae_70auto_1_2",
-        ("combined", 0.305): "combined-30.5mae_69.5auto_1_2",
+        ("combined", 0.3): "combined+alpha=0.3_1_2",
+        ("autocorr", 0.3): "autocorr+alpha=0.3_1_2",
+        ("combined", 0.305): "combined+alpha=0.305_1_2",
     }
     for (strategy, alpha), name in cases.items():
         given = {} if alpha is None else {"alpha": alpha}

@@ -60,7 +60,7 @@ def test_the_best_epochs_model_is_registered_whatever_path_the_phase_took(
     client = MlflowClient()
     a, b = settings(smoke_data, "A", epochs=6), settings(smoke_data, "B", epochs=6)
     paused = train_phase(a, RunOptions(stop_at_epoch=2))
-    stale = Bundle.load(tmp_path / "A/smoke-s0/100mae_1_6/best_model.pth")
+    stale = Bundle.load(tmp_path / "A/smoke-s0/mae+epochs=6_1_6/best_model.pth")
     assert (paused.status, stale.epoch) == ("paused", paused.best_epoch)
 
     def dies(*args, **kwargs):  # the process is killed while it registers
@@ -74,7 +74,7 @@ def test_the_best_epochs_model_is_registered_whatever_path_the_phase_took(
     assert run.info.status == "KILLED" and run.data.tags[tracking.PHASE_STATE] == "trained"
     best = int(run.data.metrics["best_epoch"])
     assert best > 2, "B improved on A's epochs (else A's file is not stale)"
-    b_best = Bundle.load(tmp_path / "B/smoke-s0/100mae_1_6/best_model.pth")
+    b_best = Bundle.load(tmp_path / "B/smoke-s0/mae+epochs=6_1_6/best_model.pth")
     assert b_best.epoch == best
 
     done = train_phase(a)  # the same command on A again
@@ -83,12 +83,12 @@ def test_the_best_epochs_model_is_registered_whatever_path_the_phase_took(
     assert registered.epoch == best
     for name, weights in b_best.state_dict.items():
         assert torch.equal(weights, registered.state_dict[name]), name
-    assert Bundle.load(tmp_path / "A/smoke-s0/100mae_1_6/best_model.pth").epoch == best
+    assert Bundle.load(tmp_path / "A/smoke-s0/mae+epochs=6_1_6/best_model.pth").epoch == best
     # nothing twice: every epoch's metrics once, the end-of-phase ones once at the last epoch
     steps = steps_once(client, done.run_id)
     assert steps["val_loss"] == [1, 2, 3, 4, 5, 6]
     assert steps["best_val_loss"] == [6]
-    assert versions(client) == ["1"]
+    assert versions(client, "seqgen-mae+epochs=6-smoke") == ["1"]
 
 
 def versions(client: MlflowClient, name: str = "seqgen-mae-smoke") -> list[str]:
@@ -123,7 +123,7 @@ def test_an_unreadable_checkpoint_is_set_aside_and_a_readable_one_used(
 
     s1 = settings(smoke_data, "out", epochs=4, seed=1)
     paused = train_phase(s1, RunOptions(stop_at_epoch=2))
-    local = tmp_path / "out/smoke-s1/100mae_1_4/last_checkpoint.pth"
+    local = tmp_path / "out/smoke-s1/mae+epochs=4_1_4/last_checkpoint.pth"
     truncate(local)
     truncate(stored(client, paused.run_id, "checkpoints/last_checkpoint.pth"))
     said.clear()
@@ -199,7 +199,7 @@ def test_two_processes_starting_one_new_phase_train_it_once(store, smoke_data, t
     runs = phase_runs(client)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert steps_once(client, runs[0].info.run_id)["val_loss"] == [1, 2, 3, 4]
-    assert versions(client) == ["1"]
+    assert versions(client, "seqgen-mae+epochs=4-smoke") == ["1"]
 
 
 SKEWED = """

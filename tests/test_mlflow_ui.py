@@ -118,7 +118,7 @@ def test_the_chain_run_carries_its_phases_curves_at_the_global_epochs_exactly_on
     results, _ = chain_store
     client = MlflowClient()
     [chain] = runs_of("chain")
-    assert chain.info.run_name == "mae-s0" and chain.info.status == "FINISHED"
+    assert chain.info.run_name == f"mae+epochs={EPOCHS}-s0" and chain.info.status == "FINISHED"
     assert "mlflow.parentRunId" not in chain.data.tags  # top level: a row of its own
     for key in CURVES:
         logged = [(m.step, m.value) for m in client.get_metric_history(chain.info.run_id, key)]
@@ -158,7 +158,7 @@ def test_the_registered_version_is_the_phase_run_s_logged_model(chain_store):
     results, _ = chain_store
     client = MlflowClient()
     for r in results:
-        version = client.get_model_version("seqgen-mae-smoke", r.version)
+        version = client.get_model_version(f"seqgen-mae+epochs={EPOCHS}-smoke", r.version)
         # the version's source is the logged model (sqlite keeps no model_id of a version)
         assert version.source.startswith("models:/m-"), version.source
         model = client.get_logged_model(version.source.removeprefix("models:/"))
@@ -170,9 +170,9 @@ def test_the_registered_version_is_the_phase_run_s_logged_model(chain_store):
         )
         assert mine.model_id == model.model_id
         linked = json.loads(model.tags["mlflow.modelVersions"])
-        assert linked == [{"name": "seqgen-mae-smoke", "version": int(r.version)}]
+        assert linked == [{"name": f"seqgen-mae+epochs={EPOCHS}-smoke", "version": int(r.version)}]
     # and it still loads through the registry, by version and by alias
-    assert tracking.load_bundle("models:/seqgen-mae-smoke@phase-2").phase == 2
+    assert tracking.load_bundle(f"models:/seqgen-mae+epochs={EPOCHS}-smoke@phase-2").phase == 2
 
 
 def test_bookkeeping_tags_are_under_seqgen_and_nothing_is_both_tag_and_param(chain_store):

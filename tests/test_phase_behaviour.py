@@ -112,6 +112,8 @@ def test_printed_next_phase_command_carries_every_override_and_trains_that_phase
         "epochs": "3",
         "alpha": "0.3",
         "num_workers": "4",
+        # start_lr is not carried: the next phase keeps this variant's name with --variant
+        "variant": "combined+alpha=0.3+epochs=3+hidden_size=12+start_lr=0.002",
     }
 
     args = shlex.split(command.removeprefix("or: "))
@@ -120,28 +122,27 @@ def test_printed_next_phase_command_carries_every_override_and_trains_that_phase
     assert code == 0, out
 
     client = MlflowClient()
-    variant = "seqgen-combined-30mae_70auto-smoke"
+    name = "combined+alpha=0.3+epochs=3+hidden_size=12+start_lr=0.002"
+    variant = f"seqgen-{name}-smoke"
     second = client.get_model_version_by_alias(variant, "phase-2-s0")
     run = client.get_run(second.run_id)
-    assert run.info.run_name == "combined-30mae_70auto-p2-s0"
-    assert run.data.tags["strategy"] == "combined-30mae_70auto"
+    assert run.info.run_name == f"{name}-p2-s0"
+    assert (run.data.tags["strategy"], run.data.tags["variant"]) == ("combined", name)
     p = run.data.params
     assert (p["alpha"], p["hidden_size"], p["epochs"]) == ("0.3", "12", "3")
     assert run.data.tags["phase"] == "2" and "phase" not in p  # a tag, not also a param
     assert p["start_lr"] == "0.0005"  # phase 2's own, from the table
     assert run.data.tags["continued_from"] == f"models:/{variant}/1"  # the exact version
-    trained = Bundle.load(tmp_path / "outputs/smoke-s0/combined-30mae_70auto_4_6/best_model.pth")
-    assert (trained.model_config.hidden_size, trained.strategy) == (12, "combined-30mae_70auto")
-    assert tables_epochs_agree(
-        run.info.run_id, tmp_path / "outputs/smoke-s0/combined-30mae_70auto_4_6"
-    )
+    trained = Bundle.load(tmp_path / f"outputs/smoke-s0/{name}_4_6/best_model.pth")
+    assert (trained.model_config.hidden_size, trained.variant_name) == (12, name)
+    assert tables_epochs_agree(run.info.run_id, tmp_path / f"outputs/smoke-s0/{name}_4_6")
     assert (p["first_epoch"], p["last_epoch"]) == ("4", "6")  # phase 1 ran 1-3
 
     # 5: the variant has its own folders and model; the table's combined is untouched
-    assert (tmp_path / "outputs/smoke-s0/combined-30mae_70auto_1_3/best_model.pth").is_file()
-    table_model = client.search_model_versions("name='seqgen-combined-smoke'")
+    assert (tmp_path / f"outputs/smoke-s0/{name}_1_3/best_model.pth").is_file()
+    table_model = client.search_model_versions("name='seqgen-combined+epochs=1-smoke'")
     assert [str(v.version) for v in table_model] == ["1"]
-    aliases = client.get_registered_model("seqgen-combined-smoke").aliases
+    aliases = client.get_registered_model("seqgen-combined+epochs=1-smoke").aliases
     assert {k: str(v) for k, v in aliases.items()} == {"phase-1": "1", "phase-1-s0": "1"}
     assert str(client.get_model_version_by_alias(variant, "phase-1").version) == "1"
 
@@ -160,22 +161,25 @@ def test_continued_phase_refuses_another_shape_and_records_what_it_trained(
     store, smoke_data, tmp_path
 ):
     assert train_cli("mae", 1, smoke_data, "--epochs", 1)[0] == 0
-    code, out = train_cli("mae", 2, smoke_data, "--epochs", 1, "--hidden_size", 32)
+    parent = ["--existing_model", "models:/seqgen-mae+epochs=1-smoke/1"]
+    code, out = train_cli("mae", 2, smoke_data, "--epochs", 1, "--hidden_size", 32, *parent)
     assert code == 2
     assert out.splitlines()[-1] == (
-        "error: --hidden_size 32 differs from the model it continues (models:/seqgen-mae-smoke/1 "
-        "has hidden_size 16): a continued phase keeps its parent's shape"
+        "error: --hidden_size 32 differs from the model it continues "
+        "(models:/seqgen-mae+epochs=1-smoke/1 has hidden_size 16): a continued phase keeps its "
+        "parent's shape"
     )
     assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == 1
 
     # dropout is a training setting: a continued phase applies its own, and says so everywhere
-    code, out = train_cli("mae", 2, smoke_data, "--epochs", 1, "--dropout", 0.1)
+    code, out = train_cli("mae", 2, smoke_data, "--epochs", 1, "--dropout", 0.1, *parent)
     assert code == 0, out
-    folder = tmp_path / "outputs/smoke-s0/100mae_2_2"
+    folder = tmp_path / "outputs/smoke-s0/mae+dropout=0.1+epochs=1_2_2"
     args = json.loads((folder / "args.json").read_text())
     assert (args["hidden_size"], args["num_layers"], args["dropout"]) == (16, 2, 0.1)
     assert Bundle.load(folder / "best_model.pth").model_config.dropout == 0.1
-    run = MlflowClient().get_model_version_by_alias("seqgen-mae-smoke", "phase-2").run_id
+    model = "seqgen-mae+dropout=0.1+epochs=1-smoke"
+    run = MlflowClient().get_model_version_by_alias(model, "phase-2").run_id
     params = MlflowClient().get_run(run).data.params
     assert (params["hidden_size"], params["dropout"]) == ("16", "0.1")
 
@@ -186,12 +190,15 @@ def test_continued_phase_refuses_another_shape_and_records_what_it_trained(
 def test_next_phase_follows_the_real_last_epoch_after_an_early_stop(store, smoke_data, tmp_path):
     plateau = dict(start_lr=1e-12, min_lr=1e-12, dropout=0.0, noise_level=0.0)
     first = train_phase(
-        settings("mae", 1, smoke_data, epochs=6, early_stopping_patience=1, **plateau),
+        settings(
+            "mae", 1, smoke_data, epochs=6, early_stopping_patience=1, variant="flat", **plateau
+        ),
     )
     assert first.stop_reason == "validation_plateau" and steps_of(first.run_id) == [1, 2, 3]
-    second = train_phase(settings("mae", 2, smoke_data))  # 2 epochs at smoke scale
-    folder = tmp_path / "outputs/smoke-s0/100mae_4_5"
-    assert Path(second.output_dir) == Path("outputs/smoke-s0/100mae_4_5")
+    # the table's phase 2 (2 epochs at smoke scale) of the variant named flat
+    second = train_phase(settings("mae", 2, smoke_data, variant="flat"))
+    folder = tmp_path / "outputs/smoke-s0/flat_4_5"
+    assert Path(second.output_dir) == Path("outputs/smoke-s0/flat_4_5")
     assert tables_epochs_agree(second.run_id, folder)
     assert json.loads((folder / "args.json").read_text())["first_epoch"] == 4
 
@@ -226,7 +233,7 @@ def test_schedules_follow_the_parent_not_the_phase_number(store, smoke_data, tmp
     auto = train_phase(settings("autocorr", 1, smoke_data, epochs=5, **lr))
     assert lr_history(auto.run_id) == pytest.approx(expected["warmup_linear"])
     # phase 1 given a parent continues a model: linear decay, no warm-up
-    parent = str(tmp_path / "outputs/smoke-s0/100mae_1_5/best_model.pth")
+    parent = str(tmp_path / new.output_dir / "best_model.pth")
     continued = train_phase(
         settings("mae", 1, smoke_data, epochs=5, existing_model=parent, outputs_root="c", **lr),
     )
@@ -393,7 +400,7 @@ def test_resume_after_the_data_changed_is_refused_and_the_checkpoint_kept(
     data = copy_data(smoke_data, tmp_path / "data")
     code, out = train_cli("mae", 1, data, "--epochs", 3, "--stop_at_epoch", 1)
     assert code == 0 and "paused after epoch 1" in out
-    checkpoint = tmp_path / "outputs/smoke-s0/100mae_1_3/checkpoint_epoch_1.pth"
+    checkpoint = tmp_path / "outputs/smoke-s0/mae+epochs=3_1_3/checkpoint_epoch_1.pth"
     kept = checkpoint.read_bytes()
     was = Checkpoint.load(checkpoint).bundle.data.fingerprint
 
@@ -451,20 +458,26 @@ def test_evaluate_records_the_version_it_loaded_even_if_the_alias_moves(
     train_phase(settings("mae", 1, smoke_data, epochs=1))
     latest = train_phase(settings("mae", 1, smoke_data, epochs=1, seed=1))
     client = MlflowClient()
-    assert str(client.get_model_version_by_alias("seqgen-mae-smoke", "phase-1").version) == "2"
+    assert (
+        str(client.get_model_version_by_alias("seqgen-mae+epochs=1-smoke", "phase-1").version)
+        == "2"
+    )
 
     real = evaluate.generate_original
 
     def alias_moves_meanwhile(*args, **kwargs):  # another phase registers during the evaluation
-        client.set_registered_model_alias("seqgen-mae-smoke", "phase-1", "1")
+        client.set_registered_model_alias("seqgen-mae+epochs=1-smoke", "phase-1", "1")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(evaluate, "generate_original", alias_moves_meanwhile)
-    summary = evaluate.evaluate_model("models:/seqgen-mae-smoke@phase-1")
+    summary = evaluate.evaluate_model("models:/seqgen-mae+epochs=1-smoke@phase-1")
     tags = client.get_run(summary["run_id"]).data.tags
-    assert str(client.get_model_version_by_alias("seqgen-mae-smoke", "phase-1").version) == "1"
-    assert tags["model_uri"] == "models:/seqgen-mae-smoke@phase-1"  # as asked
-    assert tags["evaluated_model_uri"] == "models:/seqgen-mae-smoke/2"  # as evaluated
+    assert (
+        str(client.get_model_version_by_alias("seqgen-mae+epochs=1-smoke", "phase-1").version)
+        == "1"
+    )
+    assert tags["model_uri"] == "models:/seqgen-mae+epochs=1-smoke@phase-1"  # as asked
+    assert tags["evaluated_model_uri"] == "models:/seqgen-mae+epochs=1-smoke/2"  # as evaluated
     assert (tags["model_version"], tags["seed"]) == ("2", "1")
     assert tags["evaluated_run_id"] == latest.run_id
-    assert summary["evaluated_model_uri"] == "models:/seqgen-mae-smoke/2"
+    assert summary["evaluated_model_uri"] == "models:/seqgen-mae+epochs=1-smoke/2"

@@ -30,12 +30,13 @@ from seqgen.runs import tracking
 from seqgen.training.train import train_phase
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-MODEL = "seqgen-mae-smoke"
+MODEL = "seqgen-mae+epochs=1-smoke"
 
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, smoke_data, migrated_db):
-    """A store with mae phases 1 and 2 (one epoch each) registered as seqgen-mae-smoke 1 and 2."""
+    """A store with mae phases 1 and 2 (one epoch each) registered as seqgen-mae+epochs=1-smoke
+    1 and 2."""
     folder = tmp_path_factory.mktemp("served")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: a second spin-waiting thread only slows them down
@@ -166,7 +167,7 @@ def test_registry_pages_say_what_the_model_is_and_how_to_load_it(registered):
     version = client.get_model_version(MODEL, "2").description
     bundle = tracking.load_bundle(f"models:/{MODEL}/2")
     (nu_lo, nu_hi), _ = bundle.data.param_ranges
-    assert version.startswith("Phase 2 of `mae`, seed 0")
+    assert version.startswith("Phase 2 of `mae+epochs=1`, seed 0")
     assert f"continued from {MODEL}/1;" in version
     assert f"nu in [{nu_lo:.6g}, {nu_hi:.6g}]" in version
     first = client.get_model_version(MODEL, "1").description

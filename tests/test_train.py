@@ -95,8 +95,8 @@ def test_phase_one_then_two_hand_off_through_the_registry(store, smoke_data, tmp
 
 
 def test_single_loss_csv_has_the_original_columns(store, smoke_data, tmp_path):
-    train_phase(settings("mae", 1, smoke_data, epochs=1))
-    path = tmp_path / "outputs" / "smoke-s0" / "100mae_1_1" / "training_metrics.csv"
+    train_phase(settings("mae", 1, smoke_data))  # the plan: the original's folder name
+    path = tmp_path / "outputs" / "smoke-s0" / "100mae_1_2" / "training_metrics.csv"
     header = path.read_text().splitlines()[0]
     assert header == "Epoch,Train Loss,Validation Loss,Test Loss,Learning Rate"
 
@@ -150,10 +150,13 @@ def test_resume_equals_uninterrupted(store, smoke_data, tmp_path, monkeypatch):
     client = MlflowClient()
     assert client.get_run(paused.run_id).info.status == "KILLED"  # left out of comparisons
 
-    other = settings("mae", 1, smoke_data, epochs=6, outputs_root="c", noise_level=0.2)
-    differs = r"differs in: noise_level \(0.05 then, 0.2 now\), save_every \(2 then, 1 now\)"
-    with pytest.raises(ConfigError, match=differs):
+    # the same variant checkpointing otherwise is refused; other noise is another variant
+    other = settings("mae", 1, smoke_data, epochs=6, outputs_root="c")
+    with pytest.raises(ConfigError, match=r"differs in: save_every \(2 then, 1 now\)"):
         train_phase(other, RunOptions(resume=True))
+    noisier = settings("mae", 1, smoke_data, epochs=6, outputs_root="c", noise_level=0.2)
+    with pytest.raises(ConfigError, match=r"no run of mae\+epochs=6\+noise_level=0.2-p1-s0"):
+        train_phase(noisier, RunOptions(resume=True))
     assert client.get_run(paused.run_id).info.status == "KILLED"  # untouched by the refusal
 
     resumed = train_phase(b)  # the same command again takes the phase up
@@ -165,8 +168,8 @@ def test_resume_equals_uninterrupted(store, smoke_data, tmp_path, monkeypatch):
         b_ = [(m.step, m.value) for m in client.get_metric_history(resumed.run_id, key)]
         assert [s for s, _ in b_] == [1, 2, 3, 4, 5, 6], key
         assert b_ == a, key
-    csv_a = (tmp_path / "a/smoke-s0/100mae_1_6/training_metrics.csv").read_text()
-    csv_b = (tmp_path / "b/smoke-s0/100mae_1_6/training_metrics.csv").read_text()
+    csv_a = (tmp_path / "a/smoke-s0/mae+epochs=6_1_6/training_metrics.csv").read_text()
+    csv_b = (tmp_path / "b/smoke-s0/mae+epochs=6_1_6/training_metrics.csv").read_text()
     assert csv_a == csv_b
     assert resumed.best_val == full.best_val
     again = train_phase(b)  # and once more: registered, nothing to train
@@ -186,7 +189,8 @@ def test_a_phase_taken_up_elsewhere_registers_its_best_model_from_the_store(
     there = settings("mae", 1, smoke_data, outputs_root="there", **still)
     done = train_phase(there)
     assert (done.status, done.run_id, done.best_epoch) == ("registered", paused.run_id, 1)
-    first = Bundle.load(tmp_path / "here/smoke-s0/100mae_1_4/best_model.pth")
+    folder = "mae+dropout=0.0+epochs=4+min_lr=1e-12+noise_level=0.0+start_lr=1e-12_1_4"
+    first = Bundle.load(tmp_path / "here/smoke-s0" / folder / "best_model.pth")
     registered = tracking.load_bundle(done.model_uri)
     assert registered.epoch == 1
     for name, weights in first.state_dict.items():
@@ -197,13 +201,14 @@ def test_a_phase_continues_from_its_own_seed(store, smoke_data):
     first_s0 = train_phase(settings("mae", 1, smoke_data, epochs=1))
     train_phase(settings("mae", 1, smoke_data, epochs=1, seed=1))  # moves phase-1
     client = MlflowClient()
-    assert client.get_model_version_by_alias("seqgen-mae-smoke", "phase-1").version == 2
+    model = "seqgen-mae+epochs=1-smoke"
+    assert client.get_model_version_by_alias(model, "phase-1").version == 2
     second_s0 = train_phase(settings("mae", 2, smoke_data, epochs=1))
     run = client.get_run(second_s0.run_id)
     assert run.data.tags["continued_from"] == first_s0.model_uri  # seed 0's, not seed 1's
-    v = client.get_model_version_by_alias("seqgen-mae-smoke", "phase-2-s0")
-    assert v.tags["continued_from"] == "seqgen-mae-smoke/1"
-    with pytest.raises(TrackingError, match="run phase 1 of mae with seed 2 first"):
+    v = client.get_model_version_by_alias(model, "phase-2-s0")
+    assert v.tags["continued_from"] == f"{model}/1"
+    with pytest.raises(TrackingError, match=r"run phase 1 of mae\+epochs=1 with seed 2 first"):
         train_phase(settings("mae", 2, smoke_data, epochs=1, seed=2))
 
 
@@ -262,10 +267,10 @@ def test_retrain_trains_a_registered_phase_anew_as_a_new_version(store, smoke_da
     retrained = train_phase(settings("mae", 1, smoke_data, epochs=1), RunOptions(retrain=True))
     assert retrained.status == "registered" and retrained.run_id != first.run_id
     assert int(retrained.version) == int(first.version) + 1
-    client = MlflowClient()
-    alias = client.get_model_version_by_alias("seqgen-mae-smoke", "phase-1-s0")
+    client, model = MlflowClient(), "seqgen-mae+epochs=1-smoke"
+    alias = client.get_model_version_by_alias(model, "phase-1-s0")
     assert str(alias.version) == retrained.version
-    assert client.get_model_version("seqgen-mae-smoke", first.version).run_id == first.run_id
+    assert client.get_model_version(model, first.version).run_id == first.run_id
     # the plain command again finds the new run registered: nothing is trained a third time
     again = train_phase(settings("mae", 1, smoke_data, epochs=1))
     assert (again.status, again.run_id) == ("skipped", retrained.run_id)

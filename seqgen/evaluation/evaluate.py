@@ -501,6 +501,7 @@ def evaluate_model(
         "model_uri": model_uri,
         "evaluated_model_uri": exact_uri,
         "strategy": bundle.strategy,
+        "variant": bundle.variant_name,
         "phase": bundle.phase,
         "seed": bundle.seed,
         "preset": bundle.preset,
@@ -510,10 +511,10 @@ def evaluate_model(
         tracking.NOTE: descriptions.evaluation_text(
             model_uri, exact_uri, split_name, len(es.idx), bundle.epoch
         ),
-        tracking.RUN_COLOUR: descriptions.strategy_colour(bundle.strategy, strategies()),
+        tracking.RUN_COLOUR: descriptions.variant_colour(bundle.variant_name, strategies()),
     }
     summary = log_evaluation(
-        f"eval-{bundle.strategy}-p{bundle.phase}-s{bundle.seed}",
+        f"eval-{bundle.variant_name}-p{bundle.phase}-s{bundle.seed}",
         tags,
         {},
         es,

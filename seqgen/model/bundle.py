@@ -73,7 +73,7 @@ class Bundle:
     normalizer: Normalizer
     data: DataInfo
     split: Split
-    strategy: str  # the variant trained (combined, or combined-30mae_70auto)
+    strategy: str  # the table's strategy (combined; in files before variants: the variant)
     phase: int
     seed: int
     preset: str
@@ -81,6 +81,11 @@ class Bundle:
     val_loss: float
     run_id: str
     last_epoch: int | None = None  # the phase's last trained epoch; None in format-1 files
+    variant: str = ""  # the variant trained (combined, combined+alpha=0.3); "" in older files
+
+    @property
+    def variant_name(self) -> str:
+        return self.variant or self.strategy
 
     def build_model(self, device: str | torch.device = "cpu") -> StreamlinedSequenceGenerator:
         """The generator with these weights, in eval mode (call .train() to continue training)."""
@@ -104,6 +109,7 @@ class Bundle:
             "val_loss": self.val_loss,
             "run_id": self.run_id,
             "last_epoch": self.last_epoch,
+            "variant": self.variant,
         }
 
     @classmethod
@@ -122,6 +128,7 @@ class Bundle:
             val_loss=float(d["val_loss"]),
             run_id=str(d.get("run_id") or ""),
             last_epoch=None if d.get("last_epoch") is None else int(d["last_epoch"]),
+            variant=str(d.get("variant") or ""),
         )
 
     def save(self, path: Path) -> None:

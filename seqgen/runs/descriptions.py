@@ -3,6 +3,8 @@ from a model bundle and a run's settings. Pure text, no MLflow calls."""
 
 from __future__ import annotations
 
+import hashlib
+
 from seqgen.config import PhaseSettings
 from seqgen.model.bundle import Bundle
 
@@ -26,7 +28,7 @@ def model_descriptions(
 
     latest = f"models:/{name}@phase-{bundle.phase}"
     model_text = (
-        f"seqgen `{bundle.strategy}` ({bundle.preset} preset): generates sequences of "
+        f"seqgen `{bundle.variant_name}` ({bundle.preset} preset): generates sequences of "
         f"{d.seq_len} steps of {len(d.component_names)} components ({comps}) from "
         f"{len(d.param_names)} simulation parameters ({params}), free-running, in the data's "
         f"original units.\n\nInput: one row per parameter set, columns {params}; other columns "
@@ -37,8 +39,8 @@ def model_descriptions(
     span = "; ".join(f"{n} in [{lo:.6g}, {hi:.6g}]" for n, (lo, hi) in ranges)
     parent = continued_from.removeprefix("models:/") or "nothing (new training)"
     version_text = (
-        f"Phase {bundle.phase} of `{bundle.strategy}`, seed {bundle.seed}, best validation loss "
-        f"{bundle.val_loss:.6g} at epoch {bundle.epoch} (last epoch {bundle.last_epoch}); "
+        f"Phase {bundle.phase} of `{bundle.variant_name}`, seed {bundle.seed}, best validation "
+        f"loss {bundle.val_loss:.6g} at epoch {bundle.epoch} (last epoch {bundle.last_epoch}); "
         f"continued from {parent}; run {bundle.run_id}.\n\nTrained on {d.data_dir} (fingerprint "
         f"{d.fingerprint}); parameter ranges of the training split: {span or 'not recorded'}. "
         f"Inputs outside them are answered and flagged (outside_training_range).\n\n"
@@ -57,13 +59,21 @@ BASELINE_COLOURS = {"mean": "#7f7f7f", "knn": "#9467bd", "direct": "#8c564b"}  #
 EXPERIMENT_NOTE_HEAD = "**seqgen**"  # a description that starts so is seqgen's to rewrite
 
 
-def strategy_colour(variant: str, table: list[str]) -> str:
-    """The colour of a strategy (or of a variant, by the strategy it varies: combined-30mae_70auto
-    is combined's)."""
-    base = variant.split("-", 1)[0]
-    if base in table:
-        return STRATEGY_COLOURS[table.index(base) % len(STRATEGY_COLOURS)]
-    return STRATEGY_COLOURS[sum(map(ord, base)) % len(STRATEGY_COLOURS)]
+# Variants take the other colours of matplotlib's tab20 (none of the strategies' or baselines'),
+# by their name: the same colour in every run, chart and figure, and none shared with a plan.
+VARIANT_COLOURS = (
+    "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d",
+    "#9edae5", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173",
+)  # fmt: skip
+
+
+def variant_colour(variant: str, table: list[str]) -> str:
+    """The colour of a variant: a table strategy's plan by its position in the table; any other
+    variant by its name (a stable hash), so each is its own line in the report and the UI."""
+    if variant in table:
+        return STRATEGY_COLOURS[table.index(variant) % len(STRATEGY_COLOURS)]
+    digest = int(hashlib.sha256(variant.encode()).hexdigest(), 16)
+    return VARIANT_COLOURS[digest % len(VARIANT_COLOURS)]
 
 
 def experiment_text(views: dict[str, str], report: str | None) -> str:
@@ -97,11 +107,11 @@ def experiment_text(views: dict[str, str], report: str | None) -> str:
 def phase_text(settings: PhaseSettings, parent: str) -> str:
     s, origin = settings, parent.removeprefix("models:/") or "nothing (new training)"
     return (
-        f"Phase {s.phase} of the `{s.variant}` chain, seed {s.seed}, preset `{s.preset}` (`seqgen "
-        "train`, or a phase of `seqgen pipeline`, `study` or `demo`): every per-epoch metric at "
-        f"the global epochs. Continued from {origin}; its best model is this run's logged model, "
-        f"registered as `{s.registered_model}` "
-        f"(alias `{s.alias()}`) when the phase ends."
+        f"Phase {s.phase} of the `{s.variant_name}` chain, seed {s.seed}, preset `{s.preset}` "
+        "(`seqgen train`, or a phase of `seqgen pipeline`, `study` or `demo`): every per-epoch "
+        f"metric at the global epochs. Continued from {origin}; its best model is this run's "
+        f"logged model, registered as `{s.registered_model}` (alias `{s.alias()}`) when the "
+        "phase ends."
     )
 
 

@@ -30,7 +30,7 @@ from seqgen.config import CHECKPOINT_SECONDS, MAX_OUTAGE, N_PHASES, PhaseSetting
 from seqgen.errors import ConfigError, TrackingError, TrainingError, first_line
 from seqgen.files import copy_atomic
 from seqgen.model.bundle import Bundle, BundleError, Checkpoint
-from seqgen.runs import descriptions, outputs, tracking
+from seqgen.runs import descriptions, outputs, tracking, variants
 from seqgen.runs.delivery import Courier, LeaseWatch, lease_seconds, new_owner, renew_every
 from seqgen.runs.tracking import RunRecord
 from seqgen.training.epochs import EpochRecord, Progress
@@ -150,7 +150,9 @@ class RunKeeper:
             return keeper
         if record is not None:
             keeper._go_on_from(record)
-        outputs.prepare_folder(setup.out_dir, keeper.record.run_id if keeper.record else None)
+        ours = keeper.record.run_id if keeper.record else None
+        keep_other_runs_files(setup, ours)
+        outputs.prepare_folder(setup.out_dir, ours)
         return keeper
 
     def _go_on_from(self, record: RunRecord) -> None:
@@ -187,7 +189,7 @@ class RunKeeper:
             )
         uri = f"models:/{settings.registered_model}/{record.model_version}"
         return PhaseResult(
-            settings.variant,
+            settings.variant_name,
             settings.phase,
             settings.seed,
             record.run_id,
@@ -209,7 +211,7 @@ class RunKeeper:
         self._started = time.perf_counter()
         self._first_epoch_here = self.setup.start.first_epoch + len(progress.history)
         self.run_id = self._claim(owner)
-        chain = self.options.chain_runs.get((self.settings.variant, self.settings.seed))
+        chain = self.options.chain_runs.get((self.settings.variant_name, self.settings.seed))
         self.courier = Courier(self.run_id, owner, mirror_to=chain)
         try:
             tags = tracking.run_tags(self.run_id)
@@ -274,7 +276,7 @@ class RunKeeper:
         tracking.log_dataset(self.run_id, settings.data_dir, setup.data.fingerprint, counts)
         done = len(progress.history)
         log.info(
-            f"[{settings.run_name}] {settings.variant} phase {settings.phase}, epochs "
+            f"[{settings.run_name}] {settings.variant_name} phase {settings.phase}, epochs "
             f"{start.first_epoch}-{setup.last_epoch}, {'/'.join(map(str, counts.values()))} "
             f"train/val/test, {precision_note}, device {setup.device}, run {self.run_id}"
             + (f", continuing from {start.parent_uri}" if start.parent_uri else "")
@@ -535,7 +537,8 @@ class RunKeeper:
                 "run_id": self.run_id,
                 "phase": settings.phase,
                 "seed": settings.seed,
-                "strategy": settings.variant,
+                "strategy": settings.strategy,
+                "variant": settings.variant_name,
                 "preset": settings.preset,
                 "val_loss": progress.best_val,
                 "best_epoch": progress.best_epoch,
@@ -549,7 +552,7 @@ class RunKeeper:
     def _result(self, status: str, progress: Progress, **kw: Any) -> PhaseResult:
         settings = self.settings
         return PhaseResult(
-            settings.variant,
+            settings.variant_name,
             settings.phase,
             settings.seed,
             self.run_id,
@@ -564,16 +567,18 @@ class RunKeeper:
 # ---- the run in the store ------------------------------------------------------------------------
 
 # Run tags a person filters on; they are tags, so they are not logged again as params.
-RUN_TAG_KEYS = ("strategy", "phase", "seed", "preset")
+RUN_TAG_KEYS = ("strategy", "variant", "phase", "seed", "preset")
 
 
 def run_tags(setup: Setup) -> dict[str, str]:
     settings, parent = setup.settings, setup.start.parent_uri or ""
     return {
         tracking.NOTE: descriptions.phase_text(settings, parent),
-        tracking.RUN_COLOUR: descriptions.strategy_colour(settings.variant, strategies()),
+        tracking.RUN_COLOUR: descriptions.variant_colour(settings.variant_name, strategies()),
         "kind": "phase",
-        "strategy": settings.variant,  # as trained: the table's name, or name-<loss> for an --alpha
+        "strategy": settings.strategy,  # the table's section
+        "variant": settings.variant_name,  # as trained: the strategy's name for its plan
+        tracking.VARIANT_DIFFERENCES: variants.record(settings, setup.data.fingerprint),
         "phase": settings.phase,
         "seed": settings.seed,
         "preset": settings.preset,
@@ -585,6 +590,26 @@ def run_tags(setup: Setup) -> dict[str, str]:
         tracking.PHASE_KEY: setup.key,
         tracking.PHASE_SETTINGS: json.dumps(setup.identity, sort_keys=True),
     }
+
+
+def keep_other_runs_files(setup: Setup, ours: str | None) -> None:
+    """The folder holds another run of this variant, phase and seed (other bookkeeping settings,
+    or a parent trained anew): its files move aside to <folder>.run-<id8>, so nothing saved is
+    lost and this run gets the original name; unless that run is still being trained."""
+    holder = outputs.folder_holder(setup.out_dir)
+    if holder is None or holder == ours:
+        return
+    if tracking.run_status(holder) == "RUNNING":
+        raise TrackingError(
+            f"output folder {setup.out_dir} is being written by run {holder} of this phase with "
+            "other settings (RUNNING): run this when it has ended (or end that run if its "
+            "process is gone)"
+        )
+    outputs.set_aside(setup.out_dir, holder)
+    log.info(
+        f"[{setup.settings.run_name}] {setup.out_dir} held run {holder}'s files (other settings "
+        f"or parent): moved aside to {setup.out_dir.name}.run-{holder[:8]}"
+    )
 
 
 def find_run(setup: Setup, options: RunOptions) -> tuple[RunRecord | None, set[str]]:
@@ -699,7 +724,7 @@ def claim_run(
     run later always sees the other's, so at most one goes on."""
     lease = {tracking.LEASE_OWNER: owner, tracking.LEASE_BEAT: "0"}
     if record is None:
-        chain = options.chain_runs.get((setup.settings.variant, setup.settings.seed))
+        chain = options.chain_runs.get((setup.settings.variant_name, setup.settings.seed))
         parent = chain or options.parent_run_id or tracking.active_run_id()  # a chain's, a demo's
         tags = run_tags(setup) | lease | {tracking.PHASE_STATE: "training"}
         run_id = tracking.create_run(setup.experiment_id, setup.settings.run_name, tags, parent)

@@ -53,14 +53,19 @@ def prepare_folder(path: Path, run_id: str | None) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"output folder {path} cannot be written: {e.strerror or e}") from None
-    marker = path / RUN_MARKER
-    holder = marker.read_text().strip() if marker.is_file() else None
+    holder = folder_holder(path)
     if holder != run_id and (holder or any(path.glob("*.pth"))):
+        whose = f"run {holder}" if holder else "no seqgen run"
         raise ConfigError(
-            f"output folder {path} holds the files of another run ({holder or 'unknown'}) of "
-            "this phase, with other settings or data: pass --output_dir or --outputs_root for "
-            "a new folder"
+            f"output folder {path} holds model files of {whose}: move them elsewhere (seqgen "
+            "writes this phase's files there)"
         )
+
+
+def folder_holder(path: Path) -> str | None:
+    """The run whose files the folder holds (its marker), or None."""
+    marker = path / RUN_MARKER
+    return marker.read_text().strip() or None if marker.is_file() else None
 
 
 def set_aside(path: Path, run_id: str) -> None:
@@ -110,17 +115,21 @@ def next_phase_hint(s: PhaseSettings, model_uri: str | None) -> str:
     """The command that continues with the next phase, as the original batch files printed it.
 
     Every setting the command line changed is carried over, except those the table sets anew
-    for each phase (a list in phases.toml, such as start_lr): the next phase takes its own."""
+    for each phase (a list in phases.toml, such as start_lr): the next phase takes its own, under
+    this phase's variant name (--variant), so it continues this chain."""
     t = table()
     sections = [t["shared"], t["strategies"][s.strategy], t["presets"][s.preset]]
     per_phase = {k for section in sections for k, v in section.items() if isinstance(v, list)}
     skip = per_phase | {"seed", "existing_model", "output_dir"}
     carried = {k: v for k, v in s.overrides().items() if k not in skip}
+    dropped = sorted(k for k in s.overrides() if k in per_phase)
+    if dropped and not s.is_plan and s.variant is None:
+        # without what it drops the next phase would name another variant: keep this one's
+        carried["variant"] = s.variant_name
     project = PHASES_FILE.resolve().parent.parent
     here = "." if Path.cwd().resolve() == project else shlex.quote(str(project))
     params = "".join(f" -P {shlex.quote(f'{k}={_value(v)}')}" for k, v in carried.items())
     flags = "".join(f" {_flag(k, v)}" for k, v in carried.items())
-    dropped = sorted(k for k in s.overrides() if k in per_phase)
     note = f"\n  (not carried, set per phase by the table: {', '.join(dropped)})" if dropped else ""
     existing = f" --existing_model {shlex.quote(model_uri)}" if model_uri else ""
     return (

@@ -74,6 +74,7 @@ BEST_MODEL_EPOCH = "seqgen.best_model_epoch"  # the epoch of the best_model.pth 
 DEVICES = "seqgen.devices"  # where a phase taken up on other hardware trained which epochs
 PAUSED_AT = "seqgen.paused_at_epoch"
 CODE_DIGEST = "seqgen.code_digest"  # which seqgen code trained it (seqgen/version.py)
+VARIANT_DIFFERENCES = "seqgen.variant"  # what a variant's name stands for (JSON, variants.py)
 OVERRIDES = "seqgen.overrides"  # the settings the command line changed (JSON)
 STUDY_KEY = "seqgen.study_key"  # digest of a study's chains, phases, preset and settings
 # Runs made before the prefix carry the same tags without it; they are read, never written.
@@ -363,15 +364,27 @@ VIEWS = {
             "groupBy": {
                 "aggregateFunction": "average",
                 "groupByKeys": [
-                    {"mode": "tag", "groupByData": "strategy"},
+                    {"mode": "tag", "groupByData": "variant"},
                     {"mode": "tag", "groupByData": "baseline"},
                 ],
             },
             "chartsSearchFilter": "test_",
         },
     ),
+    "seqgen-variants": (
+        "Variants: one line per variant, the mean of its seeds",
+        {
+            "searchFilter": "tags.kind = 'chain'",
+            "runsHiddenMode": "SHOW_ALL",
+            "groupBy": {
+                "aggregateFunction": "average",
+                "groupByKeys": [{"mode": "tag", "groupByData": "variant"}],
+            },
+        },
+    ),
 }
 CURVES_VIEW = "seqgen-curves"
+VARIANTS_VIEW = "seqgen-variants"  # the link printed at the end of a sweep
 
 
 def view_link(experiment: str, view: str = CURVES_VIEW) -> str:
@@ -421,11 +434,11 @@ def link_report(experiment: str, report_run: str) -> None:
     present_experiment(_client().get_experiment(experiment), report_run)
 
 
-def browse_lines(experiment: str) -> list[str]:
-    """How to open the comparison: a local store's `mlflow ui` command and its link, or the
-    tracking server's own link (credentials never shown)."""
+def browse_lines(experiment: str, view: str = CURVES_VIEW) -> list[str]:
+    """How to open the comparison in a saved view: a local store's `mlflow ui` command and its
+    link, or the tracking server's own link (credentials never shown)."""
     uri = redact(mlflow.get_tracking_uri())
-    link = view_link(experiment)
+    link = view_link(experiment, view)
     if uri.startswith(("http://", "https://")):
         return [f"Compare the runs: {uri.rstrip('/')}/{link}"]
     return [
@@ -598,6 +611,25 @@ def _record(run) -> RunRecord:
 NOT_TAKEN_UP = ("lost", "abandoned")  # runs a phase never goes on in: lost a claim, unreadable
 
 
+@_store_call("look up what a variant's name stands for")
+def variant_records(variant: str, preset: str, phase: int) -> set[tuple[str, str]]:
+    """What the runs of this variant name, preset and phase, in any experiment of the store, say
+    it stands for (tag seqgen.variant: its differences from the table and its data), each with
+    the data folder it was trained on. Per phase: a setting the table changes from phase to
+    phase may equal an override in one of them."""
+    runs = _client().search_runs(
+        [e.experiment_id for e in _client().search_experiments()],
+        f"tags.variant = '{variant}' and tags.preset = '{preset}' and tags.phase = '{phase}' "
+        "and tags.kind = 'phase'",
+        max_results=1000,
+    )
+    return {
+        (r.data.tags[VARIANT_DIFFERENCES], r.data.params.get("data_dir", ""))
+        for r in runs
+        if VARIANT_DIFFERENCES in r.data.tags
+    }
+
+
 @_store_call("search for the phase's run")
 def phase_runs(exp_id: str, phase_key: str) -> list[RunRecord]:
     """Every run of this phase identity, newest first (runs of earlier versions included)."""
@@ -686,6 +718,17 @@ def copy_curves(source: str, target: str, keys: tuple[str, ...] = CHAIN_CURVES) 
         part = [Metric(m.key, m.value, m.timestamp, m.step) for m in batch[i : i + 1000]]
         client.log_batch(target, metrics=part)
     return len(batch)
+
+
+@_store_call("read a run's status")
+def run_status(run_id: str) -> str | None:
+    """RUNNING, FINISHED, FAILED or KILLED; None for a run the store does not have."""
+    try:
+        return _client().get_run(run_id).info.status
+    except MlflowException as e:
+        if _status(e) == 404 or "RESOURCE_DOES_NOT_EXIST" in str(e):
+            return None
+        raise
 
 
 @_store_call("change a run's status")

@@ -16,14 +16,28 @@ import logging
 import sys
 import time
 
-from seqgen.config import PhaseSettings, resolve
+from seqgen.config import PhaseSettings
 from seqgen.errors import SeqgenError
 from seqgen.runs import descriptions, tracking
 from seqgen.runs.keeper import PhaseResult, RunOptions
-from seqgen.study.board import Chain, ChainOutcome, Screen, load_study_data, registered_models
-from seqgen.study.chain import chain_runs, chain_runs_open, end_chain_run, phase_done
+from seqgen.study.board import (
+    Chain,
+    ChainOutcome,
+    Screen,
+    load_study_data,
+    name_chains,
+    plan_chains,
+    registered_models,
+    study_view,
+)
+from seqgen.study.chain import (
+    chain_runs,
+    chain_runs_open,
+    end_chain_run,
+    phase_done,
+)
 from seqgen.training.epochs import EpochRecord
-from seqgen.training.train import train_phases
+from seqgen.training.train import STACK_KEYS, train_phases
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +61,15 @@ def run_batched_study(
     overrides: dict,
     options: RunOptions | None = None,
     out=sys.stderr,
+    points: list[dict] | None = None,
 ) -> list[ChainOutcome]:
-    """Every chain's phases, phase by phase, each phase of all chains as one stack; a live line
-    per chain, then the final table."""
+    """Every chain's phases (strategy x grid point x seed), phase by phase, each phase of the
+    chains of one model shape as one stack; a live line per chain, then the final table."""
     options = options or RunOptions()
-    chains = [Chain(strategy, seed) for strategy in strategies for seed in seeds]
+    chains = plan_chains(strategies, seeds, points or [{}], phases, preset, overrides)
     tracking.check_tracking_store()
     data = load_study_data(chains, phases, preset, overrides)
+    chains = name_chains(chains, phases[0], preset, overrides, data)
     models = registered_models(chains, phases, preset, overrides)
     tracking.check_can_log(tracking.experiment_id(), models)  # before the study's run is made
     tags = {
@@ -71,17 +87,17 @@ def run_batched_study(
     board: dict[str, dict] = {c.name: {"host": "this process"} for c in chains}
 
     def on_epoch(settings: PhaseSettings, record: EpochRecord, last_epoch: int, eta: float):
-        name = Chain(settings.strategy, settings.seed).name
+        name = f"{settings.variant_name}-s{settings.seed}"
         board[name] |= {"phase": settings.phase, "epoch": record.epoch}
         board[name] |= {"last_epoch": last_epoch, "eta": eta}
         screen.draw(board, {})
 
     # every chain's phases nest under its own run (kind=chain), which carries its curves
-    firsts = [
-        resolve(c.strategy, phases[0], preset, **(overrides | {"seed": c.seed})) for c in chains
-    ]
     made_by = f"`seqgen study --batched` (run {study_run})"
-    runs = chain_runs(firsts, overrides, data, made_by)
+    runs = {}
+    for chain in chains:
+        first = chain.settings(phases[0], preset, overrides)
+        runs |= chain_runs([first], chain.overrides(overrides), data[first.data_dir], made_by)
     options = dataclasses.replace(options, chain_runs=runs, on_epoch=on_epoch, hint_next=False)
     started, done = time.monotonic(), {c.name: [] for c in chains}
     failures: dict[str, str] = {}
@@ -91,9 +107,9 @@ def run_batched_study(
     except SeqgenError as e:
         failures = {c.name: f"failed: {e}" for c in chains}
     else:
-        for chain, first in zip(chains, firsts, strict=True):
+        for chain in chains:
             end_chain_run(
-                runs[first.variant, first.seed], done[chain.name], len(phases),
+                runs[chain.variant, chain.seed], done[chain.name], len(phases),
                 failed=chain.name in failures,
             )  # fmt: skip
     outcomes = [
@@ -103,36 +119,45 @@ def run_batched_study(
     tracking.set_run_tags(study_run, {"failed_chains": ",".join(failed)})
     tracking.set_run_status(study_run, "FAILED" if failed else "FINISHED")
     screen.table(outcomes)
-    for line in tracking.browse_lines(exp_id):
+    for line in tracking.browse_lines(exp_id, study_view(points)):
         log.info(line)
     return outcomes
 
 
 def train_chains(chains, phases, preset, overrides, options, data, done) -> dict[str, str]:
-    """Phase by phase: every chain's phase p as one stack, each continuing from the exact
-    version its own phase p-1 registered. done[chain] collects each chain's results; a chain
-    whose training diverged ends there, the others go on: {chain: why} for those."""
+    """Phase by phase: every chain's phase p, the chains of one model shape and data as one
+    stack, each continuing from the exact version its own phase p-1 registered. done[chain]
+    collects each chain's results; a chain whose training diverged ends there, the others go on:
+    {chain: why} for those."""
     previous = {c.name: overrides.get("existing_model") for c in chains}
     failed: dict[str, str] = {}
     for phase in phases:
-        going = [c for c in chains if c.name not in failed]
-        if not going:
-            break
-        settings = [
-            resolve(
-                c.strategy, phase, preset,
-                **(overrides | {"seed": c.seed, "existing_model": previous[c.name]}),
-            )
-            for c in going
-        ]  # fmt: skip
-        for chain, result in zip(going, train_phases(settings, options, data), strict=True):
-            if result.status == "failed":
-                failed[chain.name] = f"failed: {result.stop_reason}"
-                continue
-            phase_done(options.chain_runs[result.strategy, result.seed], result)
-            previous[chain.name] = result.model_uri
-            done[chain.name].append(result)
+        members = [
+            (c, c.settings(phase, preset, overrides | {"existing_model": previous[c.name]}))
+            for c in chains
+            if c.name not in failed
+        ]
+        for group in stacks(members):
+            settings = [s for _, s in group]
+            results = train_phases(settings, options, data[settings[0].data_dir])
+            for (chain, _), result in zip(group, results, strict=True):
+                if result.status == "failed":
+                    failed[chain.name] = f"failed: {result.stop_reason}"
+                    continue
+                phase_done(options.chain_runs[result.strategy, result.seed], result)
+                previous[chain.name] = result.model_uri
+                done[chain.name].append(result)
     return failed
+
+
+def stacks(members: list[tuple[Chain, PhaseSettings]]) -> list[list[tuple[Chain, PhaseSettings]]]:
+    """The members that can train as one stack (one model shape, batches, device and data),
+    grouped in the order of their first member."""
+    groups: dict[tuple, list] = {}
+    for chain, s in members:
+        key = (*(getattr(s, k) for k in STACK_KEYS), s.device, s.data_dir)
+        groups.setdefault(key, []).append((chain, s))
+    return list(groups.values())
 
 
 def outcome(

@@ -4,14 +4,16 @@ live line per chain, then a table; and the checks every study makes before it st
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from seqgen.config import resolve
-from seqgen.data.sequences import load_sequences
+from seqgen.config import PhaseSettings, resolve
+from seqgen.data.sequences import SequenceData, load_sequences
 from seqgen.errors import SeqgenError, first_line
 from seqgen.runs.outputs import format_eta
 from seqgen.training.start import load_phase_data
@@ -19,12 +21,43 @@ from seqgen.training.start import load_phase_data
 
 @dataclass(frozen=True)
 class Chain:
+    """One chain of a study: a strategy at one grid point of a sweep (the settings it varies;
+    none without --vary) and one seed. `variant` names it (plan_chains sets it)."""
+
     strategy: str
     seed: int
+    point: tuple[tuple[str, Any], ...] = ()
+    variant: str = ""  # the name its runs go by
+    named: str | None = None  # a name given or from the store (seqgen/runs/variants.py)
 
     @property
     def name(self) -> str:
-        return f"{self.strategy}-s{self.seed}"
+        return f"{self.variant or self.strategy}-s{self.seed}"
+
+    def overrides(self, base: dict) -> dict:
+        """The study's overrides with this chain's grid point (and name, where it has one)."""
+        return base | dict(self.point) | ({"variant": self.named} if self.named else {})
+
+    def settings(self, phase: int, preset: str, base: dict) -> PhaseSettings:
+        return resolve(self.strategy, phase, preset, **(self.overrides(base) | {"seed": self.seed}))
+
+
+def plan_chains(
+    strategies: list[str], seeds: list[int], points: list[dict], phases: list[int], preset: str,
+    overrides: dict,
+) -> list[Chain]:  # fmt: skip
+    """Every (strategy, grid point, seed) of a study, each phase's settings checked, named by
+    the variant its first phase trains."""
+    chains = []
+    for strategy in strategies:
+        for point in points:
+            for seed in seeds:
+                chain = Chain(strategy, seed, tuple(point.items()))
+                for phase in phases:
+                    chain.settings(phase, preset, overrides)  # every phase checked up front
+                variant = chain.settings(phases[0], preset, overrides).variant_name
+                chains.append(dataclasses.replace(chain, variant=variant))
+    return chains
 
 
 @dataclass
@@ -39,17 +72,42 @@ class ChainOutcome:
     status: str  # done, or failed: <one-line reason>
 
 
-def load_study_data(chains: list[Chain], phases: list[int], preset: str, overrides: dict):
-    """Every phase's settings checked, the data read and validated once, on the driver."""
-    all_settings = [
-        resolve(c.strategy, p, preset, **(overrides | {"seed": c.seed}))
-        for c in chains
-        for p in phases
-    ]
-    first = all_settings[0]
-    data = load_sequences(first.data_dir, first.n_components, first.n_params)
-    for s in all_settings:
-        load_phase_data(s, data)  # max_lag against the sequence length, and the like
+def name_chains(
+    chains: list[Chain], phase: int, preset: str, overrides: dict, data: dict
+) -> list[Chain]:
+    """The chains named as their runs go in this store (seqgen/study/chain.py: first_phase):
+    on data its name's runs were not trained on, the data joins the name."""
+    from seqgen.study.chain import first_phase
+
+    named = []
+    for c in chains:
+        data_dir = c.settings(phase, preset, overrides).data_dir
+        first = first_phase(
+            c.strategy, c.seed, phase, preset, c.overrides(overrides), data[data_dir]
+        )
+        named.append(dataclasses.replace(c, variant=first.variant_name, named=first.variant))
+    return named
+
+
+def study_view(points: list[dict] | None) -> str:
+    """The saved view a study's last lines link: a sweep's opens its runs grouped by variant."""
+    from seqgen.runs import tracking
+
+    return tracking.VARIANTS_VIEW if points not in (None, [{}]) else tracking.CURVES_VIEW
+
+
+def load_study_data(
+    chains: list[Chain], phases: list[int], preset: str, overrides: dict
+) -> dict[str, SequenceData]:
+    """The data of every data folder the chains train on, read and validated once, on the
+    driver, checked against every phase's settings: {data_dir: data}."""
+    data: dict[str, SequenceData] = {}
+    for chain in chains:
+        for phase in phases:
+            s = chain.settings(phase, preset, overrides)
+            if s.data_dir not in data:
+                data[s.data_dir] = load_sequences(s.data_dir, s.n_components, s.n_params)
+            load_phase_data(s, data[s.data_dir])  # max_lag against the sequence length, ...
     return data
 
 
@@ -57,11 +115,7 @@ def registered_models(chains: list[Chain], phases: list[int], preset: str, overr
     """The registered models a study's phases add versions to (sorted): what a user must be
     allowed to edit (tracking.check_can_log)."""
     return sorted(
-        {
-            resolve(c.strategy, p, preset, **(overrides | {"seed": c.seed})).registered_model
-            for c in chains
-            for p in phases
-        }
+        {c.settings(p, preset, overrides).registered_model for c in chains for p in phases}
     )
 
 

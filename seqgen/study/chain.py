@@ -19,6 +19,7 @@ from seqgen.data.sequences import SequenceData
 from seqgen.errors import ConfigError
 from seqgen.runs import descriptions, tracking
 from seqgen.runs.keeper import PhaseResult, RunOptions
+from seqgen.runs.variants import resolve_variant
 from seqgen.training.start import load_phase_data
 from seqgen.training.train import train_phase
 
@@ -72,11 +73,11 @@ NOT_IDENTITY = ("data_dir", "outputs_root", "num_workers", "seed")
 
 
 def chain_key(settings: PhaseSettings, overrides: dict, fingerprint: str) -> str:
-    """A digest of what makes a chain: its strategy (variant), seed, preset, data and the
-    settings the command line changed. Its run is found again by it, whichever phases a command
-    trains (`--phases 1-2`, then `3-5`) and however often it runs."""
+    """A digest of what makes a chain: its variant, seed, preset, data and the settings the
+    command line changed. Its run is found again by it, whichever phases a command trains
+    (`--phases 1-2`, then `3-5`) and however often it runs."""
     kept = {k: v for k, v in overrides.items() if k not in NOT_IDENTITY}
-    identity = [settings.variant, settings.seed, settings.preset, fingerprint, kept]
+    identity = [settings.variant_name, settings.seed, settings.preset, fingerprint, kept]
     text = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -86,15 +87,16 @@ def open_chain_run(settings: PhaseSettings, key: str, made_by: str) -> str:
     strategy's colour, the parent of the chain's phases and evaluations."""
     tags = {
         "kind": "chain",
-        "strategy": settings.variant,
+        "strategy": settings.strategy,
+        "variant": settings.variant_name,
         "seed": str(settings.seed),
         "preset": settings.preset,
-        tracking.RUN_COLOUR: descriptions.strategy_colour(settings.variant, strategies()),
+        tracking.RUN_COLOUR: descriptions.variant_colour(settings.variant_name, strategies()),
         tracking.NOTE: descriptions.chain_text(
-            settings.variant, settings.seed, settings.preset, made_by
+            settings.variant_name, settings.seed, settings.preset, made_by
         ),
     }
-    name = f"{settings.variant}-s{settings.seed}"
+    name = f"{settings.variant_name}-s{settings.seed}"
     return tracking.open_run_once(tracking.experiment_id(), name, {tracking.CHAIN_KEY: key}, tags)
 
 
@@ -103,10 +105,11 @@ def chain_runs(
 ) -> dict[tuple[str, int], str]:
     """The runs of these chains (each given by its first phase's settings), found again or made:
     RunOptions.chain_runs, where a phase finds the run to nest under and mirror its curves to."""
-    return {
-        (s.variant, s.seed): open_chain_run(s, chain_key(s, overrides, data.fingerprint), made_by)
-        for s in firsts
-    }
+    runs = {}
+    for s in firsts:
+        key = chain_key(s, overrides, data.fingerprint)
+        runs[s.variant_name, s.seed] = open_chain_run(s, key, made_by)
+    return runs
 
 
 def phase_done(chain: str, result: PhaseResult) -> None:
@@ -136,6 +139,23 @@ def chain_runs_open(runs: dict[tuple[str, int], str]) -> Iterator[None]:
         raise
 
 
+def first_phase(
+    strategy: str, seed: int, phase: int, preset: str, overrides: dict, data: SequenceData
+) -> PhaseSettings:
+    """A chain's first phase, checked against its data and named as its runs go in this store
+    (seqgen/runs/variants.py: on other data than its name's runs, the data joins the name)."""
+    first = resolve(strategy, phase, preset, **(overrides | {"seed": seed}))
+    load_phase_data(first, data)
+    return resolve_variant(first, data.fingerprint)
+
+
+def chain_overrides(first: PhaseSettings, overrides: dict) -> dict:
+    """What every phase of the chain that starts with `first` is resolved with: its seed and,
+    when its name came from the store, that name, so every phase goes under one variant."""
+    named = {"variant": first.variant} if first.variant else {}
+    return overrides | {"seed": first.seed} | named
+
+
 def run_chain(
     strategy: str,
     seed: int,
@@ -152,14 +172,15 @@ def run_chain(
     meanwhile). on_phase(phase, None) before a phase starts and (phase, result) after it ends."""
     first = resolve(strategy, phases[0], preset, **(overrides | {"seed": seed}))
     data = load_phase_data(first, data)  # read once for the whole chain; bad data fails here
+    first = resolve_variant(first, data.fingerprint)
     runs = chain_runs([first], overrides, data, made_by)
-    chain = runs[first.variant, seed]
+    chain = runs[first.variant_name, seed]
     options = dataclasses.replace(options, hint_next=False, chain_runs=runs)
     previous = overrides.get("existing_model")
     results = []
     with chain_runs_open(runs):
         for phase in phases:
-            chain_settings = overrides | {"seed": seed, "existing_model": previous}
+            chain_settings = chain_overrides(first, overrides) | {"existing_model": previous}
             settings = resolve(strategy, phase, preset, **chain_settings)
             if on_phase is not None:
                 on_phase(phase, None)
@@ -185,6 +206,7 @@ def run_pipeline(
     """The chains of one strategy, seed after seed, each under its chain's run (kind=chain)."""
     # every phase's settings are checked before the first run starts
     models = {resolve(strategy, phase, preset, **overrides).registered_model for phase in phases}
+    variant = resolve(strategy, phases[0], preset, **overrides).variant_name
     tracking.check_tracking_store()
     tracking.check_can_log(tracking.experiment_id(), sorted(models))
     results = []
@@ -192,7 +214,7 @@ def run_pipeline(
 
         def say(phase: int, result: PhaseResult | None, seed: int = seed) -> None:
             if result is None:
-                log.info(f"== {strategy} phase {phase}/{phases[-1]} (seed {seed}) ==")
+                log.info(f"== {variant} phase {phase}/{phases[-1]} (seed {seed}) ==")
 
         opts = options or RunOptions()
         results += run_chain(

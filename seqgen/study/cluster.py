@@ -40,8 +40,11 @@ from seqgen.study.board import (
     ChainOutcome,
     Screen,
     load_study_data,
+    name_chains,
+    plan_chains,
     reason,
     registered_models,
+    study_view,
 )
 from seqgen.study.chain import run_chain
 from seqgen.training.epochs import EpochRecord
@@ -199,7 +202,6 @@ class Context:
     phases: tuple[int, ...]
     preset: str
     overrides: dict
-    fingerprint: str
     client: Any  # ray.ObjectRef of ClientSettings: fetched inside the task
     experiment_id: str
     study_run_id: str
@@ -223,7 +225,7 @@ def chain_task(chain: Chain, data: SequenceData, ctx: Context, board) -> list[di
             f"node {socket.gethostname()} runs other seqgen code ({code_digest()}) than the "
             f"driver ({ctx.code}): install the same version on every node"
         )
-    if data.recompute_fingerprint() != ctx.fingerprint:
+    if data.recompute_fingerprint() != data.fingerprint:
         raise ConfigError(f"the data reached {socket.gethostname()} damaged (fingerprint)")
     torch.set_num_threads(ctx.threads)  # a reused worker keeps an earlier task's thread count
     os.environ.pop("MLFLOW_RUN_ID", None)  # a driver under `mlflow run` must not lend its run
@@ -240,7 +242,7 @@ def run_chain_task(chain: Chain, data: SequenceData, ctx: Context, board) -> lis
     board.report.remote(chain.name, node=node, host=socket.gethostname(), status="running")
     # Each node writes its own folder: nothing assumes a filesystem shared between nodes.
     root = ctx.overrides.get("outputs_root", "outputs")
-    overrides = ctx.overrides | {"outputs_root": f"{root}/node-{node[:8]}"}
+    overrides = chain.overrides(ctx.overrides) | {"outputs_root": f"{root}/node-{node[:8]}"}
     done: list[PhaseResult] = []
 
     def on_phase(phase: int, result: PhaseResult | None) -> None:
@@ -282,14 +284,17 @@ def run_study(
     options: RunOptions | None = None,
     out=sys.stderr,
     max_pending: float = MAX_PENDING,
+    points: list[dict] | None = None,
 ) -> list[ChainOutcome]:
-    """Run every chain as a Ray task; show one live line per chain; end with a table. A chain
-    that failed on a bug fails the study with its traceback, after the others ended."""
+    """Run every chain (strategy x grid point x seed) as a Ray task; show one live line per
+    chain; end with a table. A chain that failed on a bug fails the study with its traceback,
+    after the others ended."""
     options = options or RunOptions()
-    chains = [Chain(st, seed) for st in strategies for seed in seeds]
+    chains = plan_chains(strategies, seeds, points or [{}], phases, preset, overrides)
     probe(ray_address)
     uri = absolute_store(check_tracking_for_cluster(ray_address))
     data = load_study_data(chains, phases, preset, overrides)
+    chains = name_chains(chains, phases[0], preset, overrides, data)
     exp_id = tracking.existing_experiment_id()  # made only once nothing refuses the study
     # before Ray starts: a user who may only read leaves nothing to clean up
     tracking.check_can_log(exp_id, registered_models(chains, phases, preset, overrides))
@@ -301,7 +306,7 @@ def run_study(
         study_run = open_study_run(exp_id, chains, phases, preset, overrides)
         client = ray.put(ClientSettings(tracking.client_settings(uri)))
         ctx = Context(
-            tuple(phases), preset, overrides, data.fingerprint, client, exp_id, study_run,
+            tuple(phases), preset, overrides, client, exp_id, study_run,
             code_digest(), threads, options.max_outage, options.checkpoint_seconds, options.retrain,
             logging.getLogger("seqgen").getEffectiveLevel(),
         )  # fmt: skip
@@ -316,7 +321,7 @@ def run_study(
         failed = [o.chain for o in outcomes if o.status != "done"]
         tracking.set_run_tags(study_run, {"failed_chains": ",".join(failed)})
         tracking.set_run_status(study_run, "FAILED" if failed else "FINISHED")
-        for line in tracking.browse_lines(exp_id):
+        for line in tracking.browse_lines(exp_id, study_view(points)):
             log.info(line)
         if bugs:
             raise bugs[0]
@@ -349,7 +354,7 @@ def open_study_run(
 
 def drive(
     chains: list[Chain],
-    data: SequenceData,
+    data: dict[str, SequenceData],
     ctx: Context,
     screen: Screen,
     gpu: bool,
@@ -366,9 +371,9 @@ def drive(
     task = ray.remote(chain_task).options(
         num_cpus=ctx.threads, num_gpus=1 if gpu else 0, max_retries=CHAIN_RETRIES
     )
-    data_ref = ray.put(data)
+    refs = {data_dir: ray.put(d) for data_dir, d in data.items()}
     started = {c.name: time.monotonic() for c in chains}
-    pending = {task.remote(c, data_ref, ctx, board): c for c in chains}
+    pending = {task.remote(c, refs[data_of(c, ctx)], ctx, board): c for c in chains}
     outcomes: dict[str, ChainOutcome] = {}
     bugs: list[BaseException] = []
     idle_since: float | None = time.monotonic()  # since when none of the chains runs
@@ -394,6 +399,11 @@ def drive(
     ordered = [outcomes[c.name] for c in chains]
     screen.table(ordered)
     return ordered, bugs
+
+
+def data_of(chain: Chain, ctx: Context) -> str:
+    """The data folder a chain trains on."""
+    return chain.settings(ctx.phases[0], ctx.preset, ctx.overrides).data_dir
 
 
 def given_up(

@@ -20,6 +20,7 @@ from seqgen.errors import ConfigError
 from seqgen.model.bundle import Bundle, Checkpoint, DataInfo
 from seqgen.model.generator import ModelConfig
 from seqgen.runs import tracking
+from seqgen.runs.variants import resolve_variant
 from seqgen.training.step import forced_cpu_precision
 
 
@@ -81,7 +82,8 @@ class Setup:
                 param_ranges=ranges,
             ),
             split=self.start.split,
-            strategy=settings.variant,
+            strategy=settings.strategy,
+            variant=settings.variant_name,
             phase=settings.phase,
             seed=settings.seed,
             preset=settings.preset,
@@ -113,6 +115,7 @@ def prepare(settings: PhaseSettings, data: SequenceData | None = None) -> Setup:
     tracking.check_tracking_store()
     forced_cpu_precision()  # a bad SEQGEN_CPU_PRECISION fails here, before any run exists
     data = load_phase_data(settings, data)
+    settings = resolve_variant(settings, data.fingerprint)
     start = resolve_start(settings, data)
     ident = identity(settings, start, data.fingerprint)
     exp_id = tracking.experiment_id()
@@ -162,10 +165,14 @@ NOT_IDENTITY = ("data_dir", "outputs_root", "output_dir", "device", "num_workers
 
 
 def identity(settings: PhaseSettings, start: Start, fingerprint: str) -> dict:
-    """What defines a phase run: the settings that shape training, the exact model it continues
-    and the data's fingerprint. Its digest (phase_key) finds the run again on any node."""
-    settings = {k: v for k, v in settings.to_dict().items() if k not in NOT_IDENTITY}
-    return settings | {"parent": start.parent_uri or "", "data_fingerprint": fingerprint}
+    """What defines a phase run: the settings that shape training, the variant's name (a plan's
+    phase has none, as before variants had names), the exact model it continues and the data's
+    fingerprint. Its digest (phase_key) finds the run again on any node."""
+    kept = {k: v for k, v in settings.to_dict().items() if k not in NOT_IDENTITY}
+    kept["variant"] = None if settings.is_plan else settings.variant_name
+    if kept["variant"] is None:
+        del kept["variant"]
+    return kept | {"parent": start.parent_uri or "", "data_fingerprint": fingerprint}
 
 
 def phase_key(ident: dict) -> str:
@@ -178,7 +185,7 @@ def start_from_parent(settings: PhaseSettings, data: SequenceData) -> Start:
     hint = None
     if not settings.existing_model:
         hint = (
-            f"run phase {settings.phase - 1} of {settings.variant} with seed {settings.seed} "
+            f"run phase {settings.phase - 1} of {settings.variant_name} with seed {settings.seed} "
             f"first (seqgen train --strategy {settings.strategy} --phase {settings.phase - 1} "
             f"--preset {settings.preset} --seed {settings.seed})"
         )
