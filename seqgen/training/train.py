@@ -42,7 +42,7 @@ from seqgen.training.stacked_step import (
 from seqgen.training.start import Setup, prepare
 from seqgen.training.step import (
     choose_precision,
-    cuda_graphs_wanted,
+    graph_capture,
     order_generator,
     sampling_generator,
 )
@@ -206,10 +206,14 @@ def starting_weights(setup: Setup) -> dict[str, torch.Tensor]:
 
 def step_graphs(setup: Setup, stack: TrainingStack, loss_fn) -> StackedStepGraphs | None:
     settings = setup.settings
-    if not cuda_graphs_wanted(setup.device, settings.grad_accum_steps):
+    capture = graph_capture(setup.device, settings.grad_accum_steps)
+    if capture is None:
         return None
-    log.info(f"[{settings.run_name}] CUDA graphs: one replay per step (SEQGEN_CUDA_GRAPHS=0: off)")
-    return StackedStepGraphs(stack.model, loss_fn, stack.optimizer, stack.precision)
+    log.info(
+        f"[{settings.run_name}] CUDA graphs ({type(capture).__name__}): one replay per step "
+        "(SEQGEN_CUDA_GRAPHS=0: off)"
+    )
+    return StackedStepGraphs(stack.model, loss_fn, stack.optimizer, stack.precision, capture)
 
 
 @dataclass(frozen=True)
