@@ -10,6 +10,13 @@ each epoch, the members' setup before the first epoch and their ends after the l
 model logging and registration). The tail is what the study waits for after its last round (records
 still landing) and the head what it does before the first (checks, the chains' runs). Per round:
 (wall of the whole study - its epochs) / rounds, which charges head and tail to the rounds too.
+
+Before item 4 (2026-12-07, AMD EPYC with avx512_bf16, 2 threads, a machine shared at load ~5):
+9 chains x 5 phases at `smoke` took 128.9 s, 52.4 s of it in epochs: 15.3 s per round outside
+its epochs (9.6-17.4 by round), against a target of 2 s. Under cProfile (9 chains x 2 phases)
+most of it was the members' ends, one after another: `RunKeeper.finish` about 1.05 s per member,
+of which model registration 0.75 s (`log_phase_model` 0.41 s); then `running` (claim, setup
+records) about 0.09 s and `epoch_done` about 0.1 s per member-epoch.
 """
 
 from __future__ import annotations
