@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast postgres chromium lint bench clean
+.PHONY: setup demo test test-fast postgres chromium lint bench clean wheelhouse
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,21 @@ postgres:
 # if it is missing (needs root).
 chromium:
 	@bash .ci/install-chromium
+
+# Wheels for an offline GPU node (docs/gpu.md): requirements-gpu-node.txt and their dependencies,
+# pinned to this venv's versions, for WHEEL_PYTHON on manylinux x86_64; at most 64 MiB.
+WHEELHOUSE ?= wheelhouse
+WHEEL_PYTHON ?= 3.12
+WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 any
+wheelhouse: setup
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(BIN)/pip freeze --exclude-editable > $(WHEELHOUSE)/constraints.txt
+	cp requirements-gpu-node.txt $(WHEELHOUSE)/requirements.txt
+	$(BIN)/pip download --quiet --only-binary=:all: --implementation cp \
+		--python-version $(WHEEL_PYTHON) $(addprefix --platform ,$(WHEEL_PLATFORMS)) \
+		-c $(WHEELHOUSE)/constraints.txt -r $(WHEELHOUSE)/requirements.txt -d $(WHEELHOUSE)
+	@size=$$(du -sm $(WHEELHOUSE) | cut -f1); echo "$(WHEELHOUSE): $$size MiB"; \
+		test $$size -le 64 || { echo "over 64 MiB"; exit 1; }
 
 bench: setup
 	$(BIN)/seqgen bench --baseline

@@ -100,7 +100,7 @@ def check_graph_equals_eager(dev, settings) -> None:
     batch = [(torch.randn(32, P, generator=g).to(dev), torch.randn(32, T, K, generator=g).to(dev))]
     for mixed in (False, True):
         grads, losses = [], []
-        for graphed in (False, True):
+        for graphed in (True, False):  # graphed first: nothing warmed for it beforehand
             model, optimizer, precision = setup(dev, settings, mixed, dropout=0.0)
             graphs = StepGraphs(model, loss_fn, precision, 0.0) if graphed else None
             if graphs:
@@ -109,7 +109,7 @@ def check_graph_equals_eager(dev, settings) -> None:
             losses.append(r.loss)
             grads.append([p.grad.detach().clone() for p in model.parameters()])
         tol = 1e-6 if not mixed else 1e-3
-        assert abs(losses[0] - losses[1]) <= tol * abs(losses[0]), (mixed, losses)
+        assert abs(losses[0] - losses[1]) <= tol * abs(losses[1]), (mixed, losses)
         for a, b in zip(*grads, strict=True):
             torch.testing.assert_close(b, a, atol=tol, rtol=tol)
     print("2. a graphed step equals an eager one (loss and gradients, float32 and fp16)")
@@ -187,7 +187,9 @@ def main() -> None:
     check_graph_equals_eager(dev, settings)
     check_scaler_through_graph(dev, settings)
     rows = {}
-    for mixed, graphed in ((False, False), (True, False), (False, True), (True, True)):
+    # graphed first: an eager epoch before would compile the last batch's kernels (batch 16)
+    # and hide a capture that compiles them, which the trainer's order would hit (issue #26)
+    for mixed, graphed in ((False, True), (True, True), (False, False), (True, False)):
         name = f"{'graphed' if graphed else 'eager'} {'fp16+GradScaler' if mixed else 'float32'}"
         rows[name] = time_epoch(dev, settings, mixed, graphed)
         print(f"   {name:<26} {rows[name]:7.2f} s/epoch  {N_TRAIN / rows[name]:8.0f} seq/s")

@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 from test_native import inputs, one_thread, run  # noqa: F401 (one_thread: autouse fixture)
 
-from seqgen.model.recurrence import python_lstm, uses_triton
+from seqgen.model.recurrence import TRITON_DTYPES, python_lstm, uses_triton
+from seqgen.training.step import choose_precision
 
 # Triton reads TRITON_INTERPRET when it decorates a kernel, its own library's included (so
 # before triton is first imported), and again when an interpreted kernel calls another: set from
@@ -85,6 +87,14 @@ def test_half_precision_gemms_track_the_python_half_precision_path():
 
 def test_cpu_tensors_never_dispatch_to_triton():
     assert not uses_triton(None, torch.zeros(1, 1, 1, 1))
+
+
+def test_triton_runs_only_the_dtypes_the_trainer_gives_it_and_tests_check():
+    """float32 and CUDA autocast's fp16, both checked above; not bf16 (never chosen on CUDA)."""
+    with warnings.catch_warnings():  # without CUDA its GradScaler warns and turns itself off
+        warnings.simplefilter("ignore")
+        cuda = choose_precision(torch.device("cuda"), enabled=True).dtype
+    assert TRITON_DTYPES == {(torch.float32, torch.float32), (torch.float32, cuda)}
 
 
 COMPILE = """

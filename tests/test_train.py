@@ -286,3 +286,23 @@ def test_a_phase_registered_by_other_code_is_said_when_skipped(store, smoke_data
     assert train_phase(settings("mae", 1, smoke_data, epochs=1)).status == "skipped"
     [line] = [x for x in said if "other seqgen code" in x]
     assert "(0123456789ab; this is " in line and "--retrain" in line
+
+
+def test_the_step_loop_reads_the_device_once_an_epoch(store, smoke_data, monkeypatch):
+    """No host sync per step (issue #26, item 2): two members, 32 training samples in batches
+    of 4, 8 steps an epoch; the loop's reads of tensor values do not grow with its steps."""
+    from seqgen.training import train
+    from seqgen.training.graphs import HostReads
+    from seqgen.training.train import train_phases
+
+    reads, real = [], train.train_steps
+
+    def counted(*args):
+        with HostReads() as mode:
+            out = real(*args)
+        reads.append(mode.count)
+        return out
+
+    monkeypatch.setattr(train, "train_steps", counted)
+    train_phases([settings(s, 1, smoke_data, batch_size=4) for s in ("mae", "combined")])
+    assert len(reads) == 2 and max(reads) < 8, reads

@@ -39,11 +39,12 @@ NATIVE_DTYPES = {
     (torch.float32, torch.bfloat16),
     (torch.float64, torch.float64),
 }
-# ... and those the Triton kernels implement (CUDA autocast gives float16)
+# ... and those the Triton kernels run: what the trainer gives them on CUDA (float32, or fp16
+# autocast). Not bf16: the trainer never chooses it on CUDA and Triton's interpreter cannot check
+# it on a CPU; a bf16 caller gets the Python loop until a GPU has tested it (issue #26).
 TRITON_DTYPES = {
     (torch.float32, torch.float32),
     (torch.float32, torch.float16),
-    (torch.float32, torch.bfloat16),
 }
 
 

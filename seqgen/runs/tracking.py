@@ -797,11 +797,16 @@ def download(run_id: str, artifact_path: str, dst: Path) -> Path | None:
 # ---- the model --------------------------------------------------------------------------------
 
 
+REQUIREMENTS = ("torch", "mlflow", "numpy", "pandas")  # what a logged model needs to load
+
+
 def _requirements() -> list[str]:
     # Written out so log_model skips its seconds-long requirement inference; local version tags
     # (2.13.0+cpu) dropped so another machine resolves its own build. seqgen itself travels as
-    # code (code_paths), so the model loads where seqgen is not installed.
-    return [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "mlflow", "numpy", "pandas")]
+    # code (code_paths), so the model loads where seqgen is not installed. MLflow by its module:
+    # an offline GPU node has mlflow-skinny, not the mlflow distribution (docs/gpu.md).
+    installed = {p: mlflow.__version__ if p == "mlflow" else version(p) for p in REQUIREMENTS}
+    return [f"{p}=={v.split('+')[0]}" for p, v in installed.items()]
 
 
 @_store_call("register the model")

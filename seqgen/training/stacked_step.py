@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from seqgen.model.stacked import Draws, StackedGenerators, draw, neutral_draws
+from seqgen.training.graphs import Capture, GraphSet
 from seqgen.training.losses import LossResult, StackedStrategies
 from seqgen.training.step import EVAL_BATCH, Precision, StepResult
 
@@ -212,9 +213,10 @@ class StackedPrecision:
     note: str
 
     def autocast(self):
+        """As Precision.autocast: no weight cache."""
         if self.dtype is None:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
 
 
 def stacked_precision(precision: Precision, members: int) -> StackedPrecision:
@@ -337,79 +339,75 @@ def stacked_step(
     return apply_update(model, optimizer, precision, totals, clip_t, frozen_t)
 
 
-@dataclass
-class _StackedGraph:
-    graph: torch.cuda.CUDAGraph
-    inputs: dict[str, torch.Tensor]  # static: params, targets, ratio, clip, frozen
-    draws: Draws  # static: each replay's random numbers are drawn into these first
-    result: StackedStepResult  # static outputs, rewritten by every replay
-
-
 class StackedStepGraphs:
     """CUDA: a whole stacked training step (forward, backward, unscaling, clipping, AdamW and
     the scalers: forward_backward then apply_update, the functions the eager step runs) captured
-    as one CUDA graph per batch shape and replayed. Its inputs are static tensors (batch, ratio,
-    clipping norms, frozen mask, the optimiser's lr and weight decay); the random draws are made
-    eagerly from each member's generator into static buffers before every replay, so a graphed
-    step draws exactly what an eager one draws. Gradient accumulation runs eagerly."""
+    as one CUDA graph per batch shape and replayed; each new shape is warmed up eagerly before its
+    capture (seqgen/training/graphs.py), the last batch of an epoch too. Its inputs are static
+    tensors (batch, and shared by every graph of the stack: ratio, clipping norms, frozen mask,
+    the optimiser's lr and weight decay); the random draws are made eagerly from each member's
+    generator into static buffers before every replay, so a graphed step draws exactly what an
+    eager one draws. Gradient accumulation runs eagerly."""
 
-    def __init__(self, model, loss_fn, optimizer: StackedAdamW, precision: StackedPrecision):
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        optimizer: StackedAdamW,
+        precision: StackedPrecision,
+        capture: Capture | None = None,
+    ):
         self.model, self.loss_fn = model, loss_fn
         self.optimizer, self.precision = optimizer, precision
-        self.graphs: dict[tuple[int, int], _StackedGraph] = {}
-        self.warmed = False
+        self.graphs = GraphSet(capture)
+        M, dev = model.members, optimizer.lr.device
+        self.ratio, self.clip = torch.zeros(M, device=dev), torch.ones(M, device=dev)
+        self.frozen = torch.ones(M, dtype=torch.bool, device=dev)
+        self._ratio_host: list[float] | None = None  # what self.ratio holds
 
     def step(self, params, targets, generators, ratio, noise_level, clip, frozen):
         """stacked_step's single-batch step as one replay; ratio and noise_level as sequences
-        (the draws need them on the host), clip and frozen (M,) tensors."""
-        key = tuple(targets.shape[1:3])  # (B, T)
-        g = self.graphs.get(key)
-        if g is None:
-            g = self.graphs[key] = self._capture(params, targets)
-        for name, value in (("params", params), ("targets", targets), ("clip", clip)):
-            g.inputs[name].copy_(value)
-        g.inputs["ratio"].copy_(torch.as_tensor(ratio, dtype=torch.float32))
-        g.inputs["frozen"].copy_(frozen)
-        B, T = key
-        draw(self.model, generators, B, T, noise_level, ratio, out=g.draws)
-        g.graph.replay()
-        fields = [getattr(g.result, f.name) for f in dataclasses.fields(g.result)]
-        return StackedStepResult(*(x.clone() for x in fields))  # the next replay overwrites them
+        (the draws need them on the host), clip and frozen (M,) tensors on the device. Nothing
+        here waits for the device: the ratio goes to it only when it changes (each epoch)."""
+        B, T = targets.shape[1:3]
+        key = (self.model.members, B, T, self.precision.dtype)
+        static, graph = self.graphs.get(key, lambda: self._make(params, targets))
+        static["params"].copy_(params)
+        static["targets"].copy_(targets)
+        if self._ratio_host != list(ratio):
+            self.ratio.copy_(torch.as_tensor(ratio, dtype=torch.float32))
+            self._ratio_host = list(ratio)
+        self.clip.copy_(clip)
+        self.frozen.copy_(frozen)
+        draw(self.model, generators, B, T, noise_level, ratio, out=static["draws"])
+        graph.replay()
+        result, _ = graph.outputs
+        return StackedStepResult(*(x.clone() for x in result))  # the next replay overwrites them
 
-    def _capture(self, params: torch.Tensor, targets: torch.Tensor) -> _StackedGraph:
-        M, dev = self.model.members, params.device
-        inputs = {
+    def _make(self, params: torch.Tensor, targets: torch.Tensor):
+        """Static inputs and the step's body over them. Every member is frozen until the first
+        real step fills the mask in: the warm-up (and the CPU stand-in's capture, which runs)
+        changes no weight, optimiser or scaler state."""
+        static = {
             "params": params.clone(),
             "targets": targets.clone(),
-            "ratio": torch.zeros(M, device=dev),
-            "clip": torch.ones(M, device=dev),
-            "frozen": torch.zeros(M, dtype=torch.bool, device=dev),
+            "draws": neutral_draws(self.model, targets.shape[1], targets.shape[2], params.device),
         }
-        draws = neutral_draws(self.model, targets.shape[1], targets.shape[2], dev)
-        micro = [(inputs["params"], inputs["targets"], draws)]
-        args = (self.model, self.loss_fn, micro, self.precision, inputs["ratio"])
-        if not self.warmed:  # lazy initialisation (cuBLAS, the loss's constants) happens outside
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    forward_backward(*args)  # gradients only: weights and state untouched
-            torch.cuda.current_stream().wait_stream(side)
-            self.warmed = True
-        for p in self.model.parameters():
-            p.grad = None  # the graph's backward allocates the gradients it writes
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            totals = forward_backward(*args)
+        self.frozen.fill_(True)
+        parameters = list(self.model.parameters())
+
+        def body():
+            for p in parameters:
+                p.grad = None  # the graph's backward allocates the gradients it writes
+            micro = [(static["params"], static["targets"], static["draws"])]
+            totals = forward_backward(self.model, self.loss_fn, micro, self.precision, self.ratio)
             result = apply_update(
-                self.model,
-                self.optimizer,
-                self.precision,
-                totals,
-                inputs["clip"],
-                inputs["frozen"],
+                self.model, self.optimizer, self.precision, totals, self.clip, self.frozen
             )
-        return _StackedGraph(graph, inputs, draws, result)
+            fields = [getattr(result, f.name) for f in dataclasses.fields(result)]
+            return fields, [p.grad for p in parameters]  # the gradients live with the graph
+
+        return static, body
 
 
 @torch.no_grad()
@@ -423,15 +421,16 @@ def evaluate_stacked(
 ) -> LossResult:
     """Each member's mean loss over a split, params (M,N,P), targets (M,N,T,K) (expand a split
     the members share): free-running at ratio 0, teacher-forced at 1, as evaluate_loss. Returns
-    LossResult of (M,) CPU tensors."""
+    LossResult of (M,) tensors on the device, read by the caller when it needs them (no host
+    sync per batch). Eager, not graphed: without draws the forward checks its ratio on the host."""
     model.eval()
     M, N = params.shape[:2]
     ratio_t = torch.full((M,), float(ratio), device=params.device)
-    sums = torch.zeros(M, 3)
+    sums = torch.zeros(M, 3, device=params.device)
     for i in range(0, N, EVAL_BATCH):
         p, y = params[:, i : i + EVAL_BATCH], targets[:, i : i + EVAL_BATCH]
         with precision.autocast():
             result = loss_fn(model(p, y, ratio_t), y)
-        sums += torch.stack([r.float().cpu() for r in result], dim=1) * p.shape[1]
+        sums += torch.stack([r.float() for r in result], dim=1) * p.shape[1]
     model.train()
     return LossResult(*(sums / N).unbind(1))

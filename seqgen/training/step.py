@@ -17,6 +17,7 @@ import torch
 
 from seqgen.errors import ConfigError
 from seqgen.model.generator import StreamlinedSequenceGenerator
+from seqgen.training.graphs import Capture, CudaCapture, EagerCapture, GraphSet
 from seqgen.training.losses import LossResult
 
 EVAL_BATCH = 512
@@ -32,9 +33,11 @@ class Precision:
     note: str
 
     def autocast(self):
+        """No weight cache: a cast cached while a CUDA graph captures would be stale at replay
+        (torch's CUDA-graph notes), and the recurrence casts its own GEMM weights anyway."""
         if self.dtype is None:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
 
 
 # Forces the CPU trainer's precision: auto (bf16 where the CPU computes bf16 natively, else
@@ -110,80 +113,86 @@ def load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> str:
     return ""
 
 
-@dataclass
-class _Graph:
-    graph: torch.cuda.CUDAGraph
-    params: torch.Tensor  # static inputs: each step's batch is copied in
-    targets: torch.Tensor
-    result: LossResult  # static outputs, rewritten by every replay
-    grads: list[torch.Tensor | None]  # the gradients the replay writes
-
-
 class StepGraphs:
     """CUDA: the forward and backward of a training step captured as a CUDA graph and replayed,
     so a step's thousands of small kernels (151 steps x layers, forward and backward) launch from
-    one call instead of one Python call each. One graph per batch size, captured afresh each epoch
-    (the teacher-forcing ratio is part of it); random draws (sampling, noise, dropout) are drawn
-    anew at every replay. The optimiser step, clipping and the GradScaler stay outside the graph.
-    Gradient accumulation runs eagerly."""
+    one call instead of one Python call each. One graph per batch shape, captured afresh each
+    epoch (the teacher-forcing ratio is part of it), each new shape warmed up eagerly first
+    (seqgen/training/graphs.py); random draws (sampling, noise, dropout) are drawn anew at every
+    replay. The optimiser step, clipping and the GradScaler stay outside the graph. Gradient
+    accumulation runs eagerly."""
 
-    def __init__(self, model, loss_fn, precision: Precision, noise_level: float) -> None:
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        precision: Precision,
+        noise_level: float,
+        capture: Capture | None = None,
+    ) -> None:
         self.model, self.loss_fn, self.precision = model, loss_fn, precision
         self.noise_level = noise_level
         self.parameters = list(model.parameters())
-        self.graphs: dict[int, _Graph] = {}
+        self.graphs = GraphSet(capture)
         self.ratio: float | None = None
-        self.warmed = False
 
     def new_epoch(self, ratio: float) -> None:
         """Graphs of the last epoch are dropped: every epoch captures at the same points, so a
         resumed phase draws the same random numbers as an uninterrupted one."""
-        self.graphs, self.ratio = {}, ratio
+        self.graphs.clear()
+        self.ratio = ratio
 
     def forward_backward(self, params: torch.Tensor, targets: torch.Tensor) -> LossResult:
-        g = self.graphs.get(len(params))
-        if g is None:
-            g = self.graphs[len(params)] = self._capture(params, targets)
-        g.params.copy_(params)
-        g.targets.copy_(targets)
-        g.graph.replay()
-        for p, grad in zip(self.parameters, g.grads, strict=True):
+        # the draws the forward makes depend on whether it teacher-forces at all
+        key = (len(params), targets.shape[1], self.ratio > 0)
+        static, graph = self.graphs.get(
+            key,
+            lambda: self._make(params, targets),
+            warm_guard=lambda: torch.random.fork_rng(devices=self._rng_devices(params)),
+        )
+        static[0].copy_(params)
+        static[1].copy_(targets)
+        graph.replay()
+        result, grads = graph.outputs
+        for p, grad in zip(self.parameters, grads, strict=True):
             p.grad = grad
-        return g.result
-
-    def _run(self, params: torch.Tensor, targets: torch.Tensor) -> LossResult:
-        with self.precision.autocast():
-            predictions = self.model(params, targets, self.ratio, self.noise_level)
-            result = self.loss_fn(predictions, targets)
-        self.precision.scaler.scale(result.total).backward()
         return result
 
-    def _capture(self, params: torch.Tensor, targets: torch.Tensor) -> _Graph:
-        static_params, static_targets = params.clone(), targets.clone()
-        if not self.warmed:  # lazy initialisation (cuBLAS, the scaler) must happen outside
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.random.fork_rng(devices=[params.device]), torch.cuda.stream(side):
-                for _ in range(2):
-                    self._run(static_params, static_targets)
-            torch.cuda.current_stream().wait_stream(side)
-            self.warmed = True
-        for p in self.parameters:
-            p.grad = None  # the graph's backward allocates the gradients it writes
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            result = self._run(static_params, static_targets)
-        grads = [p.grad for p in self.parameters]
-        return _Graph(graph, static_params, static_targets, result, grads)
+    def _make(self, params: torch.Tensor, targets: torch.Tensor):
+        static = (params.clone(), targets.clone())
+
+        def body():
+            for p in self.parameters:
+                p.grad = None  # the graph's backward allocates the gradients it writes
+            with self.precision.autocast():
+                predictions = self.model(*static, self.ratio, self.noise_level)
+                result = self.loss_fn(predictions, static[1])
+            self.precision.scaler.scale(result.total).backward()
+            return result, [p.grad for p in self.parameters]
+
+        return static, body
+
+    @staticmethod
+    def _rng_devices(params: torch.Tensor) -> list:
+        """The CUDA devices whose generators a warm-up forks (it draws from them)."""
+        return [params.device] if params.device.type == "cuda" else []
+
+
+def graph_capture(device: torch.device, grad_accum_steps: int) -> Capture | None:
+    """How single-batch training steps are graphed: CUDA graphs on CUDA, none elsewhere;
+    SEQGEN_CUDA_GRAPHS=0 turns them off, SEQGEN_CUDA_GRAPHS=emulate runs the graphed path on any
+    device through EagerCapture, which refuses what a capture would (tests, gpu_check --cpu)."""
+    mode = os.environ.get("SEQGEN_CUDA_GRAPHS", "1")
+    if grad_accum_steps != 1 or mode == "0":
+        return None
+    if mode == "emulate":
+        return EagerCapture()
+    return CudaCapture() if device.type == "cuda" else None
 
 
 def cuda_graphs_wanted(device: torch.device, grad_accum_steps: int) -> bool:
     """CUDA graphs on CUDA for single-batch steps, unless SEQGEN_CUDA_GRAPHS=0."""
-    return (
-        device.type == "cuda"
-        and grad_accum_steps == 1
-        and os.environ.get("SEQGEN_CUDA_GRAPHS", "1") != "0"
-    )
+    return isinstance(graph_capture(device, grad_accum_steps), CudaCapture)
 
 
 @dataclass

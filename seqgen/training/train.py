@@ -35,14 +35,16 @@ from seqgen.training.stacked_step import (
     StackedAdamW,
     StackedPrecision,
     StackedStepGraphs,
+    StackedStepResult,
     evaluate_stacked,
+    member_tensor,
     stacked_precision,
     stacked_step,
 )
 from seqgen.training.start import Setup, prepare
 from seqgen.training.step import (
     choose_precision,
-    cuda_graphs_wanted,
+    graph_capture,
     order_generator,
     sampling_generator,
 )
@@ -206,10 +208,14 @@ def starting_weights(setup: Setup) -> dict[str, torch.Tensor]:
 
 def step_graphs(setup: Setup, stack: TrainingStack, loss_fn) -> StackedStepGraphs | None:
     settings = setup.settings
-    if not cuda_graphs_wanted(setup.device, settings.grad_accum_steps):
+    capture = graph_capture(setup.device, settings.grad_accum_steps)
+    if capture is None:
         return None
-    log.info(f"[{settings.run_name}] CUDA graphs: one replay per step (SEQGEN_CUDA_GRAPHS=0: off)")
-    return StackedStepGraphs(stack.model, loss_fn, stack.optimizer, stack.precision)
+    log.info(
+        f"[{settings.run_name}] CUDA graphs ({type(capture).__name__}): one replay per step "
+        "(SEQGEN_CUDA_GRAPHS=0: off)"
+    )
+    return StackedStepGraphs(stack.model, loss_fn, stack.optimizer, stack.precision, capture)
 
 
 @dataclass(frozen=True)
@@ -244,7 +250,7 @@ def run_epoch(
     plans = [epoch_plan(setup, len(stack.progress[m].history)) for m, setup in enumerate(setups)]
     stack.optimizer.set_lr([plan.lr for plan in plans])
     frozen = [m not in active for m in range(len(setups))]
-    train, norms, skipped, diverged = train_steps(setups, stack, loss_fn, plans, frozen)
+    train, tally, diverged = train_steps(setups, stack, loss_fn, plans, frozen)
     # Evaluate: model selection on the free-running loss, as the model is used.
     val_p, val_y = stack.parts["val"]
     val = evaluate_stacked(stack.model, loss_fn, val_p, val_y, 0.0, stack.precision)
@@ -260,10 +266,10 @@ def run_epoch(
             val_teacher_forced=float(val_tf.total[m]),
             lr=plans[m].lr,
             teacher_forcing_ratio=plans[m].ratio,
-            grad_norm=float(np.mean(norms[m])) if norms[m] else float("nan"),
-            max_grad_norm=float(np.max(norms[m])) if norms[m] else float("nan"),
+            grad_norm=tally.grad_norms(m)[0],
+            max_grad_norm=tally.grad_norms(m)[1],
             seconds=seconds,
-            nonfinite_steps=skipped[m],
+            nonfinite_steps=tally.skipped(m),
         )
         for m in active
         if m not in diverged
@@ -273,11 +279,11 @@ def run_epoch(
 
 def train_steps(
     setups: list[Setup], stack: TrainingStack, loss_fn, plans: list[EpochPlan], frozen: list[bool]
-) -> tuple[list[Losses], list[list[float]], list[int], dict[int, TrainingError]]:
+) -> tuple[list[Losses], StepTally, dict[int, TrainingError]]:
     """One pass over each member's training split, in an order drawn from its (seed, epoch):
-    per member the mean losses, the pre-clip gradient norms of its finite steps and how many of
-    its steps were skipped; and the members whose training diverged, frozen from then on."""
-    first, M = setups[0].settings, len(setups)
+    per member the mean losses and the tally of its steps (read once, at the end: nothing here
+    waits for the device), and the members whose training diverged, frozen from then on."""
+    first, M, dev = setups[0].settings, len(setups), stack.precision.device
     params, targets = stack.parts["train"]  # (M,N,P), (M,N,T,K)
     orders = torch.stack(
         [
@@ -292,47 +298,93 @@ def train_steps(
         for s, p in zip(setups, plans, strict=True)
     ]
     rows = torch.arange(M, device=params.device).unsqueeze(1)
-    sums, counted = np.zeros((M, 3)), np.zeros(M)
-    norms: list[list[float]] = [[] for _ in range(M)]
-    diverged: dict[int, TrainingError] = {}
-    frozen = list(frozen)
+    clip = member_tensor([s.settings.clip_grad_norm for s in setups], torch.float32, dev)
+    tally = StepTally(
+        frozen,
+        [p.nonfinite_in_a_row for p in stack.progress],
+        [s.settings.max_nonfinite_steps for s in setups],
+        dev,
+    )
     chunks = orders.split(first.batch_size * first.grad_accum_steps, dim=1)
     label = f"epoch {plans[0].global_epoch}" if M == 1 else "stacked epoch"
     for chunk in progress_bar(chunks, label):
         micro = [(params[rows, b], targets[rows, b]) for b in chunk.split(first.batch_size, dim=1)]
         result = stacked_step(
             stack.model, loss_fn, micro, stack.optimizer, stack.precision, generators,
-            [p.ratio for p in plans], [s.settings.noise_level for s in setups],
-            [s.settings.clip_grad_norm for s in setups], frozen, stack.graphs,
+            [p.ratio for p in plans], [s.settings.noise_level for s in setups], clip,
+            tally.frozen, stack.graphs,
         )  # fmt: skip
-        for m, r in enumerate(result.members()):
-            try:
-                if frozen[m] or not count_step(setups[m], stack.progress[m], r, plans[m]):
-                    continue
-            except TrainingError as e:  # diverged: frozen for the rest of the epoch
-                diverged[m], frozen[m] = e, True
-                continue
-            sums[m] += np.array([r.loss, r.mae, r.autocorr]) * chunk.shape[1]
-            counted[m] += chunk.shape[1]
-            if np.isfinite(r.grad_norm):  # not an fp16 overflow step its scaler skipped
-                norms[m].append(r.grad_norm)
+        tally.add(result, chunk.shape[1])
+    tally.read()
+    diverged = {}
+    for m in range(M):
+        if not frozen[m]:
+            stack.progress[m].nonfinite_in_a_row = tally.in_a_row[m]
+        if tally.diverged[m]:
+            diverged[m] = diverged_error(setups[m], tally.in_a_row[m], plans[m])
     train = [
-        Losses(*map(float, sums[m] / counted[m])) if counted[m] else Losses(*[np.nan] * 3)
+        Losses(*(x / tally.rows[m] for x in tally.sums[m]))
+        if tally.rows[m]
+        else Losses(*[np.nan] * 3)
         for m in range(M)
     ]
-    return train, norms, [len(chunks) - len(norms[m]) for m in range(M)], diverged
+    return train, tally, diverged
 
 
-def count_step(setup: Setup, progress: Progress, r, plan: EpochPlan) -> bool:
-    """Whether a member's step counts (finite); too many non-finite steps in a row end it."""
-    if r.finite:
-        progress.nonfinite_in_a_row = 0
-        return True
-    progress.nonfinite_in_a_row += 1
-    if progress.nonfinite_in_a_row >= setup.settings.max_nonfinite_steps:
-        raise TrainingError(
-            f"{setup.settings.run_name}: {progress.nonfinite_in_a_row} non-finite steps in a row "
-            f"at epoch {plan.global_epoch}: training diverged; the last good checkpoint is in "
-            f"{setup.out_dir} (lower --start_lr or --clip_grad_norm)"
-        )
-    return False
+class StepTally:
+    """An epoch's stacked step results summed per member on the device, without a host sync per
+    step, as the step loop counted them on the host before: the losses of the finite steps
+    times their rows, their finite pre-clip norms, non-finite steps in a row, and the members
+    that reached their limit of those (diverged: frozen from their next step). `read` brings
+    it all to the host once, as lists."""
+
+    def __init__(self, frozen: list[bool], in_a_row: list[int], limits: list[int], device):
+        M, f64 = len(frozen), {"dtype": torch.float64, "device": device}
+        self.frozen = torch.tensor(frozen, device=device)
+        self.in_a_row = torch.tensor(in_a_row, device=device)
+        self.limits = torch.tensor(limits, device=device)
+        self.sums, self.rows = torch.zeros(M, 3, **f64), torch.zeros(M, **f64)
+        self.norm_sum, self.norm_max = torch.zeros(M, **f64), torch.full((M,), -np.inf, **f64)
+        self.norms = torch.zeros(M, dtype=torch.long, device=device)  # steps with a finite norm
+        self.diverged = torch.zeros(M, dtype=torch.bool, device=device)
+        self.steps = 0
+
+    def add(self, r: StackedStepResult, rows: int) -> None:
+        live = ~self.frozen
+        counted = live & r.finite
+        self.in_a_row = torch.where(live & ~r.finite, self.in_a_row + 1, self.in_a_row)
+        self.in_a_row = torch.where(counted, 0, self.in_a_row)
+        losses = torch.stack([r.loss, r.mae, r.autocorr], dim=1).double() * rows
+        self.sums += torch.where(counted.unsqueeze(1), losses, 0.0)
+        self.rows += counted * rows
+        normed = counted & r.grad_norm.isfinite()  # not an fp16 overflow its scaler skipped
+        norm = r.grad_norm.double()
+        self.norm_sum += torch.where(normed, norm, 0.0)
+        self.norm_max = torch.where(normed, torch.maximum(self.norm_max, norm), self.norm_max)
+        self.norms += normed
+        reached = live & (self.in_a_row >= self.limits)
+        self.diverged |= reached
+        self.frozen = self.frozen | reached
+        self.steps += 1
+
+    def read(self) -> None:
+        for name in ("in_a_row", "sums", "rows", "norm_sum", "norm_max", "norms", "diverged"):
+            setattr(self, name, getattr(self, name).tolist())
+
+    def grad_norms(self, m: int) -> tuple[float, float]:
+        """Member m's mean and largest finite pre-clip norm of the epoch (NaN: none)."""
+        if not self.norms[m]:
+            return float("nan"), float("nan")
+        return self.norm_sum[m] / self.norms[m], self.norm_max[m]
+
+    def skipped(self, m: int) -> int:
+        """Member m's steps without a finite norm (non-finite, overflowed or frozen)."""
+        return self.steps - self.norms[m]
+
+
+def diverged_error(setup: Setup, in_a_row: int, plan: EpochPlan) -> TrainingError:
+    return TrainingError(
+        f"{setup.settings.run_name}: {in_a_row} non-finite steps in a row "
+        f"at epoch {plan.global_epoch}: training diverged; the last good checkpoint is in "
+        f"{setup.out_dir} (lower --start_lr or --clip_grad_norm)"
+    )

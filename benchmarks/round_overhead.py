@@ -1,0 +1,137 @@
+"""The batched study's time outside its epochs, per round of members (issue #26, item 4).
+
+    python benchmarks/round_overhead.py [--preset smoke] [--seeds 0,1,2] [--epochs N] [--json PATH]
+
+Runs `seqgen study --batched` (every strategy x the seeds, phases 1-5) in this process on a fresh
+sqlite store and embedded data (40 samples at `smoke`), and times each round (the phase of all
+chains as one stack: `train_phases`) against the epochs inside it (`run_epoch`: training steps and
+evaluation). A round's overhead is its wall time outside its epochs: the checkpoints and records of
+each epoch, the members' setup before the first epoch and their ends after the last (final files,
+model logging and registration). The tail is what the study waits for after its last round (records
+still landing) and the head what it does before the first (checks, the chains' runs). Per round:
+(wall of the whole study - its epochs) / rounds, which charges head and tail to the rounds too.
+
+Before item 4 (2026-12-07, AMD EPYC with avx512_bf16, 2 threads, a machine shared at load ~5):
+9 chains x 5 phases at `smoke` took 128.9 s, 52.4 s of it in epochs: 15.3 s per round outside
+its epochs (9.6-17.4 by round), against a target of 2 s. Under cProfile (9 chains x 2 phases)
+most of it was the members' ends, one after another: `RunKeeper.finish` about 1.05 s per member,
+of which model registration 0.75 s (`log_phase_model` 0.41 s); then `running` (claim, setup
+records) about 0.09 s and `epoch_done` about 0.1 s per member-epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="smoke")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--samples", type=int, default=40, help="embedded samples to make")
+    ap.add_argument("--phases", default="1,2,3,4,5")
+    ap.add_argument("--epochs", type=int, help="per phase (default: the preset's)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    seeds, phases = (
+        [int(s) for s in args.seeds.split(",")],
+        [int(p) for p in args.phases.split(",")],
+    )
+    overrides = {"epochs": args.epochs} if args.epochs else {}
+    result = study_overhead(args.preset, seeds, phases, args.samples, overrides)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def study_overhead(
+    preset: str, seeds: list[int], phases: list[int], samples: int, overrides: dict
+) -> dict:
+    """The batched study (every strategy x seeds x phases) in a fresh folder and sqlite store,
+    timed per round against its epochs."""
+    work = Path(tempfile.mkdtemp(prefix="round-overhead-"))
+    os.chdir(work)
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        del os.environ[key]
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    logging.getLogger("seqgen").setLevel(logging.WARNING)
+    try:
+        return measure(work, preset, seeds, phases, samples, overrides)
+    finally:
+        os.chdir("/")
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(
+    work: Path, preset: str, seeds: list[int], phases: list[int], samples: int, overrides: dict
+) -> dict:
+    import torch
+
+    from seqgen.bench import cpu_name
+    from seqgen.config import strategies
+    from seqgen.data.synth import synthesize
+    from seqgen.study import batched
+    from seqgen.training import train
+
+    synthesize(work / "data", n_samples=samples, seed=0, progress=False)
+    epochs: list[float] = []
+    rounds: list[dict] = []
+    real_epoch, real_phases = train.run_epoch, train.train_phases
+
+    def timed_epoch(*a, **kw):
+        started = time.perf_counter()
+        try:
+            return real_epoch(*a, **kw)
+        finally:
+            epochs.append(time.perf_counter() - started)
+
+    def timed_round(*a, **kw):
+        before, started = len(epochs), time.perf_counter()
+        try:
+            return real_phases(*a, **kw)
+        finally:
+            wall = time.perf_counter() - started
+            inside = sum(epochs[before:])
+            rounds.append({"wall_s": wall, "epochs_s": inside, "outside_s": wall - inside})
+
+    train.run_epoch, batched.train_phases = timed_epoch, timed_round
+    names = list(strategies())
+    overrides = overrides | {"data_dir": str(work / "data")}
+    started = time.perf_counter()
+    try:
+        outcomes = batched.run_batched_study(names, seeds, phases, preset, overrides)
+    finally:
+        train.run_epoch, batched.train_phases = real_epoch, real_phases
+    wall = time.perf_counter() - started
+    if any(o.status != "done" for o in outcomes):
+        raise RuntimeError(f"the study failed: {[o.status for o in outcomes]}")
+    in_rounds = sum(r["wall_s"] for r in rounds)
+    outside = wall - sum(epochs)
+    result = {
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "preset": preset,
+        "phases": len(phases),
+        "chains": len(names) * len(seeds),
+        "rounds": len(rounds),
+        "study_wall_s": round(wall, 1),
+        "epochs_s": round(sum(epochs), 1),
+        "outside_epochs_per_round_s": round(outside / len(rounds), 2),
+        "round_outside_epochs_s": [round(r["outside_s"], 2) for r in rounds],
+        "head_and_tail_s": round(wall - in_rounds, 2),
+    }
+    return result
+
+
+if __name__ == "__main__":
+    main()
