@@ -34,6 +34,7 @@ from typing import Any
 
 from seqgen.errors import ConfigError, TrackingError, first_line
 from seqgen.runs import tracking
+from seqgen.runs.faults import kill_point
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +363,7 @@ class Courier:
         if item.kind == "metrics":
             metrics, step = item.payload
             _log_once(self.run_id, metrics, step)
+            kill_point("epoch-delivered")
             if self.mirror_to:
                 curves = {k: v for k, v in metrics.items() if k in tracking.CHAIN_CURVES}
                 _log_once(self.mirror_to, curves, step)

@@ -53,6 +53,7 @@ from mlflow.utils.credentials import read_mlflow_creds
 from seqgen.errors import TrackingError, first_line, redact
 from seqgen.model.bundle import Bundle
 from seqgen.runs.descriptions import EXPERIMENT_NOTE_HEAD, experiment_text, model_descriptions
+from seqgen.runs.faults import kill_point
 
 log = logging.getLogger(__name__)
 
@@ -781,6 +782,7 @@ def register_phase_model(
         version = str(min(int(v.version) for v in mine))
     else:
         model_id = log_phase_model(run_id, bundle_path, step)
+        kill_point("model-logged")
         try:
             client.create_registered_model(name)
         except MlflowException:  # it exists (made by an earlier phase or another process)
@@ -789,9 +791,11 @@ def register_phase_model(
             name, f"models:/{model_id}", run_id=run_id, model_id=model_id
         )
         version = str(made.version)
+        kill_point("version-created")
     _link_logged_model(client, name, version)
     for alias in aliases:
         despite_races(client.set_registered_model_alias, name, alias, version)
+    kill_point("aliases-set")
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, str(value))
     return version

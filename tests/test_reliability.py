@@ -1,0 +1,74 @@
+"""Faults of the third reliability round (issue 27), injected for real: processes killed at exact
+bookkeeping steps (seqgen/runs/faults.py), real sqlite stores, bad values in real files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import subprocess_env
+from mlflow.tracking import MlflowClient
+
+from analysis.report import build_report
+from seqgen.config import resolve
+from seqgen.runs import tracking
+from seqgen.runs.faults import POINTS
+from seqgen.training.train import train_phase
+
+SEQGEN = str(Path(sys.executable).with_name("seqgen"))
+AT_ONCE = 3  # killed processes side by side (two cores; each is mostly imports and one epoch)
+
+
+def phase_cmd(data: Path, seed: int) -> list[str]:
+    return [SEQGEN, "train", "--strategy", "mae", "--phase", "1", "--preset", "smoke"] + [
+        "--epochs", "1", "--seed", str(seed), "--data_dir", str(data)
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_kill_at_every_step_of_a_phases_end_is_repaired_by_the_same_command(
+    store, smoke_data, tmp_path
+):
+    """Each seed's process dies at one bookkeeping step (SIGKILL; one SIGTERM, as a job stopped
+    between tagging the run registered and ending it); the same command again leaves one FINISHED
+    run, one version with the seed's alias on it, and compare reads them all."""
+    faults = [*POINTS, "tagged-registered:TERM"]
+    tracking.experiment_id()  # the processes race for their phases' runs, not the experiment
+    env = subprocess_env(store)
+    codes = {}
+    for first in range(0, len(faults), AT_ONCE):
+        procs = {
+            seed: subprocess.Popen(
+                phase_cmd(smoke_data, seed),
+                env=env | {"SEQGEN_KILL_AT": faults[seed]},
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for seed in range(first, min(first + AT_ONCE, len(faults)))
+        }
+        for seed, proc in procs.items():
+            out, _ = proc.communicate(timeout=240)
+            codes[faults[seed]] = (proc.returncode, out[-2000:])
+    expected = {f: (130 if f.endswith(":TERM") else -9) for f in faults}
+    assert {f: c for f, (c, _) in codes.items()} == expected, codes
+
+    client = MlflowClient()
+    for seed, fault in enumerate(faults):
+        again = resolve("mae", 1, "smoke", epochs=1, seed=seed, data_dir=str(smoke_data))
+        result = train_phase(again)  # the same command again
+        runs = client.search_runs(
+            [tracking.experiment_id()], f"tags.kind = 'phase' and tags.seed = '{seed}'"
+        )
+        assert [r.info.status for r in runs] == ["FINISHED"], (fault, result)
+        assert runs[0].data.tags[tracking.LEASE_OWNER] == "", fault
+        versions = client.search_model_versions(f"run_id = '{runs[0].info.run_id}'")
+        assert len(versions) == 1, fault
+        alias = client.get_model_version_by_alias("seqgen-mae-smoke", f"phase-1-s{seed}")
+        assert alias.version == versions[0].version, fault
+        assert alias.tags["run_id"] == runs[0].info.run_id, fault
+    report = build_report(tmp_path / "report", preset="smoke")
+    assert "not finished" not in report.read_text()
