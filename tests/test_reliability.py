@@ -72,3 +72,35 @@ def test_a_kill_at_every_step_of_a_phases_end_is_repaired_by_the_same_command(
         assert alias.tags["run_id"] == runs[0].info.run_id, fault
     report = build_report(tmp_path / "report", preset="smoke")
     assert "not finished" not in report.read_text()
+
+
+def study_runs(client: MlflowClient) -> dict[str, str]:
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return {r.info.run_id: r.info.status for r in client.search_runs(ids, "tags.kind = 'study'")}
+
+
+@pytest.mark.slow
+def test_a_batched_study_stopped_or_killed_leaves_no_run_running(store, smoke_data, tmp_path):
+    """SIGTERM after an epoch: the study's run ends KILLED with its chain's and phase's. kill -9:
+    the study's run stays RUNNING, and the same command again takes it up and ends it
+    FINISHED, so no study run is left RUNNING and none is made twice."""
+    cmd = [sys.executable, "-m", "seqgen.cli", "study", "--batched", "--preset", "smoke"]
+    cmd += ["--strategy", "mae", "--seeds", "0", "--phases", "1-1", "--epochs", "3"]
+    cmd += ["--data_dir", str(smoke_data)]
+    env, client = subprocess_env(store), MlflowClient()
+
+    def study(kill_at: str | None) -> int:
+        extra = {"SEQGEN_KILL_AT": kill_at} if kill_at else {}
+        done = subprocess.run(cmd, env=env | extra, cwd=tmp_path, capture_output=True, text=True)
+        assert "Traceback" not in done.stderr, done.stderr[-3000:]
+        return done.returncode
+
+    assert study("epoch-delivered:TERM") == 130
+    ids = [e.experiment_id for e in client.search_experiments()]
+    assert {r.info.status for r in client.search_runs(ids)} == {"KILLED"}  # study, chain, phase
+    [stopped] = study_runs(client)
+    assert study("epoch-delivered") == -9
+    [killed] = set(study_runs(client)) - {stopped}
+    assert study_runs(client)[killed] == "RUNNING"
+    assert study(None) == 0
+    assert study_runs(client) == {stopped: "KILLED", killed: "FINISHED"}
