@@ -3,16 +3,21 @@ bookkeeping steps (seqgen/runs/faults.py), real sqlite stores, bad values in rea
 
 from __future__ import annotations
 
+import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from conftest import subprocess_env
 from mlflow.tracking import MlflowClient
 
 from analysis.report import build_report
+from seqgen.cli import main
 from seqgen.config import resolve
+from seqgen.data.split import make_split
 from seqgen.runs import tracking
 from seqgen.runs.faults import POINTS
 from seqgen.training.train import train_phase
@@ -104,3 +109,44 @@ def test_a_batched_study_stopped_or_killed_leaves_no_run_running(store, smoke_da
     assert study_runs(client)[killed] == "RUNNING"
     assert study(None) == 0
     assert study_runs(client) == {stopped: "KILLED", killed: "FINISHED"}
+
+
+def data_with(smoke_data: Path, tmp_path: Path, value: str, part: str = "train", column=1) -> Path:
+    """A copy of the smoke data with `value` in row 5, `column`, of one file of `part` (the
+    smoke preset's split of seed 0)."""
+    copy = tmp_path / "data"
+    shutil.copytree(smoke_data, copy)
+    name = make_split(sorted(p.name for p in copy.glob("*.csv")), seed=0).part(part)[0]
+    rows = list(csv.reader((copy / name).read_text().splitlines()))
+    rows[5][column] = value
+    with open(copy / name, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return copy / name
+
+
+def test_a_value_beyond_float32_is_refused_in_one_line_naming_file_row_and_column(
+    store, smoke_data, tmp_path
+):
+    bad = data_with(smoke_data, tmp_path, "1e39")
+    column = next(csv.reader([bad.read_text().splitlines()[0]]))[1]
+    result = CliRunner().invoke(main, ["train", "--strategy", "mae", "--phase", "1"] + [
+        "--preset", "smoke", "--data_dir", str(bad.parent)
+    ])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and bad.name in last, last
+    assert f"row 5, column '{column}'" in last and "'1e39' is beyond float32's range" in last
+
+
+@pytest.mark.slow
+def test_a_phase_whose_validation_loss_is_never_finite_says_so(store, smoke_data, tmp_path):
+    """3e38 in a component whose training std is about 0.5 fits float32 but not once
+    standardised: every validation loss is infinite. The phase ends with a line saying so, not
+    one about machines or stores."""
+    bad = data_with(smoke_data, tmp_path, "3e38", part="val", column=5)
+    args = ["train", "--strategy", "mae", "--phase", "1", "--preset", "smoke", "--epochs", "1"]
+    result = CliRunner().invoke(main, [*args, "--data_dir", str(bad.parent)])
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert "the validation loss was not finite in any epoch (1-1, last inf)" in last, last
+    assert "machine" not in last

@@ -240,6 +240,15 @@ def _read_file(path: Path, n_columns: int, n_components: int) -> tuple[tuple[str
         r, c = bad[0]
         kind = "NaN" if np.isnan(values[r, c]) else "infinite"
         raise _Bad(f"{data[r][c].strip()!r} is {kind}", _at(r, header[c]))
+    # Components and parameters are held as float32 (SequenceData): a value beyond its range
+    # would become infinite there, after the check above.
+    with np.errstate(over="ignore"):
+        too_big = np.argwhere(~np.isfinite(values[:, 1:].astype(np.float32)))
+    if too_big.size:
+        r, c = too_big[0] + (0, 1)
+        raise _Bad(
+            f"{data[r][c].strip()!r} is beyond float32's range (|x| > 3.4e38)", _at(r, header[c])
+        )
 
     down = np.flatnonzero(np.diff(values[:, 0]) <= 0)
     if down.size:

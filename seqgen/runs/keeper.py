@@ -441,6 +441,13 @@ class RunKeeper:
         reason = progress.stopped or "completed"
         if progress.stopped:
             log.info(f"[{settings.run_name}] early stop at epoch {last.epoch}: {progress.stopped}")
+        if progress.best_epoch is None:
+            raise TrainingError(
+                f"{settings.run_name}: the validation loss was not finite in any epoch "
+                f"({self.setup.start.first_epoch}-{last.epoch}, last {last.val.loss}): there is "
+                "no best model to register; look for extreme values in the validation files "
+                "or lower the learning rate, then delete the run to train the phase again"
+            )
         best_path = self._best_model_file(progress)
         # The best model learns the phase's real last epoch (an early stop ends before the
         # plan's), so the next phase's global epochs follow on from it.
