@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 from click.testing import CliRunner
-from conftest import subprocess_env
+from conftest import free_port, subprocess_env
 from mlflow.tracking import MlflowClient
 
 from analysis.report import build_report
@@ -150,3 +151,26 @@ def test_a_phase_whose_validation_loss_is_never_finite_says_so(store, smoke_data
     last = result.output.strip().splitlines()[-1]
     assert "the validation loss was not finite in any epoch (1-1, last inf)" in last, last
     assert "machine" not in last
+
+
+@pytest.mark.parametrize("password", ["s3cr@t-PASS", "s3cr t-PASS", "@s3cr t-PASS@"])
+def test_a_password_with_an_at_sign_or_a_space_is_never_printed(
+    store, smoke_data, monkeypatch, capfd, password
+):
+    """What clients parse as userinfo (up to the last @ before the host) is what is hidden."""
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")
+    for uri in (
+        f"https://alice:{password}@127.0.0.1:{free_port()}",
+        f"postgresql://alice:{password}@127.0.0.1:{free_port()}/mlflow",
+    ):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        result = CliRunner().invoke(main, ["train", "--strategy", "mae", "--phase", "1"] + [
+            "--preset", "smoke", "--data_dir", str(smoke_data)
+        ])  # fmt: skip
+        assert result.exit_code == 2, result.output
+        last = result.output.strip().splitlines()[-1]
+        assert "alice:***@127.0.0.1:" in last, last
+        assert "s3cr" not in result.output and "t-PASS" not in result.output
+    captured = capfd.readouterr()
+    assert "s3cr" not in captured.out + captured.err and "t-PASS" not in captured.out + captured.err
