@@ -4,9 +4,11 @@ bookkeeping steps (seqgen/runs/faults.py), real sqlite stores, bad values in rea
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -174,3 +176,35 @@ def test_a_password_with_an_at_sign_or_a_space_is_never_printed(
         assert "s3cr" not in result.output and "t-PASS" not in result.output
     captured = capfd.readouterr()
     assert "s3cr" not in captured.out + captured.err and "t-PASS" not in captured.out + captured.err
+
+
+@pytest.mark.slow
+def test_latest_a_stage_or_an_alias_is_pinned_to_its_version_before_it_is_recorded(
+    store, smoke_data
+):
+    """Phase 2 continued from models:/NAME/latest records version 1 (identity, tag, version
+    tag), not the word, which resolves to phase 2's own version 2 once it is registered."""
+    first = train_phase(resolve("mae", 1, "smoke", epochs=1, data_dir=str(smoke_data)))
+    latest = "models:/seqgen-mae-smoke/latest"
+    second = train_phase(
+        resolve("mae", 2, "smoke", epochs=1, data_dir=str(smoke_data), existing_model=latest)
+    )
+    assert (first.version, second.version) == ("1", "2")
+    client = MlflowClient()
+    tags = client.get_run(second.run_id).data.tags
+    assert tags["continued_from"] == "models:/seqgen-mae-smoke/1"
+    assert json.loads(tags[tracking.PHASE_SETTINGS])["parent"] == "models:/seqgen-mae-smoke/1"
+    version = client.get_model_version("seqgen-mae-smoke", "2")
+    assert version.tags["continued_from"] == "seqgen-mae-smoke/1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        client.transition_model_version_stage("seqgen-mae-smoke", "1", "Production")
+    assert tracking.exact_model_uri(latest) == "models:/seqgen-mae-smoke/2"
+    assert tracking.exact_model_uri("models:/seqgen-mae-smoke/production") == (
+        "models:/seqgen-mae-smoke/1"
+    )
+    assert tracking.exact_model_uri("models:/seqgen-mae-smoke@phase-2-s0") == (
+        "models:/seqgen-mae-smoke/2"
+    )
+    for unknown in ("models:/nothing/latest", "models:/seqgen-mae-smoke/Staging"):
+        assert tracking.exact_model_uri(unknown) == unknown  # load_bundle then says it is missing

@@ -906,25 +906,41 @@ def load_bundle(uri: str, first_phase_hint: str | None = None) -> Bundle:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@_store_call("resolve a model alias")
+@_store_call("resolve a model URI to its version")
 def exact_model_uri(uri: str) -> str:
-    """models:/name@alias -> models:/name/<the version it points at now>; others unchanged.
+    """models:/name@alias, models:/name/latest and models:/name/<stage> -> models:/name/<the
+    version it points at now>; an exact version, a logged model (models:/m-<id>) and a file stay
+    as given.
 
-    A phase records and loads the exact version, so an alias moved by a run started meanwhile
-    cannot change what it continued from. An alias or model that does not exist stays as given
-    (load_bundle then says it is missing, with a hint); any other failure is the store's."""
-    if not (uri.startswith("models:/") and "@" in uri):
+    A phase records and loads the exact version, so an alias moved (or a version registered) by a
+    run started meanwhile cannot change what it continued from. A model, alias or stage that does
+    not exist stays as given (load_bundle then says it is missing, with a hint); any other
+    failure is the store's."""
+    if not uri.startswith("models:/"):
         return uri
-    name, alias = uri[len("models:/") :].split("@", 1)
+    name, at, alias = uri[len("models:/") :].partition("@")
+    name, _, which = name.partition("/")
+    if not (at or which) or which.isdigit():
+        return uri
+    client = MlflowClient()
     try:
-        version = MlflowClient().get_model_version_by_alias(name, alias).version
+        if at:
+            versions = [client.get_model_version_by_alias(name, alias)]
+        elif which.lower() == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+        else:
+            with warnings.catch_warnings():  # stages are deprecated, and still accepted
+                warnings.simplefilter("ignore", FutureWarning)
+                versions = client.get_latest_versions(name, [which])
     except MlflowException as e:
-        # a missing model is RESOURCE_DOES_NOT_EXIST, a missing alias INVALID_PARAMETER_VALUE
-        missing = e.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), _NO_ALIAS)
-        if missing and "not found" in str(e):
+        # a missing model is RESOURCE_DOES_NOT_EXIST, a missing alias or stage
+        # INVALID_PARAMETER_VALUE
+        if e.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), _NO_ALIAS):
             return uri
         raise
-    return f"models:/{name}/{version}"
+    if not versions:
+        return uri
+    return f"models:/{name}/{max(int(v.version) for v in versions)}"
 
 
 @_store_call("look up the model's source")
