@@ -208,3 +208,58 @@ def test_latest_a_stage_or_an_alias_is_pinned_to_its_version_before_it_is_record
     )
     for unknown in ("models:/nothing/latest", "models:/seqgen-mae-smoke/Staging"):
         assert tracking.exact_model_uri(unknown) == unknown  # load_bundle then says it is missing
+
+
+TRAIN = ["train", "--strategy", "mae", "--phase", "1", "--preset", "smoke", "--data_dir", "{data}"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([*TRAIN, "--seed", str(2**62)], "error: --seed must be at most 4294967295, got"),
+        ([*TRAIN, "--seed", "-1"], "error: --seed must be at least 0, got -1"),
+        ([*TRAIN, "--seed", str(10**20)], "error: --seed must be at most 4294967295, got"),
+        ([*TRAIN, "--hidden_size", "1000000000"], "error: --hidden_size must be at most 8192"),
+        (
+            ["baselines", "--data_dir", "{data}", "--n_components", "0"],
+            "error: --n_components must be at least 1, got 0",
+        ),
+        (["synth", "--out", "/proc/x"], "error: --out /proc/x: cannot write there"),
+        (["synth", "--seed", "-1"], "error: --seed must be at least 0, got -1"),
+        (["bench", "--batches", "0"], "error: --batches must be at least 1, got 0"),
+        (["bench", "--batches", "-1"], "error: --batches must be at least 1, got -1"),
+        (
+            ["study", "--data_dir", "{data}", "--threads_per_chain", "0"],
+            "error: --threads_per_chain must be at least 1",
+        ),
+        (
+            ["study", "--data_dir", "{data}", "--seeds", str(2**40)],
+            "error: --seed must be at most 4294967295",
+        ),
+    ],
+)
+def test_an_option_out_of_range_is_refused_in_one_line_before_any_run(
+    store, smoke_data, args, message
+):
+    result = CliRunner().invoke(main, [a.replace("{data}", str(smoke_data)) for a in args])
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(message), last
+    assert "Traceback" not in result.output
+    ids = [e.experiment_id for e in MlflowClient().search_experiments()]
+    assert MlflowClient().search_runs(ids) == []  # refused before a run was made
+
+
+def test_a_command_says_when_it_creates_a_new_sqlite_store(store, tmp_path, monkeypatch, said):
+    typo = tmp_path / "no" / "such" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{typo}")
+    mlflow.set_tracking_uri(f"sqlite:///{typo}")
+    tracking.check_tracking_store()
+    assert typo.is_file()
+    assert said == [
+        f"created a new, empty MLflow store {typo} (there was none): set MLFLOW_TRACKING_URI if "
+        "you meant another"
+    ]
+    said.clear()
+    tracking.check_tracking_store()  # the store exists now: nothing said
+    assert said == []

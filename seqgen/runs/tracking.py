@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 import mlflow
 import pandas as pd
 import requests
+import sqlalchemy
 from mlflow.entities import DatasetInput, InputTag, LoggedModelStatus, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
@@ -189,13 +190,28 @@ def check_tracking_store() -> str:
         # /health answers anyone: a read says whether the server wants credentials
         _store_call("read its experiments")(MlflowClient().search_experiments)(max_results=1)
         return uri
+    new_file = sqlite_file(uri)
+    new_file = new_file if new_file is not None and not new_file.exists() else None
     try:  # a database store: opening it also runs its migrations once
         MlflowClient().search_experiments(max_results=1)
     except Exception as e:  # missing driver, unreadable file, bad URI: all mean "cannot use it"
         raise TrackingError(
             f"cannot open the MLflow tracking store {uri}: {first_line(e, 200)}"
         ) from None
+    if new_file is not None:  # a mistyped path makes a store (and its folders) silently
+        log.warning(
+            f"created a new, empty MLflow store {new_file.resolve()} (there was none): set "
+            "MLFLOW_TRACKING_URI if you meant another"
+        )
     return uri
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite:// tracking URI (None for any other store or in-memory)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    database = sqlalchemy.engine.make_url(uri).database
+    return Path(database) if database and database != ":memory:" else None
 
 
 # A tag seqgen never sets: deleting it is a write that changes nothing, authorised as the real

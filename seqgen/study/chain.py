@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from seqgen.config import N_PHASES, PhaseSettings, resolve, strategies
+from seqgen.config import N_PHASES, PhaseSettings, check_int, resolve, strategies
 from seqgen.data.sequences import SequenceData
 from seqgen.errors import ConfigError
 from seqgen.runs import descriptions, tracking
@@ -52,6 +52,8 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from None
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds must be distinct non-negative integers, got {text!r}")
+    for seed in seeds:  # and within the range of a seed
+        check_int("seed", seed)
     return seeds
 
 
