@@ -263,3 +263,26 @@ def test_a_command_says_when_it_creates_a_new_sqlite_store(store, tmp_path, monk
     said.clear()
     tracking.check_tracking_store()  # the store exists now: nothing said
     assert said == []
+
+
+def test_a_read_only_store_fails_in_one_line_naming_the_root_cause(
+    store, smoke_data, tmp_path, monkeypatch, capfd
+):
+    """The store opens (reads work) and refuses the first write, the experiment's and then (once
+    it exists) the run's: one line saying so, no traceback from MLflow's logger, no SQLAlchemy
+    autoflush text."""
+    read_only = f"sqlite:///file:{tmp_path / 'mlflow.db'}?mode=ro&uri=true"
+    args = [a.replace("{data}", str(smoke_data)) for a in TRAIN] + ["--epochs", "1"]
+    for refused in ("find or create the experiment", "create a run"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", read_only)
+        mlflow.set_tracking_uri(read_only)
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+        text = result.output + "".join(capfd.readouterr())
+        assert result.exit_code == 2, text
+        last = result.output.strip().splitlines()[-1]
+        assert last.startswith("error: the tracking store at sqlite:///file:"), last
+        assert last.endswith(f"failed to {refused}: attempt to write a readonly database"), last
+        assert "Traceback" not in text and "autoflush" not in text, text
+        assert "created a new" not in text  # the file: form names the store that is there
+        mlflow.set_tracking_uri(store)
+        tracking.experiment_id()  # made writable, for the second refusal

@@ -143,7 +143,21 @@ def store_error(
             f"the tracking server at {uri} does not let {store_user() or 'this user'} {doing} "
             f"(permission denied): {fix}"
         )
-    return TrackingError(f"the tracking store at {uri} failed to {doing}: {first_line(error)}")
+    cause = first_line(root_cause(error))
+    return TrackingError(f"the tracking store at {uri} failed to {doing}: {cause}")
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The database's own error behind MLflow's and SQLAlchemy's wrappers ("attempt to write a
+    readonly database", not "raised as a result of Query-invoked autoflush"), else the error."""
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        if isinstance(link, sqlalchemy.exc.DBAPIError) and link.orig is not None:
+            return link.orig
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return error
 
 
 def _store_call(doing: str):
@@ -196,7 +210,7 @@ def check_tracking_store() -> str:
         MlflowClient().search_experiments(max_results=1)
     except Exception as e:  # missing driver, unreadable file, bad URI: all mean "cannot use it"
         raise TrackingError(
-            f"cannot open the MLflow tracking store {uri}: {first_line(e, 200)}"
+            f"cannot open the MLflow tracking store {uri}: {first_line(root_cause(e), 200)}"
         ) from None
     if new_file is not None:  # a mistyped path makes a store (and its folders) silently
         log.warning(
@@ -210,7 +224,9 @@ def sqlite_file(uri: str) -> Path | None:
     """The database file of a sqlite:// tracking URI (None for any other store or in-memory)."""
     if not uri.startswith("sqlite:"):
         return None
-    database = sqlalchemy.engine.make_url(uri).database
+    database = sqlalchemy.engine.make_url(uri).database or ""
+    if database.startswith("file:"):  # sqlite:///file:PATH?mode=ro&uri=true
+        database = urlsplit(database).path
     return Path(database) if database and database != ":memory:" else None
 
 
@@ -353,8 +369,9 @@ def experiment_id(name: str | None = None) -> str:
         if found is None:
             try:
                 client.create_experiment(name)
-            except MlflowException:  # another process made it meanwhile
-                pass
+            except MlflowException:
+                if client.get_experiment_by_name(name) is None:
+                    raise  # not made meanwhile by another process: the store refused
             found = client.get_experiment_by_name(name)
     present_experiment(found)
     return found.experiment_id
