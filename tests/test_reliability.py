@@ -4,10 +4,13 @@ bookkeeping steps (seqgen/runs/faults.py), real sqlite stores, bad values in rea
 from __future__ import annotations
 
 import csv
+import http.server
 import json
 import shutil
+import ssl
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from analysis.report import build_report
 from seqgen.cli import main
 from seqgen.config import resolve
 from seqgen.data.split import make_split
+from seqgen.errors import TrackingError
 from seqgen.runs import tracking
 from seqgen.runs.faults import POINTS
 from seqgen.training.train import train_phase
@@ -286,3 +290,82 @@ def test_a_read_only_store_fails_in_one_line_naming_the_root_cause(
         assert "created a new" not in text  # the file: form names the store that is there
         mlflow.set_tracking_uri(store)
         tracking.experiment_id()  # made writable, for the second refusal
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def signed_by(ca: Path, name: str, cn: str, san: str | None = None) -> None:
+    """name.key and name.pem, signed by the CA at ca (ca.pem, ca.key)."""
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={cn}", cwd=ca)  # fmt: skip
+    extra = []
+    if san:
+        (ca / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        extra = ["-extfile", f"{name}.ext"]
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", *extra, cwd=ca)  # fmt: skip
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """The endpoints seqgen's probes and its first read call: 200 and an empty JSON object."""
+
+    def _answer(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """An HTTPS server on 127.0.0.1 whose certificate a throw-away CA signed, asking every client
+    for a certificate of the same CA. Yields (URI, folder of ca.pem and client.pem)."""
+    ca = tmp_path / "ca"
+    ca.mkdir()
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "1", "-subj", "/CN=seqgen throw-away CA", cwd=ca)  # fmt: skip
+    signed_by(ca, "server", "127.0.0.1", "IP:127.0.0.1")
+    signed_by(ca, "client", "seqgen client")
+    (ca / "client-bundle.pem").write_text(
+        (ca / "client.pem").read_text() + (ca / "client.key").read_text()
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(ca / "server.pem", ca / "server.key")
+    context.load_verify_locations(ca / "ca.pem")
+    context.verify_mode = ssl.CERT_REQUIRED
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", ca
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_server_with_a_private_ca_is_reached_with_mlflows_tls_settings(tls_server, monkeypatch):
+    """Without MLflow's TLS variables the probes fail (an unknown CA, then no client
+    certificate); with them, as MLflow's own client reads them, both probes reach the server."""
+    uri, ca = tls_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    for name in ("SERVER_CERT_PATH", "CLIENT_CERT_PATH", "INSECURE_TLS"):
+        monkeypatch.delenv(f"MLFLOW_TRACKING_{name}", raising=False)
+    with pytest.raises(TrackingError, match=r"unreachable \(SSLError\)"):
+        tracking.check_tracking_store()
+    assert not tracking.server_is_up()
+    monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(ca / "ca.pem"))
+    assert not tracking.server_is_up()  # the server wants a client certificate
+    monkeypatch.setenv("MLFLOW_TRACKING_CLIENT_CERT_PATH", str(ca / "client-bundle.pem"))
+    assert tracking.check_tracking_store() == uri
+    assert tracking.server_is_up()
+    monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
+    assert not tracking.server_is_up()
+    monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
+    assert tracking.server_is_up()

@@ -40,6 +40,11 @@ import pandas as pd
 import requests
 import sqlalchemy
 from mlflow.entities import DatasetInput, InputTag, LoggedModelStatus, Metric, Param, RunTag
+from mlflow.environment_variables import (
+    MLFLOW_TRACKING_CLIENT_CERT_PATH,
+    MLFLOW_TRACKING_INSECURE_TLS,
+    MLFLOW_TRACKING_SERVER_CERT_PATH,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.protos.databricks_pb2 import (
@@ -194,7 +199,7 @@ def check_tracking_store() -> str:
         os.environ.setdefault(name, value)
     if uri.startswith(("http://", "https://")):
         try:  # requests takes user:password in the URI as basic auth, as MLflow's client does
-            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+            requests.get(uri.rstrip("/") + "/health", timeout=5, **tls()).raise_for_status()
         except requests.RequestException as e:
             reason = type(e).__name__ if e.response is None else f"HTTP {e.response.status_code}"
             raise TrackingError(
@@ -306,6 +311,19 @@ def client_settings(uri: str) -> dict[str, str]:
 PROBE_TIMEOUT = 5.0  # seconds a probe waits for its answer (a loaded server answers slowly)
 
 
+def tls() -> dict[str, Any]:
+    """The TLS options of seqgen's own requests to the server, as MLflow's client takes them
+    (mlflow.utils.rest_utils.MlflowHostCreds): a private CA's bundle, no verification, or a
+    client certificate, from MLflow's environment variables."""
+    server_ca = MLFLOW_TRACKING_SERVER_CERT_PATH.get()
+    options: dict[str, Any] = {
+        "verify": server_ca if server_ca else not MLFLOW_TRACKING_INSECURE_TLS.get()
+    }
+    if client_cert := MLFLOW_TRACKING_CLIENT_CERT_PATH.get():
+        options["cert"] = client_cert
+    return options
+
+
 def server_is_up(timeout: float = PROBE_TIMEOUT) -> bool:
     """Whether the tracking store answers now. For a server, an API read that needs its
     database: GET /health answers while the database behind it is down. Any answer but a server
@@ -323,6 +341,7 @@ def server_is_up(timeout: float = PROBE_TIMEOUT) -> bool:
             timeout=timeout,
             auth=(user, password) if user and password else None,
             headers={"Authorization": f"Bearer {token}"} if token else None,
+            **tls(),
         )
     except requests.RequestException:
         return False
