@@ -23,8 +23,9 @@ from mlflow.tracking import MlflowClient
 from analysis.report import build_report
 from seqgen.cli import main
 from seqgen.config import resolve
+from seqgen.data.sequences import load_sequences
 from seqgen.data.split import make_split
-from seqgen.errors import TrackingError
+from seqgen.errors import DataError, TrackingError
 from seqgen.runs import tracking
 from seqgen.runs.faults import POINTS
 from seqgen.training.train import train_phase
@@ -369,3 +370,34 @@ def test_a_server_with_a_private_ca_is_reached_with_mlflows_tls_settings(tls_ser
     assert not tracking.server_is_up()
     monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
     assert tracking.server_is_up()
+
+
+# ---- item 9: suspected faults, each confirmed (and fixed) or refuted by a test ------------
+
+
+def test_a_step_column_that_differs_in_a_later_file_is_refused(smoke_data, tmp_path):
+    """Only the first file's steps were kept, and no other file's compared with them."""
+    shutil.copytree(smoke_data, tmp_path / "data")
+    bad = sorted((tmp_path / "data").glob("*.csv"))[1]
+    rows = list(csv.reader(bad.read_text().splitlines()))
+    rows[1:] = [[str(float(r[0]) + 0.5), *r[1:]] for r in rows[1:]]  # still increasing
+    with open(bad, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    with pytest.raises(DataError, match=rf"{bad.name}.*row 1, column 'step'.*step 0.5 differs"):
+        load_sequences(bad.parent, 5, 2)
+
+
+@pytest.mark.parametrize("marker", ["bytes", "folder"])
+def test_an_unreadable_run_marker_is_refused_in_one_line(store, smoke_data, tmp_path, marker):
+    folder = tmp_path / "outputs" / "smoke-s0" / "100mae_1_1"
+    folder.mkdir(parents=True)
+    if marker == "folder":
+        (folder / ".seqgen-run").mkdir()
+    else:
+        (folder / ".seqgen-run").write_bytes(b"\xff\xfe run")
+    args = [a.replace("{data}", str(smoke_data)) for a in TRAIN] + ["--epochs", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: output folder {Path('outputs/smoke-s0/100mae_1_1')}: its run")
+    assert "Traceback" not in result.output

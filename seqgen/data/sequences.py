@@ -306,6 +306,10 @@ def _read_folder(folder: Path, names: list[str], n_components: int, n_params: in
     if tables:
         ref_header = Counter(h for h, _ in tables.values()).most_common(1)[0][0]
         ref_rows = Counter(len(v) for _, v in tables.values()).most_common(1)[0][0]
+        # every file's steps, not only the first's (SequenceData keeps one step column)
+        ref_steps = Counter(
+            tuple(v[:, 0]) for _, v in tables.values() if len(v) == ref_rows
+        ).most_common(1)[0][0]
         for name, (header, values) in tables.items():
             if header != ref_header:
                 i = next(
@@ -317,6 +321,12 @@ def _read_folder(folder: Path, names: list[str], n_components: int, n_params: in
                 )
             elif len(values) != ref_rows:
                 problems[name] = _Bad(f"{_plural(len(values), 'row')}, expected {ref_rows}")
+            elif tuple(values[:, 0]) != ref_steps:
+                r = int(np.flatnonzero(values[:, 0] != np.array(ref_steps))[0])
+                problems[name] = _Bad(
+                    f"step {values[r, 0]:g} differs from the other files' {ref_steps[r]:g}",
+                    _at(r, header[0]),
+                )
         if not problems and ref_rows < 2:
             raise DataError(
                 f"the files in '{folder}' have {_plural(ref_rows, 'data row')}; "

@@ -53,8 +53,7 @@ def prepare_folder(path: Path, run_id: str | None) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"output folder {path} cannot be written: {e.strerror or e}") from None
-    marker = path / RUN_MARKER
-    holder = marker.read_text().strip() if marker.is_file() else None
+    holder = folder_holder(path)
     if holder != run_id and (holder or any(path.glob("*.pth"))):
         raise ConfigError(
             f"output folder {path} holds the files of another run ({holder or 'unknown'}) of "
@@ -66,9 +65,24 @@ def prepare_folder(path: Path, run_id: str | None) -> None:
 def set_aside(path: Path, run_id: str) -> None:
     """A phase trained anew (--retrain): the folder of the run it replaces moves to
     <folder>.run-<id>, so the new run gets the original name and nothing of the old is lost."""
-    marker = path / RUN_MARKER
-    if marker.is_file() and marker.read_text().strip() == run_id:
+    if folder_holder(path) == run_id:
         path.replace(path.with_name(f"{path.name}.run-{run_id[:8]}"))
+
+
+def folder_holder(path: Path) -> str | None:
+    """The run id the folder's marker names, None without a marker; a marker that is not a
+    readable text file (a folder, other bytes) is refused in one line."""
+    marker = path / RUN_MARKER
+    if not marker.exists():
+        return None
+    try:
+        return marker.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(
+            f"output folder {path}: its run marker {RUN_MARKER} cannot be read ({why}); it "
+            "should hold a run id: remove it if the folder holds no other run's files"
+        ) from None
 
 
 def mark_folder(path: Path, run_id: str) -> None:
