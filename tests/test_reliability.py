@@ -7,10 +7,12 @@ import csv
 import http.server
 import json
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from seqgen.config import resolve
 from seqgen.data.sequences import load_sequences
 from seqgen.data.split import make_split
 from seqgen.errors import DataError, TrackingError
-from seqgen.runs import tracking
+from seqgen.runs import delivery, tracking
 from seqgen.runs.faults import POINTS
 from seqgen.training.train import train_phase
 
@@ -401,3 +403,27 @@ def test_an_unreadable_run_marker_is_refused_in_one_line(store, smoke_data, tmp_
     last = result.output.strip().splitlines()[-1]
     assert last.startswith(f"error: output folder {Path('outputs/smoke-s0/100mae_1_1')}: its run")
     assert "Traceback" not in result.output
+
+
+def test_closing_a_courier_against_a_hanging_server_takes_seconds(monkeypatch, said):
+    """A server that takes connections and never answers (MLflow waits up to 120 s a call and
+    retries): close() returns after CLOSE_WAIT and says a call was left under way."""
+    hanging = socket.socket()
+    hanging.bind(("127.0.0.1", 0))
+    hanging.listen(8)  # the kernel completes the handshakes; nothing ever answers
+    uri = f"http://127.0.0.1:{hanging.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+    mlflow.set_tracking_uri(uri)
+    monkeypatch.setattr(delivery, "CLOSE_WAIT", 2.0)
+    courier = delivery.Courier("0" * 32, delivery.new_owner())
+    courier.tags({"stop_reason": "paused"})
+    time.sleep(1.0)  # the delivery thread is inside its first call now
+    closer = threading.Thread(target=courier.close, daemon=True)
+    started = time.monotonic()
+    closer.start()
+    closer.join(timeout=15)
+    assert not closer.is_alive(), "close() waited for the hanging call"
+    assert time.monotonic() - started < 5
+    assert any("still under way after 2 s" in line for line in said), said
+    hanging.close()
