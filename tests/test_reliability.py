@@ -427,3 +427,21 @@ def test_closing_a_courier_against_a_hanging_server_takes_seconds(monkeypatch, s
     assert time.monotonic() - started < 5
     assert any("still under way after 2 s" in line for line in said), said
     hanging.close()
+
+
+@pytest.mark.slow
+def test_compare_killed_while_it_swaps_its_report_in_keeps_the_old_one(store, smoke_data, tmp_path):
+    """Confirmed: the old report was deleted before the new one was renamed in. A kill between
+    now leaves it whole beside the target; the next report clears it."""
+    train_phase(resolve("mae", 1, "smoke", epochs=1, data_dir=str(smoke_data)))
+    before = build_report(tmp_path / "report", preset="smoke").read_text()
+    killed = subprocess.run(
+        [SEQGEN, "compare", "--out", "report"],
+        env=subprocess_env(store) | {"SEQGEN_KILL_AT": "report-set-aside"},
+        cwd=tmp_path, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    [aside] = tmp_path.glob(".report.old-*")
+    assert (aside / "report.md").read_text() == before
+    assert build_report(tmp_path / "report", preset="smoke").is_file()
+    assert list(tmp_path.glob(".report.old-*")) == []

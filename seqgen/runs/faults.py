@@ -18,6 +18,7 @@ POINTS = (
     "tagged-registered",  # phase_state registered, the run still RUNNING
     "ended",  # the run FINISHED
 )
+REPORT_POINTS = ("report-set-aside",)  # compare: the old report moved aside, the new not yet in
 
 
 def kill_point(name: str) -> None:
