@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import http.server
 import json
+import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -445,3 +447,36 @@ def test_compare_killed_while_it_swaps_its_report_in_keeps_the_old_one(store, sm
     assert (aside / "report.md").read_text() == before
     assert build_report(tmp_path / "report", preset="smoke").is_file()
     assert list(tmp_path.glob(".report.old-*")) == []
+
+
+@pytest.mark.slow
+def test_a_refused_second_pipeline_leaves_the_live_chains_run_alone(
+    store, smoke_data, tmp_path, monkeypatch
+):
+    """Confirmed: the second `pipeline` of a chain being trained was refused, and marked the
+    live chain's run FAILED on its way out. It now leaves it RUNNING to its trainer."""
+    monkeypatch.setenv("SEQGEN_LEASE_SECONDS", "4")  # a renewal every second, seen in 4 s at most
+    args = ["pipeline", "--strategy", "mae", "--phases", "1-1", "--preset", "smoke"]
+    args += ["--epochs", "400", "--data_dir", str(smoke_data)]
+    first = subprocess.Popen(
+        [SEQGEN, *args], env=subprocess_env(store) | {"SEQGEN_LEASE_SECONDS": "4"}, cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    client = MlflowClient()
+    try:
+        deadline = time.monotonic() + 240
+        while not any(
+            "val_loss" in r.data.metrics
+            for r in client.search_runs([tracking.experiment_id()], "tags.kind = 'phase'")
+        ):
+            assert time.monotonic() < deadline and first.poll() is None, "it did not train"
+            time.sleep(0.5)
+        second = CliRunner().invoke(main, args)
+        assert second.exit_code == 2, second.output
+        assert "is being trained by" in second.output.strip().splitlines()[-1]
+        [chain] = client.search_runs([tracking.experiment_id()], "tags.kind = 'chain'")
+        assert chain.info.status == "RUNNING"
+        assert first.poll() is None
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)

@@ -621,7 +621,7 @@ def find_run(setup: Setup, options: RunOptions) -> tuple[RunRecord | None, set[s
         if verdict == "alive" and record.state == "registered":
             break  # its holder is ending it now
         if verdict == "alive" and time.monotonic() >= deadline:
-            raise TrackingError(
+            raise HeldElsewhere(
                 f"{run_name} (run {record.run_id}) is being trained by {record.owner} right now: "
                 "it is not taken over while that process lives"
             )
@@ -712,6 +712,11 @@ def newest_checkpoint(out_dir: Path, run_id: str, run_name: str) -> Found:
     return Found(best, unreadable, store_bad)
 
 
+class HeldElsewhere(TrackingError):
+    """The phase's run is trained by a live process: this command leaves it, and the runs that
+    process holds (its chain's), as they are."""
+
+
 class LostClaim(Exception):
     """Another process made a run for the same new phase at the same moment (claim_run)."""
 
@@ -750,7 +755,7 @@ def claim_run(
     # written holds it, and the other sees so here or before its first record (the courier).
     holder = tracking.run_tags(record.run_id).get(tracking.LEASE_OWNER, "")
     if holder != owner:
-        raise TrackingError(
+        raise HeldElsewhere(
             f"{setup.settings.run_name} (run {record.run_id}) is being trained by {holder} right "
             "now: it is not taken over while that process lives"
         )

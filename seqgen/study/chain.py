@@ -18,7 +18,7 @@ from seqgen.config import N_PHASES, PhaseSettings, check_int, resolve, strategie
 from seqgen.data.sequences import SequenceData
 from seqgen.errors import ConfigError
 from seqgen.runs import descriptions, tracking
-from seqgen.runs.keeper import PhaseResult, RunOptions
+from seqgen.runs.keeper import HeldElsewhere, PhaseResult, RunOptions
 from seqgen.training.start import load_phase_data
 from seqgen.training.train import train_phase
 
@@ -128,9 +128,12 @@ def end_chain_run(
 
 @contextmanager
 def chain_runs_open(runs: dict[tuple[str, int], str]) -> Iterator[None]:
-    """The chains' runs end KILLED on Ctrl-C and FAILED on an error, never left RUNNING."""
+    """The chains' runs end KILLED on Ctrl-C and FAILED on an error, never left RUNNING; a phase
+    that a live process trains (HeldElsewhere) leaves them to that process."""
     try:
         yield
+    except HeldElsewhere:
+        raise
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         for run_id in runs.values():
