@@ -23,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import free_port, subprocess_env
 from mlflow.tracking import MlflowClient
+from test_faults import SKEWED
 
 from analysis.report import build_report
 from seqgen.cli import main
@@ -484,3 +485,22 @@ def test_a_refused_second_pipeline_leaves_the_live_chains_run_alone(
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="README, Faults: runs are ordered by their client's clock")
+def test_a_retrain_from_a_machine_whose_clock_is_behind_is_taken_up(store, smoke_data, tmp_path):
+    """Confirmed (a limit): a --retrain killed on a machine an hour behind starts its run 'before'
+    the registered one; the same command then finds the old run registered and skips, leaving
+    the retrain RUNNING, where with agreeing clocks it takes the retrain up."""
+    first = train_phase(resolve("mae", 1, "smoke", epochs=1, data_dir=str(smoke_data)))
+    retrain = ["train", "--strategy", "mae", "--phase", "1", "--preset", "smoke", "--epochs", "1"]
+    retrain += ["--data_dir", str(smoke_data), "--retrain"]
+    killed = subprocess.run(
+        [sys.executable, "-c", SKEWED, "-3600", *retrain],
+        env=subprocess_env(store) | PYTHON_RECURRENCE | {"SEQGEN_KILL_AT": "epoch-delivered"},
+        cwd=tmp_path, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    again = train_phase(resolve("mae", 1, "smoke", epochs=1, data_dir=str(smoke_data)))
+    assert again.run_id != first.run_id and again.status == "registered"
