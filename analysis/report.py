@@ -23,6 +23,7 @@ from seqgen import config
 from seqgen.errors import ConfigError
 from seqgen.evaluation import measures, metrics
 from seqgen.runs import tracking
+from seqgen.runs.faults import kill_point
 from seqgen.version import code_version as seqgen_code_version
 
 REPORT_SUFFIXES = {".png", ".csv", ".md", ".html"}  # everything a report folder holds
@@ -443,9 +444,15 @@ def build_report(
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
+    # The old report is set aside, not deleted, until the new one is in: a kill in between
+    # leaves it whole (as .<name>.old-*), and the next report clears it.
+    aside = out.with_name(out.name.replace(".tmp-", ".old-"))
     if final.exists():
-        shutil.rmtree(final)
+        final.rename(aside)
+    kill_point("report-set-aside")
     out.rename(final)
+    for old in final.parent.glob(f".{final.name}.old-*"):
+        shutil.rmtree(old, ignore_errors=True)
     return final / "report.md"
 
 

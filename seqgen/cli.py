@@ -42,6 +42,12 @@ def _clean_errors(fn):
     return wrapper
 
 
+def check_ints(**values: int | None) -> None:
+    """A command's own integer options against config.INT_RANGES (one line naming the option)."""
+    for name, value in values.items():
+        config.check_int(name, value)
+
+
 def _click_type(name: str):
     kind, _ = config._field_kind(name)
     return {int: int, float: click.FLOAT, str: str, bool: bool}[kind]
@@ -282,7 +288,10 @@ def pipeline(
     help="auto or HOST:PORT of a running cluster [default: RAY_ADDRESS, else a local instance]",
 )
 @click.option(
-    "--threads_per_chain", type=int, default=None, help="CPU threads (Ray CPUs) per chain [1]"
+    "--threads_per_chain",
+    type=int,
+    default=None,
+    help="CPU threads (Ray CPUs) per chain [1]",
 )
 @snake_option(
     "--max_pending",
@@ -331,8 +340,7 @@ def study(
     strategies, seed_list = parse_strategies(strategy), parse_seeds(seeds)
     phase_list = parse_phases(phases)
     points = _points(vary, phase_list, overrides)
-    if threads_per_chain is not None and threads_per_chain < 1:
-        raise config.ConfigError(f"--threads_per_chain must be at least 1, got {threads_per_chain}")
+    config.check_int("threads", threads_per_chain, "--threads_per_chain")
     options = RunOptions(
         retrain=retrain, max_outage=max_outage, checkpoint_seconds=checkpoint_seconds
     )
@@ -387,7 +395,10 @@ def demo(data_dir, preset, seeds, report_dir, retrain):
 
 @main.command()
 @click.option("--out", "out_dir", default="data", show_default=True, help="folder to write")
-@snake_option("--n_samples", "--n-samples", type=int, default=None, help="samples [default: 5500]")
+@snake_option(
+    "--n_samples", "--n-samples", type=int, default=None,
+    help="samples [default: 5500]",
+)  # fmt: skip
 @click.option("--seed", type=int, default=None, help="seed of the parameters [default: 0]")
 @click.option("--overwrite", is_flag=True, help="replace an existing folder")
 @_clean_errors
@@ -395,6 +406,7 @@ def synth(out_dir, n_samples, seed, overwrite):
     """Make the embedded dataset: viscous Burgers runs compressed to 5 PCA components."""
     from seqgen.data.synth import synthesize
 
+    check_ints(n_samples=n_samples, seed=seed)
     given = {k: v for k, v in {"n_samples": n_samples, "seed": seed}.items() if v is not None}
     summary = synthesize(out_dir, overwrite=overwrite, **given)  # defaults live in synthesize
     click.echo(json.dumps(summary, default=str))
@@ -405,10 +417,10 @@ def synth(out_dir, n_samples, seed, overwrite):
 @click.option("--batches", type=int, default=5, show_default=True, help="timed batches")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.option("--baseline", is_flag=True, help="also time a plain nn.LSTMCell loop")
-@click.option("--threads", type=int, default=None, help="torch threads (default: torch's)")
+@click.option("--threads", type=int, default=None, help="torch threads [torch's]")
 @click.option("--mixed_precision/--no_mixed_precision", default=True)
 @click.option(
-    "--members", type=click.IntRange(min=1), default=1, show_default=True,
+    "--members", type=int, default=1, show_default=True,
     help="chains trained as one stack (seqgen study --batched)",
 )  # fmt: skip
 @_clean_errors
@@ -416,6 +428,7 @@ def bench(preset, batches, as_json, baseline, threads, mixed_precision, members)
     """Training and generation throughput (sequences/s) through the trainer's own step."""
     from seqgen.bench import run_bench
 
+    check_ints(batches=batches, threads=threads, members=members)
     result = run_bench(preset, batches, baseline, threads, mixed_precision, members)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -432,7 +445,11 @@ split_option = click.option(
     type=click.Choice(["train", "val", "test"]),
 )
 max_lag_option = snake_option(
-    "--max_lag", "--max-lag", type=int, default=None, help="ACF lags 1..L [default: 20]"
+    "--max_lag",
+    "--max-lag",
+    type=int,
+    default=None,
+    help="ACF lags 1..L [default: 20]",
 )
 
 
@@ -460,6 +477,7 @@ def evaluate(model_uri, data_dir, split_name, max_lag, baselines, no_log):
     the same samples; log evaluation runs. JSON on stdout, a table on stderr."""
     from seqgen.evaluation.evaluate import beside_table, evaluate_model
 
+    check_ints(max_lag=max_lag)
     summary = evaluate_model(
         model_uri, data_dir, split_name, baselines=baselines, log=not no_log, **_lag(max_lag)
     )
@@ -473,13 +491,14 @@ def evaluate(model_uri, data_dir, split_name, max_lag, baselines, no_log):
 @snake_option("--data_dir", default=None, help="data folder (default with --model: the model's)")
 @split_option
 @click.option("--model", "model_uri", default=None, help="use this model's data folder and split")
-@click.option("--seed", type=int, default=None, help="split seed, no --model [default: 0]")
+@click.option("--seed", type=int, default=None, help="split seed, no --model [0]")
 @snake_option(
-    "--max_samples", type=int, default=None, help="use only the first N files (no --model)"
-)
+    "--max_samples", type=int, default=None,
+    help="use only the first N files (no --model)",
+)  # fmt: skip
 @max_lag_option
-@snake_option("--n_components", type=int, default=None, help="component columns [default: 5]")
-@snake_option("--n_params", type=int, default=None, help="parameter columns [default: 2]")
+@snake_option("--n_components", type=int, default=None, help="components [5]")
+@snake_option("--n_params", type=int, default=None, help="parameters [2]")
 @click.option("--refit", is_flag=True, help="fit again even when the store has these evaluations")
 @_clean_errors
 def baselines(
@@ -490,6 +509,8 @@ def baselines(
     makes. Found in the store instead when already evaluated. JSON on stdout, a table on stderr."""
     from seqgen.evaluation.evaluate import beside_table, evaluate_baselines
 
+    check_ints(seed=seed, max_samples=max_samples, max_lag=max_lag)
+    check_ints(n_components=n_components, n_params=n_params)
     if model_uri is not None and (max_samples is not None or seed is not None):
         raise config.ConfigError("--model brings its own split: leave out --seed and --max_samples")
     found = evaluate_baselines(

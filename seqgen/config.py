@@ -28,6 +28,43 @@ SCHEDULES = ("warmup_cosine", "warmup_linear", "linear")
 SELECTORS = ("strategy", "phase", "preset")  # chosen on the command line, never by the table
 MAX_OUTAGE = 600.0  # seconds the tracking server may be away before a phase pauses
 CHECKPOINT_SECONDS = 30.0  # at most this long between checkpoints (and metrics sent) of a phase
+MAX_SEED = 2**32 - 1  # an epoch's draws are seeded seed * 1_000_003 + epoch: within torch's 64 bits
+
+# The range of every integer option of every command (a setting, or a command's own option of the
+# same name), in one place: (lowest, highest or None). The highest bounds what the machinery can
+# hold: torch's seeds, and memory (hidden 8192 is 2 GiB of weights per layer; 10^9 asks for 10^19).
+INT_RANGES: dict[str, tuple[int, int | None]] = {
+    "seed": (0, MAX_SEED),
+    "epochs": (1, 100_000),
+    "batch_size": (1, 1_000_000),
+    "grad_accum_steps": (1, 10_000),
+    "hidden_size": (1, 8192),
+    "num_layers": (1, 64),
+    "save_every": (1, None),
+    "n_components": (1, 10_000),
+    "n_params": (1, 10_000),
+    "max_samples": (3, None),
+    "max_nonfinite_steps": (1, None),
+    "max_lag": (1, None),  # and below the sequence length, checked against the data
+    "num_workers": (0, None),
+    # commands' own options
+    "n_samples": (3, 10_000_000),  # synth: train, val and test need one each
+    "batches": (1, 100_000),  # bench
+    "members": (1, 1_000),  # bench
+    "threads": (1, 4096),  # bench, study --threads_per_chain
+}
+
+
+def check_int(name: str, value: int | None, option: str | None = None) -> None:
+    """Raise ConfigError naming the option (--name) when value is outside INT_RANGES[name]."""
+    low, high = INT_RANGES[name]
+    option = option or f"--{name}"
+    if value is None:
+        return
+    if value < low:
+        raise ConfigError(f"{option} must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise ConfigError(f"{option} must be at most {high}, got {value}")
 
 
 def _doc(text: str, **kw: Any) -> Any:
@@ -345,21 +382,9 @@ def validate(s: PhaseSettings) -> None:
         validate_variant_name(s)
     if not 0.0 <= s.alpha <= 1.0:
         raise ConfigError(f"--alpha must be within 0..1, got {s.alpha}")
-    positive = [
-        "epochs",
-        "batch_size",
-        "grad_accum_steps",
-        "hidden_size",
-        "num_layers",
-        "save_every",
-        "n_components",
-        "n_params",
-        "max_nonfinite_steps",
-        "max_lag",
-    ]
-    for name in positive:
-        if getattr(s, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {getattr(s, name)}")
+    for name in INT_RANGES:
+        if name in FIELDS:
+            check_int(name, getattr(s, name))
     for name in ("start_lr", "min_lr", "clip_grad_norm"):
         if not getattr(s, name) > 0:
             raise ConfigError(f"--{name} must be positive, got {getattr(s, name)}")
@@ -368,7 +393,7 @@ def validate(s: PhaseSettings) -> None:
     for name in ("teacher_forcing_start", "teacher_forcing_end"):
         if not 0.0 <= getattr(s, name) <= 1.0:
             raise ConfigError(f"--{name} must be within 0..1, got {getattr(s, name)}")
-    for name in ("noise_level", "weight_decay", "num_workers"):
+    for name in ("noise_level", "weight_decay"):
         if getattr(s, name) < 0:
             raise ConfigError(f"--{name} cannot be negative, got {getattr(s, name)}")
     for name in ("new_training_schedule", "continued_schedule"):
@@ -378,8 +403,6 @@ def validate(s: PhaseSettings) -> None:
             )
     if s.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {s.device!r}")
-    if s.max_samples is not None and s.max_samples < 3:
-        raise ConfigError(f"--max_samples must be at least 3, got {s.max_samples}")
     for name in ("early_stopping_patience", "overfit_gap", "grad_explosion_norm"):
         value = getattr(s, name)
         if value is not None and not value > 0:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 
 # scheme://user:secret@host and scheme://token@host: whatever stands before the @ is a credential.
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+# Clients (urllib, requests, SQLAlchemy) take the userinfo up to the *last* @ before the path, and
+# accept a password holding @ or a space: so does this, within the line, erring towards hiding.
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/?#\n]*)@")
 
 
 def redact(text: str) -> str:

@@ -44,6 +44,11 @@ def setup(level: int = NORMAL) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
+    # A failed store call is reported by seqgen in one line naming its root cause
+    # (tracking.store_error); MLflow's database layer logs it first with a traceback of some 85
+    # lines that hides that cause. Kept at --verbose.
+    quiet = logging.CRITICAL if level > VERBOSE else logging.NOTSET
+    logging.getLogger("mlflow.store.db.utils").setLevel(quiet)
 
 
 def progress_bar(items: Sequence[T], label: str) -> Iterator[T]:

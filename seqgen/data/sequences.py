@@ -240,6 +240,15 @@ def _read_file(path: Path, n_columns: int, n_components: int) -> tuple[tuple[str
         r, c = bad[0]
         kind = "NaN" if np.isnan(values[r, c]) else "infinite"
         raise _Bad(f"{data[r][c].strip()!r} is {kind}", _at(r, header[c]))
+    # Components and parameters are held as float32 (SequenceData): a value beyond its range
+    # would become infinite there, after the check above.
+    with np.errstate(over="ignore"):
+        too_big = np.argwhere(~np.isfinite(values[:, 1:].astype(np.float32)))
+    if too_big.size:
+        r, c = too_big[0] + (0, 1)
+        raise _Bad(
+            f"{data[r][c].strip()!r} is beyond float32's range (|x| > 3.4e38)", _at(r, header[c])
+        )
 
     down = np.flatnonzero(np.diff(values[:, 0]) <= 0)
     if down.size:
@@ -297,6 +306,10 @@ def _read_folder(folder: Path, names: list[str], n_components: int, n_params: in
     if tables:
         ref_header = Counter(h for h, _ in tables.values()).most_common(1)[0][0]
         ref_rows = Counter(len(v) for _, v in tables.values()).most_common(1)[0][0]
+        # every file's steps, not only the first's (SequenceData keeps one step column)
+        ref_steps = Counter(
+            tuple(v[:, 0]) for _, v in tables.values() if len(v) == ref_rows
+        ).most_common(1)[0][0]
         for name, (header, values) in tables.items():
             if header != ref_header:
                 i = next(
@@ -308,6 +321,12 @@ def _read_folder(folder: Path, names: list[str], n_components: int, n_params: in
                 )
             elif len(values) != ref_rows:
                 problems[name] = _Bad(f"{_plural(len(values), 'row')}, expected {ref_rows}")
+            elif tuple(values[:, 0]) != ref_steps:
+                r = int(np.flatnonzero(values[:, 0] != np.array(ref_steps))[0])
+                problems[name] = _Bad(
+                    f"step {values[r, 0]:g} differs from the other files' {ref_steps[r]:g}",
+                    _at(r, header[0]),
+                )
         if not problems and ref_rows < 2:
             raise DataError(
                 f"the files in '{folder}' have {_plural(ref_rows, 'data row')}; "

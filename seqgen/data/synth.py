@@ -326,11 +326,14 @@ def synthesize(
     nu, amplitude = burgers_params(n_samples, np.random.default_rng(seed))
     width = max(5, len(str(n_samples - 1)))  # fixed width: sorted names = sample order
     files = [f"sample_{i:0{width}d}.csv" for i in range(n_samples)]
-    out.parent.mkdir(parents=True, exist_ok=True)
     # beside the target (same file system, so the final rename is atomic), hidden from globs
     token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = out.parent / f".{out.name}.tmp-{token}"
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:  # /proc, a read-only disk, a file where a folder should be
+        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     try:
         pca, pcs = _simulate_and_compress(files, nu, amplitude, n_x, progress, start)
         steps = np.arange(N_SNAPSHOTS)

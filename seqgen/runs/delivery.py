@@ -34,12 +34,14 @@ from typing import Any
 
 from seqgen.errors import ConfigError, TrackingError, first_line
 from seqgen.runs import tracking
+from seqgen.runs.faults import kill_point
 
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 60.0  # a beat that has not moved for this long belongs to a dead process
 PROBE_EVERY = 1.0  # seconds between health probes while the server is away
 ATTEMPTS_WHILE_UP = 3  # a call that fails this often with the server up is a real error
+CLOSE_WAIT = 10.0  # seconds close() waits for a call under way (a hanging server: minutes)
 
 
 def lease_seconds() -> float:
@@ -226,16 +228,23 @@ class Courier:
         return True
 
     def close(self) -> None:
-        """Stop the threads and wait for them: none outlives its phase. Undelivered records are
-        dropped (the checkpoint still has them); a call under way is finished first (MLflow's
-        requests are bounded: tracking.bound_retries)."""
+        """Stop the threads and wait for them, CLOSE_WAIT seconds at most: a call under way to
+        a server that hangs (MLflow's retries of one call can take minutes) is left to end in the
+        background, so Ctrl-C ends the command promptly. Undelivered records are dropped (the
+        checkpoint still has them; a record a late call lands is one the store was owed)."""
         with self._cv:
             self._closing = True
             self._cv.notify_all()
         self._closed.set()
+        deadline = time.monotonic() + CLOSE_WAIT
         for thread in self._threads:
             if thread is not threading.current_thread():
-                thread.join()
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads if t is not threading.current_thread()):
+            log.warning(
+                f"a call to the tracking server for run {self.run_id} is still under way after "
+                f"{CLOSE_WAIT:.0f} s: left to finish in the background"
+            )
         _LIVE.discard(self.owner)
 
     # ---- the threads ---------------------------------------------------------------------------
@@ -362,6 +371,7 @@ class Courier:
         if item.kind == "metrics":
             metrics, step = item.payload
             _log_once(self.run_id, metrics, step)
+            kill_point("epoch-delivered")
             if self.mirror_to:
                 curves = {k: v for k, v in metrics.items() if k in tracking.CHAIN_CURVES}
                 _log_once(self.mirror_to, curves, step)

@@ -32,6 +32,7 @@ from seqgen.files import copy_atomic
 from seqgen.model.bundle import Bundle, BundleError, Checkpoint
 from seqgen.runs import descriptions, outputs, tracking, variants
 from seqgen.runs.delivery import Courier, LeaseWatch, lease_seconds, new_owner, renew_every
+from seqgen.runs.faults import kill_point
 from seqgen.runs.tracking import RunRecord
 from seqgen.training.epochs import EpochRecord, Progress
 from seqgen.training.start import Setup
@@ -442,6 +443,13 @@ class RunKeeper:
         reason = progress.stopped or "completed"
         if progress.stopped:
             log.info(f"[{settings.run_name}] early stop at epoch {last.epoch}: {progress.stopped}")
+        if progress.best_epoch is None:
+            raise TrainingError(
+                f"{settings.run_name}: the validation loss was not finite in any epoch "
+                f"({self.setup.start.first_epoch}-{last.epoch}, last {last.val.loss}): there is "
+                "no best model to register; look for extreme values in the validation files "
+                "or lower the learning rate, then delete the run to train the phase again"
+            )
         best_path = self._best_model_file(progress)
         # The best model learns the phase's real last epoch (an early stop ends before the
         # plan's), so the next phase's global epochs follow on from it.
@@ -471,7 +479,9 @@ class RunKeeper:
         self.courier.still_mine()
         done = {tracking.PHASE_STATE: "registered", "model_version": version}
         tracking.set_run_tags(self.run_id, done | {tracking.PAUSED_AT: ""})
+        kill_point("tagged-registered")
         release_run(self.run_id, "FINISHED", self.courier)
+        kill_point("ended")
         model_uri = f"models:/{settings.registered_model}/{version}"
         log.info(
             f"[{settings.run_name}] done: best val {progress.best_val:.4f} at epoch "
@@ -617,20 +627,26 @@ def find_run(setup: Setup, options: RunOptions) -> tuple[RunRecord | None, set[s
     after this look is another process's claim). A run whose lease holder lives is refused,
     after waiting up to lease_wait seconds for it to die; whether it lives is told by watching
     its lease on this process's own clock (delivery.LeaseWatch), which can take up to
-    lease_seconds() for a holder on another machine."""
+    lease_seconds() for a holder on another machine. A registered run that a process died
+    ending (not FINISHED, its lease dead) is ended FINISHED here (finish_registered)."""
     run_name = setup.settings.run_name
     deadline = time.monotonic() + options.lease_wait
     watch, said = LeaseWatch(), False
     while True:
         runs = tracking.phase_runs(setup.experiment_id, setup.key)
         record = next((r for r in runs if r.state not in tracking.NOT_TAKEN_UP), None)
-        if record is None or record.state == "registered":
+        ended = record is None or record.state == "registered" and record.status == "FINISHED"
+        if ended:
             break
         verdict = watch.verdict(record.owner, record.lease_beat)
         if verdict == "dead":
+            if record.state == "registered":
+                record = finish_registered(record, run_name)
             break
+        if verdict == "alive" and record.state == "registered":
+            break  # its holder is ending it now
         if verdict == "alive" and time.monotonic() >= deadline:
-            raise TrackingError(
+            raise HeldElsewhere(
                 f"{run_name} (run {record.run_id}) is being trained by {record.owner} right now: "
                 "it is not taken over while that process lives"
             )
@@ -644,6 +660,18 @@ def find_run(setup: Setup, options: RunOptions) -> tuple[RunRecord | None, set[s
     if options.resume and (record is None or record.state == "registered"):
         raise ConfigError(resume_refusal(setup, record))
     return record, {r.run_id for r in runs}
+
+
+def finish_registered(record: RunRecord, run_name: str) -> RunRecord:
+    """A run whose model was registered (every alias and tag set: phase_state registered is
+    written last) but whose process died before ending it: ended FINISHED, its lease released."""
+    tracking.set_run_tags(record.run_id, {tracking.LEASE_OWNER: ""})
+    tracking.set_run_status(record.run_id, "FINISHED")
+    log.info(
+        f"[{run_name}] run {record.run_id} was registered by a process that died before ending "
+        f"it ({record.status}): ended FINISHED"
+    )
+    return dataclasses.replace(record, status="FINISHED", owner="")
 
 
 def resume_refusal(setup: Setup, record: RunRecord | None) -> str:
@@ -709,6 +737,11 @@ def newest_checkpoint(out_dir: Path, run_id: str, run_name: str) -> Found:
     return Found(best, unreadable, store_bad)
 
 
+class HeldElsewhere(TrackingError):
+    """The phase's run is trained by a live process: this command leaves it, and the runs that
+    process holds (its chain's), as they are."""
+
+
 class LostClaim(Exception):
     """Another process made a run for the same new phase at the same moment (claim_run)."""
 
@@ -728,6 +761,7 @@ def claim_run(
         parent = chain or options.parent_run_id or tracking.active_run_id()  # a chain's, a demo's
         tags = run_tags(setup) | lease | {tracking.PHASE_STATE: "training"}
         run_id = tracking.create_run(setup.experiment_id, setup.settings.run_name, tags, parent)
+        kill_point("run-created")
         rivals = [
             r
             for r in tracking.phase_runs(setup.experiment_id, setup.key)
@@ -738,6 +772,7 @@ def claim_run(
             tracking.withdraw_run(run_id, "lost", reason)
             log.info(f"[{setup.settings.run_name}] another process started this phase too")
             raise LostClaim(reason)
+        kill_point("rival-checked")
         return run_id
     tracking.set_run_tags(record.run_id, lease | {"stop_reason": "", tracking.PAUSED_AT: ""})
     tracking.set_run_status(record.run_id, "RUNNING")
@@ -745,7 +780,7 @@ def claim_run(
     # written holds it, and the other sees so here or before its first record (the courier).
     holder = tracking.run_tags(record.run_id).get(tracking.LEASE_OWNER, "")
     if holder != owner:
-        raise TrackingError(
+        raise HeldElsewhere(
             f"{setup.settings.run_name} (run {record.run_id}) is being trained by {holder} right "
             "now: it is not taken over while that process lives"
         )

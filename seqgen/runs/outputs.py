@@ -62,18 +62,27 @@ def prepare_folder(path: Path, run_id: str | None) -> None:
         )
 
 
-def folder_holder(path: Path) -> str | None:
-    """The run whose files the folder holds (its marker), or None."""
-    marker = path / RUN_MARKER
-    return marker.read_text().strip() or None if marker.is_file() else None
-
-
 def set_aside(path: Path, run_id: str) -> None:
     """A phase trained anew (--retrain): the folder of the run it replaces moves to
     <folder>.run-<id>, so the new run gets the original name and nothing of the old is lost."""
-    marker = path / RUN_MARKER
-    if marker.is_file() and marker.read_text().strip() == run_id:
+    if folder_holder(path) == run_id:
         path.replace(path.with_name(f"{path.name}.run-{run_id[:8]}"))
+
+
+def folder_holder(path: Path) -> str | None:
+    """The run id the folder's marker names, None without a marker; a marker that is not a
+    readable text file (a folder, other bytes) is refused in one line."""
+    marker = path / RUN_MARKER
+    if not marker.exists():
+        return None
+    try:
+        return marker.read_bytes().decode("utf-8").strip() or None
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(
+            f"output folder {path}: its run marker {RUN_MARKER} cannot be read ({why}); it "
+            "should hold a run id: remove it if the folder holds no other run's files"
+        ) from None
 
 
 def mark_folder(path: Path, run_id: str) -> None:

@@ -38,7 +38,13 @@ from urllib.parse import urlsplit
 import mlflow
 import pandas as pd
 import requests
+import sqlalchemy
 from mlflow.entities import DatasetInput, InputTag, LoggedModelStatus, Metric, Param, RunTag
+from mlflow.environment_variables import (
+    MLFLOW_TRACKING_CLIENT_CERT_PATH,
+    MLFLOW_TRACKING_INSECURE_TLS,
+    MLFLOW_TRACKING_SERVER_CERT_PATH,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.protos.databricks_pb2 import (
@@ -53,6 +59,7 @@ from mlflow.utils.credentials import read_mlflow_creds
 from seqgen.errors import TrackingError, first_line, redact
 from seqgen.model.bundle import Bundle
 from seqgen.runs.descriptions import EXPERIMENT_NOTE_HEAD, experiment_text, model_descriptions
+from seqgen.runs.faults import kill_point
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +149,21 @@ def store_error(
             f"the tracking server at {uri} does not let {store_user() or 'this user'} {doing} "
             f"(permission denied): {fix}"
         )
-    return TrackingError(f"the tracking store at {uri} failed to {doing}: {first_line(error)}")
+    cause = first_line(root_cause(error))
+    return TrackingError(f"the tracking store at {uri} failed to {doing}: {cause}")
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The database's own error behind MLflow's and SQLAlchemy's wrappers ("attempt to write a
+    readonly database", not "raised as a result of Query-invoked autoflush"), else the error."""
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        if isinstance(link, sqlalchemy.exc.DBAPIError) and link.orig is not None:
+            return link.orig
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return error
 
 
 def _store_call(doing: str):
@@ -179,7 +200,7 @@ def check_tracking_store() -> str:
         os.environ.setdefault(name, value)
     if uri.startswith(("http://", "https://")):
         try:  # requests takes user:password in the URI as basic auth, as MLflow's client does
-            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+            requests.get(uri.rstrip("/") + "/health", timeout=5, **tls()).raise_for_status()
         except requests.RequestException as e:
             reason = type(e).__name__ if e.response is None else f"HTTP {e.response.status_code}"
             raise TrackingError(
@@ -189,13 +210,30 @@ def check_tracking_store() -> str:
         # /health answers anyone: a read says whether the server wants credentials
         _store_call("read its experiments")(MlflowClient().search_experiments)(max_results=1)
         return uri
+    new_file = sqlite_file(uri)
+    new_file = new_file if new_file is not None and not new_file.exists() else None
     try:  # a database store: opening it also runs its migrations once
         MlflowClient().search_experiments(max_results=1)
     except Exception as e:  # missing driver, unreadable file, bad URI: all mean "cannot use it"
         raise TrackingError(
-            f"cannot open the MLflow tracking store {uri}: {first_line(e, 200)}"
+            f"cannot open the MLflow tracking store {uri}: {first_line(root_cause(e), 200)}"
         ) from None
+    if new_file is not None:  # a mistyped path makes a store (and its folders) silently
+        log.warning(
+            f"created a new, empty MLflow store {new_file.resolve()} (there was none): set "
+            "MLFLOW_TRACKING_URI if you meant another"
+        )
     return uri
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite:// tracking URI (None for any other store or in-memory)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    database = sqlalchemy.engine.make_url(uri).database or ""
+    if database.startswith("file:"):  # sqlite:///file:PATH?mode=ro&uri=true
+        database = urlsplit(database).path
+    return Path(database) if database and database != ":memory:" else None
 
 
 # A tag seqgen never sets: deleting it is a write that changes nothing, authorised as the real
@@ -274,6 +312,19 @@ def client_settings(uri: str) -> dict[str, str]:
 PROBE_TIMEOUT = 5.0  # seconds a probe waits for its answer (a loaded server answers slowly)
 
 
+def tls() -> dict[str, Any]:
+    """The TLS options of seqgen's own requests to the server, as MLflow's client takes them
+    (mlflow.utils.rest_utils.MlflowHostCreds): a private CA's bundle, no verification, or a
+    client certificate, from MLflow's environment variables."""
+    server_ca = MLFLOW_TRACKING_SERVER_CERT_PATH.get()
+    options: dict[str, Any] = {
+        "verify": server_ca if server_ca else not MLFLOW_TRACKING_INSECURE_TLS.get()
+    }
+    if client_cert := MLFLOW_TRACKING_CLIENT_CERT_PATH.get():
+        options["cert"] = client_cert
+    return options
+
+
 def server_is_up(timeout: float = PROBE_TIMEOUT) -> bool:
     """Whether the tracking store answers now. For a server, an API read that needs its
     database: GET /health answers while the database behind it is down. Any answer but a server
@@ -291,6 +342,7 @@ def server_is_up(timeout: float = PROBE_TIMEOUT) -> bool:
             timeout=timeout,
             auth=(user, password) if user and password else None,
             headers={"Authorization": f"Bearer {token}"} if token else None,
+            **tls(),
         )
     except requests.RequestException:
         return False
@@ -337,8 +389,9 @@ def experiment_id(name: str | None = None) -> str:
         if found is None:
             try:
                 client.create_experiment(name)
-            except MlflowException:  # another process made it meanwhile
-                pass
+            except MlflowException:
+                if client.get_experiment_by_name(name) is None:
+                    raise  # not made meanwhile by another process: the store refused
             found = client.get_experiment_by_name(name)
     present_experiment(found)
     return found.experiment_id
@@ -829,6 +882,7 @@ def register_phase_model(
         version = str(min(int(v.version) for v in mine))
     else:
         model_id = log_phase_model(run_id, bundle_path, step)
+        kill_point("model-logged")
         try:
             client.create_registered_model(name)
         except MlflowException:  # it exists (made by an earlier phase or another process)
@@ -837,9 +891,11 @@ def register_phase_model(
             name, f"models:/{model_id}", run_id=run_id, model_id=model_id
         )
         version = str(made.version)
+        kill_point("version-created")
     _link_logged_model(client, name, version)
     for alias in aliases:
         despite_races(client.set_registered_model_alias, name, alias, version)
+    kill_point("aliases-set")
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, str(value))
     return version
@@ -950,25 +1006,41 @@ def load_bundle(uri: str, first_phase_hint: str | None = None) -> Bundle:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@_store_call("resolve a model alias")
+@_store_call("resolve a model URI to its version")
 def exact_model_uri(uri: str) -> str:
-    """models:/name@alias -> models:/name/<the version it points at now>; others unchanged.
+    """models:/name@alias, models:/name/latest and models:/name/<stage> -> models:/name/<the
+    version it points at now>; an exact version, a logged model (models:/m-<id>) and a file stay
+    as given.
 
-    A phase records and loads the exact version, so an alias moved by a run started meanwhile
-    cannot change what it continued from. An alias or model that does not exist stays as given
-    (load_bundle then says it is missing, with a hint); any other failure is the store's."""
-    if not (uri.startswith("models:/") and "@" in uri):
+    A phase records and loads the exact version, so an alias moved (or a version registered) by a
+    run started meanwhile cannot change what it continued from. A model, alias or stage that does
+    not exist stays as given (load_bundle then says it is missing, with a hint); any other
+    failure is the store's."""
+    if not uri.startswith("models:/"):
         return uri
-    name, alias = uri[len("models:/") :].split("@", 1)
+    name, at, alias = uri[len("models:/") :].partition("@")
+    name, _, which = name.partition("/")
+    if not (at or which) or which.isdigit():
+        return uri
+    client = MlflowClient()
     try:
-        version = MlflowClient().get_model_version_by_alias(name, alias).version
+        if at:
+            versions = [client.get_model_version_by_alias(name, alias)]
+        elif which.lower() == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+        else:
+            with warnings.catch_warnings():  # stages are deprecated, and still accepted
+                warnings.simplefilter("ignore", FutureWarning)
+                versions = client.get_latest_versions(name, [which])
     except MlflowException as e:
-        # a missing model is RESOURCE_DOES_NOT_EXIST, a missing alias INVALID_PARAMETER_VALUE
-        missing = e.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), _NO_ALIAS)
-        if missing and "not found" in str(e):
+        # a missing model is RESOURCE_DOES_NOT_EXIST, a missing alias or stage
+        # INVALID_PARAMETER_VALUE
+        if e.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), _NO_ALIAS):
             return uri
         raise
-    return f"models:/{name}/{version}"
+    if not versions:
+        return uri
+    return f"models:/{name}/{max(int(v.version) for v in versions)}"
 
 
 @_store_call("look up the model's source")

@@ -18,24 +18,22 @@ import time
 
 from seqgen.config import PhaseSettings
 from seqgen.errors import SeqgenError
-from seqgen.runs import descriptions, tracking
+from seqgen.runs import tracking
 from seqgen.runs.keeper import PhaseResult, RunOptions
 from seqgen.study.board import (
     Chain,
     ChainOutcome,
     Screen,
+    end_study_run,
     load_study_data,
     name_chains,
+    open_study_run,
     plan_chains,
     registered_models,
+    study_run_open,
     study_view,
 )
-from seqgen.study.chain import (
-    chain_runs,
-    chain_runs_open,
-    end_chain_run,
-    phase_done,
-)
+from seqgen.study.chain import chain_runs, chain_runs_open, end_chain_run, phase_done
 from seqgen.training.epochs import EpochRecord
 from seqgen.training.train import STACK_KEYS, train_phases
 
@@ -72,16 +70,19 @@ def run_batched_study(
     chains = name_chains(chains, phases[0], preset, overrides, data)
     models = registered_models(chains, phases, preset, overrides)
     tracking.check_can_log(tracking.experiment_id(), models)  # before the study's run is made
-    tags = {
-        "kind": "study",
-        "preset": preset,
-        "phases": f"{phases[0]}-{phases[-1]}",
-        "chains": ",".join(c.name for c in chains),
-        "batched": "true",
-        tracking.NOTE: descriptions.study_text([c.name for c in chains], preset, batched=True),
-    }
     exp_id = tracking.experiment_id()
-    study_run = tracking.create_run(exp_id, f"study-{preset}", tags, None)
+    study_run = open_study_run(exp_id, chains, phases, preset, overrides, batched=True)
+    with study_run_open(study_run):
+        outcomes = train_study(chains, phases, preset, overrides, options, data, study_run, out)
+    end_study_run(study_run, outcomes)
+    for line in tracking.browse_lines(exp_id, study_view(points)):
+        log.info(line)
+    return outcomes
+
+
+def train_study(chains, phases, preset, overrides, options, data, study_run, out):
+    """run_batched_study's chains under its study run: the board, the chains' runs, the phases,
+    the outcomes."""
     # off a terminal the phases' own lines say what the board would: no echo
     screen = Screen(out, [c.name for c in chains], len(phases), echo=False)
     board: dict[str, dict] = {c.name: {"host": "this process"} for c in chains}
@@ -115,12 +116,7 @@ def run_batched_study(
     outcomes = [
         outcome(c, done[c.name], len(phases), started, failures.get(c.name, "")) for c in chains
     ]
-    failed = [o.chain for o in outcomes if o.status != "done"]
-    tracking.set_run_tags(study_run, {"failed_chains": ",".join(failed)})
-    tracking.set_run_status(study_run, "FAILED" if failed else "FINISHED")
     screen.table(outcomes)
-    for line in tracking.browse_lines(exp_id, study_view(points)):
-        log.info(line)
     return outcomes
 
 

@@ -1,10 +1,16 @@
 """What a study shows while it runs and when it ends, whether its chains run as Ray tasks
 (seqgen/study/cluster.py) or side by side in one stacked model (seqgen/study/batched.py): one
-live line per chain, then a table; and the checks every study makes before it starts."""
+live line per chain, then a table; the checks every study makes before it starts; and the
+study's own run, which both kinds of study find again, take up and never leave RUNNING."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,9 +20,12 @@ from rich.text import Text
 
 from seqgen.config import PhaseSettings, resolve
 from seqgen.data.sequences import SequenceData, load_sequences
-from seqgen.errors import SeqgenError, first_line
+from seqgen.errors import SeqgenError, TrackingError, first_line
+from seqgen.runs import descriptions, tracking
 from seqgen.runs.outputs import format_eta
 from seqgen.training.start import load_phase_data
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,55 @@ def registered_models(chains: list[Chain], phases: list[int], preset: str, overr
     return sorted(
         {c.settings(p, preset, overrides).registered_model for c in chains for p in phases}
     )
+
+
+# ---- the study's run ----------------------------------------------------------------------------
+
+
+def open_study_run(
+    exp_id: str, chains: list[Chain], phases: list[int], preset: str, overrides: dict,
+    batched: bool = False,
+) -> str:  # fmt: skip
+    """The study's own run, parent of its phase runs: the one an earlier driver of the same
+    study left RUNNING (it died), taken up, else a new one."""
+    study = {"chains": [c.name for c in chains], "phases": phases, "preset": preset}
+    study |= {"batched": True} if batched else {}  # the Ray study's key as it always was
+    identity = json.dumps(study | {"overrides": overrides}, sort_keys=True, default=str)
+    key = hashlib.sha256(identity.encode()).hexdigest()[:20]
+    if left := tracking.running_run(exp_id, {"kind": "study", tracking.STUDY_KEY: key}):
+        log.info(f"going on in study run {left}, left RUNNING by an earlier driver of this study")
+        return left
+    names = [c.name for c in chains]
+    tags = {
+        "kind": "study",
+        "preset": preset,
+        "phases": f"{phases[0]}-{phases[-1]}",
+        "chains": ",".join(names),
+        tracking.STUDY_KEY: key,
+        tracking.NOTE: descriptions.study_text(names, preset, batched=batched),
+    }
+    tags |= {"batched": "true"} if batched else {}
+    return tracking.create_run(exp_id, f"study-{preset}", tags, None)
+
+
+@contextlib.contextmanager
+def study_run_open(run_id: str) -> Iterator[None]:
+    """The study's run ends KILLED on Ctrl-C or SIGTERM and FAILED on any other error, never
+    left RUNNING (only a process killed outright leaves it so, and the next driver takes it up)."""
+    try:
+        yield
+    except BaseException as e:
+        with contextlib.suppress(TrackingError):
+            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            tracking.set_run_status(run_id, status)
+        raise
+
+
+def end_study_run(run_id: str, outcomes: list[ChainOutcome]) -> None:
+    """FINISHED when every chain is done, else FAILED naming the chains that are not."""
+    failed = [o.chain for o in outcomes if o.status != "done"]
+    tracking.set_run_tags(run_id, {"failed_chains": ",".join(failed)})
+    tracking.set_run_status(run_id, "FAILED" if failed else "FINISHED")
 
 
 # ---- the chain: one Ray task ---------------------------------------------------------------------

@@ -14,11 +14,11 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from seqgen.config import N_PHASES, PhaseSettings, resolve, strategies
+from seqgen.config import N_PHASES, PhaseSettings, check_int, resolve, strategies
 from seqgen.data.sequences import SequenceData
 from seqgen.errors import ConfigError
 from seqgen.runs import descriptions, tracking
-from seqgen.runs.keeper import PhaseResult, RunOptions
+from seqgen.runs.keeper import HeldElsewhere, PhaseResult, RunOptions
 from seqgen.runs.variants import resolve_variant
 from seqgen.training.start import load_phase_data
 from seqgen.training.train import train_phase
@@ -53,6 +53,8 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from None
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds must be distinct non-negative integers, got {text!r}")
+    for seed in seeds:  # and within the range of a seed
+        check_int("seed", seed)
     return seeds
 
 
@@ -129,9 +131,12 @@ def end_chain_run(
 
 @contextmanager
 def chain_runs_open(runs: dict[tuple[str, int], str]) -> Iterator[None]:
-    """The chains' runs end KILLED on Ctrl-C and FAILED on an error, never left RUNNING."""
+    """The chains' runs end KILLED on Ctrl-C and FAILED on an error, never left RUNNING; a phase
+    that a live process trains (HeldElsewhere) leaves them to that process."""
     try:
         yield
+    except HeldElsewhere:
+        raise
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         for run_id in runs.values():

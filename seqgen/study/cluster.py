@@ -10,10 +10,7 @@ So rerunning the same command after any interruption continues where the study s
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import socket
@@ -30,20 +27,23 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from seqgen.config import PhaseSettings
 from seqgen.data.sequences import SequenceData
-from seqgen.errors import ConfigError, SeqgenError, TrackingError
+from seqgen.errors import ConfigError, SeqgenError
 from seqgen.log import setup as log_setup
-from seqgen.runs import descriptions, tracking
+from seqgen.runs import tracking
 from seqgen.runs.delivery import lease_seconds
 from seqgen.runs.keeper import PhaseResult, RunOptions
 from seqgen.study.board import (
     Chain,
     ChainOutcome,
     Screen,
+    end_study_run,
     load_study_data,
     name_chains,
+    open_study_run,
     plan_chains,
     reason,
     registered_models,
+    study_run_open,
     study_view,
 )
 from seqgen.study.chain import run_chain
@@ -311,16 +311,9 @@ def run_study(
             logging.getLogger("seqgen").getEffectiveLevel(),
         )  # fmt: skip
         screen = Screen(out, [c.name for c in chains], len(phases))
-        try:
+        with study_run_open(study_run):
             outcomes, bugs = drive(chains, data, ctx, screen, gpu, max_pending)
-        except BaseException as e:  # Ctrl-C or the store: the study's run does not stay RUNNING
-            with contextlib.suppress(TrackingError):
-                status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-                tracking.set_run_status(study_run, status)
-            raise
-        failed = [o.chain for o in outcomes if o.status != "done"]
-        tracking.set_run_tags(study_run, {"failed_chains": ",".join(failed)})
-        tracking.set_run_status(study_run, "FAILED" if failed else "FINISHED")
+        end_study_run(study_run, outcomes)
         for line in tracking.browse_lines(exp_id, study_view(points)):
             log.info(line)
         if bugs:
@@ -328,28 +321,6 @@ def run_study(
         return outcomes
     finally:
         ray.shutdown()
-
-
-def open_study_run(
-    exp_id: str, chains: list[Chain], phases: list[int], preset: str, overrides: dict
-) -> str:
-    """The study's own run, parent of its phase runs: the one an earlier driver of the same
-    study left RUNNING (it died), taken up, else a new one."""
-    study = {"chains": [c.name for c in chains], "phases": phases, "preset": preset}
-    identity = json.dumps(study | {"overrides": overrides}, sort_keys=True, default=str)
-    key = hashlib.sha256(identity.encode()).hexdigest()[:20]
-    if left := tracking.running_run(exp_id, {"kind": "study", tracking.STUDY_KEY: key}):
-        log.info(f"going on in study run {left}, left RUNNING by an earlier driver of this study")
-        return left
-    tags = {
-        "kind": "study",
-        "preset": preset,
-        "phases": f"{phases[0]}-{phases[-1]}",
-        "chains": ",".join(c.name for c in chains),
-        tracking.STUDY_KEY: key,
-        tracking.NOTE: descriptions.study_text([c.name for c in chains], preset),
-    }
-    return tracking.create_run(exp_id, f"study-{preset}", tags, None)
 
 
 def drive(
