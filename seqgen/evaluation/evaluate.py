@@ -33,7 +33,7 @@ import torch
 
 from seqgen.config import strategies
 from seqgen.data.sequences import SequenceData, load_sequences
-from seqgen.data.split import Split, make_split
+from seqgen.data.split import Split, log_scaled, phase_split
 from seqgen.data.synth import PCABasis, load_pca
 from seqgen.errors import ConfigError, DataError
 from seqgen.evaluation import measures, metrics
@@ -148,7 +148,7 @@ def sweep_params(all_params: np.ndarray, n_points: int = SWEEP_POINTS) -> np.nda
     out = np.repeat(out, n_points, axis=1)
     for p in range(all_params.shape[1]):
         lo, hi = all_params[:, p].min(), all_params[:, p].max()
-        log = lo > 0 and hi / lo > 10
+        log = log_scaled(all_params[:, p])
         out[p, :, p] = np.geomspace(lo, hi, n_points) if log else np.linspace(lo, hi, n_points)
     return out.astype(np.float32)
 
@@ -271,7 +271,9 @@ def log_evaluation(
     """One evaluation run (tag kind=evaluation), nested under `parent` when given: tags, params,
     `{part}_{quantity}` metrics at step 0 (one value each: `mlflow ui` draws them as bars),
     per_sample.csv, error_by_step.csv, generated.npz and summary.json; returns the summary."""
-    all_tags = {"kind": "evaluation", **es.tags(), **tags}
+    # split_fingerprint names the samples; split_kind says whether they lie outside the training
+    # range (kept out of es.tags(), which finds a baseline again, so none is refitted for it)
+    all_tags = {"kind": "evaluation", **es.tags(), "split_kind": es.split.kind, **tags}
     with tracking.tracked_run(run_name, all_tags, experiment_id, parent) as run:
         # what the tags say (split, max_lag, the model, the baseline, the seed) is not a param
         tracking.log_params({"data_dir": str(es.folder), "n_samples": len(es.idx)} | params)
@@ -449,6 +451,15 @@ def _data_folder(data_dir: str | None, bundle: Bundle) -> Path:
     return folder
 
 
+def check_split_kind(bundle: Bundle, model_uri: str, split_kind: str | None) -> None:
+    """A model is evaluated on its own split: --split, when given, must be the one it trained on."""
+    if split_kind is not None and split_kind != bundle.split.kind:
+        raise ConfigError(
+            f"--split {split_kind}: {model_uri} was trained on the {bundle.split.kind} split and "
+            f"is evaluated on it; train one with --split {split_kind} to evaluate that"
+        )
+
+
 def _model_eval_set(bundle: Bundle, data_dir: str | None, split_name: str, max_lag: int) -> EvalSet:
     """The model's own split of the data folder (given, else the one it was trained on)."""
     folder = _data_folder(data_dir, bundle)
@@ -469,15 +480,18 @@ def evaluate_model(
     max_lag: int = metrics.ACF_MAX_LAG,
     baselines: bool = True,
     log: bool = True,
+    split_kind: str | None = None,
 ) -> dict:
     """Generate `split_name` free-running, measure it, log an evaluation run with the baselines'
     beside it (fitted once per split, then found in the store); return a summary. log=False
-    logs nothing (all a user who may only read can do): the summary has no run ids."""
+    logs nothing (all a user who may only read can do): the summary has no run ids. split_kind,
+    when given, must be the split the model trained on."""
     tracking.check_tracking_store()
     # An alias is resolved once: the version loaded is the version recorded, even if the alias
     # moves while this evaluation runs.
     exact_uri = tracking.exact_model_uri(model_uri)
     bundle = tracking.load_bundle(exact_uri)
+    check_split_kind(bundle, model_uri, split_kind)
     es = _model_eval_set(bundle, data_dir, split_name, max_lag)
     source = tracking.model_source(exact_uri, bundle.run_id)
     experiment = source.get("experiment_id")
@@ -537,13 +551,17 @@ def evaluate_baselines(
     n_components: int | None = None,
     n_params: int | None = None,
     reuse: bool = True,
+    split_kind: str | None = None,
+    edge_fraction: float | None = None,
 ) -> dict[str, dict]:
     """The baselines alone, on a model's split (model_uri) or on the split training makes of
-    data_dir's first max_samples files with `seed`; logged (or found) as evaluation runs."""
+    data_dir's first max_samples files with `seed` (split_kind random, or edge with
+    edge_fraction); logged (or found) as evaluation runs."""
     tracking.check_tracking_store()
     if model_uri is not None:
         exact_uri = tracking.exact_model_uri(model_uri)
         bundle = tracking.load_bundle(exact_uri)
+        check_split_kind(bundle, model_uri, split_kind)
         es = _model_eval_set(bundle, data_dir, split_name, max_lag)
         experiment = tracking.model_source(exact_uri, bundle.run_id).get("experiment_id")
         return _baselines_alone(es, bundle.seed, experiment, reuse)
@@ -556,8 +574,10 @@ def evaluate_baselines(
     shape = {"n_components": n_components, "n_params": n_params}
     data = load_sequences(data_dir, **{k: v for k, v in shape.items() if v is not None})
     # The same split a phase of this seed and --max_samples makes, so its evaluations pair.
-    files = data.files[:max_samples] if max_samples else data.files
-    split = make_split(files, seed)
+    n = min(max_samples or data.n_samples, data.n_samples)
+    kind = split_kind or "random"
+    fraction = edge_fraction if kind == "edge" else None
+    split = phase_split(data.files[:n], data.params[:n], seed, kind, fraction, data.param_names)
     folder = Path(data_dir)
     es = EvalSet(data, split, split_name, max_lag, load_pca(folder), folder)
     return _baselines_alone(es, seed, None, reuse)
