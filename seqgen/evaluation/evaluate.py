@@ -34,7 +34,7 @@ import torch
 from seqgen.config import strategies
 from seqgen.data.sequences import SequenceData, load_sequences
 from seqgen.data.split import Split, log_scaled, phase_split
-from seqgen.data.synth import PCABasis, load_pca
+from seqgen.data.synth import PCABasis, is_burgers, load_pca
 from seqgen.errors import ConfigError, DataError
 from seqgen.evaluation import measures, metrics
 from seqgen.evaluation.baselines import BASELINES, baseline_version, fit_baseline
@@ -77,9 +77,14 @@ def measure(
     steps: np.ndarray,
     max_lag: int,
     pca: PCABasis | None = None,
+    scale: np.ndarray | None = None,
+    burgers: bool = False,
 ) -> Measures:
     """pred, true, pred_tf (N, T, K) original units; params (N, P); steps (T,) -> Measures.
-    Without pred_tf (a baseline) the teacher-forced MAE and the gap to it are left out."""
+    Without pred_tf (a baseline) the teacher-forced MAE and the gap to it are left out. scale (K,):
+    each component's spread over the data, the unit of the valid horizon (default: over `true`);
+    burgers: the data is the embedded Burgers data, whose physics the fields are checked against
+    (needs pca)."""
     overall = metrics.mae_rmse(pred, true)
     comp = [metric_name(c) for c in component_names]
     summary = {"mae": overall["mae"], "rmse": overall["rmse"]}
@@ -103,12 +108,14 @@ def measure(
     summary["acf_error_pooled"] = metrics.pooled_acf_error(pred, true, max_lag)
     summary["spectral_error"] = float(per_sample["spectral_error"].mean())
     if pca is not None:
+        pred_fields, true_fields = pca.reconstruct(pred), pca.reconstruct(true)
         # Both fields go through the same basis, so this is the surrogate's error alone, not
         # the PCA truncation's.
-        per_sample["field_rel_l2"] = metrics.field_relative_l2(
-            pca.reconstruct(pred), pca.reconstruct(true)
-        )
+        per_sample["field_rel_l2"] = metrics.field_relative_l2(pred_fields, true_fields)
         summary["field_rel_l2"] = float(per_sample["field_rel_l2"].mean())
+        if burgers:
+            summary |= _physics(pred_fields, true_fields, per_sample)
+    summary |= _rollout(pred, true, true.std(axis=(0, 1)) if scale is None else scale, per_sample)
     if pred_tf is not None:
         summary["mae_teacher_forced"] = metrics.mae_rmse(pred_tf, true)["mae"]
         summary["tf_gap"] = summary["mae"] - summary["mae_teacher_forced"]
@@ -117,6 +124,35 @@ def measure(
     for k, c in enumerate(comp):
         by_step[f"mae_{c}"] = metrics.error_by_step(pred[..., k : k + 1], true[..., k : k + 1])
     return Measures(summary, per_sample, by_step)
+
+
+def _rollout(pred, true, scale: np.ndarray, per_sample: pd.DataFrame) -> dict[str, float]:
+    """The valid horizon per sequence (into per_sample) with its mean and quantiles, the MAE of
+    each time window and its growth: pred, true (N, T, K), scale (K,)."""
+    horizon = metrics.valid_horizon(pred, true, scale)
+    per_sample["valid_horizon"] = horizon
+    out = {"valid_horizon": float(horizon.mean())}
+    out |= {
+        f"valid_horizon_p{q}": float(v)
+        for q, v in zip(measures.QUANTILES, np.percentile(horizon, measures.QUANTILES), strict=True)
+    }
+    windows = metrics.error_by_window(pred, true)
+    out |= {f"mae_window_{i}": float(v) for i, v in enumerate(windows, start=1)}
+    out["error_growth"] = float(windows[-1] / windows[0]) if windows[0] > 0 else float("nan")
+    return out
+
+
+def _physics(pred_fields, true_fields, per_sample: pd.DataFrame) -> dict[str, float]:
+    """Conservation of the domain mean and energy that must not rise, as violating steps per
+    sequence (into per_sample), their means and the true fields' own means as references."""
+    out = {}
+    for m in measures.select(physics=True):
+        law = getattr(metrics, m.key)  # metrics.mean_violations, metrics.energy_violations
+        per_sample[m.key] = law(pred_fields)
+        out[m.key] = float(per_sample[m.key].mean())
+        if m.reference:
+            out[f"true_{m.key}"] = float(law(true_fields).mean())
+    return out
 
 
 @torch.no_grad()
@@ -166,6 +202,7 @@ class EvalSet:
     max_lag: int  # ACF lags 1..max_lag
     pca: PCABasis | None
     folder: Path
+    burgers: bool = False  # the embedded Burgers data: its physics is checked
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_lag < self.data.seq_len:
@@ -192,6 +229,10 @@ class EvalSet:
     def true(self) -> np.ndarray:  # (N, T, K) original units
         return self.data.components[self.idx]
 
+    @cached_property
+    def scale(self) -> np.ndarray:  # (K,) each component's spread over the whole data folder
+        return self.data.components.std(axis=(0, 1))
+
     def measure(self, pred: np.ndarray, pred_tf: np.ndarray | None = None) -> Measures:
         d = self.data
         return measure(
@@ -205,6 +246,8 @@ class EvalSet:
             d.steps,
             self.max_lag,
             self.pca,
+            self.scale,
+            self.burgers,
         )
 
     def sweeps(self) -> np.ndarray:
@@ -239,6 +282,19 @@ class EvalSet:
             "split_fingerprint": self.split.fingerprint,
             "max_lag": str(self.max_lag),
         }
+
+
+def eval_set(data: SequenceData, split: Split, part: str, max_lag: int, folder: Path) -> EvalSet:
+    """The EvalSet of one part of a split of the data in `folder`, with its PCA basis; says in
+    one line when the physics measures are skipped (data other than the embedded Burgers)."""
+    pca, burgers = load_pca(folder), is_burgers(folder)
+    if not burgers:
+        physics = ", ".join(m.name for m in measures.select(physics=True))
+        logger.info(
+            f"physics measures skipped ({physics}): {folder} is not the embedded Burgers data "
+            "(seqgen synth's pca.npz and synth.json)"
+        )
+    return EvalSet(data, split, part, max_lag, pca, folder, burgers)
 
 
 def evaluation_summary(
@@ -431,12 +487,13 @@ def beside_table(split_name: str, rows: dict[str, dict]) -> str:
     versus = [m.key for m in measures.select(versus=True)]
     cols = [c for c in versus if any(f"{split_name}_{c}" in r["metrics"] for r in rows.values())]
     width = max(len(label) for label in rows) + 2
-    lines = [f"{'':<{width}}" + "".join(f"{c:>16}" for c in cols) + f"{'fit s':>10}"]
+    col = max([16, *(len(c) + 2 for c in cols)])  # every header apart from its neighbours
+    lines = [f"{'':<{width}}" + "".join(f"{c:>{col}}" for c in cols) + f"{'fit s':>10}"]
     for label, r in rows.items():
         values = [r["metrics"].get(f"{split_name}_{c}", float("nan")) for c in cols]
         fit = r.get("fit_seconds")
         fit_text = f"{fit:>10.3g}" if fit is not None else f"{'':>10}"
-        lines.append(f"{label:<{width}}" + "".join(f"{v:>16.5g}" for v in values) + fit_text)
+        lines.append(f"{label:<{width}}" + "".join(f"{v:>{col}.5g}" for v in values) + fit_text)
     return "\n".join(lines)
 
 
@@ -470,7 +527,7 @@ def _model_eval_set(bundle: Bundle, data_dir: str | None, split_name: str, max_l
             f"{folder} has parameters {list(data.param_names)}, the model was "
             f"trained on {list(bundle.data.param_names)}"
         )
-    return EvalSet(data, bundle.split, split_name, max_lag, load_pca(folder), folder)
+    return eval_set(data, bundle.split, split_name, max_lag, folder)
 
 
 def evaluate_model(
@@ -578,8 +635,7 @@ def evaluate_baselines(
     kind = split_kind or "random"
     fraction = edge_fraction if kind == "edge" else None
     split = phase_split(data.files[:n], data.params[:n], seed, kind, fraction, data.param_names)
-    folder = Path(data_dir)
-    es = EvalSet(data, split, split_name, max_lag, load_pca(folder), folder)
+    es = eval_set(data, split, split_name, max_lag, Path(data_dir))
     return _baselines_alone(es, seed, None, reuse)
 
 
