@@ -3,6 +3,7 @@ artifacts into DataFrames and arrays, and log the analysis run."""
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,11 +31,24 @@ class Selection:
 
     experiment: str
     experiment_id: str
-    phases: pd.DataFrame  # one finished phase run per row (latest per strategy/phase/seed)
+    phases: pd.DataFrame  # one finished phase run per row (latest per strategy/phase/seed/split)
     evaluations: pd.DataFrame  # one finished test-split evaluation per selected phase run
     baselines: pd.DataFrame  # finished baseline evaluations on those evaluations' splits
     excluded: pd.DataFrame  # run_id, run_name, kind, status, reason: runs left out
     filters: dict
+
+    def of_split(self, kind: str) -> Selection:
+        """The phase runs trained on one split kind (random, edge), their evaluations and the
+        baselines on those evaluations' samples."""
+        phases = self.phases[self.phases["split"] == kind]
+        ev = self.evaluations[self.evaluations["evaluated_run_id"].isin(phases["run_id"])]
+        bl = self.baselines[self.baselines["split_fingerprint"].isin(ev["split_fingerprint"])]
+        return dataclasses.replace(
+            self,
+            phases=phases.reset_index(drop=True),
+            evaluations=ev.reset_index(drop=True),
+            baselines=bl.reset_index(drop=True),
+        )
 
 
 def _tag(df: pd.DataFrame, name: str) -> pd.Series:
@@ -184,8 +198,10 @@ def _matching_phases(name: str, raw: pd.DataFrame, runs: pd.DataFrame, filters: 
     keep, whatever their status."""
     metrics = pd.DataFrame({m: _metric(raw, m) for m in measures.PHASE_END})
     phase = runs[runs["kind"] == "phase"].join(metrics)
-    for p in ("first_epoch", "last_epoch", "data_dir"):
+    for p in ("first_epoch", "last_epoch", "data_dir", "edge_fraction"):
         phase[p] = _param(raw, p)[phase.index]
+    # phases logged before the edge split trained on the random one
+    phase["split"] = _param(raw, "split")[phase.index].replace("", "random")
     if phase.empty:
         raise SelectionError(
             f"experiment {name!r} has {len(runs)} run(s) but no phase runs "
@@ -211,7 +227,8 @@ def _matching_phases(name: str, raw: pd.DataFrame, runs: pd.DataFrame, filters: 
 
 
 def _finished_phases(raw: pd.DataFrame, matched: pd.DataFrame):
-    """The latest finished run of each (strategy, phase, seed), and the runs left out with why."""
+    """The latest finished run of each (strategy, phase, seed, split), and the runs left out with
+    why."""
     # A phase paused with --stop_at_epoch is unfinished work, even when `mlflow run` marked it
     # FINISHED on exit.
     paused = _tag(raw, "stop_reason")[matched.index] == "paused"
@@ -233,7 +250,7 @@ def _finished_phases(raw: pd.DataFrame, matched: pd.DataFrame):
         )
     # A phase trained twice for one seed: the later run is the one the next phase continued from.
     finished = finished.sort_values("start_time")
-    latest = ~finished.duplicated(["strategy", "phase", "seed"], keep="last")
+    latest = ~finished.duplicated(["strategy", "phase", "seed", "split"], keep="last")
     excluded.append(finished[~latest].assign(reason="superseded by a later run"))
     return finished[latest], excluded
 
@@ -258,6 +275,7 @@ def _test_evaluations(raw: pd.DataFrame, runs: pd.DataFrame, finished: pd.DataFr
     ev["max_lag"] = pd.to_numeric(_max_lag(raw)[ev.index], errors="coerce")
     ev["n_samples"] = pd.to_numeric(_param(raw, "n_samples")[ev.index], errors="coerce")
     ev["split_fingerprint"] = _tag(raw, "split_fingerprint")[ev.index]
+    ev["split_kind"] = ev["evaluated_run_id"].map(finished.set_index("run_id")["split"])
     return ev, excluded
 
 
