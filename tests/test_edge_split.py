@@ -2,6 +2,7 @@
 same split for every seed, the settings that ask for it, its place in a phase's identity, and
 every bad input refused in one line before anything is trained or logged."""
 
+import json
 import re
 
 import mlflow
@@ -12,6 +13,8 @@ from click.testing import CliRunner
 from seqgen.cli import main
 from seqgen.config import ConfigError, resolve
 from seqgen.data.split import Split, edge_band, make_edge_split, phase_split
+from seqgen.evaluation import measures
+from seqgen.runs import tracking
 from seqgen.training.start import Start, identity
 
 # A 10 x 10 grid: a in 0..9 (linear), nu in 10^-3 .. 10^-1 (two decades: read on a log scale).
@@ -129,3 +132,110 @@ def test_an_edge_split_too_small_is_one_line_and_trains_nothing(store, smoke_dat
         line,
     ), result.output
     assert mlflow.search_runs(search_all_experiments=True).empty  # nothing trained or logged
+
+
+@pytest.fixture(scope="module")
+def both_splits(tmp_path_factory, smoke_data, migrated_db):
+    """mae phase 1 trained on each split and evaluated, in one store, and the report on them;
+    yields ({split: evaluation summary}, {split: phase result}, report.md path)."""
+    from conftest import use_store
+
+    from analysis.report import build_report
+    from seqgen.evaluation.evaluate import evaluate_model
+    from seqgen.study.chain import run_pipeline
+
+    folder = tmp_path_factory.mktemp("edge-store")
+    with pytest.MonkeyPatch.context() as mp:
+        use_store(folder, migrated_db, mp)
+        logged, results = {}, {}
+        for split in ("random", "edge"):
+            # its own folders: until an edge phase is its own variant (#24) it shares the
+            # plan's names
+            where = {"data_dir": str(smoke_data), "split": split, "outputs_root": f"o-{split}"}
+            (results[split],) = run_pipeline("mae", [1], [0], "smoke", where)
+            logged[split] = evaluate_model(results[split].model_uri)
+        report = build_report(folder / "report", preset="smoke")
+        yield logged, results, report
+
+
+@pytest.mark.slow
+def test_the_report_sets_every_measure_inside_beside_outside(both_splits):
+    import pandas as pd
+
+    logged, _, report = both_splits
+    md = report.read_text()
+    both = pd.read_csv(report.parent / "outside.csv")
+    # every measure of the strategy and of each baseline, inside and outside, as each was logged
+    mae = both[both["name"] == "mae"].set_index("metric")
+    for split, column in (("random", "inside_mean"), ("edge", "outside_mean")):
+        got = logged[split]["metrics"]
+        for metric, value in mae[column].items():
+            assert value == pytest.approx(got[metric]), (split, metric)
+        for name, b in logged[split]["baselines"].items():
+            row = both[(both["name"] == name) & (both["metric"] == "test_mae")].iloc[0]
+            assert row[column] == pytest.approx(b["metrics"]["test_mae"])
+    assert {"test_mae", "test_valid_horizon", "test_energy_violations"} <= set(mae.index)
+    assert set(both["name"]) == {"mae", "mean", "knn", "direct"}
+    # the section, its table (inside → outside per cell) and a verdict in each region
+    section = md.split("## Outside the training range")[1].split("\n## ")[0]
+    assert "top 10% of each parameter's range" in section
+    assert sum(" → " in line for line in section.splitlines() if line.startswith("| ")) == 4
+    assert "Outside the training range, each strategy against the best baseline:" in section
+    # the paired verdict of each measure in both regions: one row per measure paired with them
+    verdict_rows = [line for line in section.splitlines() if line.startswith("| mae | ")]
+    assert len(verdict_rows) == len(measures.select(versus=True))
+    assert all(line.count("too few pairs") == 2 for line in verdict_rows)  # 4 edge test samples
+    answer = md.split("## Answer")[1].split("\n## ")[0]
+    assert "- Inside the training range: **Worth training?**" in answer
+    assert "- Outside the training range: **Worth training?**" in answer
+    # the inside tables are the random split's alone: one phase run per (strategy, seed) there
+    assert len(pd.read_csv(report.parent / "per_run.csv")) == 1
+
+
+@pytest.mark.slow
+def test_evaluations_rank_the_logged_models(both_splits):
+    logged, results, _ = both_splits
+    client = mlflow.MlflowClient()
+    ids = {}
+    for split, r in results.items():
+        version = client.get_model_version("seqgen-mae-smoke", r.version)
+        # MLflow 3.17's SQL registry keeps no model_id of a version (its ModelVersion has none
+        # to give): the version names its LoggedModel in `source`, and the model names the
+        # version in mlflow.modelVersions, as mlflow.register_model leaves them
+        assert version.model_id is None
+        ids[split] = tracking.logged_model_id(f"models:/seqgen-mae-smoke/{r.version}")
+        assert version.source == f"models:/{ids[split]}"
+        model = client.get_logged_model(ids[split])
+        assert json.loads(model.tags["mlflow.modelVersions"]) == [
+            {"name": "seqgen-mae-smoke", "version": int(r.version)}
+        ]
+        # the evaluation's measures are the model's, on the samples it scored
+        on = {m.key: m for m in model.metrics}
+        assert on["test_mae"].value == pytest.approx(logged[split]["metrics"]["test_mae"])
+        assert on["test_mae"].dataset_name == "data-test"
+        assert on["test_mae"].run_id == logged[split]["run_id"]
+        assert {"test_valid_horizon", "test_energy_violations"} <= set(on)
+    # search_logged_models (the Models tab) ranks them by a test measure
+    experiment = client.get_logged_model(ids["edge"]).experiment_id
+    for key, ascending in (("test_mae", True), ("test_spectral_error", False)):
+        ranked = mlflow.search_logged_models(
+            experiment_ids=[experiment],
+            order_by=[{"field_name": f"metrics.{key}", "ascending": ascending}],
+            filter_string=f"metrics.{key} >= 0",
+            output_format="list",
+        )
+        values = {s: logged[s]["metrics"][key] for s in ids}
+        expected = sorted(ids, key=lambda s: values[s], reverse=not ascending)
+        assert [m.model_id for m in ranked] == [ids[s] for s in expected], values
+    # and on one split's samples alone (the dataset's digest is the split's fingerprint)
+    [digest] = {
+        m.dataset_digest for m in client.get_logged_model(ids["edge"]).metrics if m.dataset_name
+    }
+    assert digest == client.get_run(logged["edge"]["run_id"]).data.tags["split_fingerprint"]
+    only = mlflow.search_logged_models(
+        experiment_ids=[experiment],
+        filter_string="metrics.test_mae >= 0",
+        datasets=[{"dataset_name": "data-test", "dataset_digest": digest}],
+        output_format="list",
+    )
+    assert [m.model_id for m in only] == [ids["edge"]]

@@ -137,7 +137,7 @@ def _rollout(pred, true, scale: np.ndarray, per_sample: pd.DataFrame) -> dict[st
         for q, v in zip(measures.QUANTILES, np.percentile(horizon, measures.QUANTILES), strict=True)
     }
     windows = metrics.error_by_window(pred, true)
-    out |= {f"mae_window_{i}": float(v) for i, v in enumerate(windows, start=1)}
+    out |= {f"window_{i}_mae": float(v) for i, v in enumerate(windows, start=1)}
     out["error_growth"] = float(windows[-1] / windows[0]) if windows[0] > 0 else float("nan")
     return out
 
@@ -228,6 +228,12 @@ class EvalSet:
     @property
     def true(self) -> np.ndarray:  # (N, T, K) original units
         return self.data.components[self.idx]
+
+    @property
+    def dataset(self) -> tuple[str, str]:
+        """(name, digest) of the samples scored, as a LoggedModel's metrics name their dataset:
+        the data folder and part ('burgers-test'), the split's fingerprint."""
+        return f"{self.folder.name}-{self.part}", self.split.fingerprint
 
     @cached_property
     def scale(self) -> np.ndarray:  # (K,) each component's spread over the whole data folder
@@ -323,10 +329,13 @@ def log_evaluation(
     parent: str | None = None,
     extra_metrics: dict[str, float] | None = None,
     extra_summary: dict | None = None,
+    model_id: str | None = None,
 ) -> dict:
     """One evaluation run (tag kind=evaluation), nested under `parent` when given: tags, params,
     `{part}_{quantity}` metrics at step 0 (one value each: `mlflow ui` draws them as bars),
-    per_sample.csv, error_by_step.csv, generated.npz and summary.json; returns the summary."""
+    per_sample.csv, error_by_step.csv, generated.npz and summary.json; returns the summary.
+    model_id: the LoggedModel evaluated, which gets the measures too, on the dataset named by
+    the data folder and the split's samples (es.dataset)."""
     # split_fingerprint names the samples; split_kind says whether they lie outside the training
     # range (kept out of es.tags(), which finds a baseline again, so none is refitted for it)
     all_tags = {"kind": "evaluation", **es.tags(), "split_kind": es.split.kind, **tags}
@@ -334,7 +343,9 @@ def log_evaluation(
         # what the tags say (split, max_lag, the model, the baseline, the seed) is not a param
         tracking.log_params({"data_dir": str(es.folder), "n_samples": len(es.idx)} | params)
         summary = evaluation_summary(es, found, run.info.run_id, extra_summary)
-        tracking.log_metrics(summary["metrics"] | (extra_metrics or {}), step=0)
+        tracking.log_metrics(summary["metrics"], 0, model_id, es.dataset if model_id else None)
+        if extra_metrics:
+            tracking.log_metrics(extra_metrics, step=0)
         with tempfile.TemporaryDirectory(prefix="seqgen-eval-") as tmp:
             out = Path(tmp)
             found.per_sample.to_csv(out / PER_SAMPLE_FILE, index=False)
@@ -517,7 +528,7 @@ def check_split_kind(bundle: Bundle, model_uri: str, split_kind: str | None) -> 
         )
 
 
-def _model_eval_set(bundle: Bundle, data_dir: str | None, split_name: str, max_lag: int) -> EvalSet:
+def model_eval_set(bundle: Bundle, data_dir: str | None, split_name: str, max_lag: int) -> EvalSet:
     """The model's own split of the data folder (given, else the one it was trained on)."""
     folder = _data_folder(data_dir, bundle)
     cfg = bundle.model_config
@@ -549,7 +560,7 @@ def evaluate_model(
     exact_uri = tracking.exact_model_uri(model_uri)
     bundle = tracking.load_bundle(exact_uri)
     check_split_kind(bundle, model_uri, split_kind)
-    es = _model_eval_set(bundle, data_dir, split_name, max_lag)
+    es = model_eval_set(bundle, data_dir, split_name, max_lag)
     source = tracking.model_source(exact_uri, bundle.run_id)
     experiment = source.get("experiment_id")
     if log:  # refused before generating, not after
@@ -593,6 +604,7 @@ def evaluate_model(
         experiment,
         source.get("chain_run_id"),  # nested under the chain whose phase made the model
         extra_summary=described,
+        model_id=tracking.logged_model_id(exact_uri),
     )
     # Logged after the model's run, which under `mlflow run` is the run the launcher made.
     return summary | {"baselines": log_baselines(es, pending, experiment)}
@@ -619,7 +631,7 @@ def evaluate_baselines(
         exact_uri = tracking.exact_model_uri(model_uri)
         bundle = tracking.load_bundle(exact_uri)
         check_split_kind(bundle, model_uri, split_kind)
-        es = _model_eval_set(bundle, data_dir, split_name, max_lag)
+        es = model_eval_set(bundle, data_dir, split_name, max_lag)
         experiment = tracking.model_source(exact_uri, bundle.run_id).get("experiment_id")
         return _baselines_alone(es, bundle.seed, experiment, reuse)
     if not data_dir:

@@ -513,9 +513,14 @@ def log_params(params: dict[str, Any]) -> None:
     log_params_once(mlflow.active_run().info.run_id, params)
 
 
-def log_metrics(metrics: dict[str, float], step: int) -> None:
+def log_metrics(
+    metrics: dict[str, float],
+    step: int,
+    model_id: str | None = None,
+    dataset: tuple[str, str] | None = None,
+) -> None:
     """log_metrics_at on the active run."""
-    log_metrics_at(mlflow.active_run().info.run_id, metrics, step)
+    log_metrics_at(mlflow.active_run().info.run_id, metrics, step, model_id, dataset)
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
@@ -725,10 +730,19 @@ def log_params_once(run_id: str, params: dict[str, Any]) -> None:
 
 
 @_store_call("log metrics")
-def log_metrics_at(run_id: str, metrics: dict[str, float], step: int) -> None:
-    """All of one step's metrics in one request, so a step lands whole or not at all."""
+def log_metrics_at(
+    run_id: str,
+    metrics: dict[str, float],
+    step: int,
+    model_id: str | None = None,
+    dataset: tuple[str, str] | None = None,
+) -> None:
+    """All of one step's metrics in one request, so a step lands whole or not at all. With
+    model_id they are also the metrics of that LoggedModel (search_logged_models ranks by them,
+    the Models tab shows them), on `dataset` (name, digest) when given."""
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    name, digest = dataset or (None, None)
+    batch = [Metric(k, float(v), now, step, model_id, name, digest) for k, v in metrics.items()]
     _client().log_batch(run_id, metrics=batch)
 
 
@@ -921,6 +935,25 @@ def exact_model_uri(uri: str) -> str:
             return uri
         raise
     return f"models:/{name}/{version}"
+
+
+@_store_call("look up the logged model")
+def logged_model_id(uri: str) -> str | None:
+    """The MLflow 3 LoggedModel (m-<id>) a model URI names: itself, or the one a registered
+    version was made from. The version's own model_id where the registry keeps it; MLflow
+    3.17's SQL registry keeps none (no column), so the version's source models:/m-<id> says it.
+    None for runs:/ URIs, local files and versions logged before seqgen logged models."""
+    if not uri.startswith("models:/"):
+        return None
+    ref = uri[len("models:/") :].strip("/")
+    if ref.startswith("m-") and "/" not in ref and "@" not in ref:
+        return ref
+    name, _, number = ref.partition("/")
+    mv = MlflowClient().get_model_version(name, number)
+    if mv.model_id:
+        return mv.model_id
+    source = mv.source or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
 
 
 @_store_call("look up the model's source")
