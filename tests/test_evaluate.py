@@ -85,7 +85,7 @@ def test_measure_by_hand():
     # the threshold 0.1 from the first step on; four windows of one step, each with MAE 1
     np.testing.assert_allclose(m.per_sample["valid_horizon"], [0.0, 0.0])
     assert s["valid_horizon"] == 0.0 and s["valid_horizon_p90"] == 0.0
-    assert [s[f"mae_window_{i}"] for i in range(1, 5)] == pytest.approx([1.0] * 4)
+    assert [s[f"window_{i}_mae"] for i in range(1, 5)] == pytest.approx([1.0] * 4)
     assert s["error_growth"] == pytest.approx(1.0)
     assert m.per_sample["file"].tolist() == ["a.csv", "b.csv"]
     np.testing.assert_allclose(m.per_sample["mae"], [1.0, 1.0])
@@ -145,7 +145,7 @@ def test_the_registry_names_what_measure_computes():
     # per-component values, a distribution's quantiles, the windows and the true data's references
     components = {"mae_pc_1", "rmse_pc_1"}
     components |= {f"{k}_p{q}" for k in measures.DISTRIBUTIONS for q in measures.QUANTILES}
-    components |= {f"mae_window_{i}" for i in range(1, 5)}
+    components |= {f"window_{i}_mae" for i in range(1, 5)}
     components |= {f"true_{m.key}" for m in measures.select(reference=True)}
     model = _measure(PCA_1, burgers=True)
     assert set(model.summary) == {m.key for m in measures.select(ensemble=False)} | components

@@ -95,7 +95,7 @@ MEASURES: tuple[Measure, ...] = (
         need="rollout (valid horizon)",
     ),
     # One value per evaluation (the last window's MAE over the first's); the windows' own MAEs
-    # are logged as `{split}_mae_window_<i>`.
+    # are logged as `{split}_window_<i>_mae`.
     Measure("error_growth", "err growth", "error growth", per_sample=False),
     # Zero by construction through the embedded data's basis, whose components have zero domain
     # mean; computed, so that a basis or data without that property shows it.
