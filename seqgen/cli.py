@@ -477,6 +477,39 @@ def evaluate(model_uri, data_dir, split_kind, part, max_lag, baselines, no_log):
 
 
 @main.command()
+@click.option("--strategy", required=True, help="a strategy of the phase table")
+@click.option("--phase", type=int, required=True, help="the phase whose models are the members")
+@click.option("--seeds", default="0,1,2", show_default=True, help="comma-separated seeds")
+@preset_option
+@click.option(
+    "--split",
+    "split_kind",
+    default=None,
+    type=click.Choice(config.SPLITS),
+    help="the split the members trained on [default: random]",
+)
+@edge_fraction_option
+@click.option(
+    "--evaluate/--no_evaluate",
+    default=True,
+    show_default=True,
+    help="score the ensemble on the test samples no member trained on",
+)
+@_clean_errors
+def ensemble(strategy, phase, seeds, preset, split_kind, edge_fraction, evaluate):
+    """Register the seeds' models of a phase as one pyfunc model (<model>-ensemble, alias
+    phase-N) answering per step the mean and std over members; evaluate it. JSON on stdout."""
+    from seqgen.evaluation.ensemble import make_ensemble
+    from seqgen.study.chain import parse_seeds
+
+    overrides = {"split": split_kind} if split_kind else {}
+    if edge_fraction is not None:
+        overrides["edge_fraction"] = edge_fraction
+    out = make_ensemble(strategy, phase, parse_seeds(seeds), preset, evaluate, **overrides)
+    click.echo(json.dumps(out, indent=2, default=str))
+
+
+@main.command()
 @snake_option("--data_dir", default=None, help="data folder (default with --model: the model's)")
 @split_option
 @part_option

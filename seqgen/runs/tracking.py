@@ -60,6 +60,7 @@ DEFAULT_EXPERIMENT = "seqgen"  # unless MLFLOW_EXPERIMENT_NAME (or `mlflow run`)
 MODEL_NAME_IN_RUN = "model"
 PACKAGE = Path(__file__).resolve().parent.parent  # seqgen/, shipped with every logged model
 PYFUNC_CODE = PACKAGE / "model" / "pyfunc.py"
+ENSEMBLE_PYFUNC_CODE = PACKAGE / "model" / "ensemble_pyfunc.py"
 
 # Bookkeeping tags: what seqgen reads back to find, lease and resume a phase run. One prefix, so
 # that in `mlflow ui` the tags a person filters on (kind, strategy, phase, seed, preset,
@@ -877,6 +878,60 @@ def log_phase_model(run_id: str, bundle_path: Path, step: int = 0) -> str:
             flavor_name="pyfunc.ModelFromCode",
         )
     return model.model_id
+
+
+@_store_call("register the ensemble")
+def register_ensemble(
+    run_id: str, member_paths: list[Path], name: str, alias: str, version_tags: dict[str, str]
+) -> str:
+    """A seed ensemble as a LoggedModel of `run_id` (the ensemble pyfunc from code, each
+    member's bundle an artifact), registered as a new version of `name` with `alias`; returns
+    the version."""
+    client = _client()
+    run = client.get_run(run_id)
+    model = client.create_logged_model(
+        run.info.experiment_id,
+        name=MODEL_NAME_IN_RUN,
+        source_run_id=run_id,
+        tags={"kind": "ensemble"},
+    )
+    data = Bundle.load(member_paths[0]).data
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("double", n) for n in data.param_names]),
+        outputs=Schema(
+            [ColSpec("long", "sample"), ColSpec("double", data.step_name)]
+            + [ColSpec("double", f"{n}_{s}") for n in data.component_names for s in ("mean", "std")]
+            + [ColSpec("boolean", "outside_training_range")]
+        ),
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example.*")
+        Model.log(
+            artifact_path=None,
+            name=MODEL_NAME_IN_RUN,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            model_id=model.model_id,
+            python_model=str(ENSEMBLE_PYFUNC_CODE),
+            artifacts={f"member_{i}": str(p) for i, p in enumerate(member_paths)},
+            code_paths=[str(PACKAGE)],
+            signature=signature,
+            pip_requirements=_requirements(),
+            flavor_name="pyfunc.ModelFromCode",
+        )
+    try:
+        client.create_registered_model(name)
+    except MlflowException:  # it exists
+        pass
+    made = client.create_model_version(
+        name, f"models:/{model.model_id}", run_id=run_id, model_id=model.model_id
+    )
+    version = str(made.version)
+    _link_logged_model(client, name, version)
+    despite_races(client.set_registered_model_alias, name, alias, version)
+    for key, value in version_tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    return version
 
 
 def despite_races(call, *args):
