@@ -36,6 +36,8 @@ class Selection:
     baselines: pd.DataFrame  # finished baseline evaluations on those evaluations' splits
     excluded: pd.DataFrame  # run_id, run_name, kind, status, reason: runs left out
     filters: dict
+    # the latest finished test evaluation of each seed ensemble (strategy, phase, split_kind)
+    ensembles: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
 
     def of_split(self, kind: str) -> Selection:
         """The phase runs trained on one split kind (random, edge), their evaluations and the
@@ -171,7 +173,24 @@ def select_runs(
         baselines.reset_index(drop=True),
         left_out[["run_id", "run_name", "kind", "status", "reason"]].reset_index(drop=True),
         filters,
+        _ensemble_evaluations(raw, runs, filters).reset_index(drop=True),
     )
+
+
+def _ensemble_evaluations(raw: pd.DataFrame, runs: pd.DataFrame, filters: dict) -> pd.DataFrame:
+    """The latest finished test evaluation of each seed ensemble (tag ensemble) of the selected
+    strategies and preset, with its metrics and split kind."""
+    ev = runs[(runs["kind"] == "evaluation") & (_tag(raw, "ensemble") != "")].copy()
+    ev["ensemble"] = _tag(raw, "ensemble")[ev.index]
+    ev["split_kind"] = _tag(raw, "split_kind")[ev.index].replace("", "random")
+    keep = (ev["status"] == "FINISHED") & (_tag(raw, "split")[ev.index] == "test")
+    if filters["strategy"]:
+        keep &= ev["strategy"].isin(filters["strategy"])
+    if filters["preset"]:
+        keep &= ev["preset"] == filters["preset"]
+    ev = ev[keep].sort_values("start_time")
+    ev = ev[~ev.duplicated(["strategy", "phase", "split_kind"], keep="last")]
+    return ev.join(_test_metrics(raw, ev.index))
 
 
 @tracking.store_call("read the experiment's runs")

@@ -379,9 +379,31 @@ def _comparison_figures(c: Compared) -> Figures:
     return figs
 
 
+def _ensemble_figures(c: Compared) -> Figures:
+    """Spread against error of the seed ensembles, inside and outside the training range."""
+    ens = c.sel.ensembles
+    if ens.empty:
+        return []
+    files = query.evaluation_files(list(ens["run_id"]))
+    per_sample = pd.concat(
+        [
+            files[r.run_id].per_sample.assign(
+                strategy=r.strategy, region="outside" if r.split_kind == OUTSIDE else "inside"
+            )
+            for r in ens.itertuples()
+        ]
+    )
+    caption = (
+        "Seed ensembles (`seqgen ensemble`): each test sequence's spread over the members "
+        "against the error of their mean; calibrated spread follows the dotted line. Coverage "
+        "and spread-error correlation: section Outside the training range."
+    )
+    return [("spread_error.png", plots.spread_error_figure(per_sample), caption)]
+
+
 def figures(c: Compared) -> tuple[Figures, str]:
     """Every figure of the report in its order, and a note on what the sample-level ones use."""
-    figs, note = _training_figures(c), ""
+    figs, note = _training_figures(c) + _ensemble_figures(c), ""
     if not c.chosen.empty:
         more, note = _sample_figures(c)
         figs += more
@@ -724,8 +746,34 @@ def _baseline_section(doc: Doc, c: Compared, verdicts: list[str]) -> None:
 
 def _outside_section(doc: Doc, c: Compared) -> None:
     """Every measure inside the training range (random split) and outside it (edge split), per
-    strategy and baseline, with the paired verdicts against the best baseline in each."""
+    strategy and baseline, with the paired verdicts against the best baseline in each; the seed
+    ensembles' calibration."""
     doc.h(2, "Outside the training range")
+    _inside_outside(doc, c)
+    if not c.sel.ensembles.empty:
+        doc.p(
+            "Seed ensembles: how often the truth lies within the members' mean ± 1 and 2 std "
+            "(a calibrated Gaussian spread: 0.683, 0.954), and the correlation of spread with "
+            "the error of the mean over sequences and steps."
+        )
+        doc.table(_ensemble_markdown(c.sel.ensembles))
+
+
+def _ensemble_markdown(ens: pd.DataFrame) -> pd.DataFrame:
+    keys = [m.key for m in measures.select(ensemble=True)] + [measures.HEADLINE]
+    out = pd.DataFrame(
+        {
+            "ensemble": ens["ensemble"],
+            "region": np.where(ens["split_kind"] == OUTSIDE, "outside", "inside"),
+        }
+    )
+    for key in keys:
+        if f"test_{key}" in ens:
+            out[measures.BY_KEY[key].label] = ens[f"test_{key}"].map(fmt)
+    return out
+
+
+def _inside_outside(doc: Doc, c: Compared) -> None:
     if c.split == OUTSIDE:
         doc.p(
             "Every compared model was trained with `--split edge`: the tables of this report are "

@@ -151,3 +151,18 @@ def test_mlflow_models_serve_answers_mean_and_std_columns(ensembled):
     finally:
         stop_group(server)
         log.close()
+
+
+@pytest.mark.slow
+def test_the_report_draws_spread_against_error_and_gives_the_calibration(ensembled):
+    from analysis.report import build_report
+
+    _, out, folder = ensembled
+    report = build_report(folder / "report", preset="smoke")
+    md = report.read_text()
+    assert "![" in md and "spread_error.png" in md
+    assert (report.parent / "spread_error.png").stat().st_size > 0
+    section = md.split("## Outside the training range")[1].split("\n## ")[0]
+    m = out["evaluation"]["metrics"]
+    [row] = [line for line in section.splitlines() if line.startswith(f"| {out['model_uri']} |")]
+    assert row.startswith(f"| {out['model_uri']} | outside | {m['test_coverage_1sd']:.3g} | ")
