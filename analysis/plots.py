@@ -417,3 +417,25 @@ def paired_figure(
         ax.grid(alpha=0.3, axis="x")
     fig.suptitle(title)
     return fig
+
+
+def spread_error_figure(per_sample: pd.DataFrame) -> Figure:
+    """Seed ensembles: each test sequence's spread (std over members, mean over steps and
+    components) against the error of the members' mean (MAE), one panel per region.
+    per_sample: strategy, region ('inside' / 'outside'), spread, mae."""
+    regions = [r for r in ("inside", "outside") if r in set(per_sample["region"])]
+    fig = Figure(figsize=(5.5 * len(regions), 4.5), layout="constrained")
+    axes = fig.subplots(1, len(regions), squeeze=False)[0]
+    names = variant_order(per_sample["strategy"].unique())
+    for ax, region in zip(axes, regions, strict=True):
+        part = per_sample[per_sample["region"] == region]
+        for name in names:
+            s = part[part["strategy"] == name]
+            ax.scatter(s["spread"], s["mae"], s=16, color=strategy_color(name, names), label=name)
+        top = float(np.nanmax([part["spread"].max(), part["mae"].max()]))
+        ax.plot([0, top], [0, top], color=TRUE_COLOR, lw=0.8, ls=":", label="error = spread")
+        ax.set_xlabel("ensemble spread (std over seeds)")
+        ax.set_ylabel("MAE of the ensemble mean")
+        ax.set_title(f"{region} the training range")
+        ax.legend(fontsize=8)
+    return fig

@@ -3,8 +3,10 @@ artifacts into DataFrames and arrays, and log the analysis run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +39,32 @@ class Selection:
     baselines: pd.DataFrame  # finished baseline evaluations on those evaluations' splits
     excluded: pd.DataFrame  # run_id, run_name, kind, status, reason: runs left out
     filters: dict
+    # the latest finished test evaluation of each seed ensemble (strategy, phase, split_kind)
+    ensembles: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
+
+    def of_split(self, kind: str) -> Selection:
+        """The phase runs trained on one split kind (random, edge), their evaluations and the
+        baselines on those evaluations' samples."""
+        phases = self.phases[self.phases["split"] == kind]
+        ev = self.evaluations[self.evaluations["evaluated_run_id"].isin(phases["run_id"])]
+        bl = self.baselines[self.baselines["split_fingerprint"].isin(ev["split_fingerprint"])]
+        # mae+split=edge is mae asked outside its range: named as inside, they set side by side
+        return dataclasses.replace(
+            self,
+            phases=phases.assign(variant=phases["variant"].map(without_split)).reset_index(
+                drop=True
+            ),
+            evaluations=ev.assign(variant=ev["variant"].map(without_split)).reset_index(drop=True),
+            baselines=bl.reset_index(drop=True),
+        )
+
+
+def without_split(variant: str) -> str:
+    """A derived variant's name without its split settings (mae+split=edge -> mae)."""
+    return SPLIT_PART.sub("", variant)
+
+
+SPLIT_PART = re.compile(r"\+(split|edge_fraction)=[^+]*")
 
 
 def _tag(df: pd.DataFrame, name: str) -> pd.Series:
@@ -166,7 +194,24 @@ def select_runs(
         baselines.reset_index(drop=True),
         left_out[["run_id", "run_name", "kind", "status", "reason"]].reset_index(drop=True),
         filters,
+        _ensemble_evaluations(raw, runs, filters).reset_index(drop=True),
     )
+
+
+def _ensemble_evaluations(raw: pd.DataFrame, runs: pd.DataFrame, filters: dict) -> pd.DataFrame:
+    """The latest finished test evaluation of each seed ensemble (tag ensemble) of the selected
+    strategies and preset, with its metrics and split kind."""
+    ev = runs[(runs["kind"] == "evaluation") & (_tag(raw, "ensemble") != "")].copy()
+    ev["ensemble"] = _tag(raw, "ensemble")[ev.index]
+    ev["split_kind"] = _tag(raw, "split_kind")[ev.index].replace("", "random")
+    keep = (ev["status"] == "FINISHED") & (_tag(raw, "split")[ev.index] == "test")
+    if filters["strategy"]:
+        keep &= ev["strategy"].isin(filters["strategy"])
+    if filters["preset"]:
+        keep &= ev["preset"] == filters["preset"]
+    ev = ev[keep].sort_values("start_time")
+    ev = ev[~ev.duplicated(["strategy", "phase", "split_kind"], keep="last")]
+    return ev.join(_test_metrics(raw, ev.index))
 
 
 @tracking.store_call("read the experiment's runs")
@@ -193,7 +238,7 @@ def _matching_phases(name: str, raw: pd.DataFrame, runs: pd.DataFrame, filters: 
     keep, whatever their status."""
     metrics = pd.DataFrame({m: _metric(raw, m) for m in measures.PHASE_END})
     phase = runs[runs["kind"] == "phase"].join(metrics)
-    for p in ("first_epoch", "last_epoch", "data_dir"):
+    for p in ("first_epoch", "last_epoch", "data_dir", "edge_fraction"):
         phase[p] = _param(raw, p)[phase.index]
     phase["differences"] = _tag(raw, tracking.VARIANT_DIFFERENCES)[phase.index].map(_differences)
     param_cols = [c for c in raw.columns if c.startswith("params.")]
@@ -201,6 +246,8 @@ def _matching_phases(name: str, raw: pd.DataFrame, runs: pd.DataFrame, filters: 
         {c[len("params.") :]: v for c, v in row.items() if isinstance(v, str)}
         for row in raw.loc[phase.index, param_cols].to_dict("records")
     ]
+    # phases logged before the edge split trained on the random one
+    phase["split"] = _param(raw, "split")[phase.index].replace("", "random")
     if phase.empty:
         raise SelectionError(
             f"experiment {name!r} has {len(runs)} run(s) but no phase runs "
@@ -310,6 +357,7 @@ def _test_evaluations(raw: pd.DataFrame, runs: pd.DataFrame, finished: pd.DataFr
     ev["max_lag"] = pd.to_numeric(_max_lag(raw)[ev.index], errors="coerce")
     ev["n_samples"] = pd.to_numeric(_param(raw, "n_samples")[ev.index], errors="coerce")
     ev["split_fingerprint"] = _tag(raw, "split_fingerprint")[ev.index]
+    ev["split_kind"] = ev["evaluated_run_id"].map(finished.set_index("run_id")["split"])
     return ev, excluded
 
 

@@ -30,6 +30,7 @@ REPORT_SUFFIXES = {".png", ".csv", ".md", ".html"}  # everything a report folder
 N_SAMPLE_PLOTS = 3  # fixed test samples drawn as sequences
 N_FIELD_PLOTS = 2  # of which drawn as x-t fields
 DPI = 110
+INSIDE, OUTSIDE = "random", "edge"  # split kinds: test samples inside / outside the training range
 
 logger = logging.getLogger(f"seqgen.{__name__}")  # under the seqgen logger the CLI sets up
 
@@ -63,9 +64,26 @@ class Compared:
     vs: pd.DataFrame = field(default_factory=pd.DataFrame)  # strategy against best baseline
     beside: pd.DataFrame = field(default_factory=pd.DataFrame)  # strategies beside baselines
     sweeps: dict = field(default_factory=dict)  # varied setting -> its points (analysis/sweeps)
+    # the same comparisons for the models trained with --split edge, beside these (random split)
+    outside: Compared | None = None
+    # the split kind of the compared models (random: inside the training range)
+    split: str = INSIDE
 
 
 def compare(sel: query.Selection) -> Compared:
+    """The comparisons of the models trained on the random split (of those trained with --split
+    edge where there are no others), and beside them those of the edge-split models."""
+    kinds = set(sel.phases["split"]) if "split" in sel.phases else {INSIDE}
+    main = INSIDE if INSIDE in kinds else OUTSIDE
+    c = _compare(sel.of_split(main) if len(kinds) > 1 else sel)
+    c.split = main
+    if main == INSIDE and OUTSIDE in kinds:
+        c.outside = _compare(sel.of_split(OUTSIDE))
+        c.outside.split = OUTSIDE
+    return c
+
+
+def _compare(sel: query.Selection) -> Compared:
     """The selection's histories, evaluation files and every comparison drawn from them."""
     curves = tables.stitch(query.metric_histories(list(sel.phases["run_id"])), sel.phases)
     per_run = tables.per_run_table(sel.phases, sel.evaluations, curves)
@@ -364,9 +382,31 @@ def _comparison_figures(c: Compared) -> Figures:
     return figs
 
 
+def _ensemble_figures(c: Compared) -> Figures:
+    """Spread against error of the seed ensembles, inside and outside the training range."""
+    ens = c.sel.ensembles
+    if ens.empty:
+        return []
+    files = query.evaluation_files(list(ens["run_id"]))
+    per_sample = pd.concat(
+        [
+            files[r.run_id].per_sample.assign(
+                strategy=r.strategy, region="outside" if r.split_kind == OUTSIDE else "inside"
+            )
+            for r in ens.itertuples()
+        ]
+    )
+    caption = (
+        "Seed ensembles (`seqgen ensemble`): each test sequence's spread over the members "
+        "against the error of their mean; calibrated spread follows the dotted line. Coverage "
+        "and spread-error correlation: section Outside the training range."
+    )
+    return [("spread_error.png", plots.spread_error_figure(per_sample), caption)]
+
+
 def figures(c: Compared) -> tuple[Figures, str]:
     """Every figure of the report in its order, and a note on what the sample-level ones use."""
-    figs, note = _training_figures(c), ""
+    figs, note = _training_figures(c) + _ensemble_figures(c), ""
     if not c.chosen.empty:
         more, note = _sample_figures(c)
         figs += more
@@ -495,6 +535,11 @@ def _write_report(out: Path, sel: query.Selection, started: float, log: bool = T
 
 
 def _write_tables(out: Path, c: Compared) -> None:
+    if c.outside is not None:
+        tables.inside_outside(c.beside, c.outside.beside).to_csv(out / "outside.csv", index=False)
+        c.outside.vs.to_csv(out / "versus_baselines_outside.csv", index=False)
+        c.outside.paired.to_csv(out / "paired_outside.csv", index=False)
+        c.outside.per_sample.to_csv(out / "per_sample_outside.csv", index=False)
     c.summary.to_csv(out / "summary.csv", index=False)
     c.per_run.to_csv(out / "per_run.csv", index=False)
     c.paired.to_csv(out / "paired.csv", index=False)
@@ -646,6 +691,7 @@ def _document(c: Compared, figs: Figures, note: str, seconds: float) -> Doc:
         f"{seconds:.1f} s, by {made_by()}."
     )
     _answer_section(doc, c)
+    _outside_section(doc, c)
     _compared_section(doc, c, note)
     doc.h(2, "Summary per strategy and phase (mean ± std over seeds)")
     doc.table(_summary_markdown(c.summary))
@@ -680,7 +726,11 @@ def _answer_section(doc: Doc, c: Compared) -> None:
     # Conclusions speak about the samples every strategy was scored on, where they pair.
     per_sample = c.ranked if len(c.paired) else c.per_sample
     verdicts = baseline_verdicts(c.vs, c.beside)
-    doc.ul(verdicts[:1] + conclusions(per_sample, c.paired, c.chosen, c.per_run))
+    outside = baseline_verdicts(c.outside.vs, c.outside.beside) if c.outside else []
+    where = {INSIDE: "Inside the training range", OUTSIDE: "Outside the training range"}
+    first = [f"{where[c.split]}: {verdicts[0]}"] if verdicts and c.outside else verdicts[:1]
+    first += [f"{where[OUTSIDE]}: {outside[0]}"] if outside else []
+    doc.ul(first + conclusions(per_sample, c.paired, c.chosen, c.per_run))
     doc.p(
         "A difference is *real* when its paired-bootstrap 95% CI over (seed, test sample) "
         f"pairs excludes 0, there are at least {tables.MIN_PAIRS} pairs, and every "
@@ -749,3 +799,133 @@ def _baseline_section(doc: Doc, c: Compared, verdicts: list[str]) -> None:
     if not c.vs.empty:
         doc.p("Each strategy minus the best baseline of each measure, paired on the same samples:")
         doc.table(_versus_markdown(c.vs))
+
+
+def _outside_section(doc: Doc, c: Compared) -> None:
+    """Every measure inside the training range (random split) and outside it (edge split), per
+    strategy and baseline, with the paired verdicts against the best baseline in each; the seed
+    ensembles' calibration."""
+    doc.h(2, "Outside the training range")
+    _inside_outside(doc, c)
+    if not c.sel.ensembles.empty:
+        doc.p(
+            "Seed ensembles: how often the truth lies within the members' mean ± 1 and 2 std "
+            "(a calibrated Gaussian spread: 0.683, 0.954), and the correlation of spread with "
+            "the error of the mean over sequences and steps."
+        )
+        doc.table(_ensemble_markdown(c.sel.ensembles))
+
+
+def _ensemble_markdown(ens: pd.DataFrame) -> pd.DataFrame:
+    keys = [m.key for m in measures.select(ensemble=True)] + [measures.HEADLINE]
+    out = pd.DataFrame(
+        {
+            "ensemble": ens["ensemble"],
+            "region": np.where(ens["split_kind"] == OUTSIDE, "outside", "inside"),
+        }
+    )
+    for key in keys:
+        if f"test_{key}" in ens:
+            out[measures.BY_KEY[key].label] = ens[f"test_{key}"].map(fmt)
+    return out
+
+
+def _inside_outside(doc: Doc, c: Compared) -> None:
+    if c.split == OUTSIDE:
+        doc.p(
+            "Every compared model was trained with `--split edge`: the tables of this report are "
+            "outside the training range. Train the same with the random split to set them beside "
+            "the inside."
+        )
+        return
+    if c.outside is None or c.outside.chosen.empty:
+        doc.p(
+            ("Phase runs with `--split edge` were found but none was evaluated yet. "
+             if c.outside is not None else "No compared model was trained with `--split edge`. ")
+            + "Train and evaluate with `--split edge` (e.g. `seqgen demo --split edge`) to score "
+            "every strategy and baseline just past the data it was fitted on."
+        )  # fmt: skip
+        return
+    o = c.outside
+    fractions = sorted({f"{float(f):.0%}" for f in o.sel.phases["edge_fraction"] if f})
+    doc.p(
+        "Inside: the random split's test samples, among the training data. Outside: models "
+        "trained on the interior of the parameter plane and scored on the top "
+        f"{', '.join(fractions) or 'fraction'} of each parameter's range (`--split edge`), with "
+        "the baselines fitted on the same split. Each cell: inside → outside, mean ± std over "
+        "seeds."
+    )
+    both = tables.inside_outside(c.beside, o.beside)
+    if both.empty:
+        doc.p("No measure was logged both inside and outside.")
+    else:
+        doc.table(_inside_outside_markdown(both))
+    verdicts = baseline_verdicts(o.vs, o.beside)
+    if verdicts:  # inside, they are the section above
+        doc.p("Outside the training range, each strategy against the best baseline:")
+        doc.ul(verdicts)
+    if not (c.vs.empty and o.vs.empty):
+        doc.p(
+            "Each strategy minus the best baseline of each measure, paired on the same samples, "
+            "inside and outside:"
+        )
+        doc.table(_versus_in_out_markdown(c.vs, o.vs))
+    if not o.paired.empty:
+        doc.p("Outside: strategies paired on the same samples:")
+        doc.table(_paired_markdown(o.paired))
+
+
+def _inside_outside_markdown(both: pd.DataFrame) -> pd.DataFrame:
+    labels = {f"test_{m.key}": m.label for m in measures.select(beside=True)}
+    rows = {}
+    for r in both.itertuples():
+        if r.kind == "variant":
+            phases = sorted({int(p) for p in (r.phase_in, r.phase_out) if pd.notna(p)})
+            who = f"{r.name} (phase {'/'.join(map(str, phases))})"
+        else:
+            who = plots.baseline_label(r.name)
+        inside = pm(r.inside_mean, r.inside_std, int(r.inside_n) if pd.notna(r.inside_n) else 1)
+        outside = pm(
+            r.outside_mean, r.outside_std, int(r.outside_n) if pd.notna(r.outside_n) else 1
+        )
+        rows.setdefault(who, {"": who})[labels[r.metric]] = f"{inside} → {outside}"
+    return pd.DataFrame(list(rows.values())).fillna("n/a")
+
+
+def _versus_in_out_markdown(inside: pd.DataFrame, outside: pd.DataFrame) -> pd.DataFrame:
+    """Per strategy and measure, the paired verdict against the best baseline in each region."""
+    keys = ["variant", "metric"]
+    both = inside.merge(outside, on=keys, how="outer", suffixes=("_in", "_out"))
+    order = {m.key: i for i, m in enumerate(measures.MEASURES)}
+    both = both.sort_values(keys, key=lambda col: col.map(order) if col.name == "metric" else col)
+    out = pd.DataFrame(
+        {
+            "variant": both["variant"],
+            "measure": both["metric"].map({k: m.name for k, m in measures.BY_KEY.items()}),
+        }
+    )
+    for region, sfx in (("inside", "_in"), ("outside", "_out")):
+        out[f"{region}: best baseline"] = both[f"baseline{sfx}"].fillna("n/a")
+        out[f"{region}: difference [95% CI]"] = [
+            f"{fmt(d)} [{fmt(lo)}, {fmt(hi)}]" if pd.notna(d) else "n/a"
+            for d, lo, hi in zip(
+                both[f"mean_diff{sfx}"], both[f"ci_low{sfx}"], both[f"ci_high{sfx}"], strict=True
+            )
+        ]
+        out[f"{region}: verdict"] = [
+            _verdict(m, d, real, n)
+            for m, d, real, n in zip(
+                both["metric"], both[f"mean_diff{sfx}"], both[f"real{sfx}"], both[f"n{sfx}"],
+                strict=True,
+            )
+        ]  # fmt: skip
+    return out
+
+
+def _verdict(metric: str, diff: float, real, n) -> str:
+    """A strategy against a baseline on one measure, in words."""
+    if pd.isna(diff):
+        return "n/a"
+    if not real:
+        return "too few pairs" if n < tables.MIN_PAIRS else "no real difference"
+    return "beats it" if measures.BY_KEY[metric].improves(diff) else "worse"

@@ -271,3 +271,40 @@ def _beside_row(name, kind, phase, g: pd.DataFrame, cols, seconds: list) -> dict
             metrics.mean_std(values) if len(values) else (np.nan, np.nan)
         )
     return row
+
+
+def inside_outside(inside: pd.DataFrame, outside: pd.DataFrame) -> pd.DataFrame:
+    """Every measure of every strategy and baseline inside the training range and outside it:
+    two beside_baselines tables -> one row per (name, kind, measure) with the mean, std and seeds
+    of each and `ratio` (outside mean / inside mean)."""
+    cols = measures.logged(beside=True)
+    keys = ["name", "kind"]
+    both = inside.merge(outside, on=keys, how="outer", suffixes=("_in", "_out"))
+    order = [*variant_order(both.loc[both["kind"] == "variant", "name"])]
+    order += baseline_order(both.loc[both["kind"] == "baseline", "name"])
+    rows = []
+    for name in order:
+        r = both[both["name"] == name].iloc[0]
+        for m in cols:
+            if f"{m}_mean_in" not in r and f"{m}_mean_out" not in r:
+                continue
+            a, b = r.get(f"{m}_mean_in", np.nan), r.get(f"{m}_mean_out", np.nan)
+            rows.append(
+                {
+                    "name": name,
+                    "kind": r["kind"],
+                    "phase_in": r["phase_in"],
+                    "phase_out": r["phase_out"],
+                    "metric": m,
+                    "inside_mean": a,
+                    "inside_std": r.get(f"{m}_std_in", np.nan),
+                    "inside_n": r["n_in"],
+                    "outside_mean": b,
+                    "outside_std": r.get(f"{m}_std_out", np.nan),
+                    "outside_n": r["n_out"],
+                    "ratio": b / a if a else np.nan,
+                }
+            )
+    columns = ["name", "kind", "phase_in", "phase_out", "metric", "inside_mean", "inside_std"]
+    columns += ["inside_n", "outside_mean", "outside_std", "outside_n", "ratio"]
+    return pd.DataFrame(rows, columns=columns)

@@ -144,6 +144,15 @@ vary_option = click.option(
 )
 
 
+edge_fraction_option = snake_option(
+    "--edge_fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    help="with --split edge: the share of each parameter's range held out (baselines: no --model) "
+    f"[default: {config.FIELDS['edge_fraction'].default}]",
+)
+
+
 retrain_option = click.option(
     "--retrain",
     type=click.BOOL,
@@ -383,14 +392,25 @@ def study(
 @click.option("--preset", default="demo", show_default=True, help="demo, smoke or full")
 @click.option("--seeds", default="0", show_default=True, help="comma-separated seeds")
 @click.option("--out", "report_dir", default="reports", show_default=True, help="report folder")
+@click.option(
+    "--split",
+    "split_kind",
+    default=None,
+    type=click.Choice(config.SPLITS),
+    help="random (the seeded 4400/550/rest) or edge: validation and test outside the training "
+    "range [default: random]",
+)
+@edge_fraction_option
 @retrain_option
 @_clean_errors
-def demo(data_dir, preset, seeds, report_dir, retrain):
+def demo(data_dir, preset, seeds, report_dir, split_kind, edge_fraction, retrain):
     """The main job: Burgers data if missing, 3 strategies x 5 phases, evaluation and report."""
     from seqgen.study.chain import parse_seeds
     from seqgen.study.demo import run_demo
 
-    run_demo(data_dir, preset, parse_seeds(seeds), report_dir, retrain)
+    given = {"split": split_kind, "edge_fraction": edge_fraction}
+    split = {k: v for k, v in given.items() if v is not None}  # validated with the settings
+    run_demo(data_dir, preset, parse_seeds(seeds), report_dir, retrain, split)
 
 
 @main.command()
@@ -437,13 +457,34 @@ def bench(preset, batches, as_json, baseline, threads, mixed_precision, members)
             click.echo(f"{key:>36}: {value}")
 
 
+PARTS = ("train", "val", "test")
+part_option = click.option(
+    "--part",
+    default=None,
+    type=click.Choice(PARTS),
+    help="the part of the split measured [default: test]",
+)
 split_option = click.option(
     "--split",
-    "split_name",
-    default="test",
-    show_default=True,
-    type=click.Choice(["train", "val", "test"]),
+    "split_kind",
+    default=None,
+    type=click.Choice([*config.SPLITS, *PARTS]),
+    help="random or edge, the kind of split (a model is measured on its own: given, it must be "
+    "that one); train, val or test name the part, as --part does (its earlier meaning)",
 )
+
+
+def _kind_and_part(split_kind: str | None, part: str | None) -> tuple[str | None, str]:
+    """--split and --part as (kind of split or None, part): --split test is the earlier --part."""
+    if split_kind in PARTS:
+        if part is not None and part != split_kind:
+            raise config.ConfigError(
+                f"--split {split_kind} names the part, and so does --part {part}: give one"
+            )
+        return None, split_kind
+    return split_kind, part or "test"
+
+
 max_lag_option = snake_option(
     "--max_lag",
     "--max-lag",
@@ -461,6 +502,7 @@ def _lag(max_lag: int | None) -> dict:
 @click.option("--model", "model_uri", required=True, help="models:/..., runs:/... or a .pth")
 @snake_option("--data_dir", "--data", default=None, help="data folder (default: the model's)")
 @split_option
+@part_option
 @max_lag_option
 @click.option(
     "--baselines/--no_baselines",
@@ -472,14 +514,21 @@ def _lag(max_lag: int | None) -> dict:
     "--no_log", is_flag=True, help="log no run: evaluate and print only (a user who may read)"
 )
 @_clean_errors
-def evaluate(model_uri, data_dir, split_name, max_lag, baselines, no_log):
+def evaluate(model_uri, data_dir, split_kind, part, max_lag, baselines, no_log):
     """Generate a split free-running and measure it in original units, beside the baselines on
     the same samples; log evaluation runs. JSON on stdout, a table on stderr."""
     from seqgen.evaluation.evaluate import beside_table, evaluate_model
 
     check_ints(max_lag=max_lag)
+    split_kind, split_name = _kind_and_part(split_kind, part)
     summary = evaluate_model(
-        model_uri, data_dir, split_name, baselines=baselines, log=not no_log, **_lag(max_lag)
+        model_uri,
+        data_dir,
+        split_name,
+        baselines=baselines,
+        log=not no_log,
+        split_kind=split_kind,
+        **_lag(max_lag),
     )
     click.echo(json.dumps(summary, indent=2, default=str))
     if summary["baselines"]:
@@ -488,8 +537,43 @@ def evaluate(model_uri, data_dir, split_name, max_lag, baselines, no_log):
 
 
 @main.command()
+@click.option("--strategy", required=True, help="a strategy of the phase table")
+@click.option("--phase", type=int, required=True, help="the phase whose models are the members")
+@click.option("--seeds", default="0,1,2", show_default=True, help="comma-separated seeds")
+@preset_option
+@click.option(
+    "--split",
+    "split_kind",
+    default=None,
+    type=click.Choice(config.SPLITS),
+    help="the split the members trained on [default: random]",
+)
+@edge_fraction_option
+@click.option(
+    "--evaluate/--no_evaluate",
+    default=True,
+    show_default=True,
+    help="score the ensemble on the test samples no member trained on",
+)
+@_clean_errors
+def ensemble(strategy, phase, seeds, preset, split_kind, edge_fraction, evaluate):
+    """Register the seeds' models of a phase as one pyfunc model (<model>-ensemble, alias
+    phase-N) answering per step the mean and std over members; evaluate it. JSON on stdout."""
+    from seqgen.evaluation.ensemble import make_ensemble
+    from seqgen.study.chain import parse_seeds
+
+    overrides = {"split": split_kind} if split_kind else {}
+    if edge_fraction is not None:
+        overrides["edge_fraction"] = edge_fraction
+    out = make_ensemble(strategy, phase, parse_seeds(seeds), preset, evaluate, **overrides)
+    click.echo(json.dumps(out, indent=2, default=str))
+
+
+@main.command()
 @snake_option("--data_dir", default=None, help="data folder (default with --model: the model's)")
 @split_option
+@part_option
+@edge_fraction_option
 @click.option("--model", "model_uri", default=None, help="use this model's data folder and split")
 @click.option("--seed", type=int, default=None, help="split seed, no --model [0]")
 @snake_option(
@@ -502,7 +586,17 @@ def evaluate(model_uri, data_dir, split_name, max_lag, baselines, no_log):
 @click.option("--refit", is_flag=True, help="fit again even when the store has these evaluations")
 @_clean_errors
 def baselines(
-    data_dir, split_name, model_uri, seed, max_samples, max_lag, n_components, n_params, refit
+    data_dir,
+    split_kind,
+    part,
+    edge_fraction,
+    model_uri,
+    seed,
+    max_samples,
+    max_lag,
+    n_components,
+    n_params,
+    refit,
 ):
     """Fit the baselines (mean, knn, direct) on a split's training part and evaluate them like a
     model; the split is a model's (--model) or the one a phase with --seed and --max_samples
@@ -511,8 +605,13 @@ def baselines(
 
     check_ints(seed=seed, max_samples=max_samples, max_lag=max_lag)
     check_ints(n_components=n_components, n_params=n_params)
-    if model_uri is not None and (max_samples is not None or seed is not None):
-        raise config.ConfigError("--model brings its own split: leave out --seed and --max_samples")
+    split_kind, split_name = _kind_and_part(split_kind, part)
+    if model_uri is not None and (max_samples is not None or seed is not None or edge_fraction):
+        raise config.ConfigError(
+            "--model brings its own split: leave out --seed, --max_samples and --edge_fraction"
+        )
+    if edge_fraction is not None and split_kind != "edge":
+        raise config.ConfigError("--edge_fraction applies to --split edge only")
     found = evaluate_baselines(
         data_dir,
         split_name,
@@ -522,6 +621,8 @@ def baselines(
         n_components=n_components,
         n_params=n_params,
         reuse=not refit,
+        split_kind=split_kind,
+        edge_fraction=edge_fraction or config.FIELDS["edge_fraction"].default,
         **_lag(max_lag),
     )
     click.echo(json.dumps(found, indent=2, default=str))

@@ -25,6 +25,7 @@ from seqgen.errors import ConfigError
 PHASES_FILE = Path(str(resources.files("seqgen.experiments").joinpath("phases.toml")))
 N_PHASES = 5
 SCHEDULES = ("warmup_cosine", "warmup_linear", "linear")
+SPLITS = ("random", "edge")  # seqgen/data/split.py: make_split, make_edge_split
 SELECTORS = ("strategy", "phase", "preset")  # chosen on the command line, never by the table
 MAX_OUTAGE = 600.0  # seconds the tracking server may be away before a phase pauses
 CHECKPOINT_SECONDS = 30.0  # at most this long between checkpoints (and metrics sent) of a phase
@@ -84,6 +85,14 @@ class PhaseSettings:
     n_components: int = _doc("component columns after `step`", default=5)
     n_params: int = _doc("parameter columns after the components", default=2)
     max_samples: int | None = _doc("use only the first N files (sorted)", default=None)
+    split: str = _doc(
+        "random (the seeded 4400/550/rest) or edge (validation and test outside the training "
+        "range: the top --edge_fraction of each parameter's range)",
+        default="random",
+    )
+    edge_fraction: float = _doc(
+        "with --split edge: the share of each parameter's range held out", default=0.1
+    )
     # model
     hidden_size: int = _doc("LSTM hidden dimension")
     num_layers: int = _doc("stacked LSTM layers")
@@ -403,6 +412,14 @@ def validate(s: PhaseSettings) -> None:
             )
     if s.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {s.device!r}")
+    if s.split not in SPLITS:
+        raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {s.split!r}")
+    if not 0.0 < s.edge_fraction < 1.0:
+        raise ConfigError(f"--edge_fraction must be within (0, 1), got {s.edge_fraction}")
+    default_fraction = FIELDS["edge_fraction"].default
+    if s.split != "edge" and not math.isclose(s.edge_fraction, default_fraction):
+        # it would change nothing but the phase's identity (a variant that trains the same)
+        raise ConfigError(f"--edge_fraction applies to --split edge only (--split is {s.split})")
     for name in ("early_stopping_patience", "overfit_gap", "grad_explosion_norm"):
         value = getattr(s, name)
         if value is not None and not value > 0:

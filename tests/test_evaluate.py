@@ -43,7 +43,7 @@ PRED = TRUE + 1.0  # a constant offset: error 1 everywhere, shape of the sequenc
 PRED_TF = TRUE + 0.25
 
 
-def _measure(pca=None):
+def _measure(pca=None, burgers=False):
     return measure(
         PRED,
         TRUE,
@@ -55,6 +55,7 @@ def _measure(pca=None):
         np.arange(4.0),
         max_lag=2,
         pca=pca,
+        burgers=burgers,
     )
 
 
@@ -78,7 +79,14 @@ def test_measure_by_hand():
         "acf_error",
         "spectral_error",
         "mae_teacher_forced",
+        "valid_horizon",
     ]
+    # the error 1 is 1 / 2.165 of the data's spread (the std of 1, 2, 3, 4, 2, 4, 6, 8), over
+    # the threshold 0.1 from the first step on; four windows of one step, each with MAE 1
+    np.testing.assert_allclose(m.per_sample["valid_horizon"], [0.0, 0.0])
+    assert s["valid_horizon"] == 0.0 and s["valid_horizon_p90"] == 0.0
+    assert [s[f"window_{i}_mae"] for i in range(1, 5)] == pytest.approx([1.0] * 4)
+    assert s["error_growth"] == pytest.approx(1.0)
     assert m.per_sample["file"].tolist() == ["a.csv", "b.csv"]
     np.testing.assert_allclose(m.per_sample["mae"], [1.0, 1.0])
     np.testing.assert_allclose(m.per_sample["nu"], [0.1, 0.2], rtol=1e-6)
@@ -133,16 +141,20 @@ PCA_1 = PCABasis(
 
 
 def test_the_registry_names_what_measure_computes():
-    # every measure of the registry is computed, and nothing else but the per-component values
+    # every measure of the registry but an ensemble's is computed, and nothing else but the
+    # per-component values, a distribution's quantiles, the windows and the true data's references
     components = {"mae_pc_1", "rmse_pc_1"}
-    model = _measure(PCA_1)
-    assert set(model.summary) == set(measures.BY_KEY) | components
+    components |= {f"{k}_p{q}" for k in measures.DISTRIBUTIONS for q in measures.QUANTILES}
+    components |= {f"window_{i}_mae" for i in range(1, 5)}
+    components |= {f"true_{m.key}" for m in measures.select(reference=True)}
+    model = _measure(PCA_1, burgers=True)
+    assert set(model.summary) == {m.key for m in measures.select(ensemble=False)} | components
     per_sample = set(model.per_sample.columns) - {"file", "nu"}
-    assert per_sample == {m.key for m in measures.select(per_sample=True)}
+    assert per_sample == {m.key for m in measures.select(per_sample=True, ensemble=False)}
     # a baseline (no teacher forcing) gets exactly the measures the registry gives baselines
     baseline = measure(
         PRED, TRUE, None, ["a.csv", "b.csv"], np.zeros((2, 1)), ["nu"], ["PC 1"],
-        np.arange(4.0), max_lag=2, pca=PCA_1,
+        np.arange(4.0), max_lag=2, pca=PCA_1, burgers=True,
     )  # fmt: skip
     assert set(baseline.summary) == {m.key for m in measures.select(baselines=True)} | components
     per_sample = set(baseline.per_sample.columns) - {"file", "nu"}
@@ -462,7 +474,7 @@ def test_evaluate_command_prints_the_model_beside_the_baselines(in_store):
         (["--seed", "1"], "error: pass --data_dir DIR (or --model URI"),
         (
             ["--model", "models:/seqgen-mae-smoke/1", "--seed", "1"],
-            "error: --model brings its own split: leave out --seed and --max_samples",
+            "error: --model brings its own split: leave out --seed, --max_samples",
         ),
         (
             ["--data_dir", "{data}", "--max_lag", "151"],
@@ -540,3 +552,30 @@ def test_mlflow_run_evaluate_gives_the_launchers_run_to_the_model(trained, tmp_p
     )
     assert run.data.tags["kind"] == "evaluation" and run.data.tags["strategy"] == "mae"
     assert "baseline" not in run.data.tags and "test_mae" in run.data.metrics
+
+
+def test_physics_on_the_burgers_data_and_skipped_with_one_line_elsewhere(
+    smoke_data, tmp_path, said
+):
+    from seqgen.data.split import make_split
+    from seqgen.evaluation.evaluate import eval_set
+
+    data = load_sequences(smoke_data)
+    split = make_split(data.files, 0)
+    es = eval_set(data, split, "test", 5, smoke_data)
+    truth = es.measure(es.true)
+    # the true fields obey the laws they are checked against: their own references are zero,
+    # and a perfect surrogate has the whole sequence as its valid horizon
+    for law in ("mean_violations", "energy_violations"):
+        assert truth.summary[law] == 0 and truth.summary[f"true_{law}"] == 0
+    assert truth.summary["valid_horizon"] == data.seq_len
+    assert not [line for line in said if "skipped" in line]
+    # the same CSVs without seqgen synth's settings are data of unknown physics
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in data.files:
+        (other / f).write_bytes((smoke_data / f).read_bytes())
+    es = eval_set(load_sequences(other), split, "test", 5, other)
+    assert "energy_violations" not in es.measure(es.true).summary
+    skipped = [line for line in said if "skipped" in line]
+    assert len(skipped) == 1 and "not the embedded Burgers data" in skipped[0]

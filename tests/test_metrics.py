@@ -267,3 +267,47 @@ def test_mean_std():
     assert m.mean_std([7.0]) == (7.0, 0.0)
     with pytest.raises(ValueError, match="at least one value"):
         m.mean_std([])
+
+
+# --- rollout and physics ------------------------------------------------------------------------
+
+
+def test_valid_horizon_is_the_first_step_over_the_threshold():
+    true = np.zeros((2, 5, 2))
+    pred = true.copy()
+    pred[0, 3:, 0] = 0.5  # component 0 of spread 1: RMS over 2 components 0.354 > 0.1 at step 3
+    # sequence 1 stays within: error 0.1 in both components, scale 1 -> 0.1, not over
+    pred[1] += 0.1
+    np.testing.assert_allclose(m.valid_horizon(pred, true, np.array([1.0, 1.0])), [3.0, 5.0])
+    # in units of a wider spread the same error stays valid throughout
+    np.testing.assert_allclose(m.valid_horizon(pred, true, np.array([10.0, 10.0])), [5.0, 5.0])
+
+
+def test_error_by_window_and_bounds():
+    assert m.window_bounds(151) == [(0, 38), (38, 76), (76, 113), (113, 151)]
+    assert m.window_bounds(2) == [(0, 1), (1, 2)]  # never an empty window
+    true = np.zeros((1, 8, 1))
+    pred = np.arange(8.0).reshape(1, 8, 1)  # error = step
+    np.testing.assert_allclose(m.error_by_window(pred, true), [0.5, 2.5, 4.5, 6.5])
+
+
+def test_mean_and_energy_violations():
+    x = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    decaying = np.stack([np.sin(x) * 0.9**t for t in range(6)])[None]  # (1, 6, 16): mean 0
+    assert m.mean_violations(decaying)[0] == 0 and m.energy_violations(decaying)[0] == 0
+    bad = decaying.copy()
+    bad[0, 2] += 0.01  # the mean moves at step 2 only
+    bad[0, 4] *= 1.5  # the energy rises into step 4 (0.81 * 2.25 > 1), then falls
+    np.testing.assert_allclose(m.mean_violations(bad), [1.0])
+    np.testing.assert_allclose(m.energy_violations(bad), [1.0])  # the offset at step 2 is small
+
+
+def test_coverage_and_spread_error_correlation():
+    true = np.zeros((1, 4, 1))
+    mean = np.array([0.5, 1.5, 2.5, -0.5]).reshape(1, 4, 1)
+    std = np.ones((1, 4, 1))
+    np.testing.assert_allclose(m.coverage(mean, std, true, 1), [0.5])
+    np.testing.assert_allclose(m.coverage(mean, std, true, 2), [0.75])
+    assert np.isnan(m.spread_error_correlation(mean, std, true))  # a constant spread says nothing
+    wider = np.abs(mean) + 1.0  # spread grows with the error: r = 1
+    assert m.spread_error_correlation(mean, wider, true) == pytest.approx(1.0)

@@ -1,4 +1,9 @@
-"""Train / validation / test split by file name: seeded, deterministic, saved with every run."""
+"""Train / validation / test split by file name: seeded, deterministic, saved with every run.
+
+Two kinds: `random` (the original's seeded 4400/550/rest) and `edge`, whose validation and test
+samples lie outside the training range: in the top `edge_fraction` of some parameter's range
+(on a log scale for a positive parameter spanning more than a decade, as its sweep is drawn).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from seqgen.errors import DataError
+from seqgen.errors import ConfigError, DataError
 
 N_TRAIN = 4400  # the original workflow's split: 4400 train / 550 validation / the rest test
 N_VAL = 550
 FALLBACK_FRACTIONS = (0.8, 0.1)  # used when there are fewer than N_TRAIN + N_VAL + 1 samples
+# The edge band is divided into validation and test by this seed whatever the run's seed: every
+# seed then trains on the same interior and is scored on the same outside samples, so their
+# spread is training's alone and an ensemble of them has test samples none of its members saw.
+EDGE_SHUFFLE_SEED = 0
+MIN_PART = 2  # samples an edge split needs in each part (knn chooses k, direct stops early)
 
 
 @dataclass(frozen=True)
@@ -23,6 +33,8 @@ class Split:
     test: tuple[str, ...]
     seed: int
     note: str | None = None  # says when the 80/10/10 fallback was used
+    kind: str = "random"  # random or edge
+    edge_fraction: float | None = None  # the band of an edge split
 
     def part(self, name: str) -> tuple[str, ...]:
         if name not in ("train", "val", "test"):
@@ -54,6 +66,8 @@ class Split:
         return {
             "seed": self.seed,
             "note": self.note,
+            "kind": self.kind,
+            "edge_fraction": self.edge_fraction,
             "train": list(self.train),
             "val": list(self.val),
             "test": list(self.test),
@@ -67,6 +81,8 @@ class Split:
             test=tuple(d["test"]),
             seed=int(d["seed"]),
             note=d.get("note"),
+            kind=str(d.get("kind") or "random"),  # files saved before edge splits: random
+            edge_fraction=None if d.get("edge_fraction") is None else float(d["edge_fraction"]),
         )
 
     def save(self, path: str | Path) -> None:
@@ -99,3 +115,74 @@ def make_split(
         seed=seed,
         note=note,
     )
+
+
+def log_scaled(values: np.ndarray) -> bool:
+    """Whether a parameter is read on a log scale: positive and spanning more than a decade."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    return lo > 0 and hi / lo > 10
+
+
+def edge_band(params: np.ndarray, fraction: float) -> np.ndarray:
+    """(N, P) -> (N,) bool: for some parameter that varies, the sample's value lies in the top
+    `fraction` of that parameter's range (value >= max - fraction * (max - min), on a log scale
+    where log_scaled)."""
+    params = np.asarray(params, dtype=np.float64)
+    band = np.zeros(len(params), dtype=bool)
+    for p in params.T:
+        v = np.log(p) if log_scaled(p) else p
+        lo, hi = v.min(), v.max()
+        if hi > lo:
+            band |= v >= hi - fraction * (hi - lo)
+    return band
+
+
+def make_edge_split(
+    files: list[str] | tuple[str, ...],
+    params: np.ndarray,
+    seed: int,
+    fraction: float,
+    param_names: tuple[str, ...] | list[str] = (),
+) -> Split:
+    """Training on the interior, validation and test (half each, by a fixed seeded shuffle) in
+    the edge band; params (N, P) row i belongs to files[i]. Raises ConfigError naming the sizes
+    when a part would hold fewer than MIN_PART samples or no parameter varies."""
+    params = np.asarray(params, dtype=np.float64)
+    order = np.argsort(np.asarray(files, dtype=str), kind="stable")  # sorted, as make_split
+    files, params = [files[i] for i in order], params[order]
+    n = len(files)
+    names = list(param_names) or [f"parameter {j + 1}" for j in range(params.shape[1])]
+    if n == 0 or not any(np.ptp(p) > 0 for p in params.T):
+        raise ConfigError(
+            f"--split edge needs a parameter that varies: {', '.join(names)} each hold one value "
+            f"over the {n} samples, so there is no range to hold an edge of"
+        )
+    band = edge_band(params, fraction)
+    outside = np.flatnonzero(band)[np.random.default_rng(EDGE_SHUFFLE_SEED).permutation(band.sum())]
+    n_val = len(outside) // 2
+    train = [files[i] for i in np.flatnonzero(~band)]
+    val, test = [files[i] for i in outside[:n_val]], [files[i] for i in outside[n_val:]]
+    if min(len(train), len(val), len(test)) < MIN_PART:
+        raise ConfigError(
+            f"--split edge with --edge_fraction {fraction:g} leaves {len(train)} training / "
+            f"{len(val)} validation / {len(test)} test samples of {n}: each part needs at "
+            f"least {MIN_PART}"
+        )
+    note = f"edge split: {len(train)} train inside / {len(val)} val / {len(test)} test outside"
+    return Split(tuple(train), tuple(val), tuple(test), seed, note, "edge", fraction)
+
+
+def phase_split(
+    files: list[str] | tuple[str, ...],
+    params: np.ndarray,
+    seed: int,
+    kind: str = "random",
+    fraction: float | None = None,
+    param_names: tuple[str, ...] | list[str] = (),
+) -> Split:
+    """The split a phase of this seed makes of these files: make_split or make_edge_split."""
+    if kind == "edge":
+        if fraction is None:
+            raise ValueError("an edge split needs its fraction")
+        return make_edge_split(files, params, seed, fraction, param_names)
+    return make_split(files, seed)

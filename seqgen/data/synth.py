@@ -256,6 +256,19 @@ def load_pca(data_dir: str | Path) -> PCABasis | None:
     return PCABasis.load(path) if path.is_file() else None
 
 
+def is_burgers(data_dir: str | Path) -> bool:
+    """Whether a folder holds the embedded Burgers data (seqgen synth's basis and settings beside
+    the CSVs), whose fields obey its physics: mean conserved, energy never rising."""
+    folder = Path(data_dir)
+    if not (folder / PCA_FILE).is_file() or not (folder / SETTINGS_FILE).is_file():
+        return False
+    try:
+        settings = json.loads((folder / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(settings, dict) and "nu_range" in settings
+
+
 def _csv_text(step_rows: np.ndarray, pcs: np.ndarray, nu: float, amplitude: float) -> str:
     """One sample's CSV. pcs (T, K)"""
     n_steps, k = pcs.shape

@@ -33,8 +33,8 @@ import torch
 
 from seqgen.config import strategies
 from seqgen.data.sequences import SequenceData, load_sequences
-from seqgen.data.split import Split, make_split
-from seqgen.data.synth import PCABasis, load_pca
+from seqgen.data.split import Split, log_scaled, phase_split
+from seqgen.data.synth import PCABasis, is_burgers, load_pca
 from seqgen.errors import ConfigError, DataError
 from seqgen.evaluation import measures, metrics
 from seqgen.evaluation.baselines import BASELINES, baseline_version, fit_baseline
@@ -77,9 +77,14 @@ def measure(
     steps: np.ndarray,
     max_lag: int,
     pca: PCABasis | None = None,
+    scale: np.ndarray | None = None,
+    burgers: bool = False,
 ) -> Measures:
     """pred, true, pred_tf (N, T, K) original units; params (N, P); steps (T,) -> Measures.
-    Without pred_tf (a baseline) the teacher-forced MAE and the gap to it are left out."""
+    Without pred_tf (a baseline) the teacher-forced MAE and the gap to it are left out. scale (K,):
+    each component's spread over the data, the unit of the valid horizon (default: over `true`);
+    burgers: the data is the embedded Burgers data, whose physics the fields are checked against
+    (needs pca)."""
     overall = metrics.mae_rmse(pred, true)
     comp = [metric_name(c) for c in component_names]
     summary = {"mae": overall["mae"], "rmse": overall["rmse"]}
@@ -103,12 +108,14 @@ def measure(
     summary["acf_error_pooled"] = metrics.pooled_acf_error(pred, true, max_lag)
     summary["spectral_error"] = float(per_sample["spectral_error"].mean())
     if pca is not None:
+        pred_fields, true_fields = pca.reconstruct(pred), pca.reconstruct(true)
         # Both fields go through the same basis, so this is the surrogate's error alone, not
         # the PCA truncation's.
-        per_sample["field_rel_l2"] = metrics.field_relative_l2(
-            pca.reconstruct(pred), pca.reconstruct(true)
-        )
+        per_sample["field_rel_l2"] = metrics.field_relative_l2(pred_fields, true_fields)
         summary["field_rel_l2"] = float(per_sample["field_rel_l2"].mean())
+        if burgers:
+            summary |= _physics(pred_fields, true_fields, per_sample)
+    summary |= _rollout(pred, true, true.std(axis=(0, 1)) if scale is None else scale, per_sample)
     if pred_tf is not None:
         summary["mae_teacher_forced"] = metrics.mae_rmse(pred_tf, true)["mae"]
         summary["tf_gap"] = summary["mae"] - summary["mae_teacher_forced"]
@@ -117,6 +124,35 @@ def measure(
     for k, c in enumerate(comp):
         by_step[f"mae_{c}"] = metrics.error_by_step(pred[..., k : k + 1], true[..., k : k + 1])
     return Measures(summary, per_sample, by_step)
+
+
+def _rollout(pred, true, scale: np.ndarray, per_sample: pd.DataFrame) -> dict[str, float]:
+    """The valid horizon per sequence (into per_sample) with its mean and quantiles, the MAE of
+    each time window and its growth: pred, true (N, T, K), scale (K,)."""
+    horizon = metrics.valid_horizon(pred, true, scale)
+    per_sample["valid_horizon"] = horizon
+    out = {"valid_horizon": float(horizon.mean())}
+    out |= {
+        f"valid_horizon_p{q}": float(v)
+        for q, v in zip(measures.QUANTILES, np.percentile(horizon, measures.QUANTILES), strict=True)
+    }
+    windows = metrics.error_by_window(pred, true)
+    out |= {f"window_{i}_mae": float(v) for i, v in enumerate(windows, start=1)}
+    out["error_growth"] = float(windows[-1] / windows[0]) if windows[0] > 0 else float("nan")
+    return out
+
+
+def _physics(pred_fields, true_fields, per_sample: pd.DataFrame) -> dict[str, float]:
+    """Conservation of the domain mean and energy that must not rise, as violating steps per
+    sequence (into per_sample), their means and the true fields' own means as references."""
+    out = {}
+    for m in measures.select(physics=True):
+        law = getattr(metrics, m.key)  # metrics.mean_violations, metrics.energy_violations
+        per_sample[m.key] = law(pred_fields)
+        out[m.key] = float(per_sample[m.key].mean())
+        if m.reference:
+            out[f"true_{m.key}"] = float(law(true_fields).mean())
+    return out
 
 
 @torch.no_grad()
@@ -148,7 +184,7 @@ def sweep_params(all_params: np.ndarray, n_points: int = SWEEP_POINTS) -> np.nda
     out = np.repeat(out, n_points, axis=1)
     for p in range(all_params.shape[1]):
         lo, hi = all_params[:, p].min(), all_params[:, p].max()
-        log = lo > 0 and hi / lo > 10
+        log = log_scaled(all_params[:, p])
         out[p, :, p] = np.geomspace(lo, hi, n_points) if log else np.linspace(lo, hi, n_points)
     return out.astype(np.float32)
 
@@ -166,6 +202,7 @@ class EvalSet:
     max_lag: int  # ACF lags 1..max_lag
     pca: PCABasis | None
     folder: Path
+    burgers: bool = False  # the embedded Burgers data: its physics is checked
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_lag < self.data.seq_len:
@@ -192,6 +229,16 @@ class EvalSet:
     def true(self) -> np.ndarray:  # (N, T, K) original units
         return self.data.components[self.idx]
 
+    @property
+    def dataset(self) -> tuple[str, str]:
+        """(name, digest) of the samples scored, as a LoggedModel's metrics name their dataset:
+        the data folder and part ('burgers-test'), the split's fingerprint."""
+        return f"{self.folder.name}-{self.part}", self.split.fingerprint
+
+    @cached_property
+    def scale(self) -> np.ndarray:  # (K,) each component's spread over the whole data folder
+        return self.data.components.std(axis=(0, 1))
+
     def measure(self, pred: np.ndarray, pred_tf: np.ndarray | None = None) -> Measures:
         d = self.data
         return measure(
@@ -205,6 +252,8 @@ class EvalSet:
             d.steps,
             self.max_lag,
             self.pca,
+            self.scale,
+            self.burgers,
         )
 
     def sweeps(self) -> np.ndarray:
@@ -241,6 +290,19 @@ class EvalSet:
         }
 
 
+def eval_set(data: SequenceData, split: Split, part: str, max_lag: int, folder: Path) -> EvalSet:
+    """The EvalSet of one part of a split of the data in `folder`, with its PCA basis; says in
+    one line when the physics measures are skipped (data other than the embedded Burgers)."""
+    pca, burgers = load_pca(folder), is_burgers(folder)
+    if not burgers:
+        physics = ", ".join(m.name for m in measures.select(physics=True))
+        logger.info(
+            f"physics measures skipped ({physics}): {folder} is not the embedded Burgers data "
+            "(seqgen synth's pca.npz and synth.json)"
+        )
+    return EvalSet(data, split, part, max_lag, pca, folder, burgers)
+
+
 def evaluation_summary(
     es: EvalSet, found: Measures, run_id: str | None, extra: dict | None = None
 ) -> dict:
@@ -267,16 +329,23 @@ def log_evaluation(
     parent: str | None = None,
     extra_metrics: dict[str, float] | None = None,
     extra_summary: dict | None = None,
+    model_id: str | None = None,
 ) -> dict:
     """One evaluation run (tag kind=evaluation), nested under `parent` when given: tags, params,
     `{part}_{quantity}` metrics at step 0 (one value each: `mlflow ui` draws them as bars),
-    per_sample.csv, error_by_step.csv, generated.npz and summary.json; returns the summary."""
-    all_tags = {"kind": "evaluation", **es.tags(), **tags}
+    per_sample.csv, error_by_step.csv, generated.npz and summary.json; returns the summary.
+    model_id: the LoggedModel evaluated, which gets the measures too, on the dataset named by
+    the data folder and the split's samples (es.dataset)."""
+    # split_fingerprint names the samples; split_kind says whether they lie outside the training
+    # range (kept out of es.tags(), which finds a baseline again, so none is refitted for it)
+    all_tags = {"kind": "evaluation", **es.tags(), "split_kind": es.split.kind, **tags}
     with tracking.tracked_run(run_name, all_tags, experiment_id, parent) as run:
         # what the tags say (split, max_lag, the model, the baseline, the seed) is not a param
         tracking.log_params({"data_dir": str(es.folder), "n_samples": len(es.idx)} | params)
         summary = evaluation_summary(es, found, run.info.run_id, extra_summary)
-        tracking.log_metrics(summary["metrics"] | (extra_metrics or {}), step=0)
+        tracking.log_metrics(summary["metrics"], 0, model_id, es.dataset if model_id else None)
+        if extra_metrics:
+            tracking.log_metrics(extra_metrics, step=0)
         with tempfile.TemporaryDirectory(prefix="seqgen-eval-") as tmp:
             out = Path(tmp)
             found.per_sample.to_csv(out / PER_SAMPLE_FILE, index=False)
@@ -429,12 +498,13 @@ def beside_table(split_name: str, rows: dict[str, dict]) -> str:
     versus = [m.key for m in measures.select(versus=True)]
     cols = [c for c in versus if any(f"{split_name}_{c}" in r["metrics"] for r in rows.values())]
     width = max(len(label) for label in rows) + 2
-    lines = [f"{'':<{width}}" + "".join(f"{c:>16}" for c in cols) + f"{'fit s':>10}"]
+    col = max([16, *(len(c) + 2 for c in cols)])  # every header apart from its neighbours
+    lines = [f"{'':<{width}}" + "".join(f"{c:>{col}}" for c in cols) + f"{'fit s':>10}"]
     for label, r in rows.items():
         values = [r["metrics"].get(f"{split_name}_{c}", float("nan")) for c in cols]
         fit = r.get("fit_seconds")
         fit_text = f"{fit:>10.3g}" if fit is not None else f"{'':>10}"
-        lines.append(f"{label:<{width}}" + "".join(f"{v:>16.5g}" for v in values) + fit_text)
+        lines.append(f"{label:<{width}}" + "".join(f"{v:>{col}.5g}" for v in values) + fit_text)
     return "\n".join(lines)
 
 
@@ -449,7 +519,16 @@ def _data_folder(data_dir: str | None, bundle: Bundle) -> Path:
     return folder
 
 
-def _model_eval_set(bundle: Bundle, data_dir: str | None, split_name: str, max_lag: int) -> EvalSet:
+def check_split_kind(bundle: Bundle, model_uri: str, split_kind: str | None) -> None:
+    """A model is evaluated on its own split: --split, when given, must be the one it trained on."""
+    if split_kind is not None and split_kind != bundle.split.kind:
+        raise ConfigError(
+            f"--split {split_kind}: {model_uri} was trained on the {bundle.split.kind} split and "
+            f"is evaluated on it; train one with --split {split_kind} to evaluate that"
+        )
+
+
+def model_eval_set(bundle: Bundle, data_dir: str | None, split_name: str, max_lag: int) -> EvalSet:
     """The model's own split of the data folder (given, else the one it was trained on)."""
     folder = _data_folder(data_dir, bundle)
     cfg = bundle.model_config
@@ -459,7 +538,7 @@ def _model_eval_set(bundle: Bundle, data_dir: str | None, split_name: str, max_l
             f"{folder} has parameters {list(data.param_names)}, the model was "
             f"trained on {list(bundle.data.param_names)}"
         )
-    return EvalSet(data, bundle.split, split_name, max_lag, load_pca(folder), folder)
+    return eval_set(data, bundle.split, split_name, max_lag, folder)
 
 
 def evaluate_model(
@@ -469,16 +548,19 @@ def evaluate_model(
     max_lag: int = metrics.ACF_MAX_LAG,
     baselines: bool = True,
     log: bool = True,
+    split_kind: str | None = None,
 ) -> dict:
     """Generate `split_name` free-running, measure it, log an evaluation run with the baselines'
     beside it (fitted once per split, then found in the store); return a summary. log=False
-    logs nothing (all a user who may only read can do): the summary has no run ids."""
+    logs nothing (all a user who may only read can do): the summary has no run ids. split_kind,
+    when given, must be the split the model trained on."""
     tracking.check_tracking_store()
     # An alias is resolved once: the version loaded is the version recorded, even if the alias
     # moves while this evaluation runs.
     exact_uri = tracking.exact_model_uri(model_uri)
     bundle = tracking.load_bundle(exact_uri)
-    es = _model_eval_set(bundle, data_dir, split_name, max_lag)
+    check_split_kind(bundle, model_uri, split_kind)
+    es = model_eval_set(bundle, data_dir, split_name, max_lag)
     source = tracking.model_source(exact_uri, bundle.run_id)
     experiment = source.get("experiment_id")
     if log:  # refused before generating, not after
@@ -523,6 +605,7 @@ def evaluate_model(
         experiment,
         source.get("chain_run_id"),  # nested under the chain whose phase made the model
         extra_summary=described,
+        model_id=tracking.logged_model_id(exact_uri),
     )
     # Logged after the model's run, which under `mlflow run` is the run the launcher made.
     return summary | {"baselines": log_baselines(es, pending, experiment)}
@@ -538,14 +621,18 @@ def evaluate_baselines(
     n_components: int | None = None,
     n_params: int | None = None,
     reuse: bool = True,
+    split_kind: str | None = None,
+    edge_fraction: float | None = None,
 ) -> dict[str, dict]:
     """The baselines alone, on a model's split (model_uri) or on the split training makes of
-    data_dir's first max_samples files with `seed`; logged (or found) as evaluation runs."""
+    data_dir's first max_samples files with `seed` (split_kind random, or edge with
+    edge_fraction); logged (or found) as evaluation runs."""
     tracking.check_tracking_store()
     if model_uri is not None:
         exact_uri = tracking.exact_model_uri(model_uri)
         bundle = tracking.load_bundle(exact_uri)
-        es = _model_eval_set(bundle, data_dir, split_name, max_lag)
+        check_split_kind(bundle, model_uri, split_kind)
+        es = model_eval_set(bundle, data_dir, split_name, max_lag)
         experiment = tracking.model_source(exact_uri, bundle.run_id).get("experiment_id")
         return _baselines_alone(es, bundle.seed, experiment, reuse)
     if not data_dir:
@@ -557,10 +644,11 @@ def evaluate_baselines(
     shape = {"n_components": n_components, "n_params": n_params}
     data = load_sequences(data_dir, **{k: v for k, v in shape.items() if v is not None})
     # The same split a phase of this seed and --max_samples makes, so its evaluations pair.
-    files = data.files[:max_samples] if max_samples else data.files
-    split = make_split(files, seed)
-    folder = Path(data_dir)
-    es = EvalSet(data, split, split_name, max_lag, load_pca(folder), folder)
+    n = min(max_samples or data.n_samples, data.n_samples)
+    kind = split_kind or "random"
+    fraction = edge_fraction if kind == "edge" else None
+    split = phase_split(data.files[:n], data.params[:n], seed, kind, fraction, data.param_names)
+    es = eval_set(data, split, split_name, max_lag, Path(data_dir))
     return _baselines_alone(es, seed, None, reuse)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 LOWER, HIGHER = "lower", "higher"
+NOMINAL = "nominal"  # best at a value (a calibration), never paired
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,19 @@ class Measure:
     beside: bool = True  # a column of the table of strategies beside the baselines
     need: str = ""  # the need it answers when strategies are paired on it; "" = not paired
     summary: bool = True  # a column of the report's summary table (summary.csv holds them all)
+    # the true data's own value is logged beside it as `{split}_true_{key}`, its reference
+    reference: bool = False
+    physics: bool = False  # needs the embedded Burgers data's fields (else skipped)
+    ensemble: bool = False  # an ensemble's only: spread over members against error
+    nominal: float | None = None  # with better=NOMINAL: the value a calibrated model has
 
     def __post_init__(self) -> None:
-        if self.better not in (LOWER, HIGHER):
+        if self.better not in (LOWER, HIGHER, NOMINAL):
             raise ValueError(f"measure {self.key}: better must be {LOWER!r} or {HIGHER!r}")
+        if (self.better == NOMINAL) != (self.nominal is not None):
+            raise ValueError(f"measure {self.key}: a nominal value goes with better={NOMINAL!r}")
+        if self.better == NOMINAL and (self.need or self.baselines):
+            raise ValueError(f"measure {self.key}: a calibration is not paired")
 
     @property
     def versus(self) -> bool:
@@ -48,10 +58,14 @@ class Measure:
 
     def improves(self, diff: float) -> bool:
         """Whether a difference a - b says a is better."""
+        if self.better == NOMINAL:
+            raise ValueError(f"measure {self.key}: a calibration has no better direction")
         return diff < 0 if self.better == LOWER else diff > 0
 
     def best(self, values: pd.Series):
         """The index of the best of `values`."""
+        if self.better == NOMINAL:
+            return (values - self.nominal).abs().idxmin()
         return values.idxmin() if self.better == LOWER else values.idxmax()
 
 
@@ -74,6 +88,33 @@ MEASURES: tuple[Measure, ...] = (
         need="reconstructed fields (relative L2)",
     ),
     Measure(
+        "valid_horizon",
+        "valid steps",
+        "valid horizon (steps)",
+        better=HIGHER,
+        need="rollout (valid horizon)",
+    ),
+    # One value per evaluation (the last window's MAE over the first's); the windows' own MAEs
+    # are logged as `{split}_window_<i>_mae`.
+    Measure("error_growth", "err growth", "error growth", per_sample=False),
+    # Zero by construction through the embedded data's basis, whose components have zero domain
+    # mean; computed, so that a basis or data without that property shows it.
+    Measure(
+        "mean_violations",
+        "mean viol",
+        "mean-conservation violations (steps)",
+        reference=True,
+        physics=True,
+        beside=False,
+    ),
+    Measure(
+        "energy_violations",
+        "energy rises",
+        "energy rises (steps)",
+        reference=True,
+        physics=True,
+    ),
+    Measure(
         "mae_teacher_forced",
         "TF MAE",
         "teacher-forced MAE",
@@ -89,8 +130,46 @@ MEASURES: tuple[Measure, ...] = (
         baselines=False,
         beside=False,
     ),
+    # an ensemble's spread (std over members) against the error of its mean
+    *(
+        Measure(
+            f"coverage_{k}sd",
+            f"cover {k}sd",
+            f"coverage of mean ± {k} std",
+            better=NOMINAL,
+            nominal=nominal,
+            baselines=False,
+            beside=False,
+            summary=False,
+            ensemble=True,
+        )
+        for k, nominal in ((1, 0.683), (2, 0.954))  # a Gaussian's mass within k std
+    ),
+    Measure(
+        "spread_error_corr",
+        "spread-error r",
+        "spread-error correlation",
+        better=HIGHER,
+        per_sample=False,
+        baselines=False,
+        beside=False,
+        summary=False,
+        ensemble=True,
+    ),
+    # sharpness: at equal calibration, the narrower spread tells the user more
+    Measure(
+        "spread",
+        "spread",
+        "ensemble spread (std over members)",
+        baselines=False,
+        beside=False,
+        summary=False,
+        ensemble=True,
+    ),
 )
 BY_KEY = {m.key: m for m in MEASURES}
+QUANTILES = (10, 50, 90)  # a per-sample distribution is also logged as `{key}_p<q>`
+DISTRIBUTIONS = ("valid_horizon",)  # the measures logged with their quantiles
 # The measure a model is judged by first: its per-component values are shown beside the
 # baselines, it is drawn over the parameter plane and along the sequence, and the fields figure
 # shows the baseline that is best on it.

@@ -67,6 +67,7 @@ DEFAULT_EXPERIMENT = "seqgen"  # unless MLFLOW_EXPERIMENT_NAME (or `mlflow run`)
 MODEL_NAME_IN_RUN = "model"
 PACKAGE = Path(__file__).resolve().parent.parent  # seqgen/, shipped with every logged model
 PYFUNC_CODE = PACKAGE / "model" / "pyfunc.py"
+ENSEMBLE_PYFUNC_CODE = PACKAGE / "model" / "ensemble_pyfunc.py"
 
 # Bookkeeping tags: what seqgen reads back to find, lease and resume a phase run. One prefix, so
 # that in `mlflow ui` the tags a person filters on (kind, strategy, phase, seed, preset,
@@ -579,9 +580,14 @@ def log_params(params: dict[str, Any]) -> None:
     log_params_once(mlflow.active_run().info.run_id, params)
 
 
-def log_metrics(metrics: dict[str, float], step: int) -> None:
+def log_metrics(
+    metrics: dict[str, float],
+    step: int,
+    model_id: str | None = None,
+    dataset: tuple[str, str] | None = None,
+) -> None:
     """log_metrics_at on the active run."""
-    log_metrics_at(mlflow.active_run().info.run_id, metrics, step)
+    log_metrics_at(mlflow.active_run().info.run_id, metrics, step, model_id, dataset)
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
@@ -821,10 +827,19 @@ def log_params_once(run_id: str, params: dict[str, Any]) -> None:
 
 
 @_store_call("log metrics")
-def log_metrics_at(run_id: str, metrics: dict[str, float], step: int) -> None:
-    """All of one step's metrics in one request, so a step lands whole or not at all."""
+def log_metrics_at(
+    run_id: str,
+    metrics: dict[str, float],
+    step: int,
+    model_id: str | None = None,
+    dataset: tuple[str, str] | None = None,
+) -> None:
+    """All of one step's metrics in one request, so a step lands whole or not at all. With
+    model_id they are also the metrics of that LoggedModel (search_logged_models ranks by them,
+    the Models tab shows them), on `dataset` (name, digest) when given."""
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    name, digest = dataset or (None, None)
+    batch = [Metric(k, float(v), now, step, model_id, name, digest) for k, v in metrics.items()]
     _client().log_batch(run_id, metrics=batch)
 
 
@@ -969,6 +984,60 @@ def log_phase_model(run_id: str, bundle_path: Path, step: int = 0) -> str:
     return model.model_id
 
 
+@_store_call("register the ensemble")
+def register_ensemble(
+    run_id: str, member_paths: list[Path], name: str, alias: str, version_tags: dict[str, str]
+) -> str:
+    """A seed ensemble as a LoggedModel of `run_id` (the ensemble pyfunc from code, each
+    member's bundle an artifact), registered as a new version of `name` with `alias`; returns
+    the version."""
+    client = _client()
+    run = client.get_run(run_id)
+    model = client.create_logged_model(
+        run.info.experiment_id,
+        name=MODEL_NAME_IN_RUN,
+        source_run_id=run_id,
+        tags={"kind": "ensemble"},
+    )
+    data = Bundle.load(member_paths[0]).data
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("double", n) for n in data.param_names]),
+        outputs=Schema(
+            [ColSpec("long", "sample"), ColSpec("double", data.step_name)]
+            + [ColSpec("double", f"{n}_{s}") for n in data.component_names for s in ("mean", "std")]
+            + [ColSpec("boolean", "outside_training_range")]
+        ),
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example.*")
+        Model.log(
+            artifact_path=None,
+            name=MODEL_NAME_IN_RUN,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            model_id=model.model_id,
+            python_model=str(ENSEMBLE_PYFUNC_CODE),
+            artifacts={f"member_{i}": str(p) for i, p in enumerate(member_paths)},
+            code_paths=[str(PACKAGE)],
+            signature=signature,
+            pip_requirements=_requirements(),
+            flavor_name="pyfunc.ModelFromCode",
+        )
+    try:
+        client.create_registered_model(name)
+    except MlflowException:  # it exists
+        pass
+    made = client.create_model_version(
+        name, f"models:/{model.model_id}", run_id=run_id, model_id=model.model_id
+    )
+    version = str(made.version)
+    _link_logged_model(client, name, version)
+    despite_races(client.set_registered_model_alias, name, alias, version)
+    for key, value in version_tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    return version
+
+
 def despite_races(call, *args):
     """An idempotent call that can lose a race with another process on a unique key (two seeds'
     chains setting the alias phase-2 at once): tried again, 3 times in all."""
@@ -1041,6 +1110,25 @@ def exact_model_uri(uri: str) -> str:
     if not versions:
         return uri
     return f"models:/{name}/{max(int(v.version) for v in versions)}"
+
+
+@_store_call("look up the logged model")
+def logged_model_id(uri: str) -> str | None:
+    """The MLflow 3 LoggedModel (m-<id>) a model URI names: itself, or the one a registered
+    version was made from. The version's own model_id where the registry keeps it; MLflow
+    3.17's SQL registry keeps none (no column), so the version's source models:/m-<id> says it.
+    None for runs:/ URIs, local files and versions logged before seqgen logged models."""
+    if not uri.startswith("models:/"):
+        return None
+    ref = uri[len("models:/") :].strip("/")
+    if ref.startswith("m-") and "/" not in ref and "@" not in ref:
+        return ref
+    name, _, number = ref.partition("/")
+    mv = MlflowClient().get_model_version(name, number)
+    if mv.model_id:
+        return mv.model_id
+    source = mv.source or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
 
 
 @_store_call("look up the model's source")

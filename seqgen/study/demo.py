@@ -15,15 +15,22 @@ log = logging.getLogger(__name__)
 
 
 def run_demo(
-    data_dir: str, preset: str, seeds: list[int], report_dir: str, retrain: bool = False
+    data_dir: str,
+    preset: str,
+    seeds: list[int],
+    report_dir: str,
+    retrain: bool = False,
+    split: dict | None = None,
 ) -> dict:
-    """Data if missing, every strategy's phases, the phase-5 evaluations, the report."""
+    """Data if missing, every strategy's phases, the phase-5 evaluations, the report. split:
+    {"split": "edge", "edge_fraction": 0.1} trains and scores outside the training range."""
     from analysis.report import build_report
     from seqgen.data.synth import synthesize
     from seqgen.evaluation.evaluate import evaluate_model
 
+    overrides = {"data_dir": data_dir, **(split or {})}  # a second demo finds its phases again
     models = {  # the table is checked before any data is made
-        resolve(strategy, phase, preset, data_dir=data_dir).registered_model
+        resolve(strategy, phase, preset, **overrides).registered_model
         for strategy in strategies()
         for phase in range(1, N_PHASES + 1)
     }
@@ -34,7 +41,6 @@ def run_demo(
     tracking.check_can_log(tracking.experiment_id(), sorted(models))
     tags = {"kind": "demo", "preset": preset, tracking.NOTE: descriptions.demo_text(preset)}
     with tracking.tracked_run(f"demo-{preset}", tags) as run:
-        overrides = {"data_dir": data_dir}  # a second demo finds its phases registered
         options, phases = RunOptions(retrain=retrain), list(range(1, N_PHASES + 1))
         results = []
         for strategy in strategies():

@@ -15,7 +15,7 @@ import torch
 
 from seqgen.config import PhaseSettings
 from seqgen.data.sequences import Normalizer, SequenceData, load_sequences
-from seqgen.data.split import Split, make_split
+from seqgen.data.split import Split, phase_split
 from seqgen.errors import ConfigError
 from seqgen.model.bundle import Bundle, Checkpoint, DataInfo
 from seqgen.model.generator import ModelConfig
@@ -139,14 +139,29 @@ def load_phase_data(settings: PhaseSettings, data: SequenceData | None = None) -
             f"--max_lag {settings.max_lag} must be below the sequence length {data.seq_len} of "
             f"{settings.data_dir}"
         )
+    if settings.split != "random":  # its sizes depend on the data: checked before any run
+        data_split(settings, data)
     return data
+
+
+def data_split(settings: PhaseSettings, data: SequenceData) -> Split:
+    """The split a new chain of these settings makes of the data (phase 1's; later phases reuse
+    their parent's)."""
+    return phase_split(
+        data.files,
+        data.params,
+        settings.seed,
+        settings.split,
+        settings.edge_fraction,
+        data.param_names,
+    )
 
 
 def resolve_start(settings: PhaseSettings, data: SequenceData) -> Start:
     """Phase 1 fits the split and statistics; a continued phase reuses its parent's."""
     if settings.continues_from:
         return start_from_parent(settings, data)
-    split = make_split(data.files, settings.seed)
+    split = data_split(settings, data)
     train = split.indices(data.files, "train")
     norm = Normalizer.fit(data.components[train], data.params[train])
     model_config = ModelConfig(
@@ -164,14 +179,21 @@ def resolve_start(settings: PhaseSettings, data: SequenceData) -> Start:
 NOT_IDENTITY = ("data_dir", "outputs_root", "output_dir", "device", "num_workers", "existing_model")
 
 
+# Settings added after runs were keyed on the identity, left out at these values so that those
+# runs are found again (the random split is what every earlier run trained on).
+ADDED_LATER = {"split": "random"}
+WITH_SPLIT = ("edge_fraction",)  # means something only beside a split other than random
+
+
 def identity(settings: PhaseSettings, start: Start, fingerprint: str) -> dict:
     """What defines a phase run: the settings that shape training, the variant's name (a plan's
     phase has none, as before variants had names), the exact model it continues and the data's
     fingerprint. Its digest (phase_key) finds the run again on any node."""
     kept = {k: v for k, v in settings.to_dict().items() if k not in NOT_IDENTITY}
-    kept["variant"] = None if settings.is_plan else settings.variant_name
-    if kept["variant"] is None:
-        del kept["variant"]
+    if all(kept.get(k) == v for k, v in ADDED_LATER.items()):  # keys of phases made before
+        kept = {k: v for k, v in kept.items() if k not in (*ADDED_LATER, *WITH_SPLIT)}
+    if not settings.is_plan:
+        kept["variant"] = settings.variant_name
     return kept | {"parent": start.parent_uri or "", "data_fingerprint": fingerprint}
 
 
@@ -195,6 +217,17 @@ def start_from_parent(settings: PhaseSettings, data: SequenceData) -> Start:
             f"{parent_uri} was trained on other data (fingerprint {parent.data.fingerprint}, "
             f"{settings.data_dir} has {data.fingerprint}): pass --existing_model to continue on "
             "this data deliberately"
+        )
+    if (parent.split.kind, parent.split.edge_fraction) != _split_of(settings):
+        trained = f"the {parent.split.kind} split" + (
+            f" (--edge_fraction {parent.split.edge_fraction:g})"
+            if parent.split.kind == "edge"
+            else ""
+        )
+        raise ConfigError(
+            f"{parent_uri} was trained on {trained}, this phase asks for --split {settings.split}"
+            + (f" --edge_fraction {settings.edge_fraction:g}" if settings.split == "edge" else "")
+            + ": a continued phase keeps its parent's split"
         )
     if list(parent.data.param_names) != list(data.param_names):
         raise ConfigError(
@@ -226,6 +259,11 @@ def start_from_parent(settings: PhaseSettings, data: SequenceData) -> Start:
         first_epoch,
         settings.continued_schedule,
     )
+
+
+def _split_of(settings: PhaseSettings) -> tuple[str, float | None]:
+    """(kind, edge fraction) as a Split records them."""
+    return settings.split, settings.edge_fraction if settings.split == "edge" else None
 
 
 def split_tensors(data: SequenceData, start: Start, device: torch.device) -> dict:
