@@ -168,7 +168,10 @@ def test_a_killed_batched_study_goes_on_from_every_members_checkpoint(store, smo
         search_all_experiments=True, filter_string="tags.kind = 'phase'", output_format="list"
     )
     assert sorted(r.info.run_name for r in runs) == sorted(
-        f"{s}-p{p}-s{seed}" for s in ("mae", "combined") for p in (1, 2) for seed in (0, 1)
+        f"{s}+epochs=30-p{p}-s{seed}"
+        for s in ("mae", "combined")
+        for p in (1, 2)
+        for seed in (0, 1)
     )
     for run in runs:
         assert run.info.status == "FINISHED"
@@ -182,7 +185,7 @@ def test_a_killed_batched_study_goes_on_from_every_members_checkpoint(store, smo
         search_all_experiments=True, filter_string="tags.kind = 'chain'", output_format="list"
     )
     assert sorted(r.info.run_name for r in chains) == sorted(
-        f"{s}-s{seed}" for s in ("mae", "combined") for seed in (0, 1)
+        f"{s}+epochs=30-s{seed}" for s in ("mae", "combined") for seed in (0, 1)
     )
     for chain in chains:
         assert chain.info.status == "FINISHED"
@@ -191,5 +194,5 @@ def test_a_killed_batched_study_goes_on_from_every_members_checkpoint(store, smo
             assert sorted(steps) == list(range(1, 61)), (chain.info.run_name, key)
     for run in runs:  # each phase nests under its own chain's run
         parent = client.get_run(run.data.tags["mlflow.parentRunId"])
-        assert parent.info.run_name == f"{run.data.tags['strategy']}-s{run.data.tags['seed']}"
+        assert parent.info.run_name == f"{run.data.tags['variant']}-s{run.data.tags['seed']}"
     assert "workflowType=machine_learning" in again.stderr

@@ -127,10 +127,10 @@ def test_a_killed_study_continues_where_it_stopped(store, smoke_data, tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     runs = phase_runs(client)
     assert [r.info.run_name for r in runs] == [
-        "combined-p1-s0",
-        "combined-p2-s0",
-        "mae-p1-s0",
-        "mae-p2-s0",
+        "combined+epochs=6-p1-s0",
+        "combined+epochs=6-p2-s0",
+        "mae+epochs=6-p1-s0",
+        "mae+epochs=6-p2-s0",
     ]
     assert interrupted.info.run_id in {r.info.run_id for r in runs}  # taken up, not restarted
     for run in runs:
@@ -138,12 +138,12 @@ def test_a_killed_study_continues_where_it_stopped(store, smoke_data, tmp_path):
         first_epoch = 1 if run.data.tags["phase"] == "1" else 7
         assert_each_epoch_once(client, run, first_epoch, first_epoch + 5)
     by_name = {r.info.run_name: r for r in runs}
-    for strategy in ("mae", "combined"):
-        parent = by_name[f"{strategy}-p1-s0"].data.tags["model_version"]
-        continued = by_name[f"{strategy}-p2-s0"].data.tags["continued_from"]
-        assert continued == f"models:/seqgen-{strategy}-smoke/{parent}"
+    for variant in ("mae+epochs=6", "combined+epochs=6"):
+        parent = by_name[f"{variant}-p1-s0"].data.tags["model_version"]
+        continued = by_name[f"{variant}-p2-s0"].data.tags["continued_from"]
+        assert continued == f"models:/seqgen-{variant}-smoke/{parent}"
     table = again.stderr.splitlines()
-    assert any(line.startswith("mae-s0") and line.endswith("done") for line in table)
+    assert any(line.startswith("mae+epochs=6-s0") and line.endswith("done") for line in table)
 
     # The same command once more: every phase registered, nothing trained or logged again.
     before = {r.info.run_id: steps(client, r.info.run_id) for r in runs}
@@ -160,9 +160,11 @@ def test_a_killed_study_continues_where_it_stopped(store, smoke_data, tmp_path):
     )
     assert mixed.returncode == 1
     lines = mixed.stderr.splitlines()
-    failed = [line for line in lines if line.startswith("autocorr-s0") and "failed:" in line]
-    assert failed and "run phase 1 of autocorr with seed 0 first" in failed[-1]  # the table row
-    assert any(line.startswith("mae-s0") and line.endswith("done") for line in lines)
+    failed = [
+        line for line in lines if line.startswith("autocorr+epochs=6-s0") and "failed:" in line
+    ]
+    assert failed and "run phase 1 of autocorr+epochs=6 with seed 0 first" in failed[-1]
+    assert any(line.startswith("mae+epochs=6-s0") and line.endswith("done") for line in lines)
 
 
 # ---- bad input: one line, nothing started -------------------------------------------------------

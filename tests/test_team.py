@@ -96,7 +96,7 @@ def test_a_lost_node_is_retried_on_another_and_the_chain_finishes(
     assert_each_epoch_once(client, finished, 1, 12)
     # the other node took the phase up from the store's checkpoint, not from epoch 1
     [other] = [n for n in nodes if n is not busy]
-    folder = tmp_path / "outputs" / f"node-{other.node_id[:8]}" / "smoke-s0" / "100mae_1_12"
+    folder = tmp_path / "outputs" / f"node-{other.node_id[:8]}" / "smoke-s0" / "mae+epochs=12_1_12"
     assert (folder / "checkpoint_epoch_12.pth").exists()
     assert not (folder / "checkpoint_epoch_1.pth").exists()
 
