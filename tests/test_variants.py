@@ -75,41 +75,18 @@ def test_the_issues_five_commands_keep_both_chains(store, smoke_data):
 
 
 def test_a_named_variant_is_recorded_and_a_clash_is_one_line(store, smoke_data):
-    data = ["--data_dir", smoke_data]
-    ok(
-        "train",
-        "--strategy",
-        "mae",
-        "--phase",
-        1,
-        *SMOKE,
-        *data,
-        "--epochs",
-        1,
-        "--variant",
-        "tiny",
-    )
+    train = ["train", "--strategy", "mae", "--phase", 1, *SMOKE, "--data_dir", smoke_data]
+    ok(*train, "--epochs", 1, "--variant", "tiny")
     run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
     assert run.data.tags["variant"] == "tiny"
     assert json.loads(run.data.tags["seqgen.variant"])["differences"] == {"epochs": 1}
-    code, out = cli(
-        "train",
-        "--strategy",
-        "mae",
-        "--phase",
-        1,
-        *SMOKE,
-        *data,
-        "--epochs",
-        2,
-        "--variant",
-        "tiny",
-    )
-    assert code == 2 and len(out.splitlines()) == 1, out
-    assert "--variant tiny already stands for epochs=1" in out
+    code, out = cli(*train, "--epochs", 3, "--variant", "tiny")
+    last = out.splitlines()[-1]
+    assert code == 2 and last.startswith("error: --variant tiny already stands for epochs=1"), out
+    assert "this phase has epochs=3" in last
     assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == 1
-    code, out = cli("train", "--strategy", "mae", "--phase", 1, *SMOKE, *data, "--variant", "mae")
-    assert code == 2 and out.splitlines()[-1].startswith("error: --variant mae"), out
+    code, out = cli(*train, "--epochs", 3, "--variant", "mae")  # the plan's name is the plan's
+    assert code == 2 and out.splitlines()[-1].startswith("error: --variant mae: mae is the"), out
 
 
 def test_a_second_dataset_is_its_own_variant_and_never_pooled(store, smoke_data, tmp_path):
