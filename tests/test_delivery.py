@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from seqgen.errors import TrackingError
-from seqgen.runs import tracking
+from seqgen.runs import delivery, tracking
 from seqgen.runs.delivery import LEASE_SECONDS, Courier, LeaseWatch, new_owner
 
 
@@ -149,6 +149,7 @@ def test_close_leaves_no_thread_behind(run_id, monkeypatch):
         real(*args)
 
     monkeypatch.setattr(tracking, "log_metrics_at", slow)
+    monkeypatch.setattr(delivery, "CLOSE_WAIT", 120.0)  # a loaded machine's slow call, not a hang
     courier = Courier(rid, owner)
     courier.metrics({"val_loss": 1.0}, 1)
     courier.metrics({"val_loss": 0.5}, 2)

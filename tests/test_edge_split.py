@@ -149,9 +149,8 @@ def both_splits(tmp_path_factory, smoke_data, migrated_db):
         use_store(folder, migrated_db, mp)
         logged, results = {}, {}
         for split in ("random", "edge"):
-            # its own folders: until an edge phase is its own variant (#24) it shares the
-            # plan's names
-            where = {"data_dir": str(smoke_data), "split": split, "outputs_root": f"o-{split}"}
+            # the edge phase is the variant mae+split=edge: its own folders and model
+            where = {"data_dir": str(smoke_data), "split": split}
             (results[split],) = run_pipeline("mae", [1], [0], "smoke", where)
             logged[split] = evaluate_model(results[split].model_uri)
         report = build_report(folder / "report", preset="smoke")
@@ -197,17 +196,19 @@ def test_evaluations_rank_the_logged_models(both_splits):
     logged, results, _ = both_splits
     client = mlflow.MlflowClient()
     ids = {}
+    model_of = {"random": "seqgen-mae-smoke", "edge": "seqgen-mae+split=edge-smoke"}
     for split, r in results.items():
-        version = client.get_model_version("seqgen-mae-smoke", r.version)
+        name = model_of[split]
+        version = client.get_model_version(name, r.version)
         # MLflow 3.17's SQL registry keeps no model_id of a version (its ModelVersion has none
         # to give): the version names its LoggedModel in `source`, and the model names the
         # version in mlflow.modelVersions, as mlflow.register_model leaves them
         assert version.model_id is None
-        ids[split] = tracking.logged_model_id(f"models:/seqgen-mae-smoke/{r.version}")
+        ids[split] = tracking.logged_model_id(f"models:/{name}/{r.version}")
         assert version.source == f"models:/{ids[split]}"
         model = client.get_logged_model(ids[split])
         assert json.loads(model.tags["mlflow.modelVersions"]) == [
-            {"name": "seqgen-mae-smoke", "version": int(r.version)}
+            {"name": name, "version": int(r.version)}
         ]
         # the evaluation's measures are the model's, on the samples it scored
         on = {m.key: m for m in model.metrics}

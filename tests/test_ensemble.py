@@ -44,10 +44,10 @@ def test_the_ensemble_answers_mean_and_std_over_its_pinned_members(ensembled):
     client = mlflow.MlflowClient()
     members = [r.model_uri for r in results]
     assert out["members"] == [tracking.exact_model_uri(u) for u in members]
-    version = client.get_model_version_by_alias("seqgen-mae-smoke-ensemble", "phase-1")
-    assert out["model_uri"] == f"models:/seqgen-mae-smoke-ensemble/{version.version}"
+    version = client.get_model_version_by_alias("seqgen-mae+split=edge-smoke-ensemble", "phase-1")
+    assert out["model_uri"] == f"models:/seqgen-mae+split=edge-smoke-ensemble/{version.version}"
     assert json.loads(version.tags["members"]) == out["members"]  # lineage: exact versions
-    model = mlflow.pyfunc.load_model("models:/seqgen-mae-smoke-ensemble@phase-1")
+    model = mlflow.pyfunc.load_model("models:/seqgen-mae+split=edge-smoke-ensemble@phase-1")
     bundles = [tracking.load_bundle(u) for u in out["members"]]
     names = list(bundles[0].data.param_names)
     params = np.array([[0.05, 1.0], [0.01, 0.5]], dtype=np.float32)
@@ -97,7 +97,7 @@ def test_members_that_do_not_fit_are_named_in_one_line(ensembled):
     assert (
         result.output.strip()
         .splitlines()[-1]
-        .startswith("error: no registered model models:/seqgen-mae-smoke@phase-1-s7")
+        .startswith("error: no registered model models:/seqgen-mae+split=edge-smoke@phase-1-s7")
     ), result.output
     assert "Traceback" not in result.output
 
@@ -111,7 +111,7 @@ def test_mlflow_models_serve_answers_mean_and_std_columns(ensembled):
 
     _, out, folder = ensembled
     port = free_port()
-    uri = "models:/seqgen-mae-smoke-ensemble@phase-1"
+    uri = "models:/seqgen-mae+split=edge-smoke-ensemble@phase-1"
     log = open(folder / "serve.log", "w")
     server = subprocess.Popen(
         [

@@ -88,7 +88,7 @@ def test_a_kill_at_every_step_of_a_phases_end_is_repaired_by_the_same_command(
         assert runs[0].data.tags[tracking.LEASE_OWNER] == "", fault
         versions = client.search_model_versions(f"run_id = '{runs[0].info.run_id}'")
         assert len(versions) == 1, fault
-        alias = client.get_model_version_by_alias("seqgen-mae-smoke", f"phase-1-s{seed}")
+        alias = client.get_model_version_by_alias("seqgen-mae+epochs=1-smoke", f"phase-1-s{seed}")
         assert alias.version == versions[0].version, fault
         assert alias.tags["run_id"] == runs[0].info.run_id, fault
     report = build_report(tmp_path / "report", preset="smoke")
@@ -198,28 +198,29 @@ def test_latest_a_stage_or_an_alias_is_pinned_to_its_version_before_it_is_record
     """Phase 2 continued from models:/NAME/latest records version 1 (identity, tag, version
     tag), not the word, which resolves to phase 2's own version 2 once it is registered."""
     first = train_phase(resolve("mae", 1, "smoke", epochs=1, data_dir=str(smoke_data)))
-    latest = "models:/seqgen-mae-smoke/latest"
+    latest = "models:/seqgen-mae+epochs=1-smoke/latest"
     second = train_phase(
         resolve("mae", 2, "smoke", epochs=1, data_dir=str(smoke_data), existing_model=latest)
     )
     assert (first.version, second.version) == ("1", "2")
     client = MlflowClient()
     tags = client.get_run(second.run_id).data.tags
-    assert tags["continued_from"] == "models:/seqgen-mae-smoke/1"
-    assert json.loads(tags[tracking.PHASE_SETTINGS])["parent"] == "models:/seqgen-mae-smoke/1"
-    version = client.get_model_version("seqgen-mae-smoke", "2")
-    assert version.tags["continued_from"] == "seqgen-mae-smoke/1"
+    first_version = "models:/seqgen-mae+epochs=1-smoke/1"
+    assert tags["continued_from"] == first_version
+    assert json.loads(tags[tracking.PHASE_SETTINGS])["parent"] == first_version
+    version = client.get_model_version("seqgen-mae+epochs=1-smoke", "2")
+    assert version.tags["continued_from"] == "seqgen-mae+epochs=1-smoke/1"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        client.transition_model_version_stage("seqgen-mae-smoke", "1", "Production")
-    assert tracking.exact_model_uri(latest) == "models:/seqgen-mae-smoke/2"
-    assert tracking.exact_model_uri("models:/seqgen-mae-smoke/production") == (
-        "models:/seqgen-mae-smoke/1"
+        client.transition_model_version_stage("seqgen-mae+epochs=1-smoke", "1", "Production")
+    assert tracking.exact_model_uri(latest) == "models:/seqgen-mae+epochs=1-smoke/2"
+    assert tracking.exact_model_uri("models:/seqgen-mae+epochs=1-smoke/production") == (
+        "models:/seqgen-mae+epochs=1-smoke/1"
     )
-    assert tracking.exact_model_uri("models:/seqgen-mae-smoke@phase-2-s0") == (
-        "models:/seqgen-mae-smoke/2"
+    assert tracking.exact_model_uri("models:/seqgen-mae+epochs=1-smoke@phase-2-s0") == (
+        "models:/seqgen-mae+epochs=1-smoke/2"
     )
-    for unknown in ("models:/nothing/latest", "models:/seqgen-mae-smoke/Staging"):
+    for unknown in ("models:/nothing/latest", "models:/seqgen-mae+epochs=1-smoke/Staging"):
         assert tracking.exact_model_uri(unknown) == unknown  # load_bundle then says it is missing
 
 
@@ -397,7 +398,7 @@ def test_a_step_column_that_differs_in_a_later_file_is_refused(smoke_data, tmp_p
 
 @pytest.mark.parametrize("marker", ["bytes", "folder"])
 def test_an_unreadable_run_marker_is_refused_in_one_line(store, smoke_data, tmp_path, marker):
-    folder = tmp_path / "outputs" / "smoke-s0" / "100mae_1_1"
+    folder = tmp_path / "outputs" / "smoke-s0" / "mae+epochs=1_1_1"
     folder.mkdir(parents=True)
     if marker == "folder":
         (folder / ".seqgen-run").mkdir()
@@ -407,7 +408,8 @@ def test_an_unreadable_run_marker_is_refused_in_one_line(store, smoke_data, tmp_
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     last = result.output.strip().splitlines()[-1]
-    assert last.startswith(f"error: output folder {Path('outputs/smoke-s0/100mae_1_1')}: its run")
+    folder = Path("outputs/smoke-s0/mae+epochs=1_1_1")
+    assert last.startswith(f"error: output folder {folder}: its run")
     assert "Traceback" not in result.output
 
 
