@@ -1,6 +1,7 @@
 """The test services themselves: a PostgreSQL-backed `mlflow server` with proxied artifacts that
 survives a restart on its port, Ray on one node and on several, and nothing left running after."""
 
+import contextlib
 import os
 import subprocess
 import time
@@ -37,13 +38,31 @@ def pgrep_group(pgid: int) -> list[str]:
     return [pid for pid in out.split() if live([int(pid)])]
 
 
+def job_runners(pgid: int) -> int:
+    """The server's job-runner processes (huey consumers) in its process group; the server
+    starts them beside itself, possibly after it answers /health."""
+    commands = []
+    for pid in group_members(pgid):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            commands.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+    return sum(b"huey_consumer" in c for c in commands)
+
+
+def wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def test_postgres_server_proxies_artifacts_and_keeps_runs_across_a_restart(postgres, tmp_path):
     artifacts = tmp_path / "artifacts"
     server = MlflowServer(postgres.uri, artifacts, job_runner=True)
     server.start()
     pgid = server.proc.pid
-    commands = [Path(f"/proc/{p}/cmdline").read_bytes() for p in group_members(pgid)]
-    assert sum(b"huey_consumer" in c for c in commands) >= 1  # the job runner, in the group
+    assert wait_until(lambda: job_runners(pgid) >= 1, 60)  # the job runner, in the group
 
     client = MlflowClient(server.uri)
     run = client.create_run("0", run_name="outage")
