@@ -270,10 +270,13 @@ def _headline(wins_of: dict[str, tuple[int, int]], vs: pd.DataFrame) -> str:
             + ", ".join(f"{s} ({w} of {n} measures)" for s, (w, n) in wins_of.items() if w)
             + "."
         )
-    if all(r.real and not _beats(r) for r in vs.itertuples()):
+    # a measure on which every pair is equal (no energy rise either side) says nothing either way
+    differ = [r for r in vs.itertuples() if not (r.ci_low == 0 and r.ci_high == 0)]
+    if differ and all(r.real and not _beats(r) for r in differ):
+        where = "" if len(differ) == len(vs) else " on which they differ"
         return (
             "**Worth training?** No: every strategy is worse than the best baseline on every "
-            "measure."
+            f"measure{where}."
         )
     return (
         "**Worth training?** Not as trained here: no strategy beats the best baseline on any "

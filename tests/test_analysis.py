@@ -871,6 +871,19 @@ def test_verdict_no_when_every_strategy_is_worse_everywhere():
     assert "ACF error 0.04 against direct's 0.01 (4 times as high; difference 0.03, " in line
 
 
+def test_verdict_no_leaves_out_a_measure_equal_on_every_sample():
+    """No energy rise on either side: that measure says nothing, the others still say no."""
+    first = config.strategies()[0]
+    zero = np.zeros(12)
+    models = _samples("variant", first, mae=BASE * 4, energy_violations=zero)
+    bl = BASELINE_SAMPLES.assign(energy_violations=0.0)
+    head = baseline_verdicts(tables.versus_baselines(models, bl), _beside([first]))[0]
+    assert head.startswith(
+        "**Worth training?** No: every strategy is worse than the best baseline on every measure "
+        "on which they differ."
+    )
+
+
 def test_which_way_is_better_comes_from_the_registry(monkeypatch):
     # A measure where higher is better: the best baseline is the highest, and a strategy above
     # it beats it.
