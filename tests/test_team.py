@@ -157,7 +157,10 @@ def test_a_server_outage_neither_stops_training_nor_loses_a_record(on_server, sm
 
     # An outage longer than --max_outage: the phase pauses with a local checkpoint, one line.
     longer = [*cmd, "--max_outage", "3", "--seed", "1"]
-    longer[longer.index("24")] = "80"  # long enough that the outage outlasts --max_outage
+    # long enough that the outage outlasts --max_outage on any CPU (80 epochs of float32 on an
+    # AVX2-only CPU ended before the outage was noticed)
+    long_epochs = 300
+    longer[longer.index("24")] = str(long_epochs)
     proc = start(longer, env, tmp_path)
     wait_for(lambda: epochs_logged(client, 2), 300, "two epochs", proc)
     os.kill(proc.pid, signal.SIGSTOP)
@@ -181,7 +184,7 @@ def test_a_server_outage_neither_stops_training_nor_loses_a_record(on_server, sm
     assert "taken up after epoch" in resumed.stderr
     paused = [r for r in in_experiment(client, tmp_path.name) if r.data.tags["seed"] == "1"]
     [run] = paused
-    assert_each_epoch_once(client, run, 1, 80)
+    assert_each_epoch_once(client, run, 1, long_epochs)
 
 
 HOG = """
