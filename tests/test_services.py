@@ -62,18 +62,18 @@ def test_postgres_server_proxies_artifacts_and_keeps_runs_across_a_restart(postg
     server = MlflowServer(postgres.uri, artifacts, job_runner=True)
     server.start()
     pgid = server.proc.pid
-    assert wait_until(lambda: job_runners(pgid) >= 1, 60)  # the job runner, in the group
-
-    client = MlflowClient(server.uri)
-    run = client.create_run("0", run_name="outage")
-    client.log_metric(run.info.run_id, "val_loss", 0.5, step=1)
-    (tmp_path / "note.txt").write_text("through the server")
-    client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
-    # proxied: the file lands in --artifacts-destination, written by the server
-    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
-    assert [p.read_text() for p in artifacts.rglob("note.txt")] == ["through the server"]
-
-    server.stop()
+    try:
+        assert wait_until(lambda: job_runners(pgid) >= 1, 60)  # the job runner, in the group
+        client = MlflowClient(server.uri)
+        run = client.create_run("0", run_name="outage")
+        client.log_metric(run.info.run_id, "val_loss", 0.5, step=1)
+        (tmp_path / "note.txt").write_text("through the server")
+        client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+        # proxied: the file lands in --artifacts-destination, written by the server
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+        assert [p.read_text() for p in artifacts.rglob("note.txt")] == ["through the server"]
+    finally:
+        server.stop()  # a failed check leaves no server running behind it either
     assert pgrep_group(pgid) == []
     with pytest.raises(OSError):
         urllib.request.urlopen(server.uri + "/health", timeout=2)
