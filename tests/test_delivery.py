@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from seqgen.config import resolve
 from seqgen.errors import TrackingError
 from seqgen.runs import delivery, tracking
 from seqgen.runs.delivery import LEASE_SECONDS, Courier, LeaseWatch, new_owner
+from seqgen.runs.keeper import RunOptions
+from seqgen.training.train import train_phases
 
 
 @pytest.fixture
@@ -45,22 +50,23 @@ def test_records_arrive_in_order_and_all_of_them(run_id, tmp_path):
 def test_a_batch_that_landed_before_its_call_failed_is_not_sent_again(run_id, monkeypatch):
     """The request reached the store but the answer was lost: the retry finds the step there."""
     rid, owner = run_id
-    real = tracking.log_metrics_at
+    real = tracking.log_steps
     calls = []
 
-    def lands_then_fails(run, metrics, step):
-        calls.append(step)
-        real(run, metrics, step)
+    def lands_then_fails(run, steps, tags):
+        calls.append([step for _, step in steps])
+        real(run, steps, tags)
         if len(calls) == 1:
             raise ConnectionError("the answer was lost")
 
-    monkeypatch.setattr(tracking, "log_metrics_at", lands_then_fails)
+    monkeypatch.setattr(tracking, "log_steps", lands_then_fails)
     courier = Courier(rid, owner)
     courier.metrics({"val_loss": 0.5}, 1)
+    assert not courier.drain(max_outage=60, within=0.5)  # its answer is lost: tried again
     courier.metrics({"val_loss": 0.25}, 2)
     assert courier.drain(max_outage=60)
     courier.close()
-    assert calls == [1, 2]  # step 1 was not sent a second time
+    assert calls == [[1], [2]]  # step 1 was not sent a second time
     assert [m.step for m in MlflowClient().get_metric_history(rid, "val_loss")] == [1, 2]
 
 
@@ -69,15 +75,15 @@ def test_an_outage_is_reported_while_a_call_waits_inside_mlflows_retries(run_id,
     server is away, and that it is back, while the call waits."""
     rid, owner = run_id
     server_up, entered, released = threading.Event(), threading.Event(), threading.Event()
-    real = tracking.log_metrics_at
+    real = tracking.log_steps
 
-    def held_call(run, metrics, step):  # the call MLflow keeps retrying while the server is away
+    def held_call(run, steps, tags):  # the call MLflow keeps retrying while the server is away
         entered.set()
         assert released.wait(timeout=60)
-        real(run, metrics, step)
+        real(run, steps, tags)
 
     monkeypatch.setattr(tracking, "server_is_up", lambda timeout=3.0: server_up.is_set())
-    monkeypatch.setattr(tracking, "log_metrics_at", held_call)
+    monkeypatch.setattr(tracking, "log_steps", held_call)
     server_up.set()
     lines = said
     courier = Courier(rid, owner)
@@ -141,22 +147,24 @@ def test_close_leaves_no_thread_behind(run_id, monkeypatch):
     into the next, to renew a lease or deliver a record there."""
     rid, owner = run_id
     entered, released = threading.Event(), threading.Event()
-    real = tracking.log_metrics_at
+    real = tracking.log_steps
 
     def slow(*args):
         entered.set()
         released.wait(timeout=60)
         real(*args)
 
-    monkeypatch.setattr(tracking, "log_metrics_at", slow)
+    monkeypatch.setattr(tracking, "log_steps", slow)
     monkeypatch.setattr(delivery, "CLOSE_WAIT", 120.0)  # a loaded machine's slow call, not a hang
+    before = set(threading.enumerate())  # an earlier test's call left to a hanging server
     courier = Courier(rid, owner)
     courier.metrics({"val_loss": 1.0}, 1)
-    courier.metrics({"val_loss": 0.5}, 2)
     assert entered.wait(timeout=30)
+    courier.metrics({"val_loss": 0.5}, 2)
     threading.Timer(1.0, released.set).start()
     courier.close()
-    assert [t.name for t in threading.enumerate() if t.name.startswith("seqgen-")] == []
+    left = [t.name for t in set(threading.enumerate()) - before if t.name.startswith("seqgen-")]
+    assert left == []
     # the call under way finished; the record after it was not started after close
     assert [m.step for m in MlflowClient().get_metric_history(rid, "val_loss")] == [1]
 
@@ -191,3 +199,52 @@ def test_a_lease_holder_is_judged_on_our_own_clock(monkeypatch):
     assert LeaseWatch().verdict(new_owner(), "0") == "dead"  # made, but no courier holds it
     # an owner of an earlier version (host:pid:token, no table): only its lease can tell
     assert LeaseWatch().verdict(f"{here}:{dead}:x", "0") == "watching"
+
+
+def test_one_courier_serves_every_member_and_one_batch_each_checkpoint(
+    store, smoke_data, monkeypatch
+):
+    """Issue 26, item 3, on a real sqlite store: a stack of 4 members trains beside as many
+    threads as a stack of 1 (one courier per process, not three threads per member), and the
+    courier asks the store about nothing per epoch: one read and one log_batch per member per
+    checkpoint, for the epochs it covers (here one checkpoint, at the end)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    calls: Counter[str] = Counter()  # store calls by thread (not the calls a call makes)
+    inside = threading.local()
+
+    def counted(method):
+        def call(*args, **kwargs):
+            if not getattr(inside, "depth", 0):
+                calls[threading.current_thread().name] += 1
+            inside.depth = getattr(inside, "depth", 0) + 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                inside.depth -= 1
+
+        return call
+
+    for name, method in vars(SqlAlchemyStore).items():
+        if inspect.isfunction(method) and not name.startswith("_"):
+            monkeypatch.setattr(SqlAlchemyStore, name, counted(method))
+
+    def stack(seeds: range, epochs: int) -> tuple[int, int]:
+        """(most Python threads seen at an epoch's end, the courier's store calls)."""
+        threads: list[int] = []
+        options = RunOptions(on_epoch=lambda *_: threads.append(threading.active_count()))
+        settings = [
+            resolve("mae", 1, "smoke", epochs=epochs, save_every=epochs, seed=seed,
+                    data_dir=str(smoke_data))
+            for seed in seeds
+        ]  # fmt: skip
+        calls.clear()
+        assert {r.status for r in train_phases(settings, options)} == {"registered"}
+        return max(threads), calls["seqgen-courier"]
+
+    one, _ = stack(range(1), 2)
+    four, short = stack(range(1, 5), 2)
+    _, long = stack(range(1, 5), 4)
+    assert four == one, (one, four)  # threads do not grow with members
+    per_member_epoch = (long - short) / (4 * 2)  # two more epochs of four members
+    assert per_member_epoch <= 0.5, (short, long)

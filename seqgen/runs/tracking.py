@@ -843,6 +843,36 @@ def log_metrics_at(
     _client().log_batch(run_id, metrics=batch)
 
 
+MAX_BATCH = 900  # values per log_batch: MLflow takes 1000 entities and 100 tags at most
+
+
+@_store_call("log a run's records")
+def log_steps(run_id: str, steps: list[tuple[dict[str, float], int]], tags: dict[str, Any]) -> int:
+    """Many steps' metrics and some tags in one request (a courier's batch: the epochs a
+    checkpoint covers), or as few as MLflow's limits of a batch allow, steps in order, each
+    step whole in one request. Returns how many steps it sent."""
+    now = int(time.time() * 1000)
+    tag_list = [RunTag(k, str(v)) for k, v in tags.items()]
+    parts: list[list[Metric]] = [[]]
+    for metrics, step in steps:
+        if parts[-1] and len(parts[-1]) + len(metrics) + len(tag_list) > MAX_BATCH:
+            parts.append([])
+        parts[-1] += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for i, part in enumerate(parts):
+        if part or (tag_list and i == 0):
+            _client().log_batch(run_id, metrics=part, tags=tag_list if i == 0 else [])
+    return len(steps)
+
+
+@_store_call("read a run")
+def run_view(run_id: str) -> tuple[dict[str, str], dict[str, int]]:
+    """A run's tags and the latest step of each of its metrics, in one read. MLflow's RunData
+    keeps each key's latest value with its step (the entity RunData._metric_objs, which its own
+    to_proto reads; MLflow is pinned)."""
+    data = _client().get_run(run_id).data
+    return data.tags, {m.key: m.step for m in data._metric_objs}
+
+
 @_store_call("read a metric's history")
 def logged_steps(run_id: str, key: str) -> set[int]:
     return {m.step for m in _client().get_metric_history(run_id, key)}
