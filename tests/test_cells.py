@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import free_port, subprocess_env
+from conftest import REPO, free_port, subprocess_env
 from test_serving import stop_group
 
 import seqgen.model.cells
@@ -132,45 +132,20 @@ def test_a_stack_is_its_members_alone(cell):
             torch.testing.assert_close(stack.weight(key).grad[m], p.grad, atol=1e-5, rtol=1e-5)
 
 
-ELMAN = '''
-"""An Elman RNN: h = tanh(x W + b + h W_h), per layer."""
-import torch
-from torch import nn
-
-from seqgen.model.cells import cell
-
-
-@cell("elman_test")
-class Elman(nn.Module):
-    state_size = 1
-
-    def __init__(self, input_size, hidden_size, num_layers):
-        super().__init__()
-        sizes = [input_size] + [hidden_size] * (num_layers - 1)
-        H = hidden_size
-        self.w_x = nn.ParameterList([nn.Parameter(torch.randn(i, H) * 0.1) for i in sizes])
-        self.w_h = nn.ParameterList(
-            [nn.Parameter(torch.randn(hidden_size, hidden_size) * 0.1) for _ in sizes]
-        )
-        self.b = nn.ParameterList([nn.Parameter(torch.zeros(hidden_size)) for _ in sizes])
-
-    def forward(self, x, state, keep):
-        (h,) = state
-        outputs = []
-        for layer in range(len(self.b)):
-            if layer > 0:
-                x = outputs[-1] if keep is None else outputs[-1] * keep[layer - 1]
-            pre = x @ self.w_x[layer] + self.b[layer] + h[layer] @ self.w_h[layer]
-            outputs.append(torch.tanh(pre))
-        return outputs[-1], (torch.stack(outputs),)
-'''
+def readme_cell() -> str:
+    """The README's new cell (Extending), as the file it tells a user to write."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("**A new cell**") :]
+    code = section[section.index("```python") + len("```python") : section.index("```\n\n")]
+    assert '@cell("elman")' in code
+    return code.replace('@cell("elman")', '@cell("elman_test")')
 
 
 def test_a_new_cell_is_one_file(store, smoke_data):
-    """A file in seqgen/model/cells/ and nothing else: `--cell NAME` trains it (a new process, as
-    a user would run it), a variant of its own, on the plain path, said once."""
+    """The README's file in seqgen/model/cells/ and nothing else: `--cell NAME` trains it (a new
+    process, as a user would run it), a variant of its own, on the plain path, said once."""
     path = Path(seqgen.model.cells.__file__).with_name("elman_test.py")
-    path.write_text(ELMAN)
+    path.write_text(readme_cell())
     try:
         done = subprocess.run(
             [

@@ -64,10 +64,11 @@ def uses_triton(mm_dtype: torch.dtype | None, x0: torch.Tensor) -> bool:
 
 
 def recurrence_name(mm_dtype: torch.dtype | None, x0: torch.Tensor) -> str:
-    """Which implementation autoregressive_lstm runs for these inputs, in words."""
-    if uses_native(mm_dtype, x0):
-        return "native (C++)"
-    return "triton" if uses_triton(mm_dtype, x0) else "plain (autograd)"
+    """Which path the LSTM runs for these inputs, in words."""
+    backend = lstm_backend(mm_dtype, x0)
+    if backend is None:
+        return "plain (autograd)"
+    return "native (C++)" if backend is NativeRecurrence else "triton"
 
 
 @functools.cache
