@@ -34,8 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from seqgen.config import resolve  # noqa: E402
+from seqgen.model.cells.lstm import plain_recurrence  # noqa: E402
 from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator  # noqa: E402
-from seqgen.model.recurrence import autoregressive_lstm, python_lstm, recurrence_name  # noqa: E402
+from seqgen.model.recurrence import autoregressive_lstm, recurrence_name  # noqa: E402
 from seqgen.training.losses import make_loss  # noqa: E402
 from seqgen.training.step import Precision, StepGraphs, choose_precision, optimizer_step  # noqa: E402
 
@@ -64,7 +65,7 @@ def lstm_inputs(T=7, B=3, K=2, F=3, H=4, L=2, dtype=torch.float64, device="cpu",
 def check_recurrence(dev: torch.device) -> None:
     cpu_args = lstm_inputs(T=30, B=5, K=3, F=4, H=16, L=2, dtype=torch.float32)
     gpu_args = lstm_inputs(T=30, B=5, K=3, F=4, H=16, L=2, dtype=torch.float32, device=dev)
-    out_cpu, out_gpu = python_lstm(None, *cpu_args), autoregressive_lstm(None, *gpu_args)
+    out_cpu, out_gpu = plain_recurrence(None, *cpu_args), autoregressive_lstm(None, *gpu_args)
     torch.testing.assert_close(out_gpu.cpu(), out_cpu, atol=1e-5, rtol=1e-5)
     w = torch.randn(out_cpu.shape)
     grads_cpu = torch.autograd.grad((out_cpu * w).sum(), [a for a in cpu_args if a.requires_grad])
@@ -73,7 +74,7 @@ def check_recurrence(dev: torch.device) -> None:
     )
     for a, b in zip(grads_gpu, grads_cpu, strict=True):
         torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-5)
-    assert torch.autograd.gradcheck(lambda *a: python_lstm(None, *a), lstm_inputs(device=dev))
+    assert torch.autograd.gradcheck(lambda *a: plain_recurrence(None, *a), lstm_inputs(device=dev))
     way = recurrence_name(None, gpu_args[0])
     print(f"1. recurrence on CUDA ({way}) = CPU (float32, 1e-5); float64 gradcheck on CUDA passed")
 

@@ -113,7 +113,7 @@ def stage_kernels(cpu: bool) -> dict:
         from seqgen.model import fused
     except ImportError as e:
         raise Skip(f"triton does not import: {e}") from e
-    from seqgen.model.recurrence import python_lstm
+    from seqgen.model.cells.lstm import plain_recurrence
 
     dev = device()
     checked = []
@@ -121,7 +121,7 @@ def stage_kernels(cpu: bool) -> dict:
         if not cpu:
             T, B, H = T * 4, B * 8, H * 8
         cpu64 = lstm_inputs(M, T, B, 3, 4, H, L, torch.float64, "cpu")
-        ref, ref_grads = output_and_grads(python_lstm, None, cpu64)
+        ref, ref_grads = output_and_grads(plain_recurrence, None, cpu64)
         ours32 = lstm_inputs(M, T, B, 3, 4, H, L, torch.float32, dev)
         for mm_dtype, tol in ((None, 1e-4), (torch.float16, 2e-2)):
             out, grads = output_and_grads(fused.triton_lstm, mm_dtype, ours32)

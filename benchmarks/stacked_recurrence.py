@@ -5,7 +5,7 @@ against M calls of one model each, training forward + backward (issue #14).
                                             [--json PATH]
 
 First checks, each an assertion (float32, 1e-5): the native recurrence with 3 stacked members
-equals the Python path, output and every gradient; on CUDA the Triton kernels do too. Then times
+equals the plain path, output and every gradient; on CUDA the Triton kernels do too. Then times
 one forward + backward of the recurrence alone at the `full` shape (H=256, L=2, B=32, T=151,
 K=5, F=8, dropout 0.3, teacher forcing 0.7): on CPU the native recurrence for M stacked members
 in one call against the same M members as M separate calls, at each thread count; on CUDA (when
@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from seqgen.bench import _median_seconds, cpu_name  # noqa: E402
-from seqgen.model.recurrence import native_lstm, python_lstm, uses_native  # noqa: E402
+from seqgen.model.cells.lstm import plain_recurrence  # noqa: E402
+from seqgen.model.recurrence import native_lstm, uses_native  # noqa: E402
 
 FULL = {"T": 151, "B": 32, "H": 256, "L": 2, "K": 5, "F": 8}
 DROPOUT, RATIO = 0.3, 0.7
@@ -80,16 +81,16 @@ def train_call(fn, mm_dtype, args):
 
 
 def check(fn, args, name: str, mm_dtype=None) -> None:
-    """fn equals the Python path on args: output and every gradient, 1e-5."""
+    """fn equals the plain path on args: output and every gradient, 1e-5."""
     w = torch.randn(args[3].shape, device=args[0].device, dtype=args[0].dtype)
     params = [a for a in args if a.requires_grad]
     results = []
-    for f in (fn, python_lstm):
+    for f in (fn, plain_recurrence):
         out = f(mm_dtype, *args)
         results.append([out.detach(), *torch.autograd.grad((out * w).sum(), params)])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    print(f"check: {name} = Python path with 3 stacked members (float32, output and gradients)")
+    print(f"check: {name} = plain path with 3 stacked members (float32, output and gradients)")
 
 
 def cpu_rows(members: list[int], threads: list[int], repeats: int) -> list[dict]:
@@ -139,7 +140,7 @@ def gpu_rows(members: list[int], repeats: int) -> list[dict]:
         for M in members:
             args = stacked_inputs(M, **FULL, device=dev)
             fns = {}
-            for name, fn in (("triton", triton_lstm), ("python", python_lstm)):
+            for name, fn in (("triton", triton_lstm), ("python", plain_recurrence)):
                 fns[f"{name}_eager"] = train_call(fn, mm_dtype, args)
                 fns[f"{name}_graph"] = graphed(train_call(fn, mm_dtype, args))
             seconds = _median_seconds(fns, repeats, dev)

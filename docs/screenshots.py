@@ -1,4 +1,4 @@
-"""The README's screenshots of `mlflow ui` (section "The same comparison in `mlflow ui`"), taken
+"""Screenshots of `mlflow ui` for docs/evaluation.md ("The same comparison in `mlflow ui`"), taken
 in Debian's Chromium by the same helpers as the browser test (tests/ui_browser.py) from the store
 `make demo` made:
 

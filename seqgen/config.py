@@ -94,9 +94,12 @@ class PhaseSettings:
         "with --split edge: the share of each parameter's range held out", default=0.1
     )
     # model
-    hidden_size: int = _doc("LSTM hidden dimension")
-    num_layers: int = _doc("stacked LSTM layers")
-    dropout: float = _doc("dropout between LSTM layers, in [0, 1)")
+    cell: str = _doc(
+        "recurrent cell: lstm, gru or another registered in seqgen/model/cells/", default="lstm"
+    )
+    hidden_size: int = _doc("hidden dimension of the cell")
+    num_layers: int = _doc("stacked layers of the cell")
+    dropout: float = _doc("dropout between the cell's layers, in [0, 1)")
     # optimisation
     epochs: int = _doc("epochs in this phase")
     batch_size: int = _doc("sequences per micro-batch")
@@ -412,6 +415,9 @@ def validate(s: PhaseSettings) -> None:
             )
     if s.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {s.device!r}")
+    from seqgen.model.cells import check_cell  # imports torch: only once settings are checked
+
+    check_cell(s.cell)
     if s.split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {s.split!r}")
     if not 0.0 < s.edge_fraction < 1.0:

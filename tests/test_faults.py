@@ -1,6 +1,6 @@
-"""Faults injected for real against a real store, and what the README promises of each: the same
+"""Faults injected for real against a real store, and what the docs promise of each: the same
 command again goes on, nothing is lost or done twice, the model registered is the best epoch's,
-a live trainer is never taken over, credentials are never printed (README: Faults)."""
+a live trainer is never taken over, credentials are never printed (docs/operations.md: Faults)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from test_native import inputs, one_thread, run  # noqa: F401 (one_thread: autouse fixture)
 
-from seqgen.model.recurrence import TRITON_DTYPES, python_lstm, uses_triton
+from seqgen.model.cells.lstm import plain_recurrence
+from seqgen.model.recurrence import TRITON_DTYPES, uses_triton
 from seqgen.training.step import choose_precision
 
 # Triton reads TRITON_INTERPRET when it decorates a kernel, its own library's included (so
@@ -56,7 +57,7 @@ def test_triton_equals_python_float32(layers, dropout):
     args = inputs(**SMALL, L=layers, dropout=dropout, dtype=torch.float32, M=3)
     assert 0 < args[4].mean() < 1
     ours, ours_grads = run(fused.triton_lstm, None, args)
-    ref, ref_grads = run(python_lstm, None, args)
+    ref, ref_grads = run(plain_recurrence, None, args)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     for got, want in zip(ours_grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -77,8 +78,8 @@ def test_half_precision_gemms_track_the_python_half_precision_path():
     agree to float16 precision."""
     args = inputs(**SMALL, L=2, dtype=torch.float32, M=2)
     ours, ours_grads = run(fused.triton_lstm, torch.float16, args)
-    ref, ref_grads = run(python_lstm, torch.float16, args)
-    full, _ = run(python_lstm, None, args)
+    ref, ref_grads = run(plain_recurrence, torch.float16, args)
+    full, _ = run(plain_recurrence, None, args)
     assert ours.dtype == torch.float32 and not torch.equal(ours, full)  # float16 really ran
     assert (ours - ref).abs().max() < 0.01 * ref.abs().max()
     for a, b in zip(ours_grads, ref_grads, strict=True):
@@ -159,4 +160,4 @@ def test_seqgen_runs_without_triton_and_says_so_once():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "torch.Size([2, 5, 3])"
     said = [line for line in done.stderr.splitlines() if "Triton" in line]
-    assert len(said) == 1 and "unavailable" in said[0] and "Python recurrence" in said[0]
+    assert len(said) == 1 and "unavailable" in said[0] and "plain autograd path" in said[0]

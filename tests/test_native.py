@@ -9,14 +9,9 @@ import pytest
 import torch
 
 from seqgen.model import native
+from seqgen.model.cells.lstm import plain_recurrence
 from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
-from seqgen.model.recurrence import (
-    gemm_plan,
-    native_lstm,
-    python_lstm,
-    run_gemms,
-    uses_native,
-)
+from seqgen.model.recurrence import gemm_plan, native_lstm, run_gemms, uses_native
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("SEQGEN_NATIVE") == "0", reason="the native recurrence is switched off"
@@ -87,7 +82,7 @@ def run(fn, mm_dtype, args, seed=1, weights=None):
 def test_native_equals_python_float32(layers, dropout):
     args = inputs(T=30, B=5, K=3, F=4, H=16, L=layers, dropout=dropout, dtype=torch.float32)
     ours, ours_grads = run(native_lstm, None, args)
-    ref, ref_grads = run(python_lstm, None, args)
+    ref, ref_grads = run(plain_recurrence, None, args)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     for got, want in zip(ours_grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -109,7 +104,7 @@ def test_members_are_independent_models(members, threads):
         ]
     finally:
         torch.set_num_threads(before)
-    ref, ref_grads = run(python_lstm, None, args)
+    ref, ref_grads = run(plain_recurrence, None, args)
     torch.testing.assert_close(stacked, ref, atol=1e-5, rtol=1e-5)
     for m, (out, grads) in enumerate(alone):
         torch.testing.assert_close(stacked[m : m + 1], out, atol=1e-5, rtol=1e-5)
@@ -141,7 +136,7 @@ def test_bfloat16_gemms_track_the_python_bfloat16_path():
     float32, so they agree to bfloat16 precision, not bit for bit."""
     args = inputs(T=40, B=8, K=5, F=8, H=32, L=2, dtype=torch.float32)
     ours, ours_grads = run(native_lstm, torch.bfloat16, args)
-    ref, ref_grads = run(python_lstm, torch.bfloat16, args)
+    ref, ref_grads = run(plain_recurrence, torch.bfloat16, args)
     assert ours.dtype == torch.float32
     assert (ours - ref).abs().max() < 0.02 * ref.abs().max()
     for a, b in zip(ours_grads, ref_grads, strict=True):
@@ -205,7 +200,7 @@ params, targets = torch.randn(6, 2), torch.randn(6, 20, 3)
 for _ in range(2):  # two calls: the fallback line is said once
     out = model(params, targets, 0.7, noise_level=0.05)
     out.abs().mean().backward()
-grad = model.w_hh[0].grad
+grad = model.cell.w_hh[0].grad
 print(json.dumps({"out": out.detach().sum().item(), "grad": grad.sum().item()}))
 """
 
@@ -228,7 +223,7 @@ def test_fallback_with_seqgen_native_0_says_so_once_and_trains_the_same():
     assert "seqgen:" not in native_err
     said = [line for line in python_err.splitlines() if line.startswith("seqgen:")]
     assert said == [
-        "seqgen: native recurrence off (SEQGEN_NATIVE=0); running the Python recurrence"
+        "seqgen: native recurrence off (SEQGEN_NATIVE=0); running the plain autograd path"
     ]
     for key in ("out", "grad"):
         assert native_result[key] == pytest.approx(python_result[key], rel=1e-4, abs=1e-5)
@@ -271,6 +266,6 @@ def test_bench_reports_rates_beside_their_gemm_only_limits():
 def test_without_a_compiler_the_python_path_runs_and_says_so_once(tmp_path):
     result, err = run_snippet(CXX=str(tmp_path / "no-such-g++"), TORCH_EXTENSIONS_DIR=str(tmp_path))
     said = [line for line in err.splitlines() if line.startswith("seqgen:")]
-    assert len(said) == 1 and "no C++ compiler" in said[0] and "Python recurrence" in said[0]
+    assert len(said) == 1 and "no C++ compiler" in said[0] and "plain autograd path" in said[0]
     native_result, _ = run_snippet()
     assert result["out"] == pytest.approx(native_result["out"], rel=1e-4, abs=1e-5)

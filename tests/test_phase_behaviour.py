@@ -259,7 +259,7 @@ def test_overfit_gap_stops_when_validation_drifts_from_training(store, smoke_dat
     assert result.stop_reason == "overfitting" and steps_of(result.run_id) == [1]
     history = MlflowClient().get_run(result.run_id).data.metrics
     gap = (history["val_loss_teacher_forced"] - history["train_loss"]) / history["train_loss"]
-    assert gap > 0.5  # the README's definition of the gap, on the logged numbers
+    assert gap > 0.5  # the definition of the gap in docs/training.md, on the logged numbers
 
 
 def test_grad_explosion_norm_stops_on_a_large_gradient(store, smoke_data):

@@ -490,7 +490,7 @@ def test_a_refused_second_pipeline_leaves_the_live_chains_run_alone(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="README, Faults: runs are ordered by their client's clock")
+@pytest.mark.xfail(strict=True, reason="docs/operations.md: runs ordered by their client's clock")
 def test_a_retrain_from_a_machine_whose_clock_is_behind_is_taken_up(store, smoke_data, tmp_path):
     """Confirmed (a limit): a --retrain killed on a machine an hour behind starts its run 'before'
     the registered one; the same command then finds the old run registered and skips, leaving

@@ -19,7 +19,7 @@ from seqgen.data.sequences import Normalizer
 from seqgen.data.split import Split
 from seqgen.errors import SeqgenError, first_line
 from seqgen.files import write_atomic
-from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
+from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator, current_keys
 
 FORMAT = "seqgen-bundle-2"
 READABLE_FORMATS = ("seqgen-bundle-1", FORMAT)
@@ -116,7 +116,7 @@ class Bundle:
     def from_dict(cls, d: dict[str, Any]) -> Bundle:
         return cls(
             model_config=ModelConfig(**d["model_config"]),
-            state_dict=d["state_dict"],
+            state_dict=current_keys(d["state_dict"]),  # a file from before cells had modules
             normalizer=Normalizer.from_dict(d["normalizer"]),
             data=DataInfo.from_dict(d["data"]),
             split=Split.from_dict(d["split"]),

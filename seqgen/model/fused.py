@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqgen.model.recurrence import _unpack, check_shapes, needs_grad
+from seqgen.model.recurrence import _unpack, run_recurrence
 
 # ---- kernels -------------------------------------------------------------------------------------
 
@@ -401,43 +401,35 @@ def _backward(d_yhat, x0, w_x, use_truth, drop, w_y, w_out, Hs, Cs, act, TC, Y_i
             *d_layer)  # fmt: skip
 
 
-class TritonAutoregressiveLSTM(torch.autograd.Function):
-    """The recurrence with forward and backward in Triton kernels; arguments as
-    autoregressive_lstm."""
+class TritonRecurrence:
+    """The recurrence with forward and backward in Triton kernels (recurrence.Recurrence runs it:
+    arguments as autoregressive_lstm)."""
 
     @staticmethod
-    def forward(ctx, mm_dtype, x0, w_x, b_x, y_teacher, use_truth, h0, c0, drop, w_y, w_out,
-                b_out, *layer_w):  # fmt: skip
-        out = _forward(mm_dtype, x0, w_x, b_x, y_teacher, use_truth, h0, c0, drop, w_y, w_out,
-                       b_out, *layer_w, save=True)  # fmt: skip
-        ctx.layers = h0.shape[1]
-        ctx.save_for_backward(
-            x0, w_x, out["Y_in"].new_empty(0) if drop is None else out["keep"], w_y, w_out,
-            out["Hs"], out["Cs"], out["act"], out["TC"], out["Y_in"], use_truth,
-            *out["w_hh"], *out["w_ih"][1:],
-        )  # fmt: skip
-        ctx.has_drop = drop is not None
-        return out["y_hat"]
+    def forward(mm_dtype, args, save: bool) -> list[torch.Tensor]:
+        """y_hat; with save also what the backward needs: Hs, Cs, act, TC, Y_in and the GEMM
+        weights (w_hh per layer, then w_ih of layers >= 1)."""
+        out = _forward(mm_dtype, *args, save=save)
+        if not save:
+            return [out["y_hat"]]
+        saved = [out[k] for k in ("Hs", "Cs", "act", "TC", "Y_in")]
+        return [out["y_hat"], *saved, *out["w_hh"], *out["w_ih"][1:]]
 
     @staticmethod
-    def backward(ctx, d_yhat):
-        x0, w_x, keep, w_y, w_out, Hs, Cs, act, TC, Y_in, use_truth, *weights = ctx.saved_tensors
-        L = ctx.layers
+    def backward(mm_dtype, args, saved, d_yhat, needs) -> tuple:
+        x0, w_x, _, _, use_truth, h0, _, drop, w_y, w_out, *_ = args
+        L = h0.shape[1]
+        Hs, Cs, act, TC, Y_in, *weights = saved
         w_hh, w_ih = weights[:L], [None, *weights[L:]]
         grads = _backward(
-            d_yhat, x0, w_x, use_truth.contiguous(), keep if ctx.has_drop else None,
-            w_y.contiguous(), w_out.contiguous(), Hs, Cs, act, TC, Y_in, w_hh, w_ih,
-            ctx.needs_input_grad[1],
+            d_yhat, x0, w_x, use_truth, drop, w_y, w_out, Hs, Cs, act, TC, Y_in, w_hh, w_ih,
+            needs[0],
         )  # fmt: skip
         d_x0, d_w_x, d_b_x, d_h0, d_c0, d_w_y, d_w_out, d_b_out, *d_layer = grads
-        return (None, d_x0, d_w_x, d_b_x, None, None, d_h0, d_c0, None, d_w_y, d_w_out, d_b_out,
+        return (d_x0, d_w_x, d_b_x, None, None, d_h0, d_c0, None, d_w_y, d_w_out, d_b_out,
                 *d_layer)  # fmt: skip
 
 
 def triton_lstm(mm_dtype, *args) -> torch.Tensor:
-    """autoregressive_lstm in Triton kernels; without autograd (generation) it keeps two steps of
-    state and saves nothing for a backward."""
-    check_shapes(args)
-    if needs_grad(args):
-        return TritonAutoregressiveLSTM.apply(mm_dtype, *args)
-    return _forward(mm_dtype, *args, save=False)["y_hat"]
+    """autoregressive_lstm in Triton kernels (on CPU tensors under TRITON_INTERPRET=1 too)."""
+    return run_recurrence(TritonRecurrence, mm_dtype, *args)

@@ -2,8 +2,11 @@
 
 Chains of a study that are at the same phase train in one process as one StackedGenerators: one
 batched GEMM per layer-step serves every member instead of one small GEMM each, which is what a
-launch-bound step needs (docs/design.md, issue #14). A member is a chain: its weights, its dropout,
-and its own random draws (`draw`, from its own torch.Generator, exactly as
+launch-bound step needs (docs/design.md, issue #14). Nothing here is written twice: the stack's
+weights are the single model's (torch.func.stack_module_state) and its forward is the single
+model's forward under torch.func.vmap over members (functional_call), whatever the cell; the
+LSTM's recurrences take the vmapped dimension as their member dimension. A member is a chain: its
+weights, its dropout, and its own random draws (`draw`, from its own torch.Generator, exactly as
 StreamlinedSequenceGenerator.forward draws them from the global RNG), so a member trained in the
 stack equals the same chain trained alone. Per member its state dict is the single model's, key for
 key, so model files and checkpoints do not change.
@@ -13,39 +16,26 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
 
-from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
-from seqgen.model.recurrence import autoregressive_lstm
+from seqgen.model.generator import (
+    Draws,
+    ModelConfig,
+    StreamlinedSequenceGenerator,
+    current_keys,
+    member_draws,
+)
 
 
 def member_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """StreamlinedSequenceGenerator's state_dict keys and shapes, in its order (which is also
     the order of its parameters(), and so of its optimiser's state indices)."""
-    K, P, H, L = config.n_components, config.n_params, config.hidden_size, config.num_layers
-    E = config.encoder_size
-    shapes = {"w_in": (1 + K + P, 4 * H), "b_in": (4 * H,)}
-    shapes |= {"encoder.0.weight": (E, P), "encoder.0.bias": (E,)}
-    shapes |= {"encoder.2.weight": (2 * L * H, E), "encoder.2.bias": (2 * L * H,)}
-    shapes |= {f"w_hh.{layer}": (H, 4 * H) for layer in range(L)}
-    shapes |= {f"w_ih.{layer}": (H, 4 * H) for layer in range(L - 1)}
-    shapes |= {f"b_ih.{layer}": (4 * H,) for layer in range(L - 1)}
-    return shapes | {"head.weight": (K, H), "head.bias": (K,)}
-
-
-@dataclass
-class Draws:
-    """One training forward's random numbers for every member, drawn outside the forward (on
-    CUDA: eagerly, into a graph's static buffers, before each replay). A member that draws
-    nothing gets neutral values: noise 0, uniforms 1 (never below its ratio), keep-masks 1."""
-
-    noise_y: torch.Tensor  # (M,T,B,K) noise_level * N(0,1), added to layer 0's previous-value input
-    noise_p: torch.Tensor  # (M,T,B,P) noise_level * N(0,1) on the parameters as step inputs
-    uniform: torch.Tensor  # (M,T,B,1) U(0,1): the true previous value where uniform < ratio
-    keep: torch.Tensor | None  # (M,L-1,T,B,H) scaled dropout keep-masks; None: no member drops
+    with torch.device("meta"):
+        model = StreamlinedSequenceGenerator(config)
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
 class StackedGenerators(nn.Module):
@@ -68,13 +58,18 @@ class StackedGenerators(nn.Module):
         self.dropout = tuple(dropout) if dropout is not None else (config.dropout,) * members
         if len(self.dropout) != members:
             raise ValueError(f"{len(self.dropout)} dropout values for {members} members")
-        self.shapes = member_shapes(config)
+        with torch.device("meta"):  # the module whose forward every member runs (no weights)
+            self.template = [StreamlinedSequenceGenerator(config)]  # a list: not a submodule
+        self.shapes = {k: tuple(v.shape) for k, v in self.template[0].state_dict().items()}
+        if initialise:  # member m as the m-th of M single models built in a row
+            weights, _ = stack_module_state(
+                [StreamlinedSequenceGenerator(config) for _ in range(members)]
+            )
+        else:
+            weights = {k: torch.empty(members, *shape) for k, shape in self.shapes.items()}
         # Registered in the single model's order: parameters() then lines up with its optimiser.
-        for key, shape in self.shapes.items():
-            self.register_parameter(_name(key), nn.Parameter(torch.empty(members, *shape)))
-        if initialise:
-            for m in range(members):
-                self.load_member_state_dict(m, StreamlinedSequenceGenerator(config).state_dict())
+        for key in self.shapes:
+            self.register_parameter(_name(key), nn.Parameter(weights[key].detach()))
 
     @classmethod
     def from_models(cls, models: Sequence[StreamlinedSequenceGenerator]) -> StackedGenerators:
@@ -105,6 +100,7 @@ class StackedGenerators(nn.Module):
     @torch.no_grad()
     def load_member_state_dict(self, m: int, state_dict: dict[str, torch.Tensor]) -> None:
         """Member m's weights from a StreamlinedSequenceGenerator state dict (a model file's)."""
+        state_dict = current_keys(state_dict)
         missing = [k for k in self.shapes if k not in state_dict]
         unexpected = [k for k in state_dict if k not in self.shapes]
         if missing or unexpected:
@@ -126,92 +122,36 @@ class StackedGenerators(nn.Module):
     ) -> torch.Tensor:
         """params (M,B,P), targets (M,B,T,K) or None, ratio (M,) -> predictions (M,B,T,K).
 
-        As StreamlinedSequenceGenerator.forward per member, its random draws taken from `draws`:
-        noise and dropout in training mode only; the true previous value where a uniform is below
-        the member's ratio. Without draws there is no noise or dropout, and every ratio must be 0
-        (free-running) or 1 (teacher-forced), which need no draws.
+        StreamlinedSequenceGenerator.forward per member, its random draws taken from `draws`
+        (M,...) each: noise and dropout in training mode only; the true previous value where a
+        uniform is below the member's ratio. Without draws there is no noise or dropout, and every
+        ratio must be 0 (free-running) or 1 (teacher-forced), which need no draws.
         """
-        cfg = self.config
-        (M, B, P), K, L, H = params.shape, cfg.n_components, cfg.num_layers, cfg.hidden_size
-        T = targets.shape[2] if targets is not None else seq_len
+        (M, B, _), T = params.shape, targets.shape[2] if targets is not None else seq_len
         if T is None:
             raise ValueError("give targets or seq_len")
-        dev = params.device
+        if draws is None:
+            if bool(((ratio > 0) & (ratio < 1)).any()):
+                raise ValueError("a teacher-forcing ratio between 0 and 1 needs draws")
+            # uniform 0: below every ratio but 0, so a member at ratio 1 is fed the truth
+            draws = Draws(uniform=torch.zeros(M, T, B, 1, device=params.device))
+        template = self.template[0].train(self.training)
+        weights = {key: self.weight(key) for key in self.shapes}
 
-        w = self.weight
-        hidden = torch.tanh(_linear(params, w("encoder.0.weight"), w("encoder.0.bias")))
-        state = torch.tanh(_linear(hidden, w("encoder.2.weight"), w("encoder.2.bias")))
-        state = state.view(M, B, 2, L, H).permute(2, 0, 3, 1, 4)  # (2, M, L, B, H)
-        h0, c0 = state[0].contiguous(), state[1].contiguous()
+        def member(weights, params, targets, ratio, *drawn):
+            args = (params, targets, ratio, 0.0, T)
+            return functional_call(template, weights, args, {"draws": Draws(*drawn)})
 
-        position = torch.linspace(0.0, 1.0, T, device=dev).view(1, T, 1, 1).expand(M, T, B, 1)
-        cond = params.unsqueeze(1).expand(M, T, B, P)
-        drawn = self.training and draws is not None  # noise and dropout: training only
-        noise_y = draws.noise_y if drawn else torch.zeros(M, T, B, K, device=dev)
-        if drawn:
-            cond = cond + draws.noise_p
-        features = torch.cat([position, noise_y, cond], dim=3)  # (M, T, B, 1 + K + P)
-
-        y_teacher, use_truth = self._teacher(targets, ratio, draws, M, T, B)
-        drop = draws.keep if drawn else None
-
-        layer_w = [self.weight("w_hh.0")]
-        for layer in range(1, L):
-            layer_w += [self.weight(f"{k}.{i}") for k, i in _layer_keys(layer)]
-        mm_dtype = (
-            torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
-        )
-        w_in = self.weight("w_in")
-        with torch.autocast(dev.type, enabled=False):
-            y = autoregressive_lstm(
-                mm_dtype,
-                features.float(),
-                w_in,
-                self.weight("b_in"),
-                y_teacher,
-                use_truth,
-                h0.float(),
-                c0.float(),
-                drop,
-                w_in[:, 1 : 1 + K],
-                self.weight("head.weight").transpose(1, 2),
-                self.weight("head.bias"),
-                *layer_w,
-            )
+        inputs = (weights, params, targets, ratio, *draws)
+        dims = tuple(None if x is None else 0 for x in inputs)
         # contiguous: the loss's per-member sums then run over the same layout in a stack of 1 and
         # of M, so a member's sums (and so its training) equal its chain's alone to the bit
-        return y.transpose(1, 2).contiguous()  # (M, B, T, K)
-
-    def _teacher(self, targets, ratio, draws, M, T, B) -> tuple[torch.Tensor, torch.Tensor]:
-        """y_teacher (M,T,B,K) and use_truth (M,T,B,1) as the single model forms them: zeros for
-        a member at ratio 0 or without targets."""
-        K, dev = self.config.n_components, ratio.device
-        y_teacher = torch.zeros(M, T, B, K, device=dev)
-        if targets is None:
-            return y_teacher, torch.zeros(M, T, B, 1, device=dev)
-        forced = (ratio > 0).view(M, 1, 1, 1)
-        y_teacher[:, 1:] = torch.where(forced, targets.transpose(1, 2)[:, :-1], 0.0)
-        if draws is not None:
-            return y_teacher, (draws.uniform < ratio.view(M, 1, 1, 1)).float()
-        if bool(((ratio > 0) & (ratio < 1)).any()):
-            raise ValueError("a teacher-forcing ratio between 0 and 1 needs draws")
-        return y_teacher, (ratio >= 1).float().view(M, 1, 1, 1).expand(M, T, B, 1)
+        return vmap(member, in_dims=dims)(*inputs).contiguous()
 
 
 def _name(key: str) -> str:
     """A state_dict key as a parameter name (dots are not allowed there)."""
     return key.replace(".", "_")
-
-
-def _layer_keys(layer: int) -> list[tuple[str, int]]:
-    """Layer l's weights in the recurrence's order: w_ih_l, w_hh_l, b_l (stored as w_ih.{l-1})."""
-    return [("w_ih", layer - 1), ("w_hh", layer), ("b_ih", layer - 1)]
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """nn.Linear per member as one batched GEMM: x (M,B,I), weight (M,O,I), bias (M,O) ->
-    (M,B,O)."""
-    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
 
 def neutral_draws(model: StackedGenerators, batch: int, seq_len: int, device) -> Draws:
@@ -228,34 +168,6 @@ def neutral_draws(model: StackedGenerators, batch: int, seq_len: int, device) ->
     )
 
 
-def member_draws(
-    generator: torch.Generator,
-    config: ModelConfig,
-    batch: int,
-    seq_len: int,
-    noise_level: float,
-    ratio: float,
-    training: bool,
-    teacher_forced: bool = True,
-) -> tuple[torch.Tensor | None, ...]:
-    """One member's (noise_y, noise_p, uniform, keep), each None where not drawn, with exactly
-    the calls, shapes, order and conditions of StreamlinedSequenceGenerator.forward: a
-    generator seeded x gives what that forward draws after torch.manual_seed(x)."""
-    T, B, K, P = seq_len, batch, config.n_components, config.n_params
-    L, H, dev = config.num_layers, config.hidden_size, generator.device
-    noise_y = noise_p = uniform = keep = None
-    if training and noise_level > 0:
-        noise_y = noise_level * torch.randn(T, B, K, device=dev, generator=generator)
-        noise_p = noise_level * torch.randn(T, B, P, device=dev, generator=generator)
-    if teacher_forced and ratio > 0:
-        uniform = torch.rand(T, B, 1, device=dev, generator=generator)
-    if training and config.dropout > 0 and L > 1:
-        p = 1.0 - config.dropout
-        full = torch.full((L - 1, T, B, H), p, device=dev)
-        keep = torch.bernoulli(full, generator=generator) / p
-    return noise_y, noise_p, uniform, keep
-
-
 def draw(
     model: StackedGenerators,
     generators: Sequence[torch.Generator],
@@ -268,7 +180,7 @@ def draw(
 ) -> Draws:
     """Every member's draws for one forward of `model` in its current mode, member m from
     generators[m] (on the model's device); written into `out` when given (a graph's buffers)."""
-    device = model.weight("w_in").device
+    device = next(model.parameters()).device
     out = out if out is not None else neutral_draws(model, batch, seq_len, device)
     fields = ("noise_y", "noise_p", "uniform", "keep")
     neutral = (0.0, 0.0, 1.0, 1.0)

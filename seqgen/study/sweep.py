@@ -14,7 +14,7 @@ from seqgen import config
 from seqgen.errors import ConfigError
 
 # The model's shape: a continued phase keeps its parent's, so these vary only from phase 1.
-SHAPE_KEYS = ("hidden_size", "num_layers", "n_components", "n_params")
+SHAPE_KEYS = ("cell", "hidden_size", "num_layers", "n_components", "n_params")
 NOT_VARIED = {
     "seed": "seeds are a variant's replicas, not variants: use --seeds",
     "variant": "a sweep names each variant from what it varies",

@@ -170,6 +170,7 @@ def resolve_start(settings: PhaseSettings, data: SequenceData) -> Start:
         settings.hidden_size,
         settings.num_layers,
         settings.dropout,
+        cell=settings.cell,
     )
     return Start(split, norm, model_config, None, None, 1, settings.new_training_schedule)
 
@@ -179,10 +180,10 @@ def resolve_start(settings: PhaseSettings, data: SequenceData) -> Start:
 NOT_IDENTITY = ("data_dir", "outputs_root", "output_dir", "device", "num_workers", "existing_model")
 
 
-# Settings added after runs were keyed on the identity, left out at these values so that those
-# runs are found again (the random split is what every earlier run trained on).
-ADDED_LATER = {"split": "random"}
-WITH_SPLIT = ("edge_fraction",)  # means something only beside a split other than random
+# Settings added after runs were keyed on the identity, each left out at the value every earlier
+# run trained with (the random split, the LSTM) so that those runs are found again; with it the
+# settings that mean something only beside another value (edge_fraction beside an edge split).
+ADDED_LATER = {"split": ("random", ("edge_fraction",)), "cell": ("lstm", ())}
 
 
 def identity(settings: PhaseSettings, start: Start, fingerprint: str) -> dict:
@@ -190,8 +191,9 @@ def identity(settings: PhaseSettings, start: Start, fingerprint: str) -> dict:
     phase has none, as before variants had names), the exact model it continues and the data's
     fingerprint. Its digest (phase_key) finds the run again on any node."""
     kept = {k: v for k, v in settings.to_dict().items() if k not in NOT_IDENTITY}
-    if all(kept.get(k) == v for k, v in ADDED_LATER.items()):  # keys of phases made before
-        kept = {k: v for k, v in kept.items() if k not in (*ADDED_LATER, *WITH_SPLIT)}
+    for key, (earlier, beside) in ADDED_LATER.items():
+        if kept.get(key) == earlier:
+            kept = {k: v for k, v in kept.items() if k not in (key, *beside)}
     if not settings.is_plan:
         kept["variant"] = settings.variant_name
     return kept | {"parent": start.parent_uri or "", "data_fingerprint": fingerprint}
@@ -235,7 +237,7 @@ def start_from_parent(settings: PhaseSettings, data: SequenceData) -> Start:
             f"the data has {list(data.param_names)}"
         )
     shape = parent.model_config
-    for name in ("hidden_size", "num_layers", "n_components", "n_params"):
+    for name in ("cell", "hidden_size", "num_layers", "n_components", "n_params"):
         if getattr(settings, name) != getattr(shape, name):
             raise ConfigError(
                 f"--{name} {getattr(settings, name)} differs from the model it continues "

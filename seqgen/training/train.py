@@ -52,7 +52,9 @@ from seqgen.training.step import (
 log = logging.getLogger(__name__)
 
 # Settings every member of a stack shares: the model's shape, the batches, the device.
-STACK_KEYS = ("hidden_size", "num_layers", "batch_size", "grad_accum_steps", "mixed_precision")
+STACK_KEYS = (
+    "cell", "hidden_size", "num_layers", "batch_size", "grad_accum_steps", "mixed_precision",
+)  # fmt: skip
 
 
 @dataclass

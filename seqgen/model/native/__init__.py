@@ -2,7 +2,7 @@
 
 `ops()` returns `torch.ops.seqgen_native` (`forward`, `backward`, `run_gemms`), or None where
 it cannot be built (no compiler, no ninja) or where SEQGEN_NATIVE=0; then it says so in one line
-on stderr, once per process, and seqgen runs the Python recurrence.
+on stderr, once per process, and seqgen runs the plain autograd path.
 
 The build goes to $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) in a folder named by
 a hash of the source, the torch and Python versions and the CPU's vector instruction set: two
@@ -93,7 +93,7 @@ def _build_and_load() -> None:
 def ops():
     """torch.ops.seqgen_native, built on first use; None (said once on stderr) if unavailable."""
     if os.environ.get("SEQGEN_NATIVE", "1") == "0":
-        _say("native recurrence off (SEQGEN_NATIVE=0); running the Python recurrence")
+        _say("native recurrence off (SEQGEN_NATIVE=0); running the plain autograd path")
         return None
     try:
         _build_and_load()
@@ -102,6 +102,6 @@ def ops():
         lines = str(err).strip().splitlines() or [type(err).__name__]
         found = [x for x in lines if "error" in x.lower() or "not found" in x]
         reason = (found or lines)[0].strip()[:300]
-        _say(f"native recurrence unavailable ({reason}); running the Python recurrence")
+        _say(f"native recurrence unavailable ({reason}); running the plain autograd path")
         return None
     return torch.ops.seqgen_native
