@@ -274,6 +274,7 @@ def variant_name(strategy: str, differences: dict[str, Any]) -> str:
     return "+".join([strategy, *(f"{k}={format_value(v)}" for k, v in sorted(differences.items()))])
 
 
+@functools.cache  # typing.get_type_hints takes about 0.5 ms, and a phase's settings ask 40 times
 def _field_kind(name: str) -> tuple[type, bool]:
     """(the value type, whether None is allowed) of one setting."""
     hint = typing.get_type_hints(PhaseSettings)[name]

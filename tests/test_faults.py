@@ -67,7 +67,7 @@ def test_the_best_epochs_model_is_registered_whatever_path_the_phase_took(
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(tracking, "register_phase_model", dies)
+        m.setattr(tracking, "reserve_version", dies)
         with pytest.raises(KeyboardInterrupt):
             train_phase(b)
     run = client.get_run(paused.run_id)

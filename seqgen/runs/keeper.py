@@ -21,6 +21,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,41 @@ class RunOptions:
     hint_next: bool = True  # say the next phase's command at the end
     # a study's progress: (the phase's settings, its epoch, its last epoch, ETA seconds)
     on_epoch: Callable[[PhaseSettings, EpochRecord, int, float], None] | None = None
+    # a study's: the phases' ends land there in the background while its next round trains
+    landings: Landings | None = None
+
+
+class Landings:
+    """The records of finished phases (RunKeeper.land), landing one round after another in one
+    background thread while the next round trains from the models in memory. A round's
+    landing that fails is raised by the next check() or by wait(); the runs it left are
+    repaired by running the same command again, as after a kill."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="seqgen-landing")
+        self._pending: list[Future] = []
+
+    def submit(self, land: Callable[[], None]) -> None:
+        self._pending.append(self._pool.submit(land))
+
+    def check(self) -> None:
+        """Raise the error of a landing that failed, if one did."""
+        for future in [f for f in self._pending if f.done()]:
+            self._pending.remove(future)
+            future.result()
+
+    def wait(self) -> None:
+        """Wait for every landing; raise the first error."""
+        try:
+            for future in self._pending:
+                future.result()
+        finally:
+            self._pending.clear()
+
+    def close(self) -> None:
+        """Let what is under way land (a study stopped on an error: its errors are not this
+        one's), then stop the thread."""
+        self._pool.shutdown(wait=True)
 
 
 @dataclass
@@ -79,6 +115,7 @@ class PhaseResult:
     model_uri: str | None = None  # models:/name/version
     version: str | None = None
     paused_at: int | None = None
+    model: Bundle | None = None  # the registered model itself, for the next phase to start from
 
 
 @dataclass
@@ -132,6 +169,9 @@ class RunKeeper:
         self._held: list[EpochRecord] = []  # epochs not yet covered by a checkpoint
         self._best: tuple[dict[str, Any], EpochRecord] | None = None  # improved, not yet written
         self._checkpointed_at = time.monotonic()
+        self._landing: tuple[Progress, Path, str, str] | None = None  # what land() records
+        # a run this process made: (experiment, params, tags), known without asking the store
+        self._new_run: tuple[str, dict[str, Any], dict[str, Any]] | None = None
 
     # ---- finding the run -----------------------------------------------------------------------
 
@@ -211,12 +251,14 @@ class RunKeeper:
         owner = new_owner()
         self._started = time.perf_counter()
         self._first_epoch_here = self.setup.start.first_epoch + len(progress.history)
+        launched = tracking.launched_by_mlflow_run()  # its run may carry `mlflow run`'s params
         self.run_id = self._claim(owner)
+        made = self.record is None and not launched  # made now: nothing in it to read back
         chain = self.options.chain_runs.get((self.settings.variant_name, self.settings.seed))
         self.courier = Courier(self.run_id, owner, mirror_to=chain)
         try:
-            tags = tracking.run_tags(self.run_id)
-            self._record_setup(precision_note, progress, tags)
+            tags = {} if made else tracking.run_tags(self.run_id)
+            self._record_setup(precision_note, progress, tags, made)
             if self.checkpoint is not None:
                 self.checkpoint.save(self.setup.out_dir / LAST_CHECKPOINT)  # the one to go on from
                 self._catch_up(progress, tags)
@@ -253,7 +295,9 @@ class RunKeeper:
             f"moment ({CLAIM_ATTEMPTS} claims lost): run the command again"
         )
 
-    def _record_setup(self, precision_note: str, progress: Progress, tags: dict) -> None:
+    def _record_setup(
+        self, precision_note: str, progress: Progress, tags: dict, made: bool
+    ) -> None:
         """Params, args.json, split and normaliser (locally and as artifacts), the dataset, and
         the opening line."""
         setup, settings, start = self.setup, self.settings, self.setup.start
@@ -264,17 +308,19 @@ class RunKeeper:
             "schedule": start.schedule,
         }
         params = {k: v for k, v in resolved.items() if k not in RUN_TAG_KEYS}
-        earlier = tracking.run_params(self.run_id)
-        tracking.log_params_once(
-            self.run_id,
-            params | {"device_used": str(setup.device), "precision": precision_note},
-        )
+        params |= {"device_used": str(setup.device), "precision": precision_note}
+        earlier = {} if made else tracking.run_params(self.run_id)
+        tracking.log_params_once(self.run_id, params, new_run=made)
+        if made:
+            self._new_run = (setup.experiment_id, params, run_tags(setup))
         self._note_device(precision_note, progress, earlier, tags)
         outputs.mark_folder(setup.out_dir, self.run_id)
         for name in outputs.write_setup_files(setup.out_dir, resolved, start.split, start.norm):
             self.courier.artifact(setup.out_dir / name)
         counts = {k: len(start.split.part(k)) for k in ("train", "val", "test")}
-        tracking.log_dataset(self.run_id, settings.data_dir, setup.data.fingerprint, counts)
+        tracking.log_dataset(
+            self.run_id, settings.data_dir, setup.data.fingerprint, counts, new_run=made
+        )
         done = len(progress.history)
         log.info(
             f"[{settings.run_name}] {settings.variant_name} phase {settings.phase}, epochs "
@@ -436,9 +482,13 @@ class RunKeeper:
         return self._result("failed", progress, stop_reason=str(error))
 
     def finish(self, progress: Progress, snapshot: Snapshot, device) -> PhaseResult:
-        """The final model and files into the store, then the best model into the registry. Each
-        step is recorded (phase state), so a phase stopped in between does only what is missing:
-        the end-of-phase metrics go through the courier, which sends a step only once."""
+        """The end of training: the final model and files written here and queued for the store,
+        then the best model's version reserved in the registry, so the result names its exact
+        version (what the next phase records as its parent) and holds the model itself (what it
+        starts from). The rest of the records land with land(), which a study runs in the
+        background while the next round trains. Each step is recorded (phase state), so a phase
+        stopped in between does only what is missing: the end-of-phase metrics go through the
+        courier, which sends a step only once."""
         settings, out_dir, last = self.settings, self.setup.out_dir, progress.last
         reason = progress.stopped or "completed"
         if progress.stopped:
@@ -453,14 +503,15 @@ class RunKeeper:
         best_path = self._best_model_file(progress)
         # The best model learns the phase's real last epoch (an early stop ends before the
         # plan's), so the next phase's global epochs follow on from it.
-        dataclasses.replace(Bundle.load(best_path), last_epoch=last.epoch).save(best_path)
+        best = dataclasses.replace(Bundle.load(best_path), last_epoch=last.epoch)
+        best.save(best_path)
         copy_atomic(best_path, out_dir / "best_model_combined.pth")
         final = self.setup.bundle(snapshot.weights, last.epoch, last.val.loss, self.run_id)
         final.save(out_dir / "final_model.pth")
         for name in outputs.FINAL_FILES:
             self.courier.artifact(out_dir / name)
-        best = {tracking.BEST_MODEL_EPOCH: progress.best_epoch}
-        self.courier.tags({tracking.PHASE_STATE: "trained", "stop_reason": reason} | best)
+        best_epoch = {tracking.BEST_MODEL_EPOCH: progress.best_epoch}
+        self.courier.tags({tracking.PHASE_STATE: "trained", "stop_reason": reason} | best_epoch)
         summary = {
             "best_val_loss": progress.best_val,
             "best_epoch": progress.best_epoch,
@@ -468,31 +519,59 @@ class RunKeeper:
             "peak_memory_mb": outputs.peak_memory_mb(device),
         }
         self.courier.metrics(summary, last.epoch)
-        if not self.courier.drain(self.options.max_outage):
-            raise TrackingError(
-                f"the tracking server at {tracking.redacted_uri()} stayed away after "
-                f"{settings.run_name} finished training: its "
-                f"files are in {out_dir}; run the same command again to register it"
+        try:
+            self.courier.still_mine()
+            version, model_id = tracking.reserve_version(
+                self.run_id, settings.registered_model, self._version_tags(progress), self._new_run
             )
+        except TrackingError:
+            if tracking.server_is_up():
+                raise
+            # The store is away: wait for it as the courier does (a reserve it cut off is
+            # found again: nothing is made twice), then once more.
+            self._drained(progress)
+            self.courier.still_mine()
+            version, model_id = tracking.reserve_version(
+                self.run_id, settings.registered_model, self._version_tags(progress)
+            )
+        self._landing = (progress, best_path, version, model_id)
+        model_uri = f"models:/{settings.registered_model}/{version}"
+        kw = {"stop_reason": reason, "model_uri": model_uri, "version": version, "model": best}
+        return self._result("registered", progress, **kw)
+
+    def land(self) -> None:
+        """The rest of finish once the courier has delivered the phase's files: the model into
+        its version, aliases and descriptions, the run tagged registered and ended FINISHED."""
+        progress, best_path, version, model_id = self._landing
+        settings = self.settings
+        self._drained(progress)
         self.courier.still_mine()
-        version = self._register(progress, best_path)
+        name, parent = settings.registered_model, self.setup.start.parent_uri or ""
+        tracking.complete_version(
+            self.run_id,
+            best_path,
+            name,
+            version,
+            model_id,
+            [f"phase-{settings.phase}", settings.alias()],
+            self._version_tags(progress),
+            step=progress.best_epoch or 0,  # the logged model shows the run's metrics of that epoch
+        )
+        tracking.describe_model(name, version, Bundle.load(best_path), parent)
         self.courier.still_mine()
         done = {tracking.PHASE_STATE: "registered", "model_version": version}
         tracking.set_run_tags(self.run_id, done | {tracking.PAUSED_AT: ""})
         kill_point("tagged-registered")
         release_run(self.run_id, "FINISHED", self.courier)
         kill_point("ended")
-        model_uri = f"models:/{settings.registered_model}/{version}"
+        model_uri = f"models:/{name}/{version}"
         log.info(
             f"[{settings.run_name}] done: best val {progress.best_val:.4f} at epoch "
             f"{progress.best_epoch}; run {self.run_id}; registered {model_uri} (alias "
-            f"{settings.alias()}); outputs in {out_dir}"
+            f"{settings.alias()}); outputs in {self.setup.out_dir}"
         )
         if settings.phase < N_PHASES and self.options.hint_next:
             log.info(outputs.next_phase_hint(settings, model_uri))
-        return self._result(
-            "registered", progress, stop_reason=reason, model_uri=model_uri, version=version
-        )
 
     def _best_model_file(self, progress: Progress, required: bool = True) -> Path | None:
         """best_model.pth of the phase's best epoch in this folder, whatever path the phase took
@@ -536,28 +615,28 @@ class RunKeeper:
             return None
         return bundle if (bundle.run_id, bundle.epoch) == (self.run_id, epoch) else None
 
-    def _register(self, progress: Progress, best_path: Path) -> str:
+    def _drained(self, progress: Progress) -> None:
+        """Everything queued is delivered, or the server stayed away too long (an error)."""
+        if not self.courier.drain(self.options.max_outage):
+            raise TrackingError(
+                f"the tracking server at {tracking.redacted_uri()} stayed away after "
+                f"{self.settings.run_name} finished training: its files are in "
+                f"{self.setup.out_dir}; run the same command again to register it"
+            )
+
+    def _version_tags(self, progress: Progress) -> dict[str, Any]:
         settings, parent = self.settings, self.setup.start.parent_uri or ""
-        version = tracking.register_phase_model(
-            self.run_id,
-            best_path,
-            settings.registered_model,
-            [f"phase-{settings.phase}", settings.alias()],
-            {
-                "run_id": self.run_id,
-                "phase": settings.phase,
-                "seed": settings.seed,
-                "strategy": settings.strategy,
-                "variant": settings.variant_name,
-                "preset": settings.preset,
-                "val_loss": progress.best_val,
-                "best_epoch": progress.best_epoch,
-                "continued_from": parent.removeprefix("models:/"),
-            },
-            step=progress.best_epoch,  # the logged model shows the run's metrics of that epoch
-        )
-        tracking.describe_model(settings.registered_model, version, Bundle.load(best_path), parent)
-        return version
+        return {
+            "run_id": self.run_id,
+            "phase": settings.phase,
+            "seed": settings.seed,
+            "strategy": settings.strategy,
+            "variant": settings.variant_name,
+            "preset": settings.preset,
+            "val_loss": progress.best_val,
+            "best_epoch": progress.best_epoch,
+            "continued_from": parent.removeprefix("models:/"),
+        }
 
     def _result(self, status: str, progress: Progress, **kw: Any) -> PhaseResult:
         settings = self.settings

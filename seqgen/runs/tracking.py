@@ -815,10 +815,11 @@ def run_params(run_id: str) -> dict[str, str]:
 
 
 @_store_call("log a run's params")
-def log_params_once(run_id: str, params: dict[str, Any]) -> None:
+def log_params_once(run_id: str, params: dict[str, Any], new_run: bool = False) -> None:
     """Log settings not on the run yet: `mlflow run` logged its -P values there, and a resumed
-    phase logged them when it started (logging a key again with another value fails)."""
-    existing = _client().get_run(run_id).data.params
+    phase logged them when it started (logging a key again with another value fails). new_run:
+    a run this process made, which has none."""
+    existing = {} if new_run else _client().get_run(run_id).data.params
     new = [
         Param(k, "None" if v is None else str(v)) for k, v in params.items() if k not in existing
     ]
@@ -916,41 +917,97 @@ def register_phase_model(
     version_tags: dict[str, Any],
     step: int = 0,
 ) -> str:
-    """Log the best bundle as the run's model (log_phase_model) and register it, once per run:
-    a rerun after a failure finds the version this run registered and only sets what is missing
-    (aliases, tags). The version's source is the logged model (models:/m-<id>), so the run's
-    "Logged models", the experiment's Models tab and the registry link to one another. No
-    fluent run state is used, so this works from any thread or process. Returns the version."""
+    """Log the best bundle as the run's model and register it, once per run (reserve_version,
+    then complete_version); returns the version."""
+    version, model_id = reserve_version(run_id, name, version_tags)
+    complete_version(run_id, bundle_path, name, version, model_id, aliases, version_tags, step)
+    return version
+
+
+_MADE: set[tuple[str, str]] = set()  # (store, registered model) made or found: not made again
+
+
+@_store_call("register the model")
+def reserve_version(
+    run_id: str,
+    name: str,
+    version_tags: dict[str, Any],
+    new_run: tuple[str, dict[str, Any], dict[str, Any]] | None = None,
+) -> tuple[str, str]:
+    """The version of `name` this run's model is registered as, and its LoggedModel's id: the
+    one this run registered before (a rerun after a failure), else a new version made from a
+    new, still empty LoggedModel of the run (models:/m-<id>), with its tags. A few quick calls,
+    so the next phase can record its parent's exact version while complete_version, which
+    takes seconds, lands in the background. new_run: (experiment, params, tags) of a run this
+    process made, which has no model or version yet: nothing is looked for. No fluent run state
+    is used, so this works from any thread or process."""
     client = _client()
-    mine = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if mine:
-        version = str(min(int(v.version) for v in mine))
+    if new_run is None:
+        mine = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if mine:
+            first = min(mine, key=lambda v: int(v.version))
+            return str(first.version), (first.source or "").removeprefix("models:/")
+        model_id = _run_model(client, run_id)
     else:
-        model_id = log_phase_model(run_id, bundle_path, step)
-        kill_point("model-logged")
+        experiment, params, tags = new_run
+        model_id = client.create_logged_model(
+            experiment,
+            name=MODEL_NAME_IN_RUN,
+            source_run_id=run_id,
+            params={k: str(v) for k, v in params.items()},
+            tags={k: str(tags[k]) for k in ("strategy", "phase", "seed") if k in tags},
+        ).model_id
+    kill_point("model-logged")
+    if (mlflow.get_tracking_uri(), name) not in _MADE:
         try:
             client.create_registered_model(name)
         except MlflowException:  # it exists (made by an earlier phase or another process)
             pass
-        made = client.create_model_version(
-            name, f"models:/{model_id}", run_id=run_id, model_id=model_id
-        )
-        version = str(made.version)
-        kill_point("version-created")
-    _link_logged_model(client, name, version)
+        _MADE.add((mlflow.get_tracking_uri(), name))
+    tags = {k: str(v) for k, v in version_tags.items()}
+    made = client.create_model_version(
+        name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id
+    )
+    kill_point("version-created")
+    return str(made.version), model_id
+
+
+@_store_call("register the model")
+def complete_version(
+    run_id: str,
+    bundle_path: Path,
+    name: str,
+    version: str,
+    model_id: str,
+    aliases: list[str],
+    version_tags: dict[str, Any],
+    step: int = 0,
+) -> None:
+    """What reserve_version left to do, each part only when missing (a rerun after a failure
+    does the rest): the bundle into the LoggedModel (the pyfunc from code, the bundle its only
+    artifact, at `step`, the best epoch, so the model shows the run's metrics of that epoch),
+    the model's link to the version, the aliases and the version's tags. The version's source
+    is the logged model (models:/m-<id>), so the run's "Logged models", the experiment's Models
+    tab and the registry link to one another."""
+    client = _client()
+    if model_id.startswith("m-") and client.get_logged_model(model_id).status != (
+        LoggedModelStatus.READY
+    ):
+        _fill_model(client, run_id, model_id, bundle_path, step)
+    mv = client.get_model_version(name, version)
+    _link_logged_model(client, name, version, mv.source)
     for alias in aliases:
         despite_races(client.set_registered_model_alias, name, alias, version)
     kill_point("aliases-set")
     for key, value in version_tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
-    return version
+        if mv.tags.get(key) != str(value):  # versions made before their tags came with them
+            client.set_model_version_tag(name, version, key, str(value))
 
 
-def _link_logged_model(client: MlflowClient, name: str, version: str) -> None:
+def _link_logged_model(client: MlflowClient, name: str, version: str, source: str) -> None:
     """The logged model learns the versions made from it (tag mlflow.modelVersions, what
     mlflow.register_model sets; the sqlite registry keeps no model_id of a version, only its
     source models:/m-<id>), so the Models tab and the run's model link to the registry."""
-    source = client.get_model_version(name, version).source
     if not source.startswith("models:/m-"):
         return  # a version of an earlier seqgen, logged as the run's artifacts
     model = client.get_logged_model(source.removeprefix("models:/"))
@@ -973,20 +1030,17 @@ def _signature(bundle_path: Path) -> ModelSignature:
     )
 
 
-def log_phase_model(run_id: str, bundle_path: Path, step: int = 0) -> str:
-    """The bundle as an MLflow 3 LoggedModel of the run (the pyfunc from code, the bundle its
-    only artifact), in the run's experiment, at `step` (the best epoch: the model shows the
-    run's metrics of that epoch); returns its id. A model this run logged before whose upload
-    finished is reused, so a retry logs none twice."""
-    client = _client()
+def _run_model(client: MlflowClient, run_id: str) -> str:
+    """The id of the run's LoggedModel: one it made before (filled or not: a retry makes none
+    twice), else a new, empty one in the run's experiment."""
     run = client.get_run(run_id)
     found = client.search_logged_models(
         [run.info.experiment_id],
         filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME_IN_RUN}'",
     )
-    ready = [m for m in found if m.status == LoggedModelStatus.READY]
-    if ready:
-        return ready[0].model_id
+    usable = [m for m in found if m.status != LoggedModelStatus.FAILED]
+    if usable:
+        return min(usable, key=lambda m: m.status != LoggedModelStatus.READY).model_id
     model = client.create_logged_model(
         run.info.experiment_id,
         name=MODEL_NAME_IN_RUN,
@@ -994,6 +1048,13 @@ def log_phase_model(run_id: str, bundle_path: Path, step: int = 0) -> str:
         params=dict(run.data.params),
         tags={k: run.data.tags[k] for k in ("strategy", "phase", "seed") if k in run.data.tags},
     )
+    return model.model_id
+
+
+def _fill_model(
+    client: MlflowClient, run_id: str, model_id: str, bundle_path: Path, step: int
+) -> None:
+    """The bundle into the LoggedModel `model_id` of the run, which becomes READY."""
     with warnings.catch_warnings():  # the signature is given; no input example needed
         warnings.filterwarnings("ignore", message=".*input example.*")
         # pyfunc.log_model is this call without run_id: it logs to the fluent active run only
@@ -1002,7 +1063,7 @@ def log_phase_model(run_id: str, bundle_path: Path, step: int = 0) -> str:
             name=MODEL_NAME_IN_RUN,
             flavor=mlflow.pyfunc,
             run_id=run_id,
-            model_id=model.model_id,
+            model_id=model_id,
             step=step,
             python_model=str(PYFUNC_CODE),
             artifacts={"bundle": str(bundle_path)},
@@ -1011,7 +1072,8 @@ def log_phase_model(run_id: str, bundle_path: Path, step: int = 0) -> str:
             pip_requirements=_requirements(),
             flavor_name="pyfunc.ModelFromCode",
         )
-    return model.model_id
+    if client.get_logged_model(model_id).status != LoggedModelStatus.READY:
+        client.finalize_logged_model(model_id, LoggedModelStatus.READY)
 
 
 @_store_call("register the ensemble")
@@ -1061,7 +1123,7 @@ def register_ensemble(
         name, f"models:/{model.model_id}", run_id=run_id, model_id=model.model_id
     )
     version = str(made.version)
-    _link_logged_model(client, name, version)
+    _link_logged_model(client, name, version, made.source)
     despite_races(client.set_registered_model_alias, name, alias, version)
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, str(value))
@@ -1204,12 +1266,15 @@ def model_source(uri: str, bundle_run_id: str | None = None) -> dict[str, str]:
 
 
 @_store_call("record the dataset input")
-def log_dataset(run_id: str, folder: str | Path, fingerprint: str, sizes: dict[str, int]) -> None:
+def log_dataset(
+    run_id: str, folder: str | Path, fingerprint: str, sizes: dict[str, int], new_run: bool = False
+) -> None:
     """The run's data as an MLflow dataset input (once): named after the folder, the folder as
     source, the content fingerprint as digest, the split sizes as a small table and as tags.
-    The runs table's Dataset column shows it; the data itself is not uploaded."""
+    The runs table's Dataset column shows it; the data itself is not uploaded. new_run: a run
+    this process made, which has none."""
     client = _client()
-    if client.get_run(run_id).inputs.dataset_inputs:  # a resumed run logged it when it started
+    if not new_run and client.get_run(run_id).inputs.dataset_inputs:  # a resumed run has it
         return
     folder = Path(folder).resolve()
     summary = pd.DataFrame({"split": list(sizes), "samples": [float(n) for n in sizes.values()]})

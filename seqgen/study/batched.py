@@ -12,14 +12,16 @@ README (benchmarks/study_stacked.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import time
 
 from seqgen.config import PhaseSettings
 from seqgen.errors import SeqgenError
+from seqgen.model.bundle import Bundle
 from seqgen.runs import tracking
-from seqgen.runs.keeper import PhaseResult, RunOptions
+from seqgen.runs.keeper import Landings, PhaseResult, RunOptions
 from seqgen.study.board import (
     Chain,
     ChainOutcome,
@@ -122,28 +124,46 @@ def train_study(chains, phases, preset, overrides, options, data, study_run, out
 
 def train_chains(chains, phases, preset, overrides, options, data, done) -> dict[str, str]:
     """Phase by phase: every chain's phase p, the chains of one model shape and data as one
-    stack, each continuing from the exact version its own phase p-1 registered. done[chain]
-    collects each chain's results; a chain whose training diverged ends there, the others go on:
-    {chain: why} for those."""
+    stack, each continuing from the exact version its own phase p-1 registered, from that model
+    in memory: a round's records (model files, registration, descriptions) land in the
+    background while the next round trains (keeper.Landings). done[chain] collects each
+    chain's results; a chain whose training diverged ends there, the others go on: {chain: why}
+    for those."""
     previous = {c.name: overrides.get("existing_model") for c in chains}
+    models: dict[str, Bundle | None] = {c.name: None for c in chains}  # previous[c.name]'s model
     failed: dict[str, str] = {}
-    for phase in phases:
-        members = [
-            (c, c.settings(phase, preset, overrides | {"existing_model": previous[c.name]}))
-            for c in chains
-            if c.name not in failed
-        ]
-        for group in stacks(members):
-            settings = [s for _, s in group]
-            results = train_phases(settings, options, data[settings[0].data_dir])
-            for (chain, _), result in zip(group, results, strict=True):
-                if result.status == "failed":
-                    failed[chain.name] = f"failed: {result.stop_reason}"
-                    continue
-                phase_done(options.chain_runs[result.strategy, result.seed], result)
-                previous[chain.name] = result.model_uri
-                done[chain.name].append(result)
+    landings = Landings()
+    options = dataclasses.replace(options, landings=landings)
+    try:
+        for phase in phases:
+            landings.check()
+            members = [
+                (c, c.settings(phase, preset, overrides | {"existing_model": previous[c.name]}))
+                for c in chains
+                if c.name not in failed
+            ]
+            for group in stacks(members):
+                settings = [s for _, s in group]
+                parents = [models[chain.name] for chain, _ in group]
+                results = train_phases(settings, options, data[settings[0].data_dir], parents)
+                for (chain, _), result in zip(group, results, strict=True):
+                    if result.status == "failed":
+                        failed[chain.name] = f"failed: {result.stop_reason}"
+                        continue
+                    previous[chain.name], models[chain.name] = result.model_uri, result.model
+                    done[chain.name].append(result)
+                # after the round's records (no step mirrored twice), in the background too
+                landings.submit(functools.partial(chains_done, options.chain_runs, results))
+        landings.wait()
+    finally:
+        landings.close()
     return failed
+
+
+def chains_done(chain_runs: dict[tuple[str, int], str], results: list[PhaseResult]) -> None:
+    for result in results:
+        if result.status != "failed":
+            phase_done(chain_runs[result.strategy, result.seed], result)
 
 
 def stacks(members: list[tuple[Chain, PhaseSettings]]) -> list[list[tuple[Chain, PhaseSettings]]]:

@@ -13,7 +13,9 @@ today.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,10 +38,13 @@ def _per_member(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _adamw_group(lr: float, weight_decay: float, n_params: int) -> dict:
     """torch.optim.AdamW's param_group, as its state_dict() writes it for a single model."""
+    return copy.deepcopy(_adamw_group_of(n_params)) | {"lr": lr, "weight_decay": weight_decay}
+
+
+@functools.cache  # a new torch optimiser takes about 25 ms, and every checkpoint of a member asks
+def _adamw_group_of(n_params: int) -> dict:
     placeholders = [torch.nn.Parameter(torch.zeros(0)) for _ in range(n_params)]
-    optimizer = torch.optim.AdamW(
-        placeholders, lr=lr, weight_decay=weight_decay, betas=BETAS, eps=EPS
-    )
+    optimizer = torch.optim.AdamW(placeholders, lr=1e-3, weight_decay=0.0, betas=BETAS, eps=EPS)
     return optimizer.state_dict()["param_groups"][0]
 
 

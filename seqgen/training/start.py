@@ -110,15 +110,23 @@ class Setup:
         self.parts = split_tensors(self.data, self.start, self.device)
 
 
-def prepare(settings: PhaseSettings, data: SequenceData | None = None) -> Setup:
-    """Data, starting point, identity and device: every check on input happens here."""
-    tracking.check_tracking_store()
+def prepare(
+    settings: PhaseSettings,
+    data: SequenceData | None = None,
+    parent: Bundle | None = None,
+    exp_id: str | None = None,
+) -> Setup:
+    """Data, starting point, identity and device: every check on input happens here. parent:
+    the model that settings.continues_from names, in memory (else read from the store);
+    exp_id: the experiment, the store checked already (a stack's other members)."""
+    if exp_id is None:
+        tracking.check_tracking_store()
     forced_cpu_precision()  # a bad SEQGEN_CPU_PRECISION fails here, before any run exists
     data = load_phase_data(settings, data)
     settings = resolve_variant(settings, data.fingerprint)
-    start = resolve_start(settings, data)
+    start = resolve_start(settings, data, parent)
     ident = identity(settings, start, data.fingerprint)
-    exp_id = tracking.experiment_id()
+    exp_id = exp_id or tracking.experiment_id()
     tracking.check_can_log(exp_id, [settings.registered_model])  # before training, not after
     return Setup(settings, data, start, ident, phase_key(ident), exp_id, choose_device(settings))
 
@@ -157,10 +165,12 @@ def data_split(settings: PhaseSettings, data: SequenceData) -> Split:
     )
 
 
-def resolve_start(settings: PhaseSettings, data: SequenceData) -> Start:
+def resolve_start(
+    settings: PhaseSettings, data: SequenceData, parent: Bundle | None = None
+) -> Start:
     """Phase 1 fits the split and statistics; a continued phase reuses its parent's."""
     if settings.continues_from:
-        return start_from_parent(settings, data)
+        return start_from_parent(settings, data, parent)
     split = data_split(settings, data)
     train = split.indices(data.files, "train")
     norm = Normalizer.fit(data.components[train], data.params[train])
@@ -203,8 +213,11 @@ def phase_key(ident: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def start_from_parent(settings: PhaseSettings, data: SequenceData) -> Start:
-    """A continued phase: the parent's exact registry version, its split, statistics and weights."""
+def start_from_parent(
+    settings: PhaseSettings, data: SequenceData, parent: Bundle | None = None
+) -> Start:
+    """A continued phase: the parent's exact registry version, its split, statistics and
+    weights (`parent`: that model in memory, whose files may still be landing in the store)."""
     parent_uri = tracking.exact_model_uri(settings.continues_from)
     hint = None
     if not settings.existing_model:
@@ -213,7 +226,8 @@ def start_from_parent(settings: PhaseSettings, data: SequenceData) -> Start:
             f"first (seqgen train --strategy {settings.strategy} --phase {settings.phase - 1} "
             f"--preset {settings.preset} --seed {settings.seed})"
         )
-    parent = tracking.load_bundle(parent_uri, hint)
+    if parent is None:
+        parent = tracking.load_bundle(parent_uri, hint)
     if not settings.existing_model and parent.data.fingerprint != data.fingerprint:
         raise ConfigError(
             f"{parent_uri} was trained on other data (fingerprint {parent.data.fingerprint}, "

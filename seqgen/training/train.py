@@ -24,7 +24,7 @@ from seqgen.config import PhaseSettings
 from seqgen.data.sequences import SequenceData
 from seqgen.errors import ConfigError, TrainingError
 from seqgen.log import progress_bar
-from seqgen.model.bundle import Checkpoint
+from seqgen.model.bundle import Bundle, Checkpoint
 from seqgen.model.generator import StreamlinedSequenceGenerator
 from seqgen.model.stacked import StackedGenerators
 from seqgen.runs.keeper import PhaseResult, RunKeeper, RunOptions, Snapshot
@@ -108,12 +108,18 @@ def train_phases(
     settings: list[PhaseSettings],
     options: RunOptions | None = None,
     data: SequenceData | None = None,
+    parents: list[Bundle | None] | None = None,
 ) -> list[PhaseResult]:
     """Train phases of one model shape side by side as one stacked model, each in its own run;
-    registered ones are skipped, interrupted ones go on from their own checkpoints."""
+    registered ones are skipped, interrupted ones go on from their own checkpoints. parents:
+    the models the phases continue, in memory (a study's previous round), else read from the
+    store."""
     options = options or RunOptions()
     check_stackable(settings)
-    setups = [prepare(s, data) for s in settings]
+    parents = parents or [None] * len(settings)
+    setups = [prepare(settings[0], data, parents[0])]  # checks the store, finds the experiment
+    exp_id = setups[0].experiment_id
+    setups += [prepare(s, data, p, exp_id) for s, p in zip(settings[1:], parents[1:], strict=True)]
     keepers = [RunKeeper.find(setup, options) for setup in setups]
     results: dict[int, PhaseResult] = {}
     results |= {i: k.skipped for i, k in enumerate(keepers) if k.skipped is not None}
@@ -152,9 +158,21 @@ def train_stack(setups: list[Setup], keepers: list[RunKeeper]) -> list[PhaseResu
                 keepers[m].epoch_done(progress, stack.member(m), improved)
                 if keepers[m].should_pause(record.epoch) and not progress.stopped:
                     results[m] = keepers[m].pause(progress)
-        for m, keeper in enumerate(keepers):
-            if m not in results:
-                results[m] = keeper.finish(stack.progress[m], stack.snapshot(m), setups[m].device)
+        ending = [m for m in range(len(keepers)) if m not in results]
+        for m in ending:
+            results[m] = keepers[m].finish(stack.progress[m], stack.snapshot(m), setups[m].device)
+        runs = running.pop_all()  # the runs stay open until their records have landed
+
+    def land() -> None:
+        with runs:  # a landing that fails ends the runs as training errors do
+            for m in ending:
+                keepers[m].land()
+
+    landings = keepers[0].options.landings
+    if landings is None:
+        land()
+    else:
+        landings.submit(land)
     return [results[m] for m in range(len(setups))]
 
 
