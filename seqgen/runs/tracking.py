@@ -785,7 +785,8 @@ def run_status(run_id: str) -> str | None:
     try:
         return _client().get_run(run_id).info.status
     except MlflowException as e:
-        if _status(e) == 404 or "RESOURCE_DOES_NOT_EXIST" in str(e):
+        # a server answers 404; a local store (sqlite, files) raises with the code alone
+        if _status(e) == 404 or e.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
 
