@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import resource
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,34 @@ COMPONENT_COLUMNS = [
     "Test Autocorr Loss",
     "Learning Rate",
 ]
+# The loss terms the original's columns name, with their labels there.
+ORIGINAL_TERMS = {"mae": "MAE", "autocorr": "Autocorr"}
+SPLIT_LABELS = {"train": "Train", "val": "Validation", "test": "Test"}
+
+
+def metrics_columns(terms: Sequence[str], components: bool) -> list[tuple[str, str]]:
+    """training_metrics.csv's columns as (header, metric key): the original's (SINGLE_COLUMNS,
+    or COMPONENT_COLUMNS when two terms or more carry weight), then a Train, Validation and Test
+    column for each term the original did not have (`Train Spectral Loss`)."""
+    columns = [("Epoch", "epoch")]
+    for split, label in SPLIT_LABELS.items():
+        columns.append((f"{label} Loss", f"{split}_loss"))
+        if components:
+            columns += [
+                (f"{label} {ORIGINAL_TERMS[t]} Loss", f"{split}_{t}")
+                for t in terms
+                if t in ORIGINAL_TERMS
+            ]
+    columns.append(("Learning Rate", "lr"))
+    for split, label in SPLIT_LABELS.items():
+        columns += [
+            (f"{label} {t.replace('_', ' ').title()} Loss", f"{split}_{t}")
+            for t in terms
+            if t not in ORIGINAL_TERMS
+        ]
+    return columns
+
+
 SETUP_FILES = ("args.json", "split.json", "normalizer.json")
 FINAL_FILES = (METRICS_CSV, "best_model.pth", "final_model.pth", "best_model_combined.pth")
 
@@ -99,9 +128,9 @@ def write_setup_files(
     return SETUP_FILES
 
 
-def write_metrics_csv(folder: Path, rows: list[list[float]], components: bool) -> None:
-    """training_metrics.csv from the epochs so far (EpochStats.csv_row of each)."""
-    columns = COMPONENT_COLUMNS if components else SINGLE_COLUMNS
+def write_metrics_csv(folder: Path, rows: list[list[float]], columns: list[str]) -> None:
+    """training_metrics.csv from the epochs so far (EpochRecord.csv_row of each), under the
+    headers of metrics_columns."""
     lines = [",".join(columns)]
     lines += [",".join([str(int(r[0]))] + [f"{v:.6g}" for v in r[1:]]) for r in rows]
     write_atomic(folder / METRICS_CSV, "\n".join(lines) + "\n")
