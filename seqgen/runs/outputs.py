@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from seqgen.config import PHASES_FILE, PhaseSettings, table
+from seqgen.config import PHASES_FILE, PhaseSettings, default_strategies, table
 from seqgen.data.sequences import Normalizer
 from seqgen.data.split import Split
 from seqgen.errors import ConfigError
@@ -144,9 +144,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def _flag(name: str, value: Any) -> str:
-    if isinstance(value, bool):
-        value = str(value).lower()
-    return f"--{name} {shlex.quote(str(value))}"
+    return f"--{name} {shlex.quote(_value(value))}"
 
 
 def next_phase_hint(s: PhaseSettings, model_uri: str | None) -> str:
@@ -170,8 +168,10 @@ def next_phase_hint(s: PhaseSettings, model_uri: str | None) -> str:
     flags = "".join(f" {_flag(k, v)}" for k, v in carried.items())
     note = f"\n  (not carried, set per phase by the table: {', '.join(dropped)})" if dropped else ""
     existing = f" --existing_model {shlex.quote(model_uri)}" if model_uri else ""
+    # the seed's strategies have entry points of their own; any strategy has `train`
+    entry = s.strategy if s.strategy in default_strategies() else f"train -P strategy={s.strategy}"
     return (
-        f"Next phase: mlflow run {here} -e {s.strategy} -P phase={s.phase + 1} "
+        f"Next phase: mlflow run {here} -e {entry} -P phase={s.phase + 1} "
         f"-P preset={s.preset} -P seed={s.seed}{params} --env-manager local\n"
         f"        or: seqgen train --strategy {s.strategy} --phase {s.phase + 1} "
         f"--preset {s.preset} --seed {s.seed}{flags}{existing}{note}"
@@ -179,6 +179,9 @@ def next_phase_hint(s: PhaseSettings, model_uri: str | None) -> str:
 
 
 def _value(v: Any) -> str:
+    """A setting as a flag or -P parameter spells it: true, 0.5, mae=0.5,spectral=0.5."""
+    if isinstance(v, dict):  # a strategy's terms, as --terms reads them
+        return ",".join(f"{k}={w!r}" for k, w in v.items())
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
