@@ -233,3 +233,31 @@ def test_checkpoints_before_named_terms_are_read():
     again = EpochRecord.from_dict(record.to_dict())
     assert again == record and again.metrics()["test_autocorr"] == 4.0
     assert again.max_grad_norm == 1.0  # as earlier checkpoints without it are read
+
+
+@pytest.mark.slow
+def test_mlflow_run_train_entry_point_takes_any_strategy(store, smoke_data, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO, subprocess_env
+
+    mlflow_cmd = str(Path(sys.executable).with_name("mlflow"))
+    args = [mlflow_cmd, "run", str(REPO), "-e", "train", "--env-manager", "local"]
+    for p in ("strategy=spectral", "phase=1", "preset=smoke", f"data_dir={smoke_data}"):
+        args += ["-P", p]
+    args += ["-P", f"outputs_root={tmp_path / 'outputs'}"]
+    proc = subprocess.run(
+        args, capture_output=True, text=True, env=subprocess_env(store), timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "Next phase: mlflow run . -e train -P strategy=spectral -P phase=2" in (
+        proc.stdout + proc.stderr
+    ).replace(str(REPO), ".")
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FINISHED" and run.info.run_name == "spectral-p1-s0"
+    assert run.data.tags["mlflow.project.entryPoint"] == "train"
+    assert {"train_spectral", "val_spectral", "test_spectral", "val_autocorr"} <= set(
+        run.data.metrics
+    )
