@@ -266,11 +266,16 @@ class PhaseSettings:
 FIELDS = {f.name: f for f in dataclasses.fields(PhaseSettings)}
 
 
+def alpha_weights(alpha: float) -> dict[str, float]:
+    """The seed's strategies: alpha * MAE + (1 - alpha) * autocorrelation."""
+    return {"mae": alpha, "autocorr": 1 - alpha}
+
+
 def strategy_weights(alpha: float | None, terms: dict[str, float] | None) -> dict[str, float]:
     """{term: weight}: `terms` where given, else mae alpha and autocorr 1 - alpha."""
     if terms is not None:
         return dict(terms)
-    return {"mae": alpha if alpha is not None else math.nan, "autocorr": 1 - (alpha or 0.0)}
+    return alpha_weights(alpha if alpha is not None else math.nan)  # load_table: one is given
 
 
 def table_weights(strategy: str, phase: int, preset: str) -> dict[str, float]:

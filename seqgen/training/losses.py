@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from seqgen.config import alpha_weights
+
 DEFAULT_MAX_LAG = 10  # the original scripts' default
 VARIANCE_FLOOR = 1e-6  # keeps r_k and its gradient finite for (near-)constant sequences
 
@@ -118,11 +120,6 @@ class LossResult:
     def columns(self) -> torch.Tensor:
         """(M, 1 + terms): the total, then the terms in the objective's order; detached."""
         return torch.stack([self.total, *self.terms.values()], dim=1).detach().float()
-
-
-def alpha_weights(alpha: float) -> dict[str, float]:
-    """The seed's strategies: alpha * MAE + (1 - alpha) * autocorrelation."""
-    return {"mae": alpha, "autocorr": 1 - alpha}
 
 
 def check_weights(weights: Mapping[str, float], where: str) -> None:
