@@ -148,7 +148,7 @@ class Objective(nn.Module):
         for m, w in enumerate(weights):
             check_weights(w, f"member {m}")
         self.names = tuple(dict.fromkeys(name for w in weights for name in w))  # first-seen order
-        # (M, terms) as Python floats, so a weight's product is the one a float times a tensor
+        # (M, terms): member m's weight of each term, 0 for a term it does not name
         self.weights = tuple(tuple(float(w.get(n, 0.0)) for n in self.names) for w in weights)
         self.max_lag = tuple(int(k) for k in max_lag)
         self._constants: dict[torch.device, tuple[torch.Tensor, list[TermSettings]]] = {}
