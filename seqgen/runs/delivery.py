@@ -139,7 +139,7 @@ class _Item:
 
 class Courier:
     """Ordered, background, exactly-once delivery of one run's records; holds its lease.
-    With `mirror_to` (a chain's run), each epoch's chain curves (tracking.CHAIN_CURVES) go there
+    With `mirror_to` (a chain's run), each epoch's chain curves (tracking.is_chain_curve) go there
     too, at the same step, right after the run's own, with the same exactly-once lookup."""
 
     def __init__(
@@ -373,7 +373,7 @@ class Courier:
             _log_once(self.run_id, metrics, step)
             kill_point("epoch-delivered")
             if self.mirror_to:
-                curves = {k: v for k, v in metrics.items() if k in tracking.CHAIN_CURVES}
+                curves = {k: v for k, v in metrics.items() if tracking.is_chain_curve(k)}
                 _log_once(self.mirror_to, curves, step)
         elif item.kind == "artifact":
             path, artifact_path = item.payload
