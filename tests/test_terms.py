@@ -2,6 +2,7 @@
 the built-in spectral strategy trains, logs every term and compares; bad weights are one line."""
 
 import csv
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -17,13 +18,17 @@ from seqgen.training.epochs import EpochRecord, Losses, per_epoch_metrics
 from seqgen.training.losses import TERMS, loss_term
 from seqgen.training.train import train_phases
 
-PEAK_SECTION = """
-[strategies.peaky]
-terms = { mae = 1.0, peak = 0.5 }
-save_every = 1
-noise_level = 0.0
-clip_grad_norm = 1.0
-"""
+README = (Path(config.__file__).parent.parent / "README.md").read_text()
+
+
+def readme_block(kind: str) -> str:
+    """The README's new loss term (Extending): its ```python or ```toml block."""
+    section = README[README.index("**A new loss term**") : README.index("**A new cell**")]
+    start = section.index(f"```{kind}\n") + len(f"```{kind}\n")
+    return section[start : section.index("```", start)]
+
+
+PEAK_SECTION = "\n" + readme_block("toml")
 
 
 REAL_TABLE = config.PHASES_FILE
@@ -49,12 +54,9 @@ def fresh_table():
 def peak_term():
     """A researcher's own term, registered as the README shows: one decorated function."""
 
-    @loss_term("peak")
-    def peak(generated, target, settings):
-        """|max over time of generated - of target|, mean over batch and components:
-        (M,B,T,K) -> (M,)."""
-        return (generated.float().amax(dim=2) - target.float().amax(dim=2)).abs().mean(dim=(1, 2))
-
+    namespace = {"loss_term": loss_term}
+    exec(readme_block("python"), namespace)  # the README's function, as a user pastes it
+    peak = namespace["peak"]
     yield peak
     TERMS.pop("peak", None)
 
