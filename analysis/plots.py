@@ -110,12 +110,13 @@ def val_loss_figure(curves: pd.DataFrame, boundaries: list[float]) -> Figure:
 
 
 def components_figure(curves: pd.DataFrame, boundaries: list[float]) -> Figure:
-    """MAE and autocorrelation components, validation (solid) and training (dashed);
-    curves (strategy, seed, key, step, value)."""
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    """Every loss term the runs logged (train_<term>: mae, autocorr, spectral, ...), validation
+    (solid) and training (dashed); curves (strategy, seed, key, step, value)."""
+    terms = {t: measures.term_label(t) for t in measures.terms_in(curves["key"].unique())}
+    fig = Figure(figsize=(6 * max(len(terms), 1), 4.5), layout="constrained")
     names = variant_order(curves["variant"].unique())
-    terms = measures.LOSS_TERMS
-    for ax, (part, label) in zip(fig.subplots(1, len(terms)), terms.items(), strict=True):
+    axes = fig.subplots(1, len(terms), squeeze=False)[0] if terms else []
+    for ax, (part, label) in zip(axes, terms.items(), strict=True):
         n = _curves(ax, curves[curves["key"] == f"val_{part}"], names)
         _curves(ax, curves[curves["key"] == f"train_{part}"], names, "--", label=False)
         _mark_phases(ax, boundaries)

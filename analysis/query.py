@@ -248,6 +248,12 @@ def _matching_phases(name: str, raw: pd.DataFrame, runs: pd.DataFrame, filters: 
     ]
     # phases logged before the edge split trained on the random one
     phase["split"] = _param(raw, "split")[phase.index].replace("", "random")
+    # the loss terms each phase logged (train_<term>): its strategy's, read from the run
+    logged = raw.loc[phase.index, [c for c in raw.columns if c.startswith("metrics.train_")]]
+    phase["terms"] = [
+        tuple(measures.terms_in(k.removeprefix("metrics.") for k, v in row.items() if pd.notna(v)))
+        for row in logged.to_dict("records")
+    ]
     if phase.empty:
         raise SelectionError(
             f"experiment {name!r} has {len(runs)} run(s) but no phase runs "
@@ -381,6 +387,13 @@ def _baselines_on_splits(raw: pd.DataFrame, runs: pd.DataFrame, ev: pd.DataFrame
     bl = bl[~bl.duplicated(["baseline", "split_fingerprint", "max_lag"], keep="last")]
     timing = {c: _metric(raw, c)[bl.index] for c in measures.FIT_METRICS}
     return bl.join(_test_metrics(raw, bl.index)).assign(**timing), excluded
+
+
+def loss_terms(phases: pd.DataFrame) -> list[str]:
+    """Every loss term the phase runs logged (their strategies' terms), in measures' order."""
+    if "terms" not in phases:
+        return list(measures.SEED_TERMS)
+    return measures.order_terms(t for terms in phases["terms"] for t in terms)
 
 
 @tracking.store_call("read metric histories")

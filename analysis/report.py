@@ -85,7 +85,8 @@ def compare(sel: query.Selection) -> Compared:
 
 def _compare(sel: query.Selection) -> Compared:
     """The selection's histories, evaluation files and every comparison drawn from them."""
-    curves = tables.stitch(query.metric_histories(list(sel.phases["run_id"])), sel.phases)
+    drawn = measures.drawn(query.loss_terms(sel.phases))  # the terms the runs logged
+    curves = tables.stitch(query.metric_histories(list(sel.phases["run_id"]), drawn), sel.phases)
     per_run = tables.per_run_table(sel.phases, sel.evaluations, curves)
     chosen = tables.latest_evaluated(sel.evaluations)
     side = tables.baselines_at_seeds(chosen, sel.baselines)
@@ -143,7 +144,8 @@ def _training_figures(c: Compared) -> Figures:
         (
             "components.png",
             plots.components_figure(curves, boundaries),
-            "MAE and autocorrelation components of the loss, comparable across strategies.",
+            "Every loss term the strategies log (weighted or only reported), comparable across "
+            "strategies.",
         ),
         (
             "schedules.png",
@@ -552,18 +554,19 @@ def _write_tables(out: Path, c: Compared) -> None:
 # ---- the report's tables -----------------------------------------------------------------------
 
 
-def _summary_columns() -> list[tuple[str, str, str, float]]:
+def _summary_columns(summary: pd.DataFrame) -> list[tuple[str, str, str, float]]:
     """(summary.csv metric, report column, the count it is over, divisor), in the report's order:
-    how training went, the test measures, what training cost."""
-    run = [(c.key, c.label, "n_seeds", c.per) for c in measures.RUN_COLUMNS if not c.cost]
-    cost = [(c.key, c.label, "n_seeds", c.per) for c in measures.RUN_COLUMNS if c.cost]
+    how training went (each loss term the runs logged), the test measures, what training cost."""
+    columns = measures.run_columns_in(summary.columns)
+    run = [(c.key, c.label, "n_seeds", c.per) for c in columns if not c.cost]
+    cost = [(c.key, c.label, "n_seeds", c.per) for c in columns if c.cost]
     test = [(f"test_{m.key}", m.label, "n_evaluated", 1.0) for m in measures.select(summary=True)]
     return run + test + cost
 
 
 def _summary_markdown(summary: pd.DataFrame) -> pd.DataFrame:
     out = summary[["variant", "phase", "n_seeds"]].rename(columns={"n_seeds": "seeds"})
-    for m, label, count, per in _summary_columns():
+    for m, label, count, per in _summary_columns(summary):
         if f"{m}_mean" in summary and summary[f"{m}_mean"].notna().any():
             out[label] = [
                 pm(a / per, b / per, k)

@@ -59,10 +59,12 @@ def _at_best(curves: pd.DataFrame, phases: pd.DataFrame, key: str) -> pd.Series:
 def per_run_table(
     phases: pd.DataFrame, evaluations: pd.DataFrame, curves: pd.DataFrame
 ) -> pd.DataFrame:
-    """One row per phase run: training numbers and, where evaluated, the test metrics."""
-    logged = [c.key for c in measures.RUN_COLUMNS if not c.at_best]
+    """One row per phase run: training numbers (each loss term the runs logged, at the best
+    epoch) and, where evaluated, the test metrics."""
+    columns = measures.run_columns(measures.terms_in(curves["key"].unique()))
+    logged = [c.key for c in columns if not c.at_best]
     rows = phases[["run_id", "variant", "phase", "seed", *logged]].copy()
-    for c in measures.RUN_COLUMNS:
+    for c in columns:
         if c.at_best:
             rows[c.key] = _at_best(curves, phases, c.at_best)
     present = [m for m in measures.logged() if m in evaluations]
@@ -72,7 +74,7 @@ def per_run_table(
 
 def summary_table(per_run: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds per strategy and phase: columns {metric}_mean, {metric}_std."""
-    run_cols = [c.key for c in measures.RUN_COLUMNS]
+    run_cols = [c.key for c in measures.run_columns_in(per_run.columns)]
     cols = [m for m in (*run_cols, *measures.logged()) if m in per_run]
     headline = f"test_{measures.HEADLINE}"
     rows = []

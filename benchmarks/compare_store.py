@@ -1,7 +1,7 @@
-"""Times `seqgen compare` on a store the size of a full study: 3 strategies x 5 phases x 3 seeds
-(45 phase runs, 100 epochs each, every per-epoch metric) plus an evaluation run per phase with
-550 test samples. The runs are logged through the MLflow API with synthetic values (training 45
-real phases at full scale takes days); the report code cannot tell the difference.
+"""Times `seqgen compare` on a store the size of a full study (the seed's 3 strategies x 5
+phases x 3 seeds: 45 phase runs, 100 epochs each, every per-epoch metric) plus an evaluation run
+per phase with 550 test samples. The runs are logged through the MLflow API with synthetic values
+(training 45 real phases at full scale takes days); the report code cannot tell the difference.
 
     python benchmarks/compare_store.py [--root /tmp/seqgen-bench-compare]
 """

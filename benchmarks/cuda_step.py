@@ -37,7 +37,7 @@ from seqgen.config import resolve  # noqa: E402
 from seqgen.model.cells.lstm import plain_recurrence  # noqa: E402
 from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator  # noqa: E402
 from seqgen.model.recurrence import autoregressive_lstm, recurrence_name  # noqa: E402
-from seqgen.training.losses import make_loss  # noqa: E402
+from seqgen.training.losses import Objective  # noqa: E402
 from seqgen.training.step import Precision, StepGraphs, choose_precision, optimizer_step  # noqa: E402
 
 T, K, P, N_TRAIN, RATIO = 151, 5, 2, 4400, 0.7
@@ -96,7 +96,7 @@ def setup(dev, settings, mixed: bool, dropout: float | None = None, seed: int = 
 
 
 def check_graph_equals_eager(dev, settings) -> None:
-    loss_fn = make_loss(settings.alpha, settings.max_lag)
+    loss_fn = Objective([settings.weights], [settings.max_lag])
     g = torch.Generator(device="cpu").manual_seed(1)
     batch = [(torch.randn(32, P, generator=g).to(dev), torch.randn(32, T, K, generator=g).to(dev))]
     for mixed in (False, True):
@@ -117,7 +117,7 @@ def check_graph_equals_eager(dev, settings) -> None:
 
 
 def check_scaler_through_graph(dev, settings) -> None:
-    loss_fn = make_loss(settings.alpha, settings.max_lag)
+    loss_fn = Objective([settings.weights], [settings.max_lag])
     model, optimizer, precision = setup(dev, settings, mixed=True)
     precision = Precision(dev, torch.float16, torch.amp.GradScaler("cuda", init_scale=2.0**60), "")
     graphs = StepGraphs(model, loss_fn, precision, settings.noise_level)
@@ -146,7 +146,7 @@ def check_scaler_through_graph(dev, settings) -> None:
 
 def time_epoch(dev, settings, mixed: bool, graphed: bool) -> float:
     """Seconds of the second of two epochs of the trainer's loop over 4,400 sequences."""
-    loss_fn = make_loss(settings.alpha, settings.max_lag)
+    loss_fn = Objective([settings.weights], [settings.max_lag])
     model, optimizer, precision = setup(dev, settings, mixed)
     graphs = StepGraphs(model, loss_fn, precision, settings.noise_level) if graphed else None
     params, targets = torch.randn(N_TRAIN, P, device=dev), torch.randn(N_TRAIN, T, K, device=dev)

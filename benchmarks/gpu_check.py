@@ -147,7 +147,7 @@ def stack_setup(M: int, cpu: bool, seed: int = 0):
     from seqgen.config import resolve
     from seqgen.model.generator import ModelConfig
     from seqgen.model.stacked import StackedGenerators
-    from seqgen.training.losses import StackedStrategies
+    from seqgen.training.losses import Objective
     from seqgen.training.stacked_step import StackedAdamW, stacked_precision
     from seqgen.training.step import choose_precision
 
@@ -155,7 +155,7 @@ def stack_setup(M: int, cpu: bool, seed: int = 0):
     torch.manual_seed(seed)
     cfg = ModelConfig(5, 2, size["hidden"], s.num_layers, s.dropout)
     model = StackedGenerators(cfg, M).to(dev).train()
-    loss_fn = StackedStrategies([s.alpha] * M, [s.max_lag] * M)
+    loss_fn = Objective([s.weights] * M, [s.max_lag] * M)
     optimizer = StackedAdamW(list(model.parameters()), [s.start_lr] * M, [s.weight_decay] * M)
     precision = stacked_precision(choose_precision(dev, dev.type == "cuda"), M)
     return s, model, loss_fn, optimizer, precision

@@ -31,7 +31,7 @@ from seqgen.config import resolve  # noqa: E402
 from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator  # noqa: E402
 from seqgen.model.recurrence import uses_native  # noqa: E402
 from seqgen.model.stacked import StackedGenerators  # noqa: E402
-from seqgen.training.losses import StackedStrategies, make_loss  # noqa: E402
+from seqgen.training.losses import Objective  # noqa: E402
 from seqgen.training.stacked_step import (  # noqa: E402
     StackedAdamW,
     StackedStepGraphs,
@@ -86,7 +86,7 @@ def stacked_seconds(dev, members: int, mixed: bool, graphed: bool, steps: int) -
     model = StackedGenerators(config(), members).to(dev).train()
     lr, wd = [S.start_lr] * members, [S.weight_decay] * members
     optimizer = StackedAdamW(list(model.parameters()), lr, wd)
-    loss_fn = StackedStrategies([S.alpha] * members, [S.max_lag] * members)
+    loss_fn = Objective([S.weights] * members, [S.max_lag] * members)
     precision = stacked_precision(choose_precision(dev, mixed), members)
     graphs = StackedStepGraphs(model, loss_fn, optimizer, precision) if graphed else None
     generators = [sampling_generator(seed, 0, dev) for seed in range(members)]
@@ -112,7 +112,7 @@ def stacked_seconds(dev, members: int, mixed: bool, graphed: bool, steps: int) -
 
 def singles_seconds(dev, members: int, mixed: bool, graphed: bool, steps: int) -> float:
     """One round: a step of each of M single models, today's optimizer_step."""
-    loss_fn = make_loss(S.alpha, S.max_lag)
+    loss_fn = Objective([S.weights], [S.max_lag])
     chains = []
     for seed in range(members):
         torch.manual_seed(seed)

@@ -77,7 +77,7 @@ def stacked_epoch_seconds(M: int, s, cfg, device: torch.device, precision) -> fl
     """Wall seconds of one stacked epoch of M members (the second of two: graphs captured and
     kernels compiled in the first)."""
     from seqgen.model.stacked import StackedGenerators
-    from seqgen.training.losses import StackedStrategies
+    from seqgen.training.losses import Objective
     from seqgen.training.stacked_step import (
         StackedAdamW,
         StackedStepGraphs,
@@ -90,7 +90,7 @@ def stacked_epoch_seconds(M: int, s, cfg, device: torch.device, precision) -> fl
     n_train, n_eval, B, T = 4400, 550, s.batch_size, 151
     torch.manual_seed(0)
     model = StackedGenerators(cfg, M).to(device).train()
-    loss_fn = StackedStrategies([s.alpha] * M, [s.max_lag] * M)
+    loss_fn = Objective([s.weights] * M, [s.max_lag] * M)
     opt = StackedAdamW(list(model.parameters()), [s.start_lr] * M, [s.weight_decay] * M)
     prec = stacked_precision(precision, M)
     graphed = cuda_graphs_wanted(device, 1)

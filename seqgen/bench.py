@@ -21,7 +21,7 @@ from seqgen.data.synth import N_SNAPSHOTS
 from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
 from seqgen.model.recurrence import gemm_plan, recurrence_name, run_gemms
 from seqgen.model.stacked import StackedGenerators
-from seqgen.training.losses import StackedStrategies, make_loss
+from seqgen.training.losses import Objective
 from seqgen.training.stacked_step import StackedAdamW, stacked_precision, stacked_step
 from seqgen.training.step import (
     choose_precision,
@@ -72,7 +72,7 @@ class LSTMCellLoop(nn.Module):
 def _training_step(model, settings, precision):
     """One plain optimiser step of a single model (the nn.LSTMCell reference) on a fixed random
     batch, as a function of no arguments."""
-    loss_fn = make_loss(settings.alpha, settings.max_lag)
+    loss_fn = Objective([settings.weights], [settings.max_lag])
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.start_lr, weight_decay=settings.weight_decay
     )
@@ -92,7 +92,7 @@ def _trainer_step(cfg: ModelConfig, settings, precision, members: int):
     torch.manual_seed(0)
     dev, M, B = precision.device, members, settings.batch_size
     model = StackedGenerators(cfg, M).to(dev).train()
-    loss_fn = StackedStrategies([settings.alpha] * M, [settings.max_lag] * M)
+    loss_fn = Objective([settings.weights] * M, [settings.max_lag] * M)
     optimizer = StackedAdamW(
         list(model.parameters()), [settings.start_lr] * M, [settings.weight_decay] * M
     )

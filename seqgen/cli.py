@@ -50,7 +50,7 @@ def check_ints(**values: int | None) -> None:
 
 def _click_type(name: str):
     kind, _ = config._field_kind(name)
-    return {int: int, float: click.FLOAT, str: str, bool: bool}[kind]
+    return {int: int, float: click.FLOAT, str: str, bool: bool, dict: str}[kind]  # dict: --terms
 
 
 def setting_options(fn):
@@ -244,7 +244,12 @@ def train(
 
 
 @main.command()
-@click.option("--strategy", required=True, help="a strategy, several (mae,combined) or all")
+@click.option(
+    "--strategy",
+    required=True,
+    help="a strategy, several (mae,spectral), all (the table's default_strategies: mae, "
+    "autocorr, combined) or all-table (every strategy of the table)",
+)
 @click.option("--phases", default="1-5", show_default=True, help="a range such as 1-5 or 3-5")
 @click.option("--seeds", default="0", show_default=True, help="comma-separated seeds")
 @preset_option
@@ -284,7 +289,13 @@ def pipeline(
 
 
 @main.command()
-@click.option("--strategy", default="all", show_default=True, help="all, or a list: mae,combined")
+@click.option(
+    "--strategy",
+    default="all",
+    show_default=True,
+    help="all (the table's default_strategies: mae, autocorr, combined), all-table (every "
+    "strategy of the table, spectral too) or a list: mae,spectral",
+)
 @click.option("--seeds", default="0,1,2", show_default=True, help="comma-separated seeds")
 @click.option("--phases", default="1-5", show_default=True, help="a range such as 1-5 or 3-5")
 @preset_option
@@ -404,7 +415,8 @@ def study(
 @retrain_option
 @_clean_errors
 def demo(data_dir, preset, seeds, report_dir, split_kind, edge_fraction, retrain):
-    """The main job: Burgers data if missing, 3 strategies x 5 phases, evaluation and report."""
+    """The main job: Burgers data if missing, the table's default strategies (mae, autocorr,
+    combined) x 5 phases, evaluation and report."""
     from seqgen.study.chain import parse_seeds
     from seqgen.study.demo import run_demo
 

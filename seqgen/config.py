@@ -114,8 +114,17 @@ class PhaseSettings:
     teacher_forcing_start: float = _doc("teacher-forcing ratio at the phase start")
     teacher_forcing_end: float = _doc("teacher-forcing ratio floor at the phase end")
     noise_level: float = _doc("std of Gaussian noise on the model inputs")
-    # loss: alpha * MAE + (1 - alpha) * autocorrelation over lags 1..max_lag
-    alpha: float = _doc("weight of MAE in the loss; the rest is the autocorrelation term")
+    # loss: weights over the terms of seqgen/training/losses.py, or alpha for mae/autocorr
+    alpha: float | None = _doc(
+        "weight of MAE in the loss; the rest is the autocorrelation term (a strategy weighted "
+        "by alpha: mae, autocorr, combined)",
+        default=None,
+    )
+    terms: dict[str, float] | None = _doc(
+        "weights over loss terms, mae=0.5,spectral=0.5 (a weight of 0: computed and logged, not "
+        "trained), for a strategy that weighs terms in the table instead of alpha",
+        default=None,
+    )
     max_lag: int = _doc("lags 1..max_lag of the autocorrelation term (reported by every strategy)")
     # machinery
     mixed_precision: bool = _doc("fp16+GradScaler on CUDA, bf16 on capable CPUs", default=True)
@@ -145,9 +154,23 @@ class PhaseSettings:
     max_nonfinite_steps: int = _doc("consecutive non-finite steps before the run fails", default=20)
 
     @property
+    def weights(self) -> dict[str, float]:
+        """What the loss trains: {term: weight} over seqgen/training/losses.py's terms, from
+        `terms`, else from alpha (mae: alpha, autocorr: 1 - alpha). A weight of 0: reported."""
+        return strategy_weights(self.alpha, self.terms)
+
+    @property
     def loss_name(self) -> str:
         """The original's name of the loss, from alpha: 100mae, 100auto, 50mae_50auto,
-        30mae_70auto (a percentage that is not whole keeps its digits: 30.5mae_69.5auto)."""
+        30mae_70auto (a percentage that is not whole keeps its digits: 30.5mae_69.5auto); from
+        the weighted terms of a strategy that weighs terms: 50mae_50spectral."""
+        if self.terms is not None:
+            return "_".join(
+                f"{round(100 * w, 6):g}{'auto' if t == 'autocorr' else t}"
+                for t, w in self.terms.items()
+                if w > 0
+            )
+        assert self.alpha is not None  # validate() checked
         mae = round(100 * self.alpha, 6)
         if mae == 100 or mae == 0:
             return "100mae" if mae == 100 else "100auto"
@@ -175,8 +198,8 @@ class PhaseSettings:
 
     @property
     def trains_two_terms(self) -> bool:
-        """Both loss terms carry weight: the CSV gets the combined script's component columns."""
-        return 0.0 < self.alpha < 1.0
+        """Two terms or more carry weight: the CSV gets the combined script's component columns."""
+        return sum(w > 0 for w in self.weights.values()) >= 2
 
     @property
     def run_name(self) -> str:
@@ -219,11 +242,7 @@ class PhaseSettings:
             (
                 name
                 for name in strategies()
-                if math.isclose(
-                    resolve_table_value("alpha", name, self.phase, self.preset),
-                    self.alpha,
-                    abs_tol=1e-12,
-                )
+                if same_weights(table_weights(name, self.phase, self.preset), self.weights)
             ),
             None,
         )
@@ -249,6 +268,31 @@ class PhaseSettings:
 
 FIELDS = {f.name: f for f in dataclasses.fields(PhaseSettings)}
 
+
+def alpha_weights(alpha: float) -> dict[str, float]:
+    """The seed's strategies: alpha * MAE + (1 - alpha) * autocorrelation."""
+    return {"mae": alpha, "autocorr": 1 - alpha}
+
+
+def strategy_weights(alpha: float | None, terms: dict[str, float] | None) -> dict[str, float]:
+    """{term: weight}: `terms` where given, else mae alpha and autocorr 1 - alpha."""
+    if terms is not None:
+        return dict(terms)
+    return alpha_weights(alpha if alpha is not None else math.nan)  # load_table: one is given
+
+
+def table_weights(strategy: str, phase: int, preset: str) -> dict[str, float]:
+    """The weights the table gives a strategy's phase."""
+    return strategy_weights(
+        resolve_table_value("alpha", strategy, phase, preset),
+        resolve_table_value("terms", strategy, phase, preset),
+    )
+
+
+def same_weights(a: dict[str, float], b: dict[str, float]) -> bool:
+    return a.keys() == b.keys() and all(math.isclose(a[k], b[k], abs_tol=1e-12) for k in a)
+
+
 # Settings that do not make a variant: where and how a phase runs (data folder, outputs, device,
 # workers, the model it starts from), the seed (a variant's seeds are its replicas), bookkeeping
 # (checkpoint cadence, the divergence guard) and the name itself.
@@ -266,6 +310,8 @@ def format_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return repr(value)  # the shortest text that reads back as the same float
+    if isinstance(value, dict):  # a strategy's terms: 0.5mae_0.5spectral
+        return "_".join(f"{format_value(float(w))}{t}" for t, w in value.items())
     return str(value)
 
 
@@ -280,8 +326,8 @@ def _field_kind(name: str) -> tuple[type, bool]:
     hint = typing.get_type_hints(PhaseSettings)[name]
     if isinstance(hint, types.UnionType):
         kinds = [t for t in typing.get_args(hint) if t is not type(None)]
-        return kinds[0], type(None) in typing.get_args(hint)
-    return hint, False
+        return typing.get_origin(kinds[0]) or kinds[0], type(None) in typing.get_args(hint)
+    return typing.get_origin(hint) or hint, False
 
 
 def coerce(name: str, value: Any, where: str | None = None) -> Any:
@@ -305,7 +351,44 @@ def coerce(name: str, value: Any, where: str | None = None) -> Any:
         return float(value)
     if kind is str and isinstance(value, str):
         return value
+    if kind is dict:
+        return coerce_terms(value, label)
     raise ConfigError(f"{label} must be {kind.__name__}, got {value!r}")
+
+
+def parse_terms(text: str, label: str) -> dict[str, Any]:
+    """--terms mae=0.5,spectral=0.5 -> {"mae": 0.5, "spectral": 0.5} (checked by coerce_terms)."""
+    terms: dict[str, Any] = {}
+    for part in text.split(","):
+        name, eq, weight = part.partition("=")
+        if not eq or not name.strip():
+            raise ConfigError(
+                f"{label}: give name=weight pairs, mae=0.5,spectral=0.5, got {text!r}"
+            )
+        try:
+            terms[name.strip()] = float(weight)
+        except ValueError:
+            terms[name.strip()] = weight.strip()
+    return terms
+
+
+def coerce_terms(value: Any, label: str) -> dict[str, float]:
+    """A strategy's weights over loss terms, from the table (a TOML table) or a flag (text):
+    known terms, each weight a number >= 0, not all 0; ConfigError naming the section or flag."""
+    from seqgen.training.losses import check_weights  # the registry: torch, on first use only
+
+    if isinstance(value, str):
+        value = parse_terms(value, label)
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{label} must be weights over loss terms, {{ mae = 0.5 }}, got {value!r}"
+        )
+    where = label.removesuffix(": terms") if label.endswith(": terms") else label
+    try:
+        check_weights(value, where)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return {str(k): float(v) for k, v in value.items()}
 
 
 def load_table(path: Path = PHASES_FILE) -> dict[str, Any]:
@@ -317,9 +400,18 @@ def load_table(path: Path = PHASES_FILE) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    unknown = set(table) - {"shared", "strategies", "presets"}
+    unknown = set(table) - {"shared", "strategies", "presets", "default_strategies"}
     if unknown:
         raise ConfigError(f"{path.name}: unknown section(s) {sorted(unknown)}")
+    defaults = table.setdefault("default_strategies", list(table.get("strategies", {})))
+    if (
+        not isinstance(defaults, list)
+        or not defaults
+        or not all(isinstance(d, str) and d in table.get("strategies", {}) for d in defaults)
+    ):
+        raise ConfigError(
+            f"{path.name}: default_strategies must list [strategies.*] sections, got {defaults!r}"
+        )
     sections = [("shared", table.get("shared", {}))]
     sections += [(f"strategies.{k}", v) for k, v in table.get("strategies", {}).items()]
     sections += [(f"presets.{k}", v) for k, v in table.get("presets", {}).items()]
@@ -335,6 +427,15 @@ def load_table(path: Path = PHASES_FILE) -> dict[str, Any]:
                 raise ConfigError(f"{where}: {key} needs one value or {N_PHASES}, got {n}")
             for v in value if isinstance(value, list) else [value]:
                 coerce(key, v, where)
+    for name, section in table.get("strategies", {}).items():
+        where = f"{path.name} [strategies.{name}]"
+        given = [k for k in ("alpha", "terms") if k in section or k in table.get("shared", {})]
+        if len(given) != 1:
+            how = "both" if given else "neither"
+            raise ConfigError(
+                f"{where}: give its loss as alpha (MAE weight, autocorrelation 1 - alpha) or as "
+                f"terms = {{ mae = 0.5, spectral = 0.5 }}; it has {how}"
+            )
     if not table.get("strategies") or "full" not in table.get("presets", {}):
         raise ConfigError(f"{path.name}: needs at least one [strategies.*] and [presets.full]")
     return table
@@ -347,7 +448,14 @@ def table() -> dict[str, Any]:
 
 
 def strategies() -> tuple[str, ...]:
+    """Every strategy of the table (`--strategy all-table`)."""
     return tuple(table()["strategies"])
+
+
+def default_strategies() -> tuple[str, ...]:
+    """What `seqgen demo`, a plain `seqgen study` and `--strategy all` train: the table's
+    default_strategies (the seed's mae, autocorr and combined)."""
+    return tuple(table()["default_strategies"])
 
 
 def presets() -> tuple[str, ...]:
@@ -384,6 +492,14 @@ def resolve(strategy: str, phase: int, preset: str = "full", **overrides: Any) -
         if name in SELECTORS:
             raise ConfigError(f"{name} cannot be overridden")
         values[name] = coerce(name, value)
+    if "alpha" in overrides and values["terms"] is not None:
+        terms = ",".join(f"{k}={v:g}" for k, v in values["terms"].items())
+        raise ConfigError(
+            f"--alpha weighs MAE against autocorrelation; strategy {strategy} weighs terms "
+            f"({terms}): give --terms instead"
+            if "terms" not in overrides
+            else "--alpha and --terms: give one (--terms mae=0.7,autocorr=0.3 is --alpha 0.7)"
+        )
     settings = PhaseSettings(**values)
     validate(settings)
     return settings
@@ -393,7 +509,7 @@ def validate(s: PhaseSettings) -> None:
     """Cross-field and range checks; messages name the option."""
     if s.variant is not None:
         validate_variant_name(s)
-    if not 0.0 <= s.alpha <= 1.0:
+    if s.alpha is not None and not 0.0 <= s.alpha <= 1.0:
         raise ConfigError(f"--alpha must be within 0..1, got {s.alpha}")
     for name in INT_RANGES:
         if name in FIELDS:

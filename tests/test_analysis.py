@@ -751,8 +751,12 @@ def test_a_new_strategy_section_takes_its_place_in_tables_and_figures(table_with
     names = ["zzz", "combined+alpha=0.3", "combined", "autocorr", "mae", "first"]
     order = tables.variant_order(names)
     assert order == ["first", "mae", "autocorr", "combined", "combined+alpha=0.3", "zzz"]
-    # colours by table position, then by position among the others
-    assert [plots.strategy_color(n, order) for n in order] == list(plots.STRATEGY_COLORS[:6])
+    # colours by table position, then by position among the others (after every table strategy)
+    n = len(table_with_first)
+    assert [plots.strategy_color(x, order) for x in order] == [
+        *plots.STRATEGY_COLORS[:4],
+        *plots.STRATEGY_COLORS[n : n + 2],
+    ]
 
     shift = {"combined+alpha=0.3": 0.2, "mae": 0.5, "first": 0.0}
     per_sample = _per_sample(shift)
@@ -784,7 +788,7 @@ def test_a_new_strategy_section_takes_its_place_in_tables_and_figures(table_with
     assert drawn == [
         ("first", plots.STRATEGY_COLORS[0]),
         ("mae", plots.STRATEGY_COLORS[1]),
-        ("combined+alpha=0.3", plots.STRATEGY_COLORS[4]),
+        ("combined+alpha=0.3", plots.STRATEGY_COLORS[n]),
     ]
 
 

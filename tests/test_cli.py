@@ -134,7 +134,7 @@ def test_help_lists_the_commands():
     [
         (
             ["--strategy", "l1", "--phase", "1"],
-            "error: unknown strategy 'l1': choose one of mae, autocorr, combined",
+            "error: unknown strategy 'l1': choose one of mae, autocorr, combined, spectral",
         ),
         (["--strategy", "mae", "--phase", "6"], "error: phase must be 1..5, got 6"),
         (

@@ -102,8 +102,13 @@ def test_the_split_is_part_of_a_phases_identity_and_earlier_runs_keep_theirs():
     plain = identity(resolve("mae", 1, "smoke"), start, "f")
     # the random split is what every earlier run trained on: its key does not move
     assert "split" not in plain and "edge_fraction" not in plain
+    # nor do the LSTM and alpha's weights (settings added with cells and named loss terms)
+    assert "cell" not in plain and "terms" not in plain
     edge = identity(resolve("mae", 1, "smoke", split="edge"), start, "f")
     assert (edge["split"], edge["edge_fraction"]) == ("edge", 0.1)
+    assert "cell" not in edge  # each added setting is left out on its own
+    gru = identity(resolve("mae", 1, "smoke", cell="gru"), start, "f")
+    assert gru["cell"] == "gru" and "split" not in gru
     wider = identity(resolve("mae", 1, "smoke", split="edge", edge_fraction=0.2), start, "f")
     assert len({str(sorted(d.items())) for d in (plain, edge, wider)}) == 3
     # a variant of the plan once #24 lands: it differs from the table

@@ -342,7 +342,8 @@ def test_fp16_grad_scaler_step_on_cpu_and_a_step_skipped_for_an_overflow():
 
     # a loss whose scaled gradients overflow: the scaler skips the step and halves its scale
     def huge(pred, y):
-        return LossResult(*(t * 1e36 for t in loss_fn(pred, y)))
+        r = loss_fn(pred, y)
+        return LossResult(r.total * 1e36, {k: v * 1e36 for k, v in r.terms.items()})
 
     before = params()
     r = optimizer_step(model, huge, batch, optimizer, precision, 0.5, 0.0, 1.0)

@@ -9,7 +9,7 @@ import torch
 import seqgen.model.cells.lstm as lstm_module
 from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
 from seqgen.model.stacked import StackedGenerators, draw, member_shapes
-from seqgen.training.losses import StackedStrategies, make_loss
+from seqgen.training.losses import Objective, alpha_weights, make_loss
 from seqgen.training.stacked_step import (
     StackedAdamW,
     StackedGradScaler,
@@ -96,8 +96,11 @@ def make_stack(chains, models=None):
     optimizer = StackedAdamW(
         list(stack.parameters()), [c.lr for c in chains], [c.weight_decay for c in chains]
     )
-    loss_fn = StackedStrategies([c.alpha for c in chains], [c.max_lag for c in chains])
-    return stack, optimizer, loss_fn
+    return stack, optimizer, stacked_loss(chains)
+
+
+def stacked_loss(chains) -> Objective:
+    return Objective([alpha_weights(c.alpha) for c in chains], [c.max_lag for c in chains])
 
 
 def train_stack(chains, stack, optimizer, loss_fn, steps, precision=None, frozen=None, epoch=0):
@@ -213,25 +216,23 @@ def test_eval_mode_has_no_noise_or_dropout_and_ratio_needs_draws_between_0_and_1
 def test_stacked_loss_is_each_members_loss():
     pred = torch.randn(3, 5, T, K, requires_grad=True)
     true = torch.randn(3, 5, T, K)
-    stacked = StackedStrategies([c.alpha for c in CHAINS], [c.max_lag for c in CHAINS])
-    result = stacked(pred, true)
-    assert all(r.shape == (3,) for r in result)
+    result = stacked_loss(CHAINS)(pred, true)
+    assert result.columns().shape == (3, 3) and result.total.shape == (3,)
     result.total.sum().backward()
     for m, chain in enumerate(CHAINS):
         p = pred.detach()[m].clone().requires_grad_(True)
-        expected = make_loss(chain.alpha, chain.max_lag)(p, true[m])
-        for got, want in zip(result, expected, strict=True):
-            torch.testing.assert_close(got[m], want, atol=1e-6, rtol=1e-6)
-        expected.total.backward()
+        expected = make_loss(chain.alpha, chain.max_lag)(p[None], true[m][None])
+        torch.testing.assert_close(result.columns()[m], expected.columns()[0], atol=1e-6, rtol=1e-6)
+        expected.total.sum().backward()
         torch.testing.assert_close(pred.grad[m], p.grad, atol=1e-7, rtol=1e-6)
     # the pure MAE member reports autocorrelation but trains MAE only
-    assert result.autocorr[0] > 0
+    assert result.terms["autocorr"][0] > 0
     mae_grad = torch.autograd.grad((pred[0] - true[0]).abs().mean(), pred)[0][0]
     torch.testing.assert_close(pred.grad[0], mae_grad)
     with pytest.raises(ValueError, match="max_lag 12 must be below the sequence length 12"):
-        StackedStrategies([1.0, 0.5], [3, 12])(pred[:2], true[:2])
-    with pytest.raises(ValueError, match="alpha must be within 0..1"):
-        StackedStrategies([1.5], [3])
+        stacked_loss(CHAINS[:1] + [dataclasses.replace(CHAINS[2], max_lag=12)])(pred[:2], true[:2])
+    with pytest.raises(ValueError, match="the weight of autocorr cannot be negative"):
+        Objective([alpha_weights(1.5)], [3])
 
 
 def test_stack_of_three_equals_three_chains_trained_alone():
@@ -245,9 +246,9 @@ def test_stack_of_three_equals_three_chains_trained_alone():
     for m, (chain, model) in enumerate(zip(CHAINS, models, strict=True)):
         single_opt, single_results = train_single(chain, model, m, steps)
         for ours, theirs in zip(results, single_results, strict=True):
-            ours = ours.members()[m]
+            ours = ours.members(loss_fn.names)[m]
             assert ours.finite and theirs.finite
-            for field in ("loss", "mae", "autocorr", "grad_norm"):
+            for field in ("loss", "terms", "grad_norm"):
                 assert getattr(ours, field) == pytest.approx(getattr(theirs, field), rel=1e-5)
         assert_member_equals(stack, m, model, chain)
         ours_state, theirs_state = optimizer.member_state_dict(m), single_opt.state_dict()
@@ -269,7 +270,9 @@ def test_stack_of_one_is_todays_step():
     stack, optimizer, loss_fn = make_stack([chain], [copy.deepcopy(model)])
     results = train_stack([chain], stack, optimizer, loss_fn, steps)
     _, expected = train_single(chain, model, 0, steps)
-    assert [r.members()[0].loss for r in results] == pytest.approx([r.loss for r in expected])
+    assert [r.members(loss_fn.names)[0].loss for r in results] == pytest.approx(
+        [r.loss for r in expected]
+    )
     assert_member_equals(stack, 0, model, chain, atol=1e-6)
 
 
@@ -423,5 +426,4 @@ def test_evaluate_stacked_is_evaluate_loss_per_member():
         for m, (chain, model) in enumerate(zip(CHAINS, models, strict=True)):
             loss = make_loss(chain.alpha, chain.max_lag)
             want = evaluate_loss(model, loss, params, targets, ratio, choose_precision(CPU, False))
-            for g, w in zip(got, want, strict=True):
-                assert float(g[m]) == pytest.approx(w, rel=1e-5)
+            assert got.columns()[m].tolist() == pytest.approx(want.columns()[0].tolist(), rel=1e-5)

@@ -240,7 +240,7 @@ def test_non_finite_loss_skips_the_step():
 
     model = StreamlinedSequenceGenerator(ModelConfig(2, 2, 4, 1, 0.0))
     before = [p.detach().clone() for p in model.parameters()]
-    nan = lambda pred, y: LossResult(*(pred.sum() * float("nan"),) * 3)  # noqa: E731
+    nan = lambda pred, y: LossResult(pred.sum(dim=(1, 2, 3)) * float("nan"), {})  # noqa: E731
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     r = optimizer_step(
         model,

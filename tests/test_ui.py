@@ -1,5 +1,5 @@
 """`mlflow ui` as a new user meets it (#17), in a real Chromium (tests/ui_browser.py): after
-`seqgen demo` on a smoke store, the link it prints opens the three strategies' chains in
+`seqgen demo` on a smoke store, the link it prints opens the default strategies' chains in
 model-training mode, the chart view draws `val_mae` as one line per chain over the global epochs,
 and the registry lists the models with their aliases."""
 

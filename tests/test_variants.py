@@ -210,7 +210,9 @@ def test_mlflow_run_pipeline_takes_a_sweep(store, smoke_data, tmp_path):
 
     mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
     args = [mlflow_cli, "run", str(REPO), "-e", "pipeline", "--env-manager", "local"]
-    for p in ("strategy=mae", "phases=1", "preset=smoke", f"data_dir={smoke_data}", "epochs=1"):
+    # outputs_root: `mlflow run` runs the command in the project's folder, here the checkout
+    given = ("strategy=mae", "phases=1", "preset=smoke", f"data_dir={smoke_data}", "epochs=1")
+    for p in (*given, f"outputs_root={tmp_path / 'outputs'}"):
         args += ["-P", p]
     args += ["-P", "vary=hidden_size=8,12;noise_level=0.0"]
     proc = subprocess.run(
@@ -222,3 +224,30 @@ def test_mlflow_run_pipeline_takes_a_sweep(store, smoke_data, tmp_path):
         "mae+epochs=1+hidden_size=12+noise_level=0.0",
         "mae+epochs=1+hidden_size=8+noise_level=0.0",
     ]
+
+
+def test_a_folder_whose_run_another_store_holds_is_set_aside(store, smoke_data, tmp_path):
+    """The same working folder with a new store (a deleted mlflow.db, another server): a phase's
+    folder holds a run this store has never seen. Its files move aside, none lost, and the phase
+    trains under the original name."""
+    train = ["train", "--strategy", "mae", "--phase", 1, *SMOKE, "--data_dir", smoke_data]
+    ok(*train, "--epochs", 1)
+    first = mlflow.search_runs(search_all_experiments=True)["run_id"].tolist()
+    folder = next(Path("outputs").glob("smoke-s0/mae+epochs=1_1_1"))
+    before = sorted(p.name for p in folder.iterdir())
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    seqgen = str(Path(sys.executable).with_name("seqgen"))
+    done = subprocess.run(
+        [seqgen, *map(str, train), "--epochs", "1"], capture_output=True, text=True, timeout=300,
+        env=subprocess_env(f"sqlite:///{tmp_path / 'other.db'}"),
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    aside = folder.with_name(f"{folder.name}.run-{first[0][:8]}")
+    assert f"moved aside to {aside.name}" in out
+    assert sorted(p.name for p in aside.iterdir()) == before
+    assert (folder / "best_model.pth").exists()

@@ -5,9 +5,11 @@ their own.
 - `MEASURES`: what an evaluation logs as `{split}_{key}` (test_mae), in the order every table
   shows them: its label, which way is better, whether the baselines have it, whether it is shown
   beside the baselines, paired between strategies, and summarised.
-- `PER_EPOCH`: what a phase run logs at every epoch (step = global epoch), and which of them the
-  analysis draws; `PHASE_END`: what it logs once at its end.
-- `RUN_COLUMNS`: the per-phase-run numbers of per_run.csv and summary.csv.
+- `per_epoch(terms)`: what a phase run logs at every epoch (step = global epoch) for the loss
+  terms its strategy names, and which of them the analysis draws (`PER_EPOCH`: the seed's
+  strategies'); `PHASE_END`: what it logs once at its end. The analysis reads a run's terms
+  from what it logged (`terms_in`), never from a fixed list.
+- `run_columns(terms)`: the per-phase-run numbers of per_run.csv and summary.csv.
 
 A new measure is one entry here and its computation in `seqgen.evaluation.evaluate.measure`.
 """
@@ -212,26 +214,62 @@ class EpochMetric:
     drawn: bool = False  # the analysis pulls its history for the comparison's curves
 
 
-# The loss terms every strategy logs per split ({split}_{term}), so strategies compare on the
-# same axes whatever their own loss weighs; with their labels in figures.
-LOSS_TERMS = {"mae": "MAE (standardised)", "autocorr": "autocorrelation loss"}
+# Labels in figures of the loss terms seqgen/training/losses.py registers; a term not here (a
+# researcher's own) is labelled by its name. Every term a strategy names is logged per split
+# ({split}_{term}), weighted or not, so strategies compare on the same axes.
+TERM_LABELS = {
+    "mae": "MAE (standardised)",
+    "autocorr": "autocorrelation loss",
+    "spectral": "spectral loss (|FFT| L1)",
+}
+SEED_TERMS = ("mae", "autocorr")  # the terms of the seed's strategies (alpha weighs them)
+LOSS_TERMS = {t: TERM_LABELS[t] for t in SEED_TERMS}
 # Schedules drawn against the epoch, with their labels.
 SCHEDULES = {"lr": "learning rate", "teacher_forcing_ratio": "teacher-forcing ratio"}
 
-# In the order seqgen.training.epochs.EpochStats.metrics() logs them.
-PER_EPOCH: tuple[EpochMetric, ...] = (
-    *(
-        EpochMetric(f"{split}_{q}", drawn=split != "test")
-        for split in ("train", "val", "test")
-        for q in ("loss", *LOSS_TERMS)
-    ),
-    EpochMetric("val_loss_teacher_forced"),
-    *(EpochMetric(k, drawn=True) for k in SCHEDULES),
-    EpochMetric("grad_norm"),
-    EpochMetric("epoch_seconds"),
-    EpochMetric("nonfinite_steps"),
-)
-DRAWN = tuple(m.key for m in PER_EPOCH if m.drawn)  # the histories the analysis pulls
+
+def term_label(term: str) -> str:
+    return TERM_LABELS.get(term, f"{term} loss")
+
+
+def order_terms(terms: Iterable[str]) -> list[str]:
+    """Terms in a stable order: the built-in ones as TERM_LABELS lists them, then by name."""
+    known = list(TERM_LABELS)
+    return sorted(set(terms), key=lambda t: (known.index(t) if t in known else len(known), t))
+
+
+def terms_in(keys: Iterable[str]) -> list[str]:
+    """The loss terms among logged metric keys: {split}_{term} of a phase run (not loss)."""
+    metrics = {m.key for m in per_epoch(())}
+    return order_terms(
+        k.removeprefix("train_") for k in keys if k.startswith("train_") and k not in metrics
+    )
+
+
+def per_epoch(terms: Iterable[str]) -> tuple[EpochMetric, ...]:
+    """What a phase run whose strategy names `terms` logs at every epoch, in the order
+    seqgen.training.epochs.EpochRecord.metrics() logs them."""
+    return (
+        *(
+            EpochMetric(f"{split}_{q}", drawn=split != "test")
+            for split in ("train", "val", "test")
+            for q in ("loss", *terms)
+        ),
+        EpochMetric("val_loss_teacher_forced"),
+        *(EpochMetric(k, drawn=True) for k in SCHEDULES),
+        EpochMetric("grad_norm"),
+        EpochMetric("epoch_seconds"),
+        EpochMetric("nonfinite_steps"),
+    )
+
+
+def drawn(terms: Iterable[str]) -> tuple[str, ...]:
+    """The histories the analysis pulls for runs whose strategies name `terms`."""
+    return tuple(m.key for m in per_epoch(terms) if m.drawn)
+
+
+PER_EPOCH = per_epoch(SEED_TERMS)  # a phase run of the seed's strategies
+DRAWN = drawn(SEED_TERMS)
 # Logged once when a phase ends.
 PHASE_END = ("best_val_loss", "best_epoch", "phase_seconds", "peak_memory_mb")
 
@@ -248,10 +286,28 @@ class RunColumn:
     per: float = 1.0  # the report shows the value divided by this (60: seconds as minutes)
 
 
-RUN_COLUMNS: tuple[RunColumn, ...] = (
-    RunColumn("best_val_loss", "best val loss"),
-    RunColumn("val_mae_at_best", "val MAE@best", at_best="val_mae"),
-    RunColumn("val_autocorr_at_best", "val autocorr@best", at_best="val_autocorr"),
-    RunColumn("phase_seconds", "train time (min)", cost=True, per=60.0),
-    RunColumn("peak_memory_mb", "peak MB", cost=True),
-)
+def run_columns(terms: Iterable[str]) -> tuple[RunColumn, ...]:
+    """The per-run columns of runs whose strategies name `terms`: each term at the best epoch."""
+    label = {"mae": "MAE"}
+    return (
+        RunColumn("best_val_loss", "best val loss"),
+        *(
+            RunColumn(f"val_{t}_at_best", f"val {label.get(t, t)}@best", at_best=f"val_{t}")
+            for t in terms
+        ),
+        RunColumn("phase_seconds", "train time (min)", cost=True, per=60.0),
+        RunColumn("peak_memory_mb", "peak MB", cost=True),
+    )
+
+
+RUN_COLUMNS = run_columns(SEED_TERMS)
+
+
+def run_columns_in(columns: Iterable[str]) -> tuple[RunColumn, ...]:
+    """run_columns of the terms whose `val_<term>_at_best` (or its _mean) is among `columns`."""
+    terms = set()
+    for c in columns:
+        c = c.removesuffix("_mean")
+        if c.startswith("val_") and c.endswith("_at_best"):
+            terms.add(c.removeprefix("val_").removesuffix("_at_best"))
+    return run_columns(order_terms(terms))

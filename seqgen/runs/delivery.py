@@ -144,7 +144,7 @@ class _Item:
 class Courier:
     """One run's records and lease, served by the process's one courier (_Service): ordered,
     background, exactly-once delivery. With `mirror_to` (a chain's run), each epoch's chain
-    curves (tracking.CHAIN_CURVES) go there too, at the same step, right after the run's own,
+    curves (tracking.is_chain_curve) go there too, at the same step, right after the run's own,
     with the same exactly-once rule."""
 
     def __init__(
@@ -289,7 +289,7 @@ class Courier:
             self._mirror(steps)
 
     def _mirror(self, steps: list[tuple[dict[str, float], int]]) -> None:
-        curves = [({k: v for k, v in m.items() if k in tracking.CHAIN_CURVES}, s) for m, s in steps]
+        curves = [({k: v for k, v in m.items() if tracking.is_chain_curve(k)}, s) for m, s in steps]
         if self._mirror_steps is None:  # read once per run, and again after a failure
             self._mirror_steps = tracking.run_view(self.mirror_to)[1]
         known, self._mirror_steps = self._mirror_steps, None

@@ -88,11 +88,13 @@ def experiment_text(views: dict[str, str], report: str | None) -> str:
     )
     return (
         f"{EXPERIMENT_NOTE_HEAD}: an autoregressive LSTM that generates sequences of PCA "
-        "components from simulation parameters, trained with three loss strategies (`mae`, "
-        "`autocorr`, `combined`), each in five phases that continue from one another.\n\n"
+        "components from simulation parameters, trained with the loss strategies of "
+        "`experiments/phases.toml` (weights over loss terms: `mae`, `autocorr`, `combined`, "
+        "...), each in five phases that continue from one another.\n\n"
         "What the runs are (tag `kind`):\n"
-        "- `chain`: one strategy and seed, its phases stitched: `val_loss`, `val_mae`, "
-        "`val_autocorr`, `train_loss` and `lr` at the global epochs, one line per chain;\n"
+        "- `chain`: one strategy and seed, its phases stitched: `val_loss`, `val_<term>` for "
+        "each loss term (`val_mae`, `val_autocorr`, ...), `train_loss` and `lr` at the global "
+        "epochs, one line per chain;\n"
         "- `phase`: one phase of a chain (nested under it), with every per-epoch metric, its "
         "checkpoints and its logged model, registered as `seqgen-<strategy>` (alias `phase-N`);\n"
         "- `evaluation`: a model's test metrics (step 0, so they draw as bars), nested under its "
@@ -119,9 +121,9 @@ def chain_text(variant: str, seed: int, preset: str, launched_by: str) -> str:
     return (
         f"The `{variant}` chain, seed {seed}, preset `{preset}`: its phases are nested under this "
         "run, each continuing from the model version the one before registered. This run carries "
-        "the chain's curves stitched at the global epochs (`val_loss`, `val_mae`, `val_autocorr`, "
-        f"`train_loss`, `lr`), delivered as each phase logs them, and the chain's evaluations. "
-        f"Made by {launched_by}."
+        "the chain's curves stitched at the global epochs (`val_loss`, `val_<term>` for each loss "
+        "term of its strategy, `train_loss`, `lr`), delivered as each phase logs them, and the "
+        f"chain's evaluations. Made by {launched_by}."
     )
 
 
@@ -166,7 +168,7 @@ def study_text(chains: list[str], preset: str, batched: bool = False) -> str:
 
 def demo_text(preset: str) -> str:
     return (
-        f"`seqgen demo`, preset `{preset}`: the three strategies' chains (runs of kind `chain`), "
+        f"`seqgen demo`, preset `{preset}`: the default strategies' chains (runs of kind `chain`), "
         "their phase-5 evaluations beside the baselines, and the comparison report (nested here)."
     )
 

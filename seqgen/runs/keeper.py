@@ -451,9 +451,12 @@ class RunKeeper:
         self._checkpointed_at = time.monotonic()
 
     def _write_csv(self, progress: Progress) -> None:
-        two = self.settings.trains_two_terms
-        rows = [r.csv_row(two) for r in progress.history]
-        outputs.write_metrics_csv(self.setup.out_dir, rows, two)
+        s = self.settings
+        headers, keys = zip(
+            *outputs.metrics_columns(tuple(s.weights), s.trains_two_terms), strict=True
+        )
+        rows = [r.csv_row(keys) for r in progress.history]
+        outputs.write_metrics_csv(self.setup.out_dir, rows, list(headers))
 
     # ---- pausing and finishing -----------------------------------------------------------------
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import resource
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from seqgen.config import PHASES_FILE, PhaseSettings, table
+from seqgen.config import PHASES_FILE, PhaseSettings, default_strategies, table
 from seqgen.data.sequences import Normalizer
 from seqgen.data.split import Split
 from seqgen.errors import ConfigError
@@ -36,6 +37,34 @@ COMPONENT_COLUMNS = [
     "Test Autocorr Loss",
     "Learning Rate",
 ]
+# The loss terms the original's columns name, with their labels there.
+ORIGINAL_TERMS = {"mae": "MAE", "autocorr": "Autocorr"}
+SPLIT_LABELS = {"train": "Train", "val": "Validation", "test": "Test"}
+
+
+def metrics_columns(terms: Sequence[str], components: bool) -> list[tuple[str, str]]:
+    """training_metrics.csv's columns as (header, metric key): the original's (SINGLE_COLUMNS,
+    or COMPONENT_COLUMNS when two terms or more carry weight), then a Train, Validation and Test
+    column for each term the original did not have (`Train Spectral Loss`)."""
+    columns = [("Epoch", "epoch")]
+    for split, label in SPLIT_LABELS.items():
+        columns.append((f"{label} Loss", f"{split}_loss"))
+        if components:
+            columns += [
+                (f"{label} {ORIGINAL_TERMS[t]} Loss", f"{split}_{t}")
+                for t in terms
+                if t in ORIGINAL_TERMS
+            ]
+    columns.append(("Learning Rate", "lr"))
+    for split, label in SPLIT_LABELS.items():
+        columns += [
+            (f"{label} {t.replace('_', ' ').title()} Loss", f"{split}_{t}")
+            for t in terms
+            if t not in ORIGINAL_TERMS
+        ]
+    return columns
+
+
 SETUP_FILES = ("args.json", "split.json", "normalizer.json")
 FINAL_FILES = (METRICS_CSV, "best_model.pth", "final_model.pth", "best_model_combined.pth")
 
@@ -99,9 +128,9 @@ def write_setup_files(
     return SETUP_FILES
 
 
-def write_metrics_csv(folder: Path, rows: list[list[float]], components: bool) -> None:
-    """training_metrics.csv from the epochs so far (EpochStats.csv_row of each)."""
-    columns = COMPONENT_COLUMNS if components else SINGLE_COLUMNS
+def write_metrics_csv(folder: Path, rows: list[list[float]], columns: list[str]) -> None:
+    """training_metrics.csv from the epochs so far (EpochRecord.csv_row of each), under the
+    headers of metrics_columns."""
     lines = [",".join(columns)]
     lines += [",".join([str(int(r[0]))] + [f"{v:.6g}" for v in r[1:]]) for r in rows]
     write_atomic(folder / METRICS_CSV, "\n".join(lines) + "\n")
@@ -115,9 +144,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def _flag(name: str, value: Any) -> str:
-    if isinstance(value, bool):
-        value = str(value).lower()
-    return f"--{name} {shlex.quote(str(value))}"
+    return f"--{name} {shlex.quote(_value(value))}"
 
 
 def next_phase_hint(s: PhaseSettings, model_uri: str | None) -> str:
@@ -141,8 +168,10 @@ def next_phase_hint(s: PhaseSettings, model_uri: str | None) -> str:
     flags = "".join(f" {_flag(k, v)}" for k, v in carried.items())
     note = f"\n  (not carried, set per phase by the table: {', '.join(dropped)})" if dropped else ""
     existing = f" --existing_model {shlex.quote(model_uri)}" if model_uri else ""
+    # the seed's strategies have entry points of their own; any strategy has `train`
+    entry = s.strategy if s.strategy in default_strategies() else f"train -P strategy={s.strategy}"
     return (
-        f"Next phase: mlflow run {here} -e {s.strategy} -P phase={s.phase + 1} "
+        f"Next phase: mlflow run {here} -e {entry} -P phase={s.phase + 1} "
         f"-P preset={s.preset} -P seed={s.seed}{params} --env-manager local\n"
         f"        or: seqgen train --strategy {s.strategy} --phase {s.phase + 1} "
         f"--preset {s.preset} --seed {s.seed}{flags}{existing}{note}"
@@ -150,6 +179,9 @@ def next_phase_hint(s: PhaseSettings, model_uri: str | None) -> str:
 
 
 def _value(v: Any) -> str:
+    """A setting as a flag or -P parameter spells it: true, 0.5, mae=0.5,spectral=0.5."""
+    if isinstance(v, dict):  # a strategy's terms, as --terms reads them
+        return ",".join(f"{k}={w!r}" for k, w in v.items())
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 

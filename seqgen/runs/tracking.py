@@ -90,8 +90,17 @@ NOTE = "mlflow.note.content"  # a run's or an experiment's description in `mlflo
 RUN_COLOUR = "mlflow.runColor"  # a run's colour in the runs table and charts of `mlflow ui`
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # on a logged model: the versions made from it
 CHAIN_KEY = "seqgen.chain_key"  # digest of a chain's identity: finds its run again
-# The per-epoch metrics a chain's run carries, stitched across its phases at the global epochs.
-CHAIN_CURVES = ("val_loss", "val_mae", "val_autocorr", "train_loss", "lr")
+# The per-epoch metrics a chain's run carries, stitched across its phases at the global epochs:
+# these, and the validation value of every loss term its strategy names (val_<term>).
+CHAIN_CURVES = ("val_loss", "train_loss", "lr")
+
+
+def is_chain_curve(key: str) -> bool:
+    """Whether a phase's per-epoch metric is one of its chain's curves: CHAIN_CURVES and
+    val_<term> (val_mae, val_autocorr, val_spectral, ...)."""
+    return key in CHAIN_CURVES or (key.startswith("val_") and key != "val_loss_teacher_forced")
+
+
 _LEGACY = {PHASE_KEY, PHASE_SETTINGS, PHASE_STATE, LEASE_OWNER, LEASE_EXPIRES}
 
 
@@ -765,11 +774,14 @@ def open_run_once(exp_id: str, run_name: str, key: dict[str, str], tags: dict[st
 
 
 @_store_call("copy a chain's curves")
-def copy_curves(source: str, target: str, keys: tuple[str, ...] = CHAIN_CURVES) -> int:
-    """The steps of `keys` that `source` (a phase's run) has and `target` (its chain's run) has
-    not, logged to target: a chain's run completed with a phase trained before, or a step whose
-    mirroring an interruption cut off. Returns how many values it logged."""
+def copy_curves(source: str, target: str, keys: tuple[str, ...] | None = None) -> int:
+    """The steps of `keys` (default: the chain curves `source` has, is_chain_curve) that
+    `source` (a phase's run) has and `target` (its chain's run) has not, logged to target: a
+    chain's run completed with a phase trained before, or a step whose mirroring an
+    interruption cut off. Returns how many values it logged."""
     client, batch = _client(), []
+    if keys is None:
+        keys = tuple(k for k in client.get_run(source).data.metrics if is_chain_curve(k))
     for key in keys:
         there = {m.step for m in client.get_metric_history(target, key)}
         batch += [m for m in client.get_metric_history(source, key) if m.step not in there]
@@ -785,7 +797,8 @@ def run_status(run_id: str) -> str | None:
     try:
         return _client().get_run(run_id).info.status
     except MlflowException as e:
-        if _status(e) == 404 or "RESOURCE_DOES_NOT_EXIST" in str(e):
+        # a server answers 404; a local store (sqlite, files) raises with the code alone
+        if _status(e) == 404 or e.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
 

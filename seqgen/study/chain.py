@@ -14,7 +14,14 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from seqgen.config import N_PHASES, PhaseSettings, check_int, resolve, strategies
+from seqgen.config import (
+    N_PHASES,
+    PhaseSettings,
+    check_int,
+    default_strategies,
+    resolve,
+    strategies,
+)
 from seqgen.data.sequences import SequenceData
 from seqgen.errors import ConfigError
 from seqgen.runs import descriptions, tracking
@@ -59,13 +66,16 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_strategies(text: str) -> list[str]:
-    """'all', 'mae' or 'mae,combined' -> strategy names of the phase table."""
-    names = list(strategies()) if text == "all" else [x.strip() for x in text.split(",")]
+    """'all' (the table's default_strategies), 'all-table' (every strategy of the table), 'mae'
+    or 'mae,spectral' -> strategy names of the phase table."""
+    if text in ("all", "all-table"):
+        return list(default_strategies() if text == "all" else strategies())
+    names = [x.strip() for x in text.split(",")]
     unknown = [n for n in names if n not in strategies()]
     if unknown or not names:
         raise ConfigError(
             f"unknown strategy {unknown[0] if unknown else text!r}: choose from "
-            f"{', '.join(strategies())}, or all"
+            f"{', '.join(strategies())}, all ({', '.join(default_strategies())}) or all-table"
         )
     return names
 

@@ -1,12 +1,13 @@
-"""The README's main job, `seqgen demo`: the embedded data if missing, every strategy's five
-phases at demo scale, the phase-5 evaluations beside the baselines, and the comparison report."""
+"""The README's main job, `seqgen demo`: the embedded data if missing, the five phases of each of
+the table's default_strategies (the seed's three) at demo scale, the phase-5 evaluations beside
+the baselines, and the comparison report."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from seqgen.config import N_PHASES, resolve, strategies
+from seqgen.config import N_PHASES, default_strategies, resolve
 from seqgen.runs import descriptions, tracking
 from seqgen.runs.keeper import RunOptions
 from seqgen.study.chain import run_pipeline
@@ -22,7 +23,7 @@ def run_demo(
     retrain: bool = False,
     split: dict | None = None,
 ) -> dict:
-    """Data if missing, every strategy's phases, the phase-5 evaluations, the report. split:
+    """Data if missing, the default strategies' phases, the phase-5 evaluations, the report. split:
     {"split": "edge", "edge_fraction": 0.1} trains and scores outside the training range."""
     from analysis.report import build_report
     from seqgen.data.synth import synthesize
@@ -31,7 +32,7 @@ def run_demo(
     overrides = {"data_dir": data_dir, **(split or {})}  # a second demo finds its phases again
     models = {  # the table is checked before any data is made
         resolve(strategy, phase, preset, **overrides).registered_model
-        for strategy in strategies()
+        for strategy in default_strategies()
         for phase in range(1, N_PHASES + 1)
     }
     if not Path(data_dir).is_dir() or not any(Path(data_dir).glob("*.csv")):
@@ -43,7 +44,7 @@ def run_demo(
     with tracking.tracked_run(f"demo-{preset}", tags) as run:
         options, phases = RunOptions(retrain=retrain), list(range(1, N_PHASES + 1))
         results = []
-        for strategy in strategies():
+        for strategy in default_strategies():
             results += run_pipeline(
                 strategy, phases, seeds, preset, overrides, options, made_by="`seqgen demo`"
             )

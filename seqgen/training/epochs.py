@@ -5,18 +5,41 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from seqgen.config import PhaseSettings
 
+SEED_TERMS = ("mae", "autocorr")  # the terms of the seed's strategies (alpha weighs them)
+# Checkpoints before named terms kept each split's losses as [loss, mae, autocorr].
+LEGACY_LOSSES = ("loss", *SEED_TERMS)
 
-class Losses(NamedTuple):
-    """A loss and its two components, as every strategy reports them."""
 
-    loss: float  # what the strategy trains: alpha * mae + (1 - alpha) * autocorr
-    mae: float
-    autocorr: float
+@dataclass(frozen=True)
+class Losses:
+    """The loss a strategy trains and each of its terms, weighted or not."""
+
+    loss: float  # what the strategy trains: sum of weight * term
+    terms: dict[str, float]  # {term: value}, in the strategy's order
+
+    def named(self) -> dict[str, float]:
+        """{"loss": ..., term: ...}: the quantities of {split}_{quantity}."""
+        return {"loss": self.loss, **self.terms}
+
+    @classmethod
+    def from_values(cls, names: Sequence[str], values: Sequence[float]) -> Losses:
+        """From the total and the terms `names`, in that order."""
+        return cls(float(values[0]), dict(zip(names, map(float, values[1:]), strict=True)))
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, float] | Sequence[float]) -> Losses:
+        """From to_dict's {"loss": ..., term: ...}, or an earlier checkpoint's list."""
+        named = (
+            dict(saved) if isinstance(saved, dict) else dict(zip(LEGACY_LOSSES, saved, strict=True))
+        )
+        loss = named.pop("loss")
+        return cls(float(loss), {k: float(v) for k, v in named.items()})
 
 
 @dataclass(frozen=True)
@@ -40,7 +63,7 @@ class EpochRecord:
         named = {}
         for split in ("train", "val", "test"):
             losses: Losses = getattr(self, split)
-            named |= {f"{split}_{name}": value for name, value in losses._asdict().items()}
+            named |= {f"{split}_{name}": value for name, value in losses.named().items()}
         return named | {
             "val_loss_teacher_forced": self.val_teacher_forced,
             "lr": self.lr,
@@ -50,16 +73,15 @@ class EpochRecord:
             "nonfinite_steps": self.nonfinite_steps,
         }
 
-    def csv_row(self, components: bool) -> list[float]:
-        """The original's columns: with the loss components when the loss has two terms."""
-        if components:
-            return [self.epoch, *self.train, *self.val, *self.test, self.lr]
-        return [self.epoch, self.train.loss, self.val.loss, self.test.loss, self.lr]
+    def csv_row(self, keys: Sequence[str]) -> list[float]:
+        """The values of training_metrics.csv's columns (outputs.metrics_columns' keys)."""
+        values = self.metrics() | {"epoch": self.epoch}
+        return [values[k] for k in keys]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values only (checkpoints load with weights_only): the losses as lists."""
+        """Plain values only (checkpoints load with weights_only): the losses as dicts."""
         d = {f: getattr(self, f) for f in FIELDS}
-        return d | {split: list(getattr(self, split)) for split in ("train", "val", "test")}
+        return d | {split: getattr(self, split).named() for split in ("train", "val", "test")}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EpochRecord:
@@ -67,15 +89,21 @@ class EpochRecord:
         d = {k: v for k, v in d.items() if k in FIELDS}
         d.setdefault("max_grad_norm", d.get("grad_norm", math.nan))
         for split in ("train", "val", "test"):
-            d[split] = Losses(*d[split])
+            d[split] = Losses.from_saved(d[split])
         return cls(**d)
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(EpochRecord))
-# What every phase logs at each global epoch, for every strategy.
-PER_EPOCH_METRICS = tuple(
-    EpochRecord(0, Losses(0, 0, 0), Losses(0, 0, 0), Losses(0, 0, 0), 0, 0, 0, 0, 0, 0, 0).metrics()
-)
+
+
+def per_epoch_metrics(terms: Sequence[str]) -> tuple[str, ...]:
+    """What a phase whose strategy names `terms` logs at each global epoch."""
+    zero = Losses(0.0, dict.fromkeys(terms, 0.0))
+    return tuple(EpochRecord(0, zero, zero, zero, 0, 0, 0, 0, 0, 0, 0).metrics())
+
+
+# What a phase of the seed's strategies (mae, autocorr, combined) logs at each global epoch.
+PER_EPOCH_METRICS = per_epoch_metrics(SEED_TERMS)
 
 
 @dataclass

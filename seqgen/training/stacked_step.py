@@ -24,7 +24,7 @@ import torch
 
 from seqgen.model.stacked import Draws, StackedGenerators, draw, neutral_draws
 from seqgen.training.graphs import Capture, GraphSet
-from seqgen.training.losses import LossResult, StackedStrategies
+from seqgen.training.losses import LossResult, Objective
 from seqgen.training.step import EVAL_BATCH, Precision, StepResult
 
 # torch.optim.AdamW's defaults, which the trainer uses
@@ -234,38 +234,45 @@ def stacked_precision(precision: Precision, members: int) -> StackedPrecision:
 class StackedStepResult:
     """A stacked step's outcome per member, (M,) tensors on the stack's device."""
 
-    loss: torch.Tensor
-    mae: torch.Tensor
-    autocorr: torch.Tensor
+    losses: torch.Tensor  # (M, 1 + terms): the total, then each term of the objective
     grad_norm: torch.Tensor  # before clipping; non-finite after an fp16 overflow
     finite: torch.Tensor  # bool: StepResult.finite (False: a non-finite loss or gradient)
     stepped: torch.Tensor  # bool: the member's weights were updated
 
-    def members(self) -> list[StepResult]:
-        """Today's StepResult for each member (one transfer from the device)."""
-        rows = torch.stack([self.loss, self.mae, self.autocorr, self.grad_norm]).cpu()
+    @property
+    def loss(self) -> torch.Tensor:
+        """(M,) what each member trains."""
+        return self.losses[:, 0]
+
+    def members(self, names: Sequence[str]) -> list[StepResult]:
+        """Today's StepResult for each member, the terms `names` (the objective's) named (one
+        transfer from the device)."""
+        rows = torch.cat([self.losses, self.grad_norm.unsqueeze(1)], dim=1).cpu().tolist()
         finite = self.finite.cpu()
-        return [StepResult(*rows[:, m].tolist(), bool(finite[m])) for m in range(len(finite))]
+        return [
+            StepResult(row[0], dict(zip(names, row[1:-1], strict=True)), row[-1], bool(ok))
+            for row, ok in zip(rows, finite, strict=True)
+        ]
 
 
 def forward_backward(
     model: StackedGenerators,
-    loss_fn: StackedStrategies,
+    loss_fn: Objective,
     micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor, Draws]],
     precision: StackedPrecision,
     ratio: torch.Tensor,
 ) -> torch.Tensor:
     """Scaled gradients accumulated over micro-batches [(params (M,B,P), targets (M,B,T,K),
-    draws)] into p.grad, as optimizer_step accumulates them; the mean (loss, mae, autocorr) per
-    member (M,3). Members' losses are summed for one backward: each member's weights reach only
-    its own loss, so each gets its own gradient."""
+    draws)] into p.grad, as optimizer_step accumulates them; the mean (loss, *terms) per
+    member (M, 1 + terms). Members' losses are summed for one backward: each member's weights
+    reach only its own loss, so each gets its own gradient."""
     n = len(micro_batches)
-    totals = torch.zeros(model.members, 3, device=ratio.device)
+    totals = torch.zeros(model.members, loss_fn.width, device=ratio.device)
     for params, targets, draws in micro_batches:
         with precision.autocast():
             result = loss_fn(model(params, targets, ratio, draws), targets)
         precision.scaler.scale_loss(result.total / n).sum().backward()
-        totals += torch.stack([r.detach().float() for r in result], dim=1) / n
+        totals += result.columns() / n
     return totals
 
 
@@ -301,7 +308,7 @@ def apply_update(
     stepped = finite & ~found_inf & ~frozen
     optimizer.step(stepped)
     precision.scaler.update(found_inf, ~frozen)
-    return StackedStepResult(*totals.unbind(1), grad_norm, finite, stepped)
+    return StackedStepResult(totals, grad_norm, finite, stepped)
 
 
 def member_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -311,7 +318,7 @@ def member_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Ten
 
 def stacked_step(
     model: StackedGenerators,
-    loss_fn: StackedStrategies,
+    loss_fn: Objective,
     micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     optimizer: StackedAdamW,
     precision: StackedPrecision,
@@ -418,7 +425,7 @@ class StackedStepGraphs:
 @torch.no_grad()
 def evaluate_stacked(
     model: StackedGenerators,
-    loss_fn: StackedStrategies,
+    loss_fn: Objective,
     params: torch.Tensor,
     targets: torch.Tensor,
     ratio: float,
@@ -431,11 +438,12 @@ def evaluate_stacked(
     model.eval()
     M, N = params.shape[:2]
     ratio_t = torch.full((M,), float(ratio), device=params.device)
-    sums = torch.zeros(M, 3, device=params.device)
+    sums = torch.zeros(M, loss_fn.width, device=params.device)
     for i in range(0, N, EVAL_BATCH):
         p, y = params[:, i : i + EVAL_BATCH], targets[:, i : i + EVAL_BATCH]
         with precision.autocast():
             result = loss_fn(model(p, y, ratio_t), y)
-        sums += torch.stack([r.float() for r in result], dim=1) * p.shape[1]
+        sums += result.columns() * p.shape[1]
     model.train()
-    return LossResult(*(sums / N).unbind(1))
+    means = sums / N
+    return LossResult(means[:, 0], dict(zip(loss_fn.names, means[:, 1:].unbind(1), strict=True)))

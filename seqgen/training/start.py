@@ -191,9 +191,14 @@ NOT_IDENTITY = ("data_dir", "outputs_root", "output_dir", "device", "num_workers
 
 
 # Settings added after runs were keyed on the identity, each left out at the value every earlier
-# run trained with (the random split, the LSTM) so that those runs are found again; with it the
-# settings that mean something only beside another value (edge_fraction beside an edge split).
-ADDED_LATER = {"split": ("random", ("edge_fraction",)), "cell": ("lstm", ())}
+# run trained with (the random split, the LSTM, alpha's weights rather than named terms) so that
+# those runs are found again; with each the settings that mean something only beside another
+# value (edge_fraction beside an edge split).
+ADDED_LATER = {
+    "split": ("random", ("edge_fraction",)),
+    "cell": ("lstm", ()),
+    "terms": (None, ()),
+}
 
 
 def identity(settings: PhaseSettings, start: Start, fingerprint: str) -> dict:

@@ -153,10 +153,10 @@ class StepGraphs:
         static[0].copy_(params)
         static[1].copy_(targets)
         graph.replay()
-        result, grads = graph.outputs
+        (total, terms), grads = graph.outputs
         for p, grad in zip(self.parameters, grads, strict=True):
             p.grad = grad
-        return result
+        return LossResult(total, terms)
 
     def _make(self, params: torch.Tensor, targets: torch.Tensor):
         static = (params.clone(), targets.clone())
@@ -166,9 +166,10 @@ class StepGraphs:
                 p.grad = None  # the graph's backward allocates the gradients it writes
             with self.precision.autocast():
                 predictions = self.model(*static, self.ratio, self.noise_level)
-                result = self.loss_fn(predictions, static[1])
-            self.precision.scaler.scale(result.total).backward()
-            return result, [p.grad for p in self.parameters]
+                result = self.loss_fn(predictions[None], static[1][None])  # a stack of one
+            self.precision.scaler.scale(result.total.sum()).backward()
+            # a tuple and a dict, which a graph's outputs are made of (graphs.tree_flatten)
+            return (result.total, result.terms), [p.grad for p in self.parameters]
 
         return static, body
 
@@ -198,8 +199,7 @@ def cuda_graphs_wanted(device: torch.device, grad_accum_steps: int) -> bool:
 @dataclass
 class StepResult:
     loss: float
-    mae: float
-    autocorr: float
+    terms: dict[str, float]  # every term of the objective: {name: value}
     grad_norm: float  # before clipping
     finite: bool
 
@@ -219,15 +219,16 @@ def optimizer_step(
     a single batch through CUDA graphs when given them."""
     if graphs is not None and len(micro_batches) == 1:
         result = graphs.forward_backward(*micro_batches[0])
-        totals = torch.stack([r.detach().float() for r in result]).cpu()
+        totals = result.columns()[0].cpu()  # the total, then each term
     else:
         optimizer.zero_grad(set_to_none=True)
-        totals = torch.zeros(3)
+        totals = torch.zeros(())
         for params, targets in micro_batches:
             with precision.autocast():
-                result = loss_fn(model(params, targets, ratio, noise_level), targets)
-            precision.scaler.scale(result.total / len(micro_batches)).backward()
-            totals += torch.stack([r.detach().float().cpu() for r in result]) / len(micro_batches)
+                predictions = model(params, targets, ratio, noise_level)
+                result = loss_fn(predictions[None], targets[None])  # a stack of one
+            precision.scaler.scale(result.total.sum() / len(micro_batches)).backward()
+            totals = totals + result.columns()[0].cpu() / len(micro_batches)
     precision.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm).item()
     # Under fp16 an overflowing gradient is the GradScaler's business (it skips and rescales);
@@ -238,23 +239,26 @@ def optimizer_step(
     if finite:
         precision.scaler.step(optimizer)
     precision.scaler.update()
-    return StepResult(*totals.tolist(), grad_norm, finite)
+    loss, *terms = totals.tolist()
+    return StepResult(loss, dict(zip(result.terms, terms, strict=True)), grad_norm, finite)
 
 
 @torch.no_grad()
 def evaluate_loss(
     model, loss_fn, params, targets, ratio: float, precision: Precision
 ) -> LossResult:
-    """Mean loss over a split: free-running at ratio 0, teacher-forced at ratio 1."""
+    """Mean loss over a split: free-running at ratio 0, teacher-forced at ratio 1; a LossResult
+    of (1,) tensors (a stack of one)."""
     model.eval()
-    sums = torch.zeros(3)
+    sums = torch.zeros(())
     for i in range(0, len(params), EVAL_BATCH):
         p, y = params[i : i + EVAL_BATCH], targets[i : i + EVAL_BATCH]
         with precision.autocast():
-            result = loss_fn(model(p, y, ratio), y)
-        sums += torch.stack([r.float().cpu() for r in result]) * len(p)
+            result = loss_fn(model(p, y, ratio)[None], y[None])
+        sums = sums + result.columns().cpu() * len(p)
     model.train()
-    return LossResult(*(sums / len(params)).tolist())
+    means = sums / len(params)  # (1, 1 + terms)
+    return LossResult(means[:, 0], dict(zip(result.terms, means[:, 1:].unbind(1), strict=True)))
 
 
 def sampling_seed(seed: int, global_epoch: int) -> int:

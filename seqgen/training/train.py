@@ -4,7 +4,7 @@ epoch after epoch, handing each member's epoch to its keeper, which owns everyth
 store and the phase's folder are told (seqgen/runs/keeper.py). `seqgen train` is a stack of one.
 This file holds only the machine learning.
 
-A member is a phase of one chain with everything a chain has: its own settings (alpha, lags,
+A member is a phase of one chain with everything a chain has: its own settings (loss weights, lags,
 noise, clipping, learning-rate values and schedule, teacher forcing, weight decay), its own data
 split, order and random draws from (seed, epoch), its own optimiser state, early stopping (a
 member that stops is frozen while the others go on) and its own run.
@@ -29,7 +29,7 @@ from seqgen.model.generator import StreamlinedSequenceGenerator
 from seqgen.model.stacked import StackedGenerators
 from seqgen.runs.keeper import PhaseResult, RunKeeper, RunOptions, Snapshot
 from seqgen.training.epochs import EpochRecord, Losses, Progress, stop_reason
-from seqgen.training.losses import StackedStrategies
+from seqgen.training.losses import Objective
 from seqgen.training.schedules import learning_rate, teacher_forcing_ratio
 from seqgen.training.stacked_step import (
     StackedAdamW,
@@ -135,9 +135,7 @@ def train_stack(setups: list[Setup], keepers: list[RunKeeper]) -> list[PhaseResu
     for setup in setups:
         setup.load_tensors()
     stack = training_stack(setups, [k.checkpoint for k in keepers])
-    loss_fn = StackedStrategies(
-        [s.settings.alpha for s in setups], [s.settings.max_lag for s in setups]
-    )
+    loss_fn = Objective([s.settings.weights for s in setups], [s.settings.max_lag for s in setups])
     results: dict[int, PhaseResult] = {}
     with ExitStack() as running:
         for m, keeper in enumerate(keepers):
@@ -276,13 +274,14 @@ def run_epoch(
     val = evaluate_stacked(stack.model, loss_fn, val_p, val_y, 0.0, stack.precision)
     val_tf = evaluate_stacked(stack.model, loss_fn, val_p, val_y, 1.0, stack.precision)
     test = evaluate_stacked(stack.model, loss_fn, *stack.parts["test"], 0.0, stack.precision)
+    val_rows, test_rows = val.columns().tolist(), test.columns().tolist()
     seconds = time.perf_counter() - started
     records = {
         m: EpochRecord(
             epoch=plans[m].global_epoch,
-            train=train[m],
-            val=Losses(*(float(x[m]) for x in val)),
-            test=Losses(*(float(x[m]) for x in test)),
+            train=member_losses(loss_fn, setups[m], train[m]),
+            val=member_losses(loss_fn, setups[m], val_rows[m]),
+            test=member_losses(loss_fn, setups[m], test_rows[m]),
             val_teacher_forced=float(val_tf.total[m]),
             lr=plans[m].lr,
             teacher_forcing_ratio=plans[m].ratio,
@@ -297,12 +296,20 @@ def run_epoch(
     return records, diverged
 
 
+def member_losses(loss_fn: Objective, setup: Setup, row: list[float]) -> Losses:
+    """Member m's loss and its own strategy's terms, from a row (total, every term of the
+    stack's objective): a stack of several strategies computes the union of their terms."""
+    values = dict(zip(loss_fn.names, row[1:], strict=True))
+    return Losses(row[0], {t: values[t] for t in setup.settings.weights})
+
+
 def train_steps(
     setups: list[Setup], stack: TrainingStack, loss_fn, plans: list[EpochPlan], frozen: list[bool]
-) -> tuple[list[Losses], StepTally, dict[int, TrainingError]]:
+) -> tuple[list[list[float]], StepTally, dict[int, TrainingError]]:
     """One pass over each member's training split, in an order drawn from its (seed, epoch):
-    per member the mean losses and the tally of its steps (read once, at the end: nothing here
-    waits for the device), and the members whose training diverged, frozen from then on."""
+    per member the mean losses (the total, then every term of the objective) and the tally of
+    its steps (read once, at the end: nothing here waits for the device), and the members
+    whose training diverged, frozen from then on."""
     first, M, dev = setups[0].settings, len(setups), stack.precision.device
     params, targets = stack.parts["train"]  # (M,N,P), (M,N,T,K)
     orders = torch.stack(
@@ -324,6 +331,7 @@ def train_steps(
         [p.nonfinite_in_a_row for p in stack.progress],
         [s.settings.max_nonfinite_steps for s in setups],
         dev,
+        loss_fn.width,
     )
     chunks = orders.split(first.batch_size * first.grad_accum_steps, dim=1)
     label = f"epoch {plans[0].global_epoch}" if M == 1 else "stacked epoch"
@@ -343,9 +351,7 @@ def train_steps(
         if tally.diverged[m]:
             diverged[m] = diverged_error(setups[m], tally.in_a_row[m], plans[m])
     train = [
-        Losses(*(x / tally.rows[m] for x in tally.sums[m]))
-        if tally.rows[m]
-        else Losses(*[np.nan] * 3)
+        [x / tally.rows[m] for x in tally.sums[m]] if tally.rows[m] else [np.nan] * loss_fn.width
         for m in range(M)
     ]
     return train, tally, diverged
@@ -358,12 +364,14 @@ class StepTally:
     that reached their limit of those (diverged: frozen from their next step). `read` brings
     it all to the host once, as lists."""
 
-    def __init__(self, frozen: list[bool], in_a_row: list[int], limits: list[int], device):
+    def __init__(
+        self, frozen: list[bool], in_a_row: list[int], limits: list[int], device, width: int
+    ):
         M, f64 = len(frozen), {"dtype": torch.float64, "device": device}
         self.frozen = torch.tensor(frozen, device=device)
         self.in_a_row = torch.tensor(in_a_row, device=device)
         self.limits = torch.tensor(limits, device=device)
-        self.sums, self.rows = torch.zeros(M, 3, **f64), torch.zeros(M, **f64)
+        self.sums, self.rows = torch.zeros(M, width, **f64), torch.zeros(M, **f64)
         self.norm_sum, self.norm_max = torch.zeros(M, **f64), torch.full((M,), -np.inf, **f64)
         self.norms = torch.zeros(M, dtype=torch.long, device=device)  # steps with a finite norm
         self.diverged = torch.zeros(M, dtype=torch.bool, device=device)
@@ -374,7 +382,7 @@ class StepTally:
         counted = live & r.finite
         self.in_a_row = torch.where(live & ~r.finite, self.in_a_row + 1, self.in_a_row)
         self.in_a_row = torch.where(counted, 0, self.in_a_row)
-        losses = torch.stack([r.loss, r.mae, r.autocorr], dim=1).double() * rows
+        losses = r.losses.double() * rows  # (M, 1 + terms)
         self.sums += torch.where(counted.unsqueeze(1), losses, 0.0)
         self.rows += counted * rows
         normed = counted & r.grad_norm.isfinite()  # not an fp16 overflow its scaler skipped
