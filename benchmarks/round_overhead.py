@@ -1,8 +1,10 @@
 """The batched study's time outside its epochs, per round of members (issue #26, item 4).
 
-    python benchmarks/round_overhead.py [--preset smoke] [--seeds 0,1,2] [--epochs N] [--json PATH]
+    python benchmarks/round_overhead.py [--preset smoke] [--strategies a,b] [--seeds 0,1,2]
+        [--epochs N] [--json PATH]
 
-Runs `seqgen study --batched` (every strategy x the seeds, phases 1-5) in this process on a fresh
+Runs `seqgen study --batched` (the strategies, default every one, x the seeds, phases 1-5) in
+this process on a fresh
 sqlite store and embedded data (40 samples at `smoke`), and times each round (the phase of all
 chains as one stack: `train_phases`) against the epochs inside it (`run_epoch`: training steps and
 evaluation). A round's overhead is its wall time outside its epochs: the checkpoints and records of
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="smoke")
+    ap.add_argument("--strategies", help="comma-separated (default: every strategy)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--samples", type=int, default=40, help="embedded samples to make")
     ap.add_argument("--phases", default="1,2,3,4,5")
@@ -48,14 +51,20 @@ def main() -> None:
         [int(p) for p in args.phases.split(",")],
     )
     overrides = {"epochs": args.epochs} if args.epochs else {}
-    result = study_overhead(args.preset, seeds, phases, args.samples, overrides)
+    names = args.strategies.split(",") if args.strategies else None
+    result = study_overhead(args.preset, seeds, phases, args.samples, overrides, names)
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def study_overhead(
-    preset: str, seeds: list[int], phases: list[int], samples: int, overrides: dict
+    preset: str,
+    seeds: list[int],
+    phases: list[int],
+    samples: int,
+    overrides: dict,
+    names: list[str] | None = None,
 ) -> dict:
     """The batched study (every strategy x seeds x phases) in a fresh folder and sqlite store,
     timed per round against its epochs."""
@@ -66,14 +75,20 @@ def study_overhead(
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     logging.getLogger("seqgen").setLevel(logging.WARNING)
     try:
-        return measure(work, preset, seeds, phases, samples, overrides)
+        return measure(work, preset, seeds, phases, samples, overrides, names)
     finally:
         os.chdir("/")
         shutil.rmtree(work, ignore_errors=True)
 
 
 def measure(
-    work: Path, preset: str, seeds: list[int], phases: list[int], samples: int, overrides: dict
+    work: Path,
+    preset: str,
+    seeds: list[int],
+    phases: list[int],
+    samples: int,
+    overrides: dict,
+    names: list[str] | None = None,
 ) -> dict:
     import torch
 
@@ -105,7 +120,7 @@ def measure(
             rounds.append({"wall_s": wall, "epochs_s": inside, "outside_s": wall - inside})
 
     train.run_epoch, batched.train_phases = timed_epoch, timed_round
-    names = list(strategies())
+    names = names or list(strategies())
     overrides = overrides | {"data_dir": str(work / "data")}
     started = time.perf_counter()
     try:

@@ -135,10 +135,10 @@ class LeaseWatch:
 
 @dataclass
 class _Item:
-    kind: str  # "metrics", "artifact" or "tags"
+    kind: str  # "metrics", "artifact", "tags", "params" or "dataset"
     payload: tuple
     queued_at: float = field(default_factory=time.monotonic)
-    done: bool = False  # an artifact uploaded in a batch whose records are not all in yet
+    done: bool = False  # sent in a batch whose records are not all in yet (not tags, metrics)
 
 
 class Courier:
@@ -175,6 +175,14 @@ class Courier:
 
     def tags(self, tags: dict[str, Any]) -> None:
         self._put(_Item("tags", (dict(tags),)))
+
+    def params(self, params: dict[str, Any]) -> None:
+        """Settings for the run, those it has not got yet (tracking.log_params_once)."""
+        self._put(_Item("params", (dict(params),)))
+
+    def dataset(self, folder: str | Path, fingerprint: str, sizes: dict[str, int]) -> None:
+        """The run's data as its dataset input, once (tracking.log_dataset)."""
+        self._put(_Item("dataset", (folder, fingerprint, dict(sizes))))
 
     def behind_seconds(self) -> float:
         """Age of the oldest record not delivered yet (0 when all are delivered)."""
@@ -278,6 +286,12 @@ class Courier:
             if item.kind == "artifact" and not item.done:
                 path, artifact_path = item.payload
                 tracking.upload(self.run_id, path, artifact_path)
+                item.done = True
+            elif item.kind == "params" and not item.done:
+                tracking.log_params_once(self.run_id, item.payload[0])
+                item.done = True
+            elif item.kind == "dataset" and not item.done:
+                tracking.log_dataset(self.run_id, *item.payload)
                 item.done = True
         steps = [item.payload for item in batch if item.kind == "metrics"]
         new_tags = {

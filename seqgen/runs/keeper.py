@@ -309,18 +309,22 @@ class RunKeeper:
         }
         params = {k: v for k, v in resolved.items() if k not in RUN_TAG_KEYS}
         params |= {"device_used": str(setup.device), "precision": precision_note}
-        earlier = {} if made else tracking.run_params(self.run_id)
-        tracking.log_params_once(self.run_id, params, new_run=made)
-        if made:
+        if made:  # params and dataset in the courier's first batch, off the critical path
+            earlier: dict = {}
+            self.courier.params(params)
             self._new_run = (setup.experiment_id, params, run_tags(setup))
+        else:
+            earlier = tracking.run_params(self.run_id)
+            tracking.log_params_once(self.run_id, params)
         self._note_device(precision_note, progress, earlier, tags)
         outputs.mark_folder(setup.out_dir, self.run_id)
         for name in outputs.write_setup_files(setup.out_dir, resolved, start.split, start.norm):
             self.courier.artifact(setup.out_dir / name)
         counts = {k: len(start.split.part(k)) for k in ("train", "val", "test")}
-        tracking.log_dataset(
-            self.run_id, settings.data_dir, setup.data.fingerprint, counts, new_run=made
-        )
+        if made:
+            self.courier.dataset(settings.data_dir, setup.data.fingerprint, counts)
+        else:
+            tracking.log_dataset(self.run_id, settings.data_dir, setup.data.fingerprint, counts)
         done = len(progress.history)
         log.info(
             f"[{settings.run_name}] {settings.variant_name} phase {settings.phase}, epochs "

@@ -828,11 +828,10 @@ def run_params(run_id: str) -> dict[str, str]:
 
 
 @_store_call("log a run's params")
-def log_params_once(run_id: str, params: dict[str, Any], new_run: bool = False) -> None:
+def log_params_once(run_id: str, params: dict[str, Any]) -> None:
     """Log settings not on the run yet: `mlflow run` logged its -P values there, and a resumed
-    phase logged them when it started (logging a key again with another value fails). new_run:
-    a run this process made, which has none."""
-    existing = {} if new_run else _client().get_run(run_id).data.params
+    phase logged them when it started (logging a key again with another value fails)."""
+    existing = _client().get_run(run_id).data.params
     new = [
         Param(k, "None" if v is None else str(v)) for k, v in params.items() if k not in existing
     ]
@@ -1279,15 +1278,12 @@ def model_source(uri: str, bundle_run_id: str | None = None) -> dict[str, str]:
 
 
 @_store_call("record the dataset input")
-def log_dataset(
-    run_id: str, folder: str | Path, fingerprint: str, sizes: dict[str, int], new_run: bool = False
-) -> None:
+def log_dataset(run_id: str, folder: str | Path, fingerprint: str, sizes: dict[str, int]) -> None:
     """The run's data as an MLflow dataset input (once): named after the folder, the folder as
     source, the content fingerprint as digest, the split sizes as a small table and as tags.
-    The runs table's Dataset column shows it; the data itself is not uploaded. new_run: a run
-    this process made, which has none."""
+    The runs table's Dataset column shows it; the data itself is not uploaded."""
     client = _client()
-    if not new_run and client.get_run(run_id).inputs.dataset_inputs:  # a resumed run has it
+    if client.get_run(run_id).inputs.dataset_inputs:  # a resumed run logged it when it started
         return
     folder = Path(folder).resolve()
     summary = pd.DataFrame({"split": list(sizes), "samples": [float(n) for n in sizes.values()]})
