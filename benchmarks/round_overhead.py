@@ -3,15 +3,15 @@
     python benchmarks/round_overhead.py [--preset smoke] [--strategies a,b] [--seeds 0,1,2]
         [--epochs N] [--json PATH]
 
-Runs `seqgen study --batched` (the strategies, default every one, x the seeds, phases 1-5) in
-this process on a fresh
-sqlite store and embedded data (40 samples at `smoke`), and times each round (the phase of all
-chains as one stack: `train_phases`) against the epochs inside it (`run_epoch`: training steps and
-evaluation). A round's overhead is its wall time outside its epochs: the checkpoints and records of
-each epoch, the members' setup before the first epoch and their ends after the last (final files,
-model logging and registration). The tail is what the study waits for after its last round (records
-still landing) and the head what it does before the first (checks, the chains' runs). Per round:
-(wall of the whole study - its epochs) / rounds, which charges head and tail to the rounds too.
+Runs `seqgen study --batched` (the strategies, default every one, x the seeds, phases 1-5) in this
+process on a fresh sqlite store and embedded data (40 samples at `smoke`), and times each round
+(the phase of all chains as one stack: `train_phases`) against the epochs inside it (`run_epoch`:
+training steps and evaluation). A round's overhead is its wall time outside its epochs: the
+checkpoints and records of each epoch, the members' setup before the first epoch and their ends
+after the last (final files, model logging and registration). The tail is what the study waits for
+after its last round (records still landing) and the head what it does before the first (checks,
+the chains' runs). Per round: (wall of the whole study - its epochs) / rounds, which charges head
+and tail to the rounds too.
 
 Before item 4 (2026-12-07, AMD EPYC with avx512_bf16, 2 threads, a machine shared at load ~5):
 9 chains x 5 phases at `smoke` took 128.9 s, 52.4 s of it in epochs: 15.3 s per round outside
@@ -19,6 +19,18 @@ its epochs (9.6-17.4 by round), against a target of 2 s. Under cProfile (9 chain
 most of it was the members' ends, one after another: `RunKeeper.finish` about 1.05 s per member,
 of which model registration 0.75 s (`log_phase_model` 0.41 s); then `running` (claim, setup
 records) about 0.09 s and `epoch_done` about 0.1 s per member-epoch.
+
+After item 4 (2026-12-07, AMD EPYC with avx512_bf16, 2 threads, a machine shared with other
+engineers; main dddbbb4 before, courier fc219b6 after, run back to back twice with
+`--strategies mae,autocorr,combined`, 9 chains x 5 phases at `smoke`), per round outside its
+epochs, head and tail charged: 13.06 -> 3.94 s (load ~3) and 5.91 -> 2.61 s (load ~2.5); the
+rounds themselves 10.9-12.2 -> 1.6-4.2 s and 4.5-5.4 -> 1.5-2.3 s; the study's wall 105.8 ->
+32.6 s and 33.4 -> 20.6 s. Some of the saving moves into the epochs (the previous round's
+records land beside them: epochs 3.8 -> 7.5 s in the second pair), so compare the walls. All
+4 strategies (12 chains, courier 76f41fe): 7.42 -> 3.75 and 9.36 -> 5.04 s per round, walls
+52.1 -> 27.4 and 51.7 -> 34.8 s. What is left on the critical path per member and round: its
+checkpoints (files and optimiser state), the run's claim (create, rival check), the version's
+reservation (two calls) and the next round's setup.
 """
 
 from __future__ import annotations
