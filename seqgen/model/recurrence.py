@@ -176,10 +176,13 @@ class Recurrence(torch.autograd.Function):
         backend, mm_dtype, _, *args = inputs
         ctx.backend, ctx.mm_dtype, ctx.n_args = backend, mm_dtype, len(args)
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients of the saved buffers (GBs at full)
         ctx.save_for_backward(*args, *output[1:])
 
     @staticmethod
     def backward(ctx, d_yhat, *_):
+        if d_yhat is None:  # the output reached no loss (grads are not materialised)
+            return (None,) * (3 + ctx.n_args)
         saved = ctx.saved_tensors
         args, out = saved[: ctx.n_args], saved[ctx.n_args :]
         args = [a if a is None else a.contiguous() for a in args]
