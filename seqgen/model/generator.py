@@ -165,6 +165,11 @@ class StreamlinedSequenceGenerator(nn.Module):
         y_teacher, use_truth = zeros(T, B, K), zeros(T, B, 1)
         if targets is not None:
             y_teacher = torch.cat([zeros(1, B, K), targets.to(dtype).transpose(0, 1)[:-1]])
+            # a model at ratio 0 never reads the truth, not even as lerp's unused end (where a
+            # non-finite target would turn its own predictions into NaN)
+            y_teacher = torch.where(
+                torch.as_tensor(ratio, device=params.device) > 0, y_teacher, 0.0
+            )
             if draws.uniform is not None:
                 use_truth = (draws.uniform < ratio).to(dtype)
         keep = draws.keep.to(dtype) if self.training and draws.keep is not None else None
