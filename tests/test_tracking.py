@@ -80,3 +80,31 @@ def test_a_call_that_lost_a_race_is_tried_again_and_a_real_error_still_surfaces(
     with pytest.raises(MlflowException, match="no such model"):
         tracking.despite_races(always_fails)
     assert len(attempts) == 3
+
+
+def test_a_model_linked_to_its_run_by_a_process_that_died_is_filled(store, smoke_data):
+    """Model.log links the model to the run (its first write), then uploads. A process killed
+    between the two leaves a link that the rerun's Model.log may not make again (the store's
+    unique key): the rerun uploads the files alone and the version loads and predicts."""
+    import mlflow
+    import pandas as pd
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    from seqgen.config import resolve
+    from seqgen.training.train import train_phase
+
+    done = train_phase(resolve("mae", 1, "smoke", data_dir=str(smoke_data), epochs=1))
+    client = MlflowClient()
+    experiment = client.get_run(done.run_id).info.experiment_id
+    run_id = client.create_run(experiment).info.run_id
+    model_id = client.create_logged_model(experiment, name="model", source_run_id=run_id).model_id
+    client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])  # then the kill
+    name = "seqgen-refilled"
+    version, reserved = tracking.reserve_version(run_id, name, {})
+    assert reserved == model_id  # the dead process's model, not a second one
+    best = f"{done.output_dir}/best_model.pth"
+    tracking.complete_version(run_id, best, name, version, model_id, ["phase-1-s0"], {})
+    assert client.get_logged_model(model_id).status == LoggedModelStatus.READY
+    frame = pd.DataFrame({"nu": [0.05], "amplitude": [1.0]})
+    predicted = mlflow.pyfunc.load_model(f"models:/{name}@phase-1-s0").predict(frame)
+    assert len(predicted) == 151 and predicted["pc1"].notna().all()

@@ -1066,24 +1066,35 @@ def _run_model(client: MlflowClient, run_id: str) -> str:
 def _fill_model(
     client: MlflowClient, run_id: str, model_id: str, bundle_path: Path, step: int
 ) -> None:
-    """The bundle into the LoggedModel `model_id` of the run, which becomes READY."""
+    """The bundle into the LoggedModel `model_id` of the run, which becomes READY. Model.log
+    first links the model to the run as its output, then uploads: a process that died between
+    the two left a link that Model.log refuses to make again, so then the files go up alone."""
+    pyfunc = {
+        "python_model": str(PYFUNC_CODE),
+        "artifacts": {"bundle": str(bundle_path)},
+        "code_paths": [str(PACKAGE)],
+        "signature": _signature(bundle_path),
+        "pip_requirements": _requirements(),
+    }
+    outputs = client.get_run(run_id).outputs
+    linked = any(o.model_id == model_id for o in (outputs.model_outputs if outputs else []))
     with warnings.catch_warnings():  # the signature is given; no input example needed
         warnings.filterwarnings("ignore", message=".*input example.*")
-        # pyfunc.log_model is this call without run_id: it logs to the fluent active run only
-        Model.log(
-            artifact_path=None,
-            name=MODEL_NAME_IN_RUN,
-            flavor=mlflow.pyfunc,
-            run_id=run_id,
-            model_id=model_id,
-            step=step,
-            python_model=str(PYFUNC_CODE),
-            artifacts={"bundle": str(bundle_path)},
-            code_paths=[str(PACKAGE)],
-            signature=_signature(bundle_path),
-            pip_requirements=_requirements(),
-            flavor_name="pyfunc.ModelFromCode",
-        )
+        if not linked:
+            # pyfunc.log_model is this call without run_id: it logs to the fluent active run only
+            Model.log(
+                artifact_path=None, name=MODEL_NAME_IN_RUN, flavor=mlflow.pyfunc, run_id=run_id,
+                model_id=model_id, step=step, flavor_name="pyfunc.ModelFromCode", **pyfunc,
+            )  # fmt: skip
+        else:
+            model = client.get_logged_model(model_id)
+            described = Model(
+                artifact_path=model.artifact_location, model_uuid=model_id, run_id=run_id,
+                model_id=model_id,
+            )  # fmt: skip
+            with tempfile.TemporaryDirectory() as tmp:
+                mlflow.pyfunc.save_model(Path(tmp) / "model", mlflow_model=described, **pyfunc)
+                client.log_model_artifacts(model_id, str(Path(tmp) / "model"))
     if client.get_logged_model(model_id).status != LoggedModelStatus.READY:
         client.finalize_logged_model(model_id, LoggedModelStatus.READY)
 
