@@ -2,11 +2,8 @@
 recurrences checked against it, the stack derived from the single model, a new cell added the way
 the README says, and the GRU through train, evaluate, compare, serve and the batched study."""
 
-import json
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -14,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, free_port, subprocess_env
-from test_serving import stop_group
+from conftest import REPO, subprocess_env
+from test_serving import predict_served, served
 
 import seqgen.model.cells
 from seqgen.cli import main
@@ -194,43 +191,12 @@ def test_spectral_on_a_gru_trains_evaluates_compares_and_serves(store, smoke_dat
     assert summary["val_spectral_at_best_mean"].notna().all()  # the strategy's own term
     assert sorted(summary["phase"]) == [1, 2]
 
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen(
-        [MLFLOW, "models", "serve", "-m", model, "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(store), cwd=tmp_path,
-        start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/ping", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail(
-                        "model server did not come up: "
-                        + (tmp_path / "serve.log").read_text()[-2000:]
-                    )
-                time.sleep(0.5)
+    with served(model, store, tmp_path) as url:
         frame = pd.DataFrame({"nu": [0.05], "amplitude": [1.0]})
-        body = json.dumps(
-            {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
-        )
-        request = urllib.request.Request(
-            url + "/invocations", body.encode(), {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            served = pd.DataFrame(json.load(answer)["predictions"])
+        answered = predict_served(url, frame)
         local = mlflow.pyfunc.load_model(model).predict(frame)
-        assert len(served) == len(local) == 151
-        pd.testing.assert_frame_equal(served[local.columns], local, check_dtype=False, rtol=1e-6)
-    finally:
-        stop_group(server)
-        log.close()
+        assert len(answered) == len(local) == 151
+        pd.testing.assert_frame_equal(answered[local.columns], local, check_dtype=False, rtol=1e-6)
 
 
 @pytest.mark.slow

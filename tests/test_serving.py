@@ -1,6 +1,7 @@
 """The registered model as a service (#10): requests it refuses, parameters outside the trained
 ranges, the model behind `mlflow models serve`, its dataset input and its registry page."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -188,18 +189,11 @@ def test_registry_pages_say_what_the_model_is_and_how_to_load_it(registered):
 
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_as_predict_does(registered):
-    port = free_port()
-    log = open(registered.folder / "serve.log", "w")
-    server = subprocess.Popen(
-        [
-            MLFLOW, "models", "serve", "-m", f"models:/{MODEL}@phase-1-s0",
-            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
-        ],
-        stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(registered.uri),
-        cwd=registered.folder, start_new_session=True,  # its workers die with it, below
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    with served(f"models:/{MODEL}@phase-1-s0", registered.uri, registered.folder) as url:
+        check_served(url)
 
+
+def check_served(url: str) -> None:
     def post(frame: pd.DataFrame) -> tuple[int, dict]:
         split = json.loads(frame.to_json(orient="split", index=False))
         body = json.dumps({"dataframe_split": split}).encode()
@@ -212,6 +206,55 @@ def test_mlflow_models_serve_answers_as_predict_does(registered):
         except urllib.error.HTTPError as e:
             return e.code, json.load(e)
 
+    bundle = tracking.load_bundle(f"models:/{MODEL}@phase-1-s0")
+    frame = inside(bundle)
+    status, answer = post(frame)
+    assert status == 200
+    answered = pd.DataFrame(answer["predictions"])
+    local = mlflow.pyfunc.load_model(f"models:/{MODEL}@phase-1-s0").predict(frame)
+    assert list(answered.columns) == list(local.columns)
+    np.testing.assert_allclose(
+        answered[["pc1", "pc2", "pc3", "pc4", "pc5"]].to_numpy(),
+        local[["pc1", "pc2", "pc3", "pc4", "pc5"]].to_numpy(),
+        rtol=1e-6,
+    )
+
+    for bad, message in [
+        (
+            pd.DataFrame({"nu": [None], "amplitude": [1.0]}),
+            "input row 0 has a missing or non-finite parameter value (nu)",
+        ),
+        (pd.DataFrame({"nu": [], "amplitude": []}), "input has no rows"),
+        (pd.DataFrame({"nu": [0.1]}), "Model is missing inputs ['amplitude']"),
+    ]:
+        status, answer = post(bad)
+        assert (status, answer["error_code"]) == (400, "INVALID_PARAMETER_VALUE"), answer
+        assert message in answer["message"]
+
+
+def predict_served(url: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """A served model's predictions for the frame (dataframe_split, as a client sends it)."""
+    body = json.dumps({"dataframe_split": json.loads(frame.to_json(orient="split", index=False))})
+    request = urllib.request.Request(
+        url + "/invocations", body.encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        return pd.DataFrame(json.load(answer)["predictions"])
+
+
+@contextlib.contextmanager
+def served(model_uri: str, tracking_uri: str, folder: Path):
+    """`mlflow models serve` of a model on 127.0.0.1, up (answering /ping within 180 s); yields
+    its URL and stops it and its workers after."""
+    port, log_path = free_port(), folder / "serve.log"
+    log = open(log_path, "w")
+    server = subprocess.Popen(
+        [MLFLOW, "models", "serve", "-m", model_uri, "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(tracking_uri), cwd=folder,
+        start_new_session=True,  # its workers die with it, in stop_group
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
         while True:
@@ -220,34 +263,9 @@ def test_mlflow_models_serve_answers_as_predict_does(registered):
                     break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    said = (registered.folder / "serve.log").read_text()[-2000:]
-                    pytest.fail(f"model server did not come up: {said}")
+                    pytest.fail(f"model server did not come up: {log_path.read_text()[-2000:]}")
                 time.sleep(0.5)
-
-        bundle = tracking.load_bundle(f"models:/{MODEL}@phase-1-s0")
-        frame = inside(bundle)
-        status, answer = post(frame)
-        assert status == 200
-        served = pd.DataFrame(answer["predictions"])
-        local = mlflow.pyfunc.load_model(f"models:/{MODEL}@phase-1-s0").predict(frame)
-        assert list(served.columns) == list(local.columns)
-        np.testing.assert_allclose(
-            served[["pc1", "pc2", "pc3", "pc4", "pc5"]].to_numpy(),
-            local[["pc1", "pc2", "pc3", "pc4", "pc5"]].to_numpy(),
-            rtol=1e-6,
-        )
-
-        for bad, message in [
-            (
-                pd.DataFrame({"nu": [None], "amplitude": [1.0]}),
-                "input row 0 has a missing or non-finite parameter value (nu)",
-            ),
-            (pd.DataFrame({"nu": [], "amplitude": []}), "input has no rows"),
-            (pd.DataFrame({"nu": [0.1]}), "Model is missing inputs ['amplitude']"),
-        ]:
-            status, answer = post(bad)
-            assert (status, answer["error_code"]) == (400, "INVALID_PARAMETER_VALUE"), answer
-            assert message in answer["message"]
+        yield url
     finally:
         stop_group(server)
         log.close()
