@@ -179,22 +179,47 @@ def draw(
     out: Draws | None = None,
 ) -> Draws:
     """Every member's draws for one forward of `model` in its current mode, member m from
-    generators[m] (on the model's device); written into `out` when given (a graph's buffers)."""
-    device = next(model.parameters()).device
-    out = out if out is not None else neutral_draws(model, batch, seq_len, device)
-    fields = ("noise_y", "noise_p", "uniform", "keep")
-    neutral = (0.0, 0.0, 1.0, 1.0)
-    for m, gen in enumerate(generators):
-        cfg = model.member_config(m)
-        got = member_draws(
-            gen, cfg, batch, seq_len, noise_level[m], ratio[m], model.training, teacher_forced
-        )
-        for name, value, fill in zip(fields, got, neutral, strict=True):
-            buffer = getattr(out, name)
-            if buffer is None:
-                continue  # keep: no member of this stack drops out
+    generators[m] (on the model's device). Without `out` a field no member draws is None and a
+    stack of one gets its member's tensors as they are (no copy); with `out` (a graph's static
+    buffers) every member's draws are written into it, the neutral value where it draws none."""
+    drawn = [
+        member_draws(
+            gen,
+            model.member_config(m),
+            batch,
+            seq_len,
+            noise_level[m],
+            ratio[m],
+            model.training,
+            teacher_forced,
+        )  # fmt: skip
+        for m, gen in enumerate(generators)
+    ]
+    if out is None:
+        fields = zip(*drawn, strict=True)  # per field, every member's
+        return Draws(*(_stack(values, fill) for values, fill in zip(fields, NEUTRAL, strict=True)))
+    for name, fill in zip(Draws._fields, NEUTRAL, strict=True):
+        buffer = getattr(out, name)
+        if buffer is None:
+            continue  # keep: no member of this stack drops out
+        for m, got in enumerate(drawn):
+            value = getattr(got, name)
             if value is None:
                 buffer[m].fill_(fill)
             else:
                 buffer[m].copy_(value)
     return out
+
+
+NEUTRAL = Draws(noise_y=0.0, noise_p=0.0, uniform=1.0, keep=1.0)  # draws that change nothing
+
+
+def _stack(values: Sequence[torch.Tensor | None], fill: float) -> torch.Tensor | None:
+    """Members' draws of one field as (M, ...): None where no member draws it, the neutral
+    value for a member that does not."""
+    if all(v is None for v in values):
+        return None
+    if len(values) == 1:
+        return values[0][None]
+    like = next(v for v in values if v is not None)
+    return torch.stack([torch.full_like(like, fill) if v is None else v for v in values])
