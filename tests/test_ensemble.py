@@ -4,8 +4,6 @@ the spread's calibration) on its LoggedModel, and members that do not fit refuse
 
 import dataclasses
 import json
-import subprocess
-import time
 
 import mlflow
 import numpy as np
@@ -104,53 +102,18 @@ def test_members_that_do_not_fit_are_named_in_one_line(ensembled):
 
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_mean_and_std_columns(ensembled):
-    import urllib.request
-
-    from conftest import free_port, subprocess_env
-    from test_serving import MLFLOW, stop_group
+    from test_serving import predict_served, served
 
     _, out, folder = ensembled
-    port = free_port()
     uri = "models:/seqgen-mae+split=edge-smoke-ensemble@phase-1"
-    log = open(folder / "serve.log", "w")
-    server = subprocess.Popen(
-        [
-            MLFLOW, "models", "serve", "-m", uri, "--env-manager", "local",
-            "--host", "127.0.0.1", "--port", str(port),
-        ],
-        stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(mlflow.get_tracking_uri()),
-        cwd=folder, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/ping", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail(
-                        f"model server did not come up: {(folder / 'serve.log').read_text()}"
-                    )
-                time.sleep(0.5)
-        frame = pd.DataFrame({"nu": [0.05], "amplitude": [1.0]})
-        body = json.dumps(
-            {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
-        )
-        request = urllib.request.Request(
-            url + "/invocations", body.encode(), {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            served = pd.DataFrame(json.load(answer)["predictions"])
-        local = mlflow.pyfunc.load_model(uri).predict(frame)
-        assert list(served.columns) == list(local.columns)
-        assert {"pc1_mean", "pc1_std", "pc5_mean", "pc5_std"} <= set(served.columns)
-        cols = [c for c in local.columns if c.endswith(("_mean", "_std"))]
-        np.testing.assert_allclose(served[cols].to_numpy(), local[cols].to_numpy(), rtol=1e-6)
-    finally:
-        stop_group(server)
-        log.close()
+    frame = pd.DataFrame({"nu": [0.05], "amplitude": [1.0]})
+    with served(uri, mlflow.get_tracking_uri(), folder) as url:
+        answer = predict_served(url, frame)
+    local = mlflow.pyfunc.load_model(uri).predict(frame)
+    assert list(answer.columns) == list(local.columns)
+    assert {"pc1_mean", "pc1_std", "pc5_mean", "pc5_std"} <= set(answer.columns)
+    cols = [c for c in local.columns if c.endswith(("_mean", "_std"))]
+    np.testing.assert_allclose(answer[cols].to_numpy(), local[cols].to_numpy(), rtol=1e-6)
 
 
 @pytest.mark.slow

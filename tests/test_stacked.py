@@ -8,7 +8,7 @@ import torch
 
 import seqgen.model.cells.lstm as lstm_module
 from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator
-from seqgen.model.stacked import StackedGenerators, draw, member_shapes
+from seqgen.model.stacked import StackedGenerators, draw
 from seqgen.training.losses import Objective, alpha_weights, make_loss
 from seqgen.training.stacked_step import (
     StackedAdamW,
@@ -139,8 +139,8 @@ def assert_member_equals(stack, m, model, chain, atol=1e-5):
 def test_member_state_dict_is_the_single_models():
     model = single_model(CHAINS[1])
     single = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert member_shapes(SHAPE) == single  # keys, shapes and order
     stack = StackedGenerators.from_models([single_model(CHAINS[0]), model])
+    assert stack.shapes == single and list(stack.shapes) == list(single)  # keys, shapes, order
     # parameters() in the single model's order: optimiser state index i is the same weight
     single_order = [name for name, _ in model.named_parameters()]
     stack_order = [name for name, _ in stack.named_parameters()]

@@ -30,14 +30,6 @@ from seqgen.model.generator import (
 )
 
 
-def member_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """StreamlinedSequenceGenerator's state_dict keys and shapes, in its order (which is also
-    the order of its parameters(), and so of its optimiser's state indices)."""
-    with torch.device("meta"):
-        model = StreamlinedSequenceGenerator(config)
-    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
-
-
 class StackedGenerators(nn.Module):
     """M StreamlinedSequenceGenerators of one shape as one module; weights (M, ...).
 
