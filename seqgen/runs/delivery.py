@@ -135,10 +135,11 @@ class LeaseWatch:
 
 @dataclass
 class _Item:
-    kind: str  # "metrics", "artifact", "tags", "params" or "dataset"
+    kind: str  # "metrics", "artifact", "tags", "params", "dataset" or "model"
     payload: tuple
     queued_at: float = field(default_factory=time.monotonic)
     done: bool = False  # sent in a batch whose records are not all in yet (not tags, metrics)
+    tried: bool = False  # sent before, in a batch that failed (its answer may have been lost)
 
 
 class Courier:
@@ -159,6 +160,7 @@ class Courier:
         self._failures = 0  # calls in a row that failed with the server up
         self._retry_at = 0.0  # monotonic time before which a failed batch is not tried again
         self._mirror_steps: dict[str, int] | None = None  # the chain run's latest step per key
+        self.model_id: str | None = None  # the run's LoggedModel, once made (model())
         self._busy = False  # a call of this run's is under way
         self._closed = False
         _LIVE.add(owner)
@@ -183,6 +185,11 @@ class Courier:
     def dataset(self, folder: str | Path, fingerprint: str, sizes: dict[str, int]) -> None:
         """The run's data as its dataset input, once (tracking.log_dataset)."""
         self._put(_Item("dataset", (folder, fingerprint, dict(sizes))))
+
+    def model(self, experiment: str, params: dict[str, Any], tags: dict[str, Any]) -> None:
+        """The run's LoggedModel, still empty, made once (tracking.create_run_model): model_id,
+        which its phase's end registers a version of, off the training thread."""
+        self._put(_Item("model", (experiment, dict(params), dict(tags))))
 
     def behind_seconds(self) -> float:
         """Age of the oldest record not delivered yet (0 when all are delivered)."""
@@ -292,6 +299,10 @@ class Courier:
                 item.done = True
             elif item.kind == "dataset" and not item.done:
                 tracking.log_dataset(self.run_id, *item.payload)
+                item.done = True
+            elif item.kind == "model" and not item.done:
+                item.tried, look = True, item.tried
+                self.model_id = tracking.create_run_model(self.run_id, *item.payload, look=look)
                 item.done = True
         steps = [item.payload for item in batch if item.kind == "metrics"]
         new_tags = {

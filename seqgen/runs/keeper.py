@@ -170,8 +170,7 @@ class RunKeeper:
         self._best: tuple[dict[str, Any], EpochRecord] | None = None  # improved, not yet written
         self._checkpointed_at = time.monotonic()
         self._landing: tuple[Progress, Path, str, str] | None = None  # what land() records
-        # a run this process made: (experiment, params, tags), known without asking the store
-        self._new_run: tuple[str, dict[str, Any], dict[str, Any]] | None = None
+        self._made = False  # a run this process made: its courier makes its LoggedModel
 
     # ---- finding the run -----------------------------------------------------------------------
 
@@ -309,10 +308,12 @@ class RunKeeper:
         }
         params = {k: v for k, v in resolved.items() if k not in RUN_TAG_KEYS}
         params |= {"device_used": str(setup.device), "precision": precision_note}
-        if made:  # params and dataset in the courier's first batch, off the critical path
+        if made:  # params, dataset and model in the courier's first batch, off the critical path
             earlier: dict = {}
             self.courier.params(params)
-            self._new_run = (setup.experiment_id, params, run_tags(setup))
+            model_tags = {k: getattr(settings, k) for k in ("strategy", "phase", "seed")}
+            self.courier.model(setup.experiment_id, params, model_tags)
+            self._made = True
         else:
             earlier = tracking.run_params(self.run_id)
             tracking.log_params_once(self.run_id, params)
@@ -529,7 +530,10 @@ class RunKeeper:
         try:
             self.courier.still_mine()
             version, model_id = tracking.reserve_version(
-                self.run_id, settings.registered_model, self._version_tags(progress), self._new_run
+                self.run_id,
+                settings.registered_model,
+                self._version_tags(progress),
+                self._model_made(progress),
             )
         except TrackingError:
             if tracking.server_is_up():
@@ -545,6 +549,13 @@ class RunKeeper:
         model_uri = f"models:/{settings.registered_model}/{version}"
         kw = {"stop_reason": reason, "model_uri": model_uri, "version": version, "model": best}
         return self._result("registered", progress, **kw)
+
+    def _model_made(self, progress: Progress) -> str | None:
+        """The LoggedModel the courier made for a run made here, the first of its records
+        (waited for only when delivery lags); None: the store is asked (reserve_version)."""
+        if self._made and self.courier.model_id is None:
+            self._drained(progress)
+        return self.courier.model_id
 
     def land(self) -> None:
         """The rest of finish once the courier has delivered the phase's files: the model into
