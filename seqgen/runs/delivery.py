@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from seqgen.errors import ConfigError, TrackingError, first_line
+from seqgen.files import settle
 from seqgen.runs import tracking
 from seqgen.runs.faults import kill_point
 
@@ -292,6 +293,7 @@ class Courier:
         for item in batch:
             if item.kind == "artifact" and not item.done:
                 path, artifact_path = item.payload
+                settle(path)  # written by the file thread (files.write_later)
                 tracking.upload(self.run_id, path, artifact_path)
                 item.done = True
             elif item.kind == "params" and not item.done:
