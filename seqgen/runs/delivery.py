@@ -209,11 +209,13 @@ class Courier:
         if self._error:
             raise TrackingError(f"delivering to the tracking store failed: {self._error}")
 
-    def still_mine(self) -> None:
+    def still_mine(self, holder: str | None = None) -> None:
         """Raise (check()) unless the run's lease names this process now: asked before a step
-        that is not a queued record (registering, ending the run)."""
+        that is not a queued record (registering, ending the run). holder: the lease as just
+        read with other runs' (tracking.lease_holders), else read now."""
         if not self._lost_to:
-            holder = tracking.run_tags(self.run_id).get(tracking.LEASE_OWNER, "")
+            if holder is None:
+                holder = tracking.run_tags(self.run_id).get(tracking.LEASE_OWNER, "")
             if holder != self.owner:
                 self._lose(holder)
         self.check()

@@ -496,14 +496,17 @@ class RunKeeper:
         end_abnormally(self.run_id, self.courier, "FAILED")
         return self._result("failed", progress, stop_reason=str(error))
 
-    def finish(self, progress: Progress, snapshot: Snapshot, device) -> PhaseResult:
+    def finish(
+        self, progress: Progress, snapshot: Snapshot, device, lease: str | None = None
+    ) -> PhaseResult:
         """The end of training: the final model and files written here and queued for the store,
         then the best model's version reserved in the registry, so the result names its exact
         version (what the next phase records as its parent) and holds the model itself (what it
         starts from). The rest of the records land with land(), which a study runs in the
         background while the next round trains. Each step is recorded (phase state), so a phase
         stopped in between does only what is missing: the end-of-phase metrics go through the
-        courier, which sends a step only once."""
+        courier, which sends a step only once. lease: the run's lease holder as read for the
+        stack's members at once (lease_holders), else read here."""
         settings, out_dir, last = self.settings, self.setup.out_dir, progress.last
         reason = progress.stopped or "completed"
         if progress.stopped:
@@ -536,7 +539,7 @@ class RunKeeper:
         }
         self.courier.metrics(summary, last.epoch)
         try:
-            self.courier.still_mine()
+            self.courier.still_mine(lease)
             version, model_id = tracking.reserve_version(
                 self.run_id,
                 settings.registered_model,
@@ -893,6 +896,19 @@ def claim_run(
             "now: it is not taken over while that process lives"
         )
     return record.run_id
+
+
+def lease_holders(keepers: list[RunKeeper]) -> list[str | None]:
+    """Each keeper's run's lease holder, read for all in one call before their ends (finish asks
+    whether its run is still this process's before it registers); None where the read failed
+    (finish reads again, waiting out an outage)."""
+    if not keepers:
+        return []
+    try:
+        held = tracking.lease_holders(keepers[0].setup.experiment_id, [k.run_id for k in keepers])
+    except TrackingError:
+        return [None] * len(keepers)
+    return [held.get(k.run_id) for k in keepers]
 
 
 def release_run(run_id: str, status: str, courier: Courier) -> None:
