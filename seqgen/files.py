@@ -40,13 +40,13 @@ def write_later(path: str | Path, data: bytes | str) -> None:
     """write_atomic in the file thread, after the writes handed to it before; raises the error
     of an earlier one that failed (once)."""
     _LATER.raise_failed()
-    _LATER.submit(Path(path), data)
+    _LATER.submit(Path(path).absolute(), data)
 
 
 def settle(*paths: str | Path) -> None:
     """Wait for the writes of `paths` (none: of every file) handed to write_later; raise the
     error of one that failed (once)."""
-    _LATER.wait([Path(p) for p in paths] or None)
+    _LATER.wait([Path(p).absolute() for p in paths] or None)
 
 
 def _write(path: Path, data: bytes | str) -> None:
