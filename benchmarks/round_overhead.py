@@ -31,6 +31,27 @@ records land beside them: epochs 3.8 -> 7.5 s in the second pair), so compare th
 52.1 -> 27.4 and 51.7 -> 34.8 s. What is left on the critical path per member and round: its
 checkpoints (files and optimiser state), the run's claim (create, rival check), the version's
 reservation (two calls) and the next round's setup.
+
+Then (2026-12-07, AMD EPYC (avx2, avx512f, avx512_bf16), 2 threads, shared, `nice -n 19`; main
+aa883a4 before, round-overhead 40bf0a6 after, four pairs run back to back, alternating): a run's
+LoggedModel is made by its courier with its first records, its checkpoint and model files are
+written by one file thread while the next epoch trains (serialised on the training thread), the
+members' leases are read in one call before their ends, and the commit is asked of git once per
+process. Under a wall-clock sampler on the training thread these had been, per 9-member round, ~0.6
+s of fsync'd file writes, 0.4 s of create_logged_model, 0.25 s of get_run before each reservation
+and 0.25 s of `git describe`. The rounds outside their epochs, mean (range) by pair: 2.04
+(1.62-2.46) -> 1.69 (1.40-2.24), 1.75 (1.45-2.52) -> 1.01 (0.68-1.84), 1.72 (1.47-2.38) -> 1.34
+(0.90-1.76), 2.25 (1.97-2.76) -> 1.54 (1.08-1.98) s (load 1.7-3.2); per round with head and tail
+charged 2.67 -> 2.56, 2.43 -> 1.74, 2.43 -> 3.02, 3.26 -> 3.17 s; the study's wall 37.5 -> 50.9
+(epochs 24.1 -> 38.1 at load 2.6-3.2), 44.2 -> 32.8, 33.8 -> 33.9, 38.4 -> 35.0 s. The tail grew
+(head and tail 3.2-5.0 -> 3.6-8.4 s): the landing thread is now the study's bottleneck when epochs
+are fast. Sampled in a quiet run (epochs 7.2 s), it was busy 18.7 s of the study's 23.4, 12.5 s of
+it in Model.log (file copies, the package's code twice per member among them, 6.2 s; the metrics of
+the best step, 1.9 s). Still on the critical path per member and round: the run's claim (create,
+rival check: 40-60 ms), the phase's lookups (the variant's records, the run by phase key: ~40 ms)
+and the version's reservation (25-55 ms); per study, the first torch optimiser (imports
+torch._dynamo, ~1 s) in the first round and, in the head, the fresh store's schema (3-4.5 s; a
+store in use has it).
 """
 
 from __future__ import annotations

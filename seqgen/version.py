@@ -13,8 +13,11 @@ PACKAGE = Path(__file__).resolve().parent
 SOURCE_SUFFIXES = (".py", ".toml", ".cpp", ".h")
 
 
+@functools.cache
 def code_version() -> str:
-    """The git commit of the code that ran (+dirty for uncommitted changes), or 'unknown'."""
+    """The git commit of the code that ran (+dirty for uncommitted changes), or 'unknown'. Asked
+    once per process (a `git` process each time cost a study ~25 ms per phase run): the code a
+    process runs is the code it loaded."""
     try:
         commit = subprocess.run(
             ["git", "-C", str(PACKAGE.parent), "describe", "--always", "--dirty"],

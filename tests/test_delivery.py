@@ -201,22 +201,18 @@ def test_a_lease_holder_is_judged_on_our_own_clock(monkeypatch):
     assert LeaseWatch().verdict(f"{here}:{dead}:x", "0") == "watching"
 
 
-def test_one_courier_serves_every_member_and_one_batch_each_checkpoint(
-    store, smoke_data, monkeypatch
-):
-    """Issue 26, item 3, on a real sqlite store: a stack of 4 members trains beside as many
-    threads as a stack of 1 (one courier per process, not three threads per member), and the
-    courier asks the store about nothing per epoch: one read and one log_batch per member per
-    checkpoint, for the epochs it covers (here one checkpoint, at the end)."""
+def count_store_calls(monkeypatch) -> Counter[tuple[str, str]]:
+    """The tracking store's calls from now on, by (thread, method): calls a call makes are not
+    counted again."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    calls: Counter[str] = Counter()  # store calls by thread (not the calls a call makes)
+    calls: Counter[tuple[str, str]] = Counter()
     inside = threading.local()
 
-    def counted(method):
+    def counted(name, method):
         def call(*args, **kwargs):
             if not getattr(inside, "depth", 0):
-                calls[threading.current_thread().name] += 1
+                calls[threading.current_thread().name, name] += 1
             inside.depth = getattr(inside, "depth", 0) + 1
             try:
                 return method(*args, **kwargs)
@@ -227,7 +223,22 @@ def test_one_courier_serves_every_member_and_one_batch_each_checkpoint(
 
     for name, method in vars(SqlAlchemyStore).items():
         if inspect.isfunction(method) and not name.startswith("_"):
-            monkeypatch.setattr(SqlAlchemyStore, name, counted(method))
+            monkeypatch.setattr(SqlAlchemyStore, name, counted(name, method))
+    return calls
+
+
+def on(calls: Counter[tuple[str, str]], thread: str) -> int:
+    return sum(n for (t, _), n in calls.items() if t == thread)
+
+
+def test_one_courier_serves_every_member_and_one_batch_each_checkpoint(
+    store, smoke_data, monkeypatch
+):
+    """Issue 26, item 3, on a real sqlite store: a stack of 4 members trains beside as many
+    threads as a stack of 1 (one courier per process, not three threads per member), and the
+    courier asks the store about nothing per epoch: one read and one log_batch per member per
+    checkpoint, for the epochs it covers (here one checkpoint, at the end)."""
+    calls = count_store_calls(monkeypatch)
 
     def stack(seeds: range, epochs: int) -> tuple[int, int]:
         """(most Python threads seen at an epoch's end, the courier's store calls)."""
@@ -240,7 +251,7 @@ def test_one_courier_serves_every_member_and_one_batch_each_checkpoint(
         ]  # fmt: skip
         calls.clear()
         assert {r.status for r in train_phases(settings, options)} == {"registered"}
-        return max(threads), calls["seqgen-courier"]
+        return max(threads), on(calls, "seqgen-courier")
 
     one, _ = stack(range(1), 2)
     four, short = stack(range(1, 5), 2)
@@ -251,3 +262,43 @@ def test_one_courier_serves_every_member_and_one_batch_each_checkpoint(
     # batch (43 to 52 for the 2-epoch stack), so the difference spans 40 member-epochs.
     per_member_epoch = (long - short) / (4 * 10)
     assert per_member_epoch <= 0.5, (short, long)
+
+
+def test_a_members_model_lease_and_files_stay_off_the_training_thread(
+    store, smoke_data, monkeypatch
+):
+    """Issue 26, item 4, on a real sqlite store: what a study's round does outside its epochs
+    on the training thread. Its LoggedModel is made by the courier with the run's first records,
+    the members' leases are read in one call before their ends (not one get_run each), and
+    the checkpoint and model files are written by the file thread; the ends land on the
+    landing thread."""
+    from seqgen import files
+    from seqgen.runs.keeper import Landings
+
+    calls = count_store_calls(monkeypatch)
+    written: Counter[str] = Counter()  # .pth files written, by thread
+    write = files._write
+
+    def counted_write(path, data):
+        if path.suffix == ".pth":
+            written[threading.current_thread().name] += 1
+        write(path, data)
+
+    monkeypatch.setattr(files, "_write", counted_write)
+    landings = Landings()
+    settings = [
+        resolve("mae", 1, "smoke", epochs=2, save_every=1, seed=seed, data_dir=str(smoke_data))
+        for seed in range(3)
+    ]
+    try:
+        results = train_phases(settings, RunOptions(landings=landings))
+        landings.wait()
+    finally:
+        landings.close()
+    assert {r.status for r in results} == {"registered"}
+    main = threading.main_thread().name
+    assert calls[main, "create_logged_model"] == 0, calls
+    assert calls["seqgen-courier", "create_logged_model"] == 3, calls
+    assert calls[main, "get_run"] == 0, calls  # the leases: one search_runs for the stack
+    assert written[main] == 0 and written["seqgen-files_0"] > 0, written
+    assert on(calls, "seqgen-landing_0") > 0, calls

@@ -18,7 +18,7 @@ import torch
 from seqgen.data.sequences import Normalizer
 from seqgen.data.split import Split
 from seqgen.errors import SeqgenError, first_line
-from seqgen.files import write_atomic
+from seqgen.files import settle, write_atomic
 from seqgen.model.generator import ModelConfig, StreamlinedSequenceGenerator, current_keys
 
 FORMAT = "seqgen-bundle-2"
@@ -132,7 +132,10 @@ class Bundle:
         )
 
     def save(self, path: Path) -> None:
-        save_atomic(self.to_dict(), path)
+        write_atomic(path, self.to_bytes())
+
+    def to_bytes(self) -> bytes:
+        return serialized(self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Bundle:
@@ -152,8 +155,11 @@ class Checkpoint:
     first_epoch: int  # global epoch the phase started at
 
     def save(self, path: Path) -> None:
+        write_atomic(path, self.to_bytes())
+
+    def to_bytes(self) -> bytes:
         state = {k: getattr(self, k) for k in self._state_keys()}
-        save_atomic(self.bundle.to_dict() | state, path)
+        return serialized(self.bundle.to_dict() | state)
 
     @classmethod
     def load(cls, path: str | Path) -> Checkpoint:
@@ -174,6 +180,7 @@ class Checkpoint:
 def _read(path: str | Path, what: str) -> dict[str, Any]:
     """A seqgen .pth as a dict, or one line saying why it is not one."""
     path = Path(path)
+    settle(path)  # its checkpoint writes, in the file thread
     if not path.is_file():
         raise BundleError(f"{what} file {path} does not exist")
     try:
@@ -190,9 +197,10 @@ def _read(path: str | Path, what: str) -> dict[str, Any]:
     return d
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """Serialise in memory (torch's own writer hides a failed write behind a zip error), then
-    write atomically: a crash or a full disk never leaves half a file where a good one was."""
+def serialized(obj: Any) -> bytes:
+    """torch.save in memory, to be written atomically (files.write_atomic): torch's own writer
+    hides a failed write behind a zip error, and a crash or a full disk never leaves half a
+    file where a good one was."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    write_atomic(path, buffer.getvalue())
+    return buffer.getvalue()

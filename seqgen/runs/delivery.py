@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from seqgen.errors import ConfigError, TrackingError, first_line
+from seqgen.files import settle
 from seqgen.runs import tracking
 from seqgen.runs.faults import kill_point
 
@@ -135,10 +136,11 @@ class LeaseWatch:
 
 @dataclass
 class _Item:
-    kind: str  # "metrics", "artifact", "tags", "params" or "dataset"
+    kind: str  # "metrics", "artifact", "tags", "params", "dataset" or "model"
     payload: tuple
     queued_at: float = field(default_factory=time.monotonic)
     done: bool = False  # sent in a batch whose records are not all in yet (not tags, metrics)
+    tried: bool = False  # sent before, in a batch that failed (its answer may have been lost)
 
 
 class Courier:
@@ -159,6 +161,7 @@ class Courier:
         self._failures = 0  # calls in a row that failed with the server up
         self._retry_at = 0.0  # monotonic time before which a failed batch is not tried again
         self._mirror_steps: dict[str, int] | None = None  # the chain run's latest step per key
+        self.model_id: str | None = None  # the run's LoggedModel, once made (model())
         self._busy = False  # a call of this run's is under way
         self._closed = False
         _LIVE.add(owner)
@@ -184,6 +187,11 @@ class Courier:
         """The run's data as its dataset input, once (tracking.log_dataset)."""
         self._put(_Item("dataset", (folder, fingerprint, dict(sizes))))
 
+    def model(self, experiment: str, params: dict[str, Any], tags: dict[str, Any]) -> None:
+        """The run's LoggedModel, still empty, made once (tracking.create_run_model): model_id,
+        which its phase's end registers a version of, off the training thread."""
+        self._put(_Item("model", (experiment, dict(params), dict(tags))))
+
     def behind_seconds(self) -> float:
         """Age of the oldest record not delivered yet (0 when all are delivered)."""
         with self._cv:
@@ -201,11 +209,13 @@ class Courier:
         if self._error:
             raise TrackingError(f"delivering to the tracking store failed: {self._error}")
 
-    def still_mine(self) -> None:
+    def still_mine(self, holder: str | None = None) -> None:
         """Raise (check()) unless the run's lease names this process now: asked before a step
-        that is not a queued record (registering, ending the run)."""
+        that is not a queued record (registering, ending the run). holder: the lease as just
+        read with other runs' (tracking.lease_holders), else read now."""
         if not self._lost_to:
-            holder = tracking.run_tags(self.run_id).get(tracking.LEASE_OWNER, "")
+            if holder is None:
+                holder = tracking.run_tags(self.run_id).get(tracking.LEASE_OWNER, "")
             if holder != self.owner:
                 self._lose(holder)
         self.check()
@@ -285,6 +295,7 @@ class Courier:
         for item in batch:
             if item.kind == "artifact" and not item.done:
                 path, artifact_path = item.payload
+                settle(path)  # written by the file thread (files.write_later)
                 tracking.upload(self.run_id, path, artifact_path)
                 item.done = True
             elif item.kind == "params" and not item.done:
@@ -292,6 +303,10 @@ class Courier:
                 item.done = True
             elif item.kind == "dataset" and not item.done:
                 tracking.log_dataset(self.run_id, *item.payload)
+                item.done = True
+            elif item.kind == "model" and not item.done:
+                item.tried, look = True, item.tried
+                self.model_id = tracking.create_run_model(self.run_id, *item.payload, look=look)
                 item.done = True
         steps = [item.payload for item in batch if item.kind == "metrics"]
         new_tags = {

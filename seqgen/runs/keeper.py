@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from seqgen.config import CHECKPOINT_SECONDS, MAX_OUTAGE, N_PHASES, PhaseSettings, strategies
 from seqgen.errors import ConfigError, TrackingError, TrainingError, first_line
-from seqgen.files import copy_atomic
+from seqgen.files import settle, write_atomic, write_later
 from seqgen.model.bundle import Bundle, BundleError, Checkpoint
 from seqgen.runs import descriptions, outputs, tracking, variants
 from seqgen.runs.delivery import Courier, LeaseWatch, lease_seconds, new_owner, renew_every
@@ -170,8 +170,7 @@ class RunKeeper:
         self._best: tuple[dict[str, Any], EpochRecord] | None = None  # improved, not yet written
         self._checkpointed_at = time.monotonic()
         self._landing: tuple[Progress, Path, str, str] | None = None  # what land() records
-        # a run this process made: (experiment, params, tags), known without asking the store
-        self._new_run: tuple[str, dict[str, Any], dict[str, Any]] | None = None
+        self._made = False  # a run this process made: its courier makes its LoggedModel
 
     # ---- finding the run -----------------------------------------------------------------------
 
@@ -309,16 +308,21 @@ class RunKeeper:
         }
         params = {k: v for k, v in resolved.items() if k not in RUN_TAG_KEYS}
         params |= {"device_used": str(setup.device), "precision": precision_note}
-        if made:  # params and dataset in the courier's first batch, off the critical path
+        if made:  # params, dataset and model in the courier's first batch, off the critical path
             earlier: dict = {}
             self.courier.params(params)
-            self._new_run = (setup.experiment_id, params, run_tags(setup))
+            model_tags = {k: getattr(settings, k) for k in ("strategy", "phase", "seed")}
+            self.courier.model(setup.experiment_id, params, model_tags)
+            self._made = True
         else:
             earlier = tracking.run_params(self.run_id)
             tracking.log_params_once(self.run_id, params)
         self._note_device(precision_note, progress, earlier, tags)
         outputs.mark_folder(setup.out_dir, self.run_id)
-        for name in outputs.write_setup_files(setup.out_dir, resolved, start.split, start.norm):
+        files = outputs.write_setup_files(
+            setup.out_dir, resolved, start.split, start.norm, write_later
+        )
+        for name in files:
             self.courier.artifact(setup.out_dir / name)
         counts = {k: len(start.split.part(k)) for k in ("train", "val", "test")}
         if made:
@@ -421,19 +425,22 @@ class RunKeeper:
     def _save_checkpoint(self, progress: Progress, snapshot: Snapshot) -> None:
         """best_model.pth when it improved since the last checkpoint, last_checkpoint.pth,
         checkpoint_epoch_N.pth every save_every epochs and at the end, then the held epochs'
-        metrics and the CSV. Written here first, then queued for the store in that order: a phase
-        taken up on another machine finds there the files of every epoch it was told of."""
+        metrics and the CSV. Written here first (serialised now, on the disk by the file thread
+        while the next epoch trains: files.write_later), then queued for the store in that order
+        (the courier uploads a file once written): a phase taken up on another machine finds
+        there the files of every epoch it was told of."""
         setup, out_dir, record = self.setup, self.setup.out_dir, progress.last
         if self._best is not None:
             weights, best = self._best
             cpu = {k: v.cpu() for k, v in weights.items()}
-            setup.bundle(cpu, best.epoch, best.val.loss, self.run_id).save(out_dir / BEST_MODEL)
-            copy_atomic(out_dir / BEST_MODEL, out_dir / "best_model_combined.pth")
+            model = setup.bundle(cpu, best.epoch, best.val.loss, self.run_id).to_bytes()
+            write_later(out_dir / BEST_MODEL, model)
+            write_later(out_dir / "best_model_combined.pth", model)
             self.courier.artifact(out_dir / BEST_MODEL)
             self.courier.tags({tracking.BEST_MODEL_EPOCH: best.epoch})
             self._best = None
         bundle = setup.bundle(snapshot.weights, record.epoch, record.val.loss, self.run_id)
-        Checkpoint(
+        checkpoint = Checkpoint(
             bundle=bundle,
             optimizer=snapshot.optimizer,
             scaler=snapshot.scaler,
@@ -441,26 +448,27 @@ class RunKeeper:
             settings=self.settings.to_dict(),
             continued_from=setup.start.parent_uri or "",
             first_epoch=setup.start.first_epoch,
-        ).save(out_dir / LAST_CHECKPOINT)
+        ).to_bytes()
+        write_later(out_dir / LAST_CHECKPOINT, checkpoint)
         self.courier.artifact(out_dir / LAST_CHECKPOINT, "checkpoints")
         if record.epoch % self.settings.save_every == 0 or record.epoch == setup.last_epoch:
             periodic = out_dir / f"checkpoint_epoch_{record.epoch}.pth"
-            copy_atomic(out_dir / LAST_CHECKPOINT, periodic)
+            write_later(periodic, checkpoint)
             self.courier.artifact(periodic, "checkpoints")
         for held in self._held:
             self.courier.metrics(held.metrics(), step=held.epoch)
         self._held.clear()
-        self._write_csv(progress)
+        self._write_csv(progress, write_later)
         self.courier.artifact(out_dir / outputs.METRICS_CSV)
         self._checkpointed_at = time.monotonic()
 
-    def _write_csv(self, progress: Progress) -> None:
+    def _write_csv(self, progress: Progress, write: Callable = write_atomic) -> None:
         s = self.settings
         headers, keys = zip(
             *outputs.metrics_columns(tuple(s.weights), s.trains_two_terms), strict=True
         )
         rows = [r.csv_row(keys) for r in progress.history]
-        outputs.write_metrics_csv(self.setup.out_dir, rows, list(headers))
+        outputs.write_metrics_csv(self.setup.out_dir, rows, list(headers), write)
 
     # ---- pausing and finishing -----------------------------------------------------------------
 
@@ -488,14 +496,17 @@ class RunKeeper:
         end_abnormally(self.run_id, self.courier, "FAILED")
         return self._result("failed", progress, stop_reason=str(error))
 
-    def finish(self, progress: Progress, snapshot: Snapshot, device) -> PhaseResult:
+    def finish(
+        self, progress: Progress, snapshot: Snapshot, device, lease: str | None = None
+    ) -> PhaseResult:
         """The end of training: the final model and files written here and queued for the store,
         then the best model's version reserved in the registry, so the result names its exact
         version (what the next phase records as its parent) and holds the model itself (what it
         starts from). The rest of the records land with land(), which a study runs in the
         background while the next round trains. Each step is recorded (phase state), so a phase
         stopped in between does only what is missing: the end-of-phase metrics go through the
-        courier, which sends a step only once."""
+        courier, which sends a step only once. lease: the run's lease holder as read for the
+        stack's members at once (lease_holders), else read here."""
         settings, out_dir, last = self.settings, self.setup.out_dir, progress.last
         reason = progress.stopped or "completed"
         if progress.stopped:
@@ -511,10 +522,11 @@ class RunKeeper:
         # The best model learns the phase's real last epoch (an early stop ends before the
         # plan's), so the next phase's global epochs follow on from it.
         best = dataclasses.replace(Bundle.load(best_path), last_epoch=last.epoch)
-        best.save(best_path)
-        copy_atomic(best_path, out_dir / "best_model_combined.pth")
+        model = best.to_bytes()  # on the disk by the file thread, each before its upload
+        write_later(best_path, model)
+        write_later(out_dir / "best_model_combined.pth", model)
         final = self.setup.bundle(snapshot.weights, last.epoch, last.val.loss, self.run_id)
-        final.save(out_dir / "final_model.pth")
+        write_later(out_dir / "final_model.pth", final.to_bytes())
         for name in outputs.FINAL_FILES:
             self.courier.artifact(out_dir / name)
         best_epoch = {tracking.BEST_MODEL_EPOCH: progress.best_epoch}
@@ -527,9 +539,12 @@ class RunKeeper:
         }
         self.courier.metrics(summary, last.epoch)
         try:
-            self.courier.still_mine()
+            self.courier.still_mine(lease)
             version, model_id = tracking.reserve_version(
-                self.run_id, settings.registered_model, self._version_tags(progress), self._new_run
+                self.run_id,
+                settings.registered_model,
+                self._version_tags(progress),
+                self._model_made(progress),
             )
         except TrackingError:
             if tracking.server_is_up():
@@ -546,12 +561,20 @@ class RunKeeper:
         kw = {"stop_reason": reason, "model_uri": model_uri, "version": version, "model": best}
         return self._result("registered", progress, **kw)
 
+    def _model_made(self, progress: Progress) -> str | None:
+        """The LoggedModel the courier made for a run made here, the first of its records
+        (waited for only when delivery lags); None: the store is asked (reserve_version)."""
+        if self._made and self.courier.model_id is None:
+            self._drained(progress)
+        return self.courier.model_id
+
     def land(self) -> None:
         """The rest of finish once the courier has delivered the phase's files: the model into
         its version, aliases and descriptions, the run tagged registered and ended FINISHED."""
         progress, best_path, version, model_id = self._landing
         settings = self.settings
         self._drained(progress)
+        settle(best_path)
         self.courier.still_mine()
         name, parent = settings.registered_model, self.setup.start.parent_uri or ""
         tracking.complete_version(
@@ -613,6 +636,7 @@ class RunKeeper:
 
     def _bundle_of_best(self, path: Path, epoch: int | None) -> Bundle | None:
         """The model in `path` when it is this run's at `epoch` (a checkpoint holds one too)."""
+        settle(path)
         if not path.is_file():
             return None
         try:
@@ -797,6 +821,7 @@ def newest_checkpoint(out_dir: Path, run_id: str, run_name: str) -> Found:
     as last_checkpoint.pth.unreadable."""
     found, unreadable, store_bad = [], 0, False
     local = out_dir / LAST_CHECKPOINT
+    settle(local)
     if local.is_file():
         try:
             found.append(Checkpoint.load(local))
@@ -871,6 +896,19 @@ def claim_run(
             "now: it is not taken over while that process lives"
         )
     return record.run_id
+
+
+def lease_holders(keepers: list[RunKeeper]) -> list[str | None]:
+    """Each keeper's run's lease holder, read for all in one call before their ends (finish asks
+    whether its run is still this process's before it registers); None where the read failed
+    (finish reads again, waiting out an outage)."""
+    if not keepers:
+        return []
+    try:
+        held = tracking.lease_holders(keepers[0].setup.experiment_id, [k.run_id for k in keepers])
+    except TrackingError:
+        return [None] * len(keepers)
+    return [held.get(k.run_id) for k in keepers]
 
 
 def release_run(run_id: str, status: str, courier: Courier) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import resource
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from seqgen.config import PHASES_FILE, PhaseSettings, default_strategies, table
 from seqgen.data.sequences import Normalizer
 from seqgen.data.split import Split
 from seqgen.errors import ConfigError
-from seqgen.files import write_atomic
+from seqgen.files import settle, write_atomic
 
 METRICS_CSV = "training_metrics.csv"
 # The original scripts' training_metrics.csv, column for column: one loss, or its components.
@@ -95,6 +95,7 @@ def set_aside(path: Path, run_id: str) -> None:
     """A phase trained anew (--retrain): the folder of the run it replaces moves to
     <folder>.run-<id>, so the new run gets the original name and nothing of the old is lost."""
     if folder_holder(path) == run_id:
+        settle()  # no write of its files lands after the move (files.write_later)
         path.replace(path.with_name(f"{path.name}.run-{run_id[:8]}"))
 
 
@@ -119,21 +120,28 @@ def mark_folder(path: Path, run_id: str) -> None:
 
 
 def write_setup_files(
-    folder: Path, settings: dict[str, Any], split: Split, norm: Normalizer
+    folder: Path,
+    settings: dict[str, Any],
+    split: Split,
+    norm: Normalizer,
+    write: Callable = write_atomic,
 ) -> tuple[str, ...]:
-    """args.json (the resolved settings), split.json, normalizer.json; returns their names."""
-    write_atomic(folder / "args.json", json.dumps(settings, indent=2))
-    write_atomic(folder / "split.json", json.dumps(split.to_dict(), indent=1))
-    write_atomic(folder / "normalizer.json", json.dumps(norm.to_dict(), indent=2))
+    """args.json (the resolved settings), split.json, normalizer.json; returns their names.
+    write: now, or files.write_later."""
+    write(folder / "args.json", json.dumps(settings, indent=2))
+    write(folder / "split.json", json.dumps(split.to_dict(), indent=1))
+    write(folder / "normalizer.json", json.dumps(norm.to_dict(), indent=2))
     return SETUP_FILES
 
 
-def write_metrics_csv(folder: Path, rows: list[list[float]], columns: list[str]) -> None:
+def write_metrics_csv(
+    folder: Path, rows: list[list[float]], columns: list[str], write: Callable = write_atomic
+) -> None:
     """training_metrics.csv from the epochs so far (EpochRecord.csv_row of each), under the
-    headers of metrics_columns."""
+    headers of metrics_columns; write: now, or files.write_later."""
     lines = [",".join(columns)]
     lines += [",".join([str(int(r[0]))] + [f"{v:.6g}" for v in r[1:]]) for r in rows]
-    write_atomic(folder / METRICS_CSV, "\n".join(lines) + "\n")
+    write(folder / METRICS_CSV, "\n".join(lines) + "\n")
 
 
 def peak_memory_mb(device: torch.device) -> float:

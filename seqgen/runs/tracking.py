@@ -822,6 +822,14 @@ def run_tags(run_id: str) -> dict[str, str]:
     return _client().get_run(run_id).data.tags
 
 
+@_store_call("read the runs' leases")
+def lease_holders(exp_id: str, run_ids: list[str]) -> dict[str, str]:
+    """{run: the process that holds its lease, or ""} for runs of one experiment, in one read."""
+    ids = ", ".join(f"'{r}'" for r in run_ids)
+    runs = _client().search_runs([exp_id], f"attributes.run_id IN ({ids})", max_results=1000)
+    return {r.info.run_id: _tag(r.data.tags, LEASE_OWNER) for r in runs}
+
+
 @_store_call("read a run's params")
 def run_params(run_id: str) -> dict[str, str]:
     return _client().get_run(run_id).data.params
@@ -939,36 +947,43 @@ def register_phase_model(
 _MADE: set[tuple[str, str]] = set()  # (store, registered model) made or found: not made again
 
 
+@_store_call("make the run's model")
+def create_run_model(
+    run_id: str, experiment: str, params: dict[str, Any], tags: dict[str, Any], look: bool = False
+) -> str:
+    """A new, still empty LoggedModel of a run this process made, with its params and tags: the
+    model reserve_version makes a version of when the phase ends. look: first look for one
+    this run has (a call tried before, whose answer was lost), so none is made twice."""
+    client = _client()
+    if look:
+        return _run_model(client, run_id)
+    return client.create_logged_model(
+        experiment,
+        name=MODEL_NAME_IN_RUN,
+        source_run_id=run_id,
+        params={k: str(v) for k, v in params.items()},
+        tags={k: str(v) for k, v in tags.items()},
+    ).model_id
+
+
 @_store_call("register the model")
 def reserve_version(
-    run_id: str,
-    name: str,
-    version_tags: dict[str, Any],
-    new_run: tuple[str, dict[str, Any], dict[str, Any]] | None = None,
+    run_id: str, name: str, version_tags: dict[str, Any], model_id: str | None = None
 ) -> tuple[str, str]:
     """The version of `name` this run's model is registered as, and its LoggedModel's id: the
-    one this run registered before (a rerun after a failure), else a new version made from a
-    new, still empty LoggedModel of the run (models:/m-<id>), with its tags. A few quick calls,
-    so the next phase can record its parent's exact version while complete_version, which
-    takes seconds, lands in the background. new_run: (experiment, params, tags) of a run this
-    process made, which has no model or version yet: nothing is looked for. No fluent run state
-    is used, so this works from any thread or process."""
+    one this run registered before (a rerun after a failure), else a new version made from the
+    run's still empty LoggedModel (models:/m-<id>), with its tags. A few quick calls, so the
+    next phase can record its parent's exact version while complete_version, which takes
+    seconds, lands in the background. model_id: the LoggedModel of a run this process made
+    (create_run_model, in the background while it trained), which has no version yet: nothing
+    is looked for. No fluent run state is used, so this works from any thread or process."""
     client = _client()
-    if new_run is None:
+    if model_id is None:
         mine = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
         if mine:
             first = min(mine, key=lambda v: int(v.version))
             return str(first.version), (first.source or "").removeprefix("models:/")
         model_id = _run_model(client, run_id)
-    else:
-        experiment, params, tags = new_run
-        model_id = client.create_logged_model(
-            experiment,
-            name=MODEL_NAME_IN_RUN,
-            source_run_id=run_id,
-            params={k: str(v) for k, v in params.items()},
-            tags={k: str(tags[k]) for k in ("strategy", "phase", "seed") if k in tags},
-        ).model_id
     kill_point("model-logged")
     if (mlflow.get_tracking_uri(), name) not in _MADE:
         try:

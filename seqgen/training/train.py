@@ -27,7 +27,7 @@ from seqgen.log import progress_bar
 from seqgen.model.bundle import Bundle, Checkpoint
 from seqgen.model.generator import StreamlinedSequenceGenerator
 from seqgen.model.stacked import StackedGenerators
-from seqgen.runs.keeper import PhaseResult, RunKeeper, RunOptions, Snapshot
+from seqgen.runs.keeper import PhaseResult, RunKeeper, RunOptions, Snapshot, lease_holders
 from seqgen.training.epochs import EpochRecord, Losses, Progress, stop_reason
 from seqgen.training.losses import Objective
 from seqgen.training.schedules import learning_rate, teacher_forcing_ratio
@@ -157,8 +157,10 @@ def train_stack(setups: list[Setup], keepers: list[RunKeeper]) -> list[PhaseResu
                 if keepers[m].should_pause(record.epoch) and not progress.stopped:
                     results[m] = keepers[m].pause(progress)
         ending = [m for m in range(len(keepers)) if m not in results]
-        for m in ending:
-            results[m] = keepers[m].finish(stack.progress[m], stack.snapshot(m), setups[m].device)
+        leases = lease_holders([keepers[m] for m in ending])  # one read for the members' ends
+        for m, lease in zip(ending, leases, strict=True):
+            snapshot, device = stack.snapshot(m), setups[m].device
+            results[m] = keepers[m].finish(stack.progress[m], snapshot, device, lease)
         runs = running.pop_all()  # the runs stay open until their records have landed
 
     def land() -> None:
