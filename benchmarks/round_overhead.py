@@ -52,6 +52,13 @@ rival check: 40-60 ms), the phase's lookups (the variant's records, the run by p
 and the version's reservation (25-55 ms); per study, the first torch optimiser (imports
 torch._dynamo, ~1 s) in the first round and, in the head, the fresh store's schema (3-4.5 s; a
 store in use has it).
+
+Merged (2026-12-07, same AMD EPYC, 2 threads, nothing else running, `nice -n -10`; main 9cc620a
+before, its merge ef4e224 after, two pairs alternating): the rounds outside their epochs 2.32,
+1.88, 1.50, 1.86, 1.44 -> 1.70, 0.91, 1.00, 1.01, 0.91 s and 2.55, 1.86, 1.86, 1.96, 2.07 ->
+1.78, 1.03, 1.52, 1.71, 1.60 s; head and tail 4.21 -> 7.47 and 7.03 -> 9.67 s; per round with
+them charged 2.64 -> 2.60 and 3.47 -> 3.46 s; the study's wall 19.3 -> 20.6 and 23.4 -> 26.5 s
+(epochs 6.1 -> 7.6 and 6.1 -> 9.2 s: the landings run beside them on the same 2 cores).
 """
 
 from __future__ import annotations
