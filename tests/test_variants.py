@@ -137,6 +137,7 @@ def test_a_sweep_trains_each_point_once_and_compare_draws_it(store, smoke_data):
         (["--vary", "hidden_size=8,x"], "--vary hidden_size"),
         (["--vary", "alpha="], "--vary alpha"),
         (["--vary", "seed=1,2"], "--vary seed"),
+        (["--vary", "terms=mae=0.5,spectral=0.5"], "give each weighting its own --terms"),
         (["--vary", "alpha=0.2,0.2"], "--vary alpha"),
         (["--vary", "alpha=0.2", "--vary", "alpha=0.3"], "--vary alpha"),
     ],

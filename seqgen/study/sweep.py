@@ -20,6 +20,8 @@ NOT_VARIED = {
     "variant": "a sweep names each variant from what it varies",
     "existing_model": "every chain of a sweep continues its own models",
     "output_dir": "each variant has its own folders: vary --outputs_root, or nothing",
+    "terms": "a weighting's commas are --vary's separators: give each weighting its own --terms "
+    "(each is a variant of its own), or vary alpha",
 }
 
 
