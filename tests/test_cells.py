@@ -2,6 +2,7 @@
 recurrences checked against it, the stack derived from the single model, a new cell added the way
 the README says, and the GRU through train, evaluate, compare, serve and the batched study."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -138,21 +139,23 @@ def readme_cell() -> str:
     return code.replace('@cell("elman")', '@cell("elman_test")')
 
 
-def test_a_new_cell_is_one_file(store, smoke_data):
+def test_a_new_cell_is_one_file(store, smoke_data, tmp_path):
     """The README's file in seqgen/model/cells/ and nothing else: `--cell NAME` trains it (a new
-    process, as a user would run it), a variant of its own, on the plain path, said once."""
-    path = Path(seqgen.model.cells.__file__).with_name("elman_test.py")
-    path.write_text(readme_cell())
-    try:
-        done = subprocess.run(
-            [
-                str(Path(sys.executable).with_name("seqgen")), "train", "--strategy", "mae",
-                "--phase", "1", *SMOKE, "--data_dir", str(smoke_data), "--cell", "elman_test",
-            ],
-            capture_output=True, text=True, env=subprocess_env(store), timeout=300,
-        )  # fmt: skip
-    finally:
-        path.unlink()
+    process, as a user would run it), a variant of its own, on the plain path, said once. The file
+    goes into a copy of the package: tests beside this one (a Ray study comparing its nodes' code
+    digests) see the checkout as it is."""
+    package = Path(seqgen.__file__).parent
+    copy = tmp_path / "src" / "seqgen"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "model" / "cells" / "elman_test.py").write_text(readme_cell())
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "seqgen.cli", "train", "--strategy", "mae", "--phase", "1",
+            *SMOKE, "--data_dir", str(smoke_data), "--cell", "elman_test",
+        ],
+        capture_output=True, text=True, timeout=300,
+        env=subprocess_env(store) | {"PYTHONPATH": str(copy.parent)},
+    )  # fmt: skip
     said = done.stdout + done.stderr
     assert done.returncode == 0, said[-3000:]
     assert said.count("the elman_test cell runs on the plain autograd path") == 1
